@@ -1,0 +1,37 @@
+"""q4c's built-in passes (installed as `q4c.passes`): one pass per module."""
+
+from __future__ import annotations
+
+from q4c.passes.assign_precision import AssignPrecisionPass
+from q4c.passes.dedupe_weights import DedupeWeightsPass
+from q4c.passes.fold_constants import FoldConstantsPass
+from q4c.passes.lower_gemm import LowerGemmPass
+from q4c.passes.lower_ort_kernels import LowerOrtKernelsPass
+from q4c.passes.lower_pointwise_conv import LowerPointwiseConvPass
+from q4c.passes.quantize_weights import QuantizeWeightsPass
+
+BUILTIN_PASSES = {
+    cls.name: cls
+    for cls in (
+        FoldConstantsPass,
+        LowerGemmPass,
+        LowerPointwiseConvPass,
+        DedupeWeightsPass,
+        AssignPrecisionPass,
+        QuantizeWeightsPass,
+        LowerOrtKernelsPass,
+    )
+}
+
+#: canonicalize -> analyse -> materialise, in this order.
+DEFAULT_PIPELINE = (
+    "fold-constants",
+    "lower-gemm",
+    "lower-pointwise-conv",
+    "dedupe-weights",
+    "assign-precision",
+    "quantize-weights",
+    "lower-ort-kernels",
+)
+
+__all__ = ["BUILTIN_PASSES", "DEFAULT_PIPELINE"]

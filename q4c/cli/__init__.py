@@ -1,0 +1,73 @@
+"""The `q4c` command line: compile, inspect, run, passes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from q4c.errors import Q4cError
+
+_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+class _Q4cGroup(click.Group):
+    """Turns user-fixable errors into one line and exit 1; internal errors too, unless -vv."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except Q4cError as e:
+            raise click.ClickException(str(e)) from e
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if logging.getLogger("q4c").isEnabledFor(logging.DEBUG):
+                raise
+            raise click.ClickException(
+                f"internal error ({type(e).__name__}: {e}); this is a q4c bug: rerun with -vv for the traceback and report it"
+            ) from e
+
+
+def configure_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose >= 2 else "%(message)s"))
+    root = logging.getLogger("q4c")
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[min(verbose, 2)])
+    root.propagate = False
+
+
+@click.group(cls=_Q4cGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="-v: one line per pass; -vv: rewrite decisions and tracebacks.")
+@click.version_option(package_name="q4c")
+def main(verbose: int) -> None:
+    """q4c compiles FP32 ONNX speech models (LSTM/GRU acoustic models, RNN-T, Conformer,
+    LSTM and Transformer LMs) into 4-bit and mixed-precision ONNX models for ONNX Runtime.
+
+    \b
+    Start here:
+      q4c compile model.onnx                 # -> model.q4.onnx, 4-bit weights
+      q4c inspect model.q4.onnx              # what is inside, bytes by bit width
+      q4c run model.q4.onnx --data x.npz -o y.npz
+
+    Results go to stdout (a table, or JSON with --json); progress and logs to stderr.
+    Exit codes: 0 ok, 1 error (one line on stderr), 2 bad usage.
+    """
+    configure_logging(verbose)
+
+
+def _register() -> None:
+    from q4c.cli import compile as compile_mod
+    from q4c.cli import inspect as inspect_mod
+    from q4c.cli import passes as passes_mod
+    from q4c.cli import run as run_mod
+
+    main.add_command(compile_mod.compile_cmd)
+    main.add_command(inspect_mod.inspect_cmd)
+    main.add_command(run_mod.run_cmd)
+    main.add_command(passes_mod.passes_cmd)
+
+
+_register()

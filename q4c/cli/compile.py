@@ -1,0 +1,101 @@
+"""`q4c compile`: FP32 ONNX in, low-bit ONNX out, with a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from q4c.cli.render import emit_json, human_bytes, table
+from q4c.compiler import compile_file
+from q4c.config import CompileOptions, Granularity, Target
+
+
+@click.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file. Default: MODEL with .q4.onnx beside it. Replaced only when the compile succeeds.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+              help="Uniform weight precision. Default: 4. (3-bit codes are stored in 4-bit containers.)")
+@click.option("--granularity", default="block:32", show_default=True,
+              help="Scale sharing: 'channel' (one scale per output channel), 'block:N' (N in 16..256, "
+                   "along the reduction axis) or 'tensor'.")
+@click.option("--target", type=click.Choice([t.value for t in Target]), default=Target.ORT_CPU.value, show_default=True,
+              help="ort-cpu: ONNX Runtime's fast low-bit kernels (MatMulNBits, GatherBlockQuantized); "
+                   "onnx: standard DequantizeLinear only.")
+@click.option("--passes", "passes", default=None, metavar="LIST",
+              help="Comma-separated passes. Bare names replace the pipeline ('--passes fold-constants'); "
+                   "'default' is the default pipeline; '+name'/'-name' add/drop; 'module:Class' loads a pass. "
+                   "See 'q4c passes'.")
+@click.option("--data", "--calib", "data", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Sample inputs (.npz keyed by input name, or a directory of them) used to verify the result. "
+                   "Default: synthetic inputs from the model's input signature.")
+@click.option("--plan", "plan", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Replay a precision plan (JSON from --save-plan, possibly edited by hand).")
+@click.option("--save-plan", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the precision plan used, to replay or edit.")
+@click.option("--keep-fp32", multiple=True, metavar="NAME", help="Weight tensor or node name to leave in float (repeatable).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the compile report (JSON) here.")
+@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the graph after each pass as NNN_<pass>.onnx.")
+@click.option("--check/--no-check", default=False, help="Run the full ONNX checker after every pass.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the output: ONNX checker, ONNX Runtime loads it, interpreter agrees with ONNX Runtime.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def compile_cmd(model: Path, output: Path | None, bits: str | None, granularity: str, target: str, passes: str | None,
+                data: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
+                report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, as_json: bool) -> None:
+    """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
+
+    \b
+    Examples:
+      q4c compile models/lstm_lm.onnx                  # 4-bit, block 32 -> models/lstm_lm.q4.onnx
+      q4c compile am.onnx -o am.q8.onnx --bits 8 --granularity channel
+      q4c compile am.onnx --passes fold-constants,lower-gemm   # canonicalize only, no quantization
+      q4c compile am.onnx --save-plan plan.json  &&  q4c compile am.onnx --plan plan.json
+
+    The input file is never modified. The output records the ONNX Runtime session settings it
+    needs in its metadata ('q4c.ort_session_config'); 'q4c run' applies them.
+    """
+    options = CompileOptions(
+        bits=int(bits) if bits else None,
+        granularity=Granularity.parse(granularity),
+        target=Target(target),
+        plan_path=plan,
+        keep_fp32=frozenset(keep_fp32),
+    )
+    total = [0]
+
+    def progress(name: str) -> None:
+        total[0] += 1
+        click.echo(f"q4c: [{total[0]}] {name}", err=True)
+
+    report = compile_file(model, output, options, passes=passes, data=data, dump_dir=dump_dir,
+                          check_each=check, verify=verify, progress=progress, save_plan=save_plan)
+    if report_path is not None:
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    if as_json:
+        emit_json(report)
+        return
+    _print_summary(report)
+
+
+def _print_summary(report: dict) -> None:
+    inp, out = report["input"], report["output"]
+    click.echo(f"{inp['path']} ({human_bytes(inp['bytes'])}) -> {out['path']} ({human_bytes(out['bytes'])}), "
+               f"{report['compression']:.2f}x smaller")
+    if report.get("avg_weight_bits") is not None:
+        click.echo(f"average weight bits: {report['avg_weight_bits']:.2f} over {len(report['tensors'])} quantized tensors")
+    rows = [(t["name"], t["op"], "x".join(map(str, t["shape"])), t["bits"], t["granularity"],
+             t["sensitivity"].get("weight_sqnr_db")) for t in report["tensors"]]
+    if rows:
+        click.echo(table(["tensor", "op", "shape", "bits", "granularity", "weight SQNR dB"], rows))
+    verification = report.get("verification")
+    if verification:
+        line = (f"verified: checker ok, ONNX Runtime loads it, interpreter vs ONNX Runtime max |diff| "
+                f"{verification['interp_vs_ort_max_abs']:.3g}")
+        if "output_sqnr_db" in verification:
+            line += "; output SQNR vs FP32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in verification["output_sqnr_db"].items())
+        click.echo(line)

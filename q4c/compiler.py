@@ -1,0 +1,227 @@
+"""compile_model / compile_file: load, canonicalize, run the pass pipeline, verify, save, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from q4c import graph as g
+from q4c import ort as q4ort
+from q4c.calib.readers import Feeds, input_specs, load_samples, synthetic_samples
+from q4c.config import CompileOptions
+from q4c.errors import ModelLoadError, NumericMismatchError
+from q4c.pipeline import PassContext, Pipeline
+from q4c.quant.plan import PrecisionPlan
+from q4c.quant.weights import WeightSlot, find_weight_slots
+from q4c.registry import find_pass, resolve_pipeline
+
+logger = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "q4c.compile/1"
+#: interpreter vs ONNX Runtime on a whole model: float32 accumulation noise through deep
+#: recurrent stacks stays well below this (relative to the output's magnitude).
+VERIFY_RTOL = 1e-3
+
+
+def default_output(model_path: Path) -> Path:
+    name = model_path.name[: -len(".onnx")] if model_path.name.endswith(".onnx") else model_path.name
+    return model_path.with_name(f"{name}.q4.onnx")
+
+
+def compile_model(
+    model: onnx.ModelProto,
+    options: CompileOptions | None = None,
+    *,
+    passes: str | None = None,
+    samples: list[Feeds] | None = None,
+    dump_dir: Path | None = None,
+    check_each: bool = False,
+    verify: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Run the pipeline on a loaded FP32 model. Returns the new model and the report
+    (without file fields; compile_file adds them)."""
+    from q4c.passes import DEFAULT_PIPELINE
+
+    options = options or CompileOptions()
+    names = resolve_pipeline(passes, DEFAULT_PIPELINE)
+    pass_objects = [find_pass(n)() for n in names]
+    converted = g.convert_opset(model)
+    graph = g.import_graph(converted)
+    ctx = PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET)
+    Pipeline(pass_objects, dump_dir=dump_dir, check_each=check_each, like=converted, progress=progress).run(graph, ctx)
+    out = g.export_model(graph, like=converted)
+
+    if "quantize-weights" in names and not ctx.quantized:
+        raise ModelLoadError("no float weights large enough to quantize (MatMul, Gemm, Conv, LSTM, GRU, Gather, Einsum)")
+    config, slow_ops = q4ort.needed_session_config(out)
+    if slow_ops:
+        ctx.warn(f"weights of {', '.join(slow_ops)} have no low-bit kernel in ONNX Runtime: they are stored "
+                 f"in low bits but folded to FP32 at session load (session.disable_quant_qdq=1)")
+    q4ort.set_session_config(out, config)
+
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "input": {"params": _float_params(converted)},
+        "avg_weight_bits": _avg_weight_bits(graph, ctx),
+        "weight_bytes": _weight_bytes(out),
+        "tensors": ctx.quantized,
+        "passes": [{"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 4), "stats": r.stats}
+                   for r in ctx.records],
+        "session_config": config,
+        "warnings": ctx.warnings,
+    }
+    if ctx.plan is not None:
+        report["plan"] = ctx.plan.to_json()
+    if verify:
+        if samples is None:
+            samples = synthetic_samples(model, count=1, seed=options.seed)
+        report["verification"] = verify_model(out, samples[:1], reference=converted)
+    return out, report
+
+
+def compile_file(
+    model_path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    options: CompileOptions | None = None,
+    *,
+    passes: str | None = None,
+    data: str | os.PathLike[str] | None = None,
+    dump_dir: Path | None = None,
+    check_each: bool = False,
+    verify: bool = True,
+    progress: Callable[[str], None] | None = None,
+    save_plan: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Compile MODEL to OUTPUT (default MODEL.q4.onnx beside it); never touches MODEL and
+    leaves no OUTPUT behind on failure. Returns the report."""
+    model_path = Path(model_path)
+    output = Path(output) if output is not None else default_output(model_path)
+    if output.resolve() == model_path.resolve():
+        raise ModelLoadError(f"{output}: output would overwrite the input model; choose another -o")
+    start = time.perf_counter()
+    model = g.load(model_path)
+    samples = load_samples(data, input_specs(model)) if data is not None else None
+    out, report = compile_model(model, options, passes=passes, samples=samples, dump_dir=dump_dir,
+                                check_each=check_each, verify=verify, progress=progress)
+    out_bytes = g.save(out, output)
+    if save_plan is not None and "plan" in report:
+        PrecisionPlan.from_json(report["plan"]).save(save_plan)
+    in_bytes = model_path.stat().st_size
+    report["input"] = {"path": str(model_path), "bytes": in_bytes, **report["input"]}
+    report["output"] = {"path": str(output), "bytes": out_bytes}
+    report["compression"] = round(in_bytes / out_bytes, 3)
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.ModelProto | None = None) -> dict[str, Any]:
+    """The emitted-graph guarantees: full checker, ORT loads and runs it, and the interpreter
+    agrees with ORT. MatMulNBits runs int8 activations at accuracy_level 4, so the equivalence
+    check runs ORT on a copy at accuracy_level 0 with optimizations off (no fusion hides a bug);
+    the deviation int8 activations add is reported on its own, as is SQNR against `reference`."""
+    from q4c.interp import Interpreter
+
+    try:
+        g.check(model)
+    except onnx.checker.ValidationError as e:
+        raise NumericMismatchError(f"emitted graph fails onnx.checker: {str(e).splitlines()[0]}") from e
+    result: dict[str, Any] = {"checker": True}
+    session = q4ort.make_session(model)
+    result["ort_loads"] = True
+    exact = q4ort.make_session(_float_accuracy_copy(model), level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    interp = Interpreter(model)
+    worst = 0.0
+    deployed_dev = 0.0
+    sqnr: dict[str, float] = {}
+    ref_session = q4ort.make_session(reference) if reference is not None else None
+    for feeds in samples:
+        expected = q4ort.run(exact, feeds)
+        actual = interp.run(feeds)
+        for name, want in expected.items():
+            got = actual[name]
+            scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1.0)
+            diff = float(np.max(np.abs(want.astype(np.float64) - got.astype(np.float64)))) if want.size else 0.0
+            worst = max(worst, diff)
+            if diff > VERIFY_RTOL * scale:
+                raise NumericMismatchError(
+                    f"interpreter and ONNX Runtime disagree on output {name!r}: max |diff| {diff:.3g} "
+                    f"(tolerance {VERIFY_RTOL * scale:.3g}); this is a q4c bug, please report it")
+        deployed = q4ort.run(session, feeds)
+        for name, want in expected.items():
+            deployed_dev = max(deployed_dev, float(np.max(np.abs(deployed[name] - want))) if want.size else 0.0)
+        if ref_session is not None:
+            fp32 = q4ort.run(ref_session, feeds)
+            for name, ref in fp32.items():
+                if np.issubdtype(ref.dtype, np.floating) and name in deployed:
+                    sqnr[name] = sqnr_db(ref, deployed[name])
+    result["interp_vs_ort_max_abs"] = worst
+    result["ort_int8_activation_max_abs"] = deployed_dev
+    result["samples"] = len(samples)
+    if sqnr:
+        result["output_sqnr_db"] = sqnr
+    return result
+
+
+def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    """10 log10(|ref|^2 / |ref - actual|^2); inf when identical."""
+    ref = reference.astype(np.float64)
+    noise = float(np.sum(np.square(ref - actual.astype(np.float64))))
+    power = float(np.sum(np.square(ref)))
+    if noise == 0:
+        return float("inf")
+    return round(10 * np.log10(max(power, 1e-30) / noise), 2)
+
+
+def _float_accuracy_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for graph in g.iter_graph_protos(copy.graph):
+        for node in graph.node:
+            if node.op_type == "MatMulNBits":
+                for attr in node.attribute:
+                    if attr.name == "accuracy_level":
+                        attr.i = 0
+    return copy
+
+
+def _float_params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for graph in g.iter_graph_protos(model.graph) for t in graph.initializer
+               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE))
+
+
+def _avg_weight_bits(graph: Any, ctx: PassContext) -> float | None:
+    """Mean code bits over every quantizable weight (float ones count 32)."""
+    quantized = {q["name"]: q for q in ctx.quantized}
+    total = weighted = 0
+    for name, entry in quantized.items():
+        n = int(np.prod(entry["shape"]))
+        total += n
+        weighted += n * entry["bits"]
+    if ctx.plan is not None:
+        # Planned-but-float tensors are still float constants in the graph: they count 32 bits.
+        still_float = {s.tensor.name: s.tensor for s in find_weight_slots(graph) if isinstance(s, WeightSlot)}
+        for name in ctx.plan.tensors:
+            if name not in quantized and name in still_float:
+                n = int(np.prod(still_float[name].shape))
+                total += n
+                weighted += 32 * n
+    return round(weighted / total, 3) if total else None
+
+
+def _weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Initializer bytes by ONNX dtype name (packed sub-byte sizes)."""
+    out: dict[str, int] = {}
+    for graph in g.iter_graph_protos(model.graph):
+        for t in graph.initializer:
+            name = onnx.TensorProto.DataType.Name(t.data_type).lower()
+            out[name] = out.get(name, 0) + (len(t.raw_data) if t.raw_data else t.ByteSize())
+    return dict(sorted(out.items()))

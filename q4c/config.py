@@ -1,0 +1,71 @@
+"""Compile options: frozen, validated on construction, no free-form dicts."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from q4c.errors import ConfigError
+
+#: Bit widths with an ONNX storage type q4c emits (3 is stored in 4 bits, counted as 3).
+SUPPORTED_BITS = (2, 3, 4, 8)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+class Target(enum.Enum):
+    ORT_CPU = "ort-cpu"  # forms ONNX Runtime's CPU provider runs fast (MatMulNBits, ...)
+    ONNX = "onnx"  # standard ONNX only: DequantizeLinear feeding the float op
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """How scales are shared: one per output channel, or one per `block` along the reduction axis."""
+
+    kind: str = "block"  # "channel" | "block" | "tensor"
+    block: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("channel", "block", "tensor"):
+            raise ConfigError(f"granularity must be channel, tensor or block:N, not {self.kind!r}")
+        if self.kind == "block" and self.block not in BLOCK_SIZES:
+            raise ConfigError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block}")
+
+    @classmethod
+    def parse(cls, text: str) -> Granularity:
+        text = text.strip()
+        if text.startswith("block"):
+            _, _, size = text.partition(":")
+            try:
+                return cls("block", int(size) if size else 32)
+            except ValueError:
+                raise ConfigError(f"granularity block:N needs an integer N, not {size!r}") from None
+        return cls(text, 0)
+
+    def __str__(self) -> str:
+        return f"block:{self.block}" if self.kind == "block" else self.kind
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything `q4c compile` can be told. Defaults give a good result on their own."""
+
+    bits: int | None = None  # uniform precision; None = the default plan (see assign-precision)
+    avg_bits: float | None = None
+    granularity: Granularity = field(default_factory=Granularity)
+    target: Target = Target.ORT_CPU
+    #: Weights with fewer elements than this stay float: scales would cost more than they save.
+    min_elements: int = 1024
+    plan_path: Path | None = None
+    keep_fp32: frozenset[str] = frozenset()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits is not None and self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, not {self.bits}")
+        if self.avg_bits is not None and not 1.0 <= self.avg_bits <= 16.0:
+            raise ConfigError(f"--avg-bits must be between 1 and 16, not {self.avg_bits}")
+        if self.bits is not None and self.avg_bits is not None:
+            raise ConfigError("--bits and --avg-bits exclude each other: uniform or budgeted, not both")
+        if self.min_elements < 0:
+            raise ConfigError(f"min_elements must be >= 0, not {self.min_elements}")

@@ -1,0 +1,39 @@
+"""The q4c exception tree: `Q4cError` is fixable by the user, `PassError` is a bug in a pass."""
+
+from __future__ import annotations
+
+
+class Q4cError(Exception):
+    """An error the user can fix; the CLI prints its message and exits 1."""
+
+
+class ConfigError(Q4cError):
+    """Bad options or bad plan/calibration files."""
+
+
+class ModelLoadError(Q4cError):
+    """The model file is missing, not ONNX, truncated, too old, or has nothing to quantize."""
+
+
+class DataError(Q4cError):
+    """Input data (.npz samples, readers) does not match the model's input signature."""
+
+
+class UnsupportedOpError(Q4cError):
+    """An op (domain, type, opset) that q4c or its interpreter does not know."""
+
+
+class PreconditionError(Q4cError):
+    """A pass was asked to run on a graph or context it cannot handle."""
+
+
+class PostconditionError(Q4cError):
+    """A pass left the graph in a state it promised not to."""
+
+
+class NumericMismatchError(Q4cError):
+    """Two executions that must agree (interpreter vs ONNX Runtime, before vs after) did not."""
+
+
+class PassError(RuntimeError):
+    """An unexpected exception inside a pass: a bug, so it keeps its traceback."""

@@ -1,0 +1,239 @@
+"""Loading, converting, walking and saving ONNX graphs (onnx-graphsurgeon underneath)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import google.protobuf.message
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from q4c.errors import ModelLoadError, NumericMismatchError
+
+logger = logging.getLogger(__name__)
+
+#: The oldest default-domain opset q4c accepts; older exports lack ops q4c relies on.
+MIN_OPSET = 11
+#: Opset q4c emits: the first with INT4/UINT4 and block-wise Q/DQ.
+TARGET_OPSET = 21
+#: IR version written: onnx 1.23 defaults to 14, which onnxruntime 1.31 refuses; 10 is the
+#: first with INT4/UINT4 and is read by every onnxruntime q4c supports.
+IR_VERSION = 10
+#: protobuf cannot serialize a message over 2 GiB: larger models keep weights as external data.
+_PROTOBUF_LIMIT = 2**31 - 1
+MS_DOMAIN = "com.microsoft"
+
+
+def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read and validate an ONNX file, with external data, failing with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except (google.protobuf.message.DecodeError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or not protobuf): {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read: {e}") from e
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph found)")
+    opset = default_opset(model)
+    if opset is None:
+        raise ModelLoadError(f"{path}: imports no default-domain opset; not an ONNX model q4c can read")
+    if opset < MIN_OPSET:
+        raise ModelLoadError(f"{path}: opset {opset} < minimum {MIN_OPSET}; re-export with opset >= {MIN_OPSET}")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelLoadError(f"{path}: invalid ONNX model: {first}") from e
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def convert_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> onnx.ModelProto:
+    """Convert to `target` with onnx's version converter (bumping opset_import alone breaks
+    graphs: ReduceMean axes, Unsqueeze/Split arity, ...). Models at or above `target` pass."""
+    opset = default_opset(model)
+    if opset is not None and opset >= target:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+    except Exception as e:  # the C++ converter raises bare RuntimeError/IndexError on odd graphs
+        raise ModelLoadError(
+            f"cannot convert opset {opset} to {target}: {e}; re-export the model at opset >= {target}"
+        ) from e
+    converted.ir_version = max(converted.ir_version, IR_VERSION)
+    return converted
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export to a ModelProto at `IR_VERSION`, keeping the opsets and metadata of `like`."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = IR_VERSION
+    if like is not None:
+        del model.metadata_props[:]
+        model.metadata_props.extend(like.metadata_props)
+        model.producer_name = like.producer_name or model.producer_name
+    _ensure_domains(model)
+    return model
+
+
+def _ensure_domains(model: onnx.ModelProto) -> None:
+    """Import every domain a node uses (com.microsoft ops added by passes need their opset)."""
+    used = {n.domain for g in iter_graph_protos(model.graph) for n in g.node}
+    have = {imp.domain for imp in model.opset_import}
+    for domain in sorted(used - have - {"", "ai.onnx"}):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+
+
+def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_graph_protos(g)
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every nested subgraph (If branches, Loop/Scan bodies), outermost first."""
+    yield graph
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from iter_graphs(value)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, gs.Graph):
+                        yield from iter_graphs(item)
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that writes `tensor` (in gs, `tensor.inputs` are producers), or None."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    """A copy of the nodes that read `tensor`, across every graph level it is visible in."""
+    return list(tensor.outputs)
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    """A tensor/node name not yet used anywhere in `graph` or its subgraphs."""
+    used = _used_names(graph)
+    if base not in used:
+        return base
+    i = 1
+    while f"{base}_{i}" in used:
+        i += 1
+    return f"{base}_{i}"
+
+
+def _used_names(graph: gs.Graph) -> set[str]:
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names.update(g.tensors().keys())
+        names.update(n.name for n in g.nodes if n.name)
+    return names
+
+
+def op_histogram(model: onnx.ModelProto | gs.Graph) -> dict[str, int]:
+    """Op type counts over the graph and all subgraphs; non-default domains as 'domain::Op'."""
+    counts: collections.Counter[str] = collections.Counter()
+    if isinstance(model, gs.Graph):
+        for g in iter_graphs(model):
+            counts.update(n.op if n.domain in ("", "ai.onnx", None) else f"{n.domain}::{n.op}" for n in g.nodes)
+    else:
+        for g in iter_graph_protos(model.graph):
+            counts.update(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in g.node)
+    return dict(sorted(counts.items()))
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """A digest of the serialized model: equal digests mean an unchanged graph."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def check(model: onnx.ModelProto) -> None:
+    """Full checker plus strict shape inference; raises NumericMismatchError-free ValidationError."""
+    onnx.checker.check_model(model, full_check=True)
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
+    """Write atomically: a temporary file beside `path`, then rename. Returns bytes written.
+
+    Models whose protobuf would exceed 2 GiB keep their weights in `<name>.data` beside it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        if model.ByteSize() > _PROTOBUF_LIMIT:
+            data_name = path.name + ".data"
+            onnx.save_model(model, str(tmp_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            with open(tmp_path, "wb") as f:
+                f.write(model.SerializeToString())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def constant_values(tensor: gs.Constant) -> np.ndarray:
+    return np.asarray(tensor.values)
+
+
+def make_constant(name: str, values: np.ndarray) -> gs.Constant:
+    """A gs.Constant for any dtype onnx.numpy_helper knows, sub-byte ml_dtypes included
+    (gs's own exporter cannot pack INT4/INT2, so the TensorProto is built here)."""
+    proto = numpy_helper.from_array(np.asarray(values), name)
+    return gs.Constant(name, LazyValues(proto))
+
+
+def is_float_constant(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype) in (np.float32, np.float16, np.float64)
+
+
+def tensor_nbytes(tensor: gs.Constant) -> int:
+    """Bytes a constant occupies on disk, sub-byte types packed."""
+    if isinstance(tensor._values, LazyValues):
+        proto = tensor._values.tensor
+        if proto.raw_data:
+            return len(proto.raw_data)
+        return len(proto.SerializeToString())
+    return int(np.asarray(tensor.values).nbytes)
+
+
+def assert_close(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float) -> None:
+    if not np.allclose(expected, actual, rtol=rtol, atol=atol, equal_nan=True):
+        diff = float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64))))
+        raise NumericMismatchError(f"{name}: max |difference| {diff:.3g} exceeds rtol={rtol}, atol={atol}")

@@ -1,0 +1,55 @@
+"""What a model holds: opsets, op histogram, weights by dtype and bit width, inputs/outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from q4c import graph as g
+from q4c import ort as q4ort
+from q4c.calib.readers import input_specs
+
+INSPECT_SCHEMA = "q4c.inspect/1"
+_KERNELS = {"MatMulNBits": 1, "GatherBlockQuantized": 0}
+
+
+def inspect_model(model: onnx.ModelProto) -> dict[str, Any]:
+    graphs = list(g.iter_graph_protos(model.graph))
+    packed_bits: dict[str, int] = {}
+    for graph in graphs:
+        for node in graph.node:
+            if node.op_type in _KERNELS:
+                bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+                packed_bits[node.input[_KERNELS[node.op_type]]] = bits
+    weights: dict[str, dict[str, int]] = {}
+    for graph in graphs:
+        for t in graph.initializer:
+            dtype = onnx.TensorProto.DataType.Name(t.data_type).lower()
+            nbytes = len(t.raw_data) if t.raw_data else t.ByteSize()
+            params = int(np.prod(t.dims))
+            if t.name in packed_bits:
+                bits = packed_bits[t.name]
+                dtype = f"uint{bits} (packed in uint8)"
+                params = nbytes * 8 // bits
+            entry = weights.setdefault(dtype, {"tensors": 0, "params": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["params"] += params
+            entry["bytes"] += nbytes
+    initializers = {t.name for t in model.graph.initializer}
+    return {
+        "schema": INSPECT_SCHEMA,
+        "ir_version": model.ir_version,
+        "opsets": {(imp.domain or "ai.onnx"): imp.version for imp in model.opset_import},
+        "ops": g.op_histogram(model),
+        "nodes": sum(len(graph.node) for graph in graphs),
+        "weights": dict(sorted(weights.items())),
+        "weight_bytes": sum(w["bytes"] for w in weights.values()),
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": [d if isinstance(d, int) and d > 0 else str(d or "?") for d in s.shape]}
+                   for s in input_specs(model)],
+        "outputs": [{"name": o.name, "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)),
+                     "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in o.type.tensor_type.shape.dim]}
+                    for o in model.graph.output if o.name not in initializers],
+        "session_config": q4ort.session_config(model),
+    }

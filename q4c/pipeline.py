@@ -1,0 +1,202 @@
+"""The pass contract (Pass, PassResult, PassContext) and the Pipeline that runs passes with
+their chores: preconditions, cleanup, postconditions, timing, dumps, and honesty audits."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from q4c import graph as g
+from q4c.errors import PassError, PostconditionError, PreconditionError, Q4cError
+
+if TYPE_CHECKING:
+    from q4c.config import CompileOptions
+    from q4c.quant.plan import PrecisionPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    modified: bool
+    stats: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PassRecord:
+    """What the pipeline observed of one pass run (goes into the compile report)."""
+
+    name: str
+    modified: bool
+    seconds: float
+    stats: dict[str, int]
+
+
+@dataclass
+class PassContext:
+    """State shared by the passes of one compile: options, analyses, and what was done.
+
+    Analyses fill `calibration` and `plan`; transforms read them. `warnings` collects what made
+    the result worse than asked (float fall-backs); `session_config` is what ONNX Runtime needs.
+    """
+
+    options: CompileOptions
+    opset: int = g.TARGET_OPSET
+    calibration: Any = None
+    plan: PrecisionPlan | None = None
+    warnings: list[str] = field(default_factory=list)
+    session_config: dict[str, str] = field(default_factory=dict)
+    quantized: list[dict[str, Any]] = field(default_factory=list)
+    records: list[PassRecord] = field(default_factory=list)
+
+    def require_calibration(self) -> Any:
+        if self.calibration is None:
+            raise PreconditionError("no calibration table; run 'calibrate' first or pass --calib")
+        return self.calibration
+
+    def require_plan(self) -> PrecisionPlan:
+        if self.plan is None:
+            raise PreconditionError("no precision plan; run 'assign-precision' first or pass --plan")
+        return self.plan
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            logger.warning("%s", message)
+
+
+class Pass(abc.ABC):
+    """An in-place transformation (or analysis) of a graph-surgeon graph."""
+
+    name: ClassVar[str]
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:  # noqa: B027 - optional hook
+        """Raise PreconditionError if the pass cannot run on this graph/context."""
+
+    @abc.abstractmethod
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult: ...
+
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:  # noqa: B027 - optional hook
+        """Raise PostconditionError if the pass broke a promise."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Repeat(Pass):
+    """Run passes in turn until none modifies the graph (a fixed point), at most `max_iters` times."""
+
+    def __init__(self, passes: Sequence[Pass], max_iters: int = 8) -> None:
+        self.passes = list(passes)
+        self.max_iters = max_iters
+        self.name = "repeat(" + ",".join(p.name for p in self.passes) + ")"  # type: ignore[misc]
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        total: dict[str, int] = {}
+        modified = False
+        for _ in range(self.max_iters):
+            changed = False
+            for p in self.passes:
+                result = run_one(p, graph, ctx)
+                changed |= result.modified
+                for k, v in result.stats.items():
+                    total[f"{p.name}.{k}"] = total.get(f"{p.name}.{k}", 0) + v
+            modified |= changed
+            if not changed:
+                return PassResult(modified, total)
+        ctx.warn(f"{self.name} did not converge in {self.max_iters} iterations")
+        return PassResult(modified, total)
+
+
+def run_one(pass_: Pass, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """requires -> run -> cleanup/toposort if modified -> ensures."""
+    pass_.requires(graph, ctx)
+    result = pass_.run(graph, ctx)
+    if not isinstance(result, PassResult):
+        raise PassError(f"pass '{pass_.name}' returned {type(result).__name__}, not PassResult")
+    if result.modified:
+        cleanup(graph)
+    pass_.ensures(graph, ctx)
+    return result
+
+
+def cleanup(graph: gs.Graph) -> None:
+    """Drop dead nodes/tensors and re-sort, in the graph and every subgraph."""
+    for sub in list(g.iter_graphs(graph)):
+        sub.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+Instrument = Callable[[Pass, gs.Graph, PassContext, PassResult, int], None]
+
+
+class Pipeline:
+    """Runs passes in order with timing, optional dumps, per-pass checks and honesty audits.
+
+    Any non-Q4cError exception inside a pass becomes PassError naming the pass and its
+    predecessors, with the original traceback chained.
+    """
+
+    def __init__(
+        self,
+        passes: Iterable[Pass],
+        *,
+        dump_dir: Path | None = None,
+        check_each: bool = False,
+        audit: bool = False,
+        like: onnx.ModelProto | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.dump_dir = dump_dir
+        self.check_each = check_each
+        self.audit = audit
+        self.like = like
+        self.progress = progress
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> list[PassRecord]:
+        records: list[PassRecord] = []
+        for index, pass_ in enumerate(self.passes, start=1):
+            if self.progress is not None:
+                self.progress(pass_.name)
+            before = g.fingerprint(self._export(graph)) if self.audit else None
+            start = time.perf_counter()
+            try:
+                result = run_one(pass_, graph, ctx)
+            except Q4cError:
+                raise
+            except Exception as e:
+                done = ", ".join(p.name for p in self.passes[: index - 1]) or "none"
+                raise PassError(f"pass '{pass_.name}' failed (passes before it: {done}): {e!r}") from e
+            seconds = time.perf_counter() - start
+            record = PassRecord(pass_.name, result.modified, seconds, dict(result.stats))
+            records.append(record)
+            ctx.records.append(record)
+            logger.info("%s: %s%s (%.1f ms)", pass_.name, "modified" if result.modified else "unchanged",
+                        "".join(f" {k}={v}" for k, v in sorted(result.stats.items())), seconds * 1e3)
+            if self.audit or self.dump_dir is not None or self.check_each:
+                model = self._export(graph)
+                if self.audit and (g.fingerprint(model) != before) != result.modified:
+                    raise PostconditionError(
+                        f"pass '{pass_.name}' reported modified={result.modified} but the graph "
+                        f"{'changed' if not result.modified else 'did not change'}"
+                    )
+                if self.dump_dir is not None:
+                    self.dump_dir.mkdir(parents=True, exist_ok=True)
+                    g.save(model, self.dump_dir / f"{index:03d}_{pass_.name}.onnx")
+                if self.check_each:
+                    try:
+                        g.check(model)
+                    except onnx.checker.ValidationError as e:
+                        raise PassError(f"pass '{pass_.name}' produced an invalid graph: {e}") from e
+        return records
+
+    def _export(self, graph: gs.Graph) -> onnx.ModelProto:
+        return g.export_model(graph.copy(), like=self.like)

@@ -1,0 +1,81 @@
+"""Storage of quantized codes: ONNX INT4/INT8 tensors, and ONNX Runtime's packed uint8 layouts
+for com.microsoft MatMulNBits and GatherBlockQuantized."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from q4c.quant.qparams import QuantizedWeight
+
+#: ONNX storage dtype per bit width. 2- and 3-bit codes are stored as INT4 (ONNX INT2 needs
+#: opset 25, which q4c does not emit yet); reports count them at their real width.
+_ONNX_STORAGE = {2: ml_dtypes.int4, 3: ml_dtypes.int4, 4: ml_dtypes.int4, 8: np.int8}
+
+
+def storage_bits(bits: int) -> int:
+    return 8 if bits > 4 else 4
+
+
+def onnx_codes(qw: QuantizedWeight) -> np.ndarray:
+    """Codes as the ONNX-typed array DequantizeLinear reads (onnx packs INT4 two per byte)."""
+    return qw.q.astype(_ONNX_STORAGE[qw.bits])
+
+
+def pack_nibbles(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (last axis, length a multiple of 8 / bits) into bytes, low bits first."""
+    per_byte = 8 // bits
+    codes = codes.astype(np.uint8).reshape(codes.shape[:-1] + (-1, per_byte))
+    out = np.zeros(codes.shape[:-1], np.uint8)
+    for i in range(per_byte):
+        out |= (codes[..., i] << np.uint8(i * bits)).astype(np.uint8)
+    return out
+
+
+def unpack_nibbles(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack_nibbles: unsigned codes, `count` along the last axis."""
+    per_byte = 8 // bits
+    mask = np.uint8((1 << bits) - 1)
+    parts = [(packed >> np.uint8(i * bits)) & mask for i in range(per_byte)]
+    codes = np.stack(parts, axis=-1).reshape(packed.shape[:-1] + (-1,))
+    return codes[..., :count]
+
+
+def kernel_bits(bits: int) -> int:
+    """MatMulNBits / GatherBlockQuantized run 2, 4 and 8 bits; 3-bit codes ride in 4 bits."""
+    return 4 if bits == 3 else bits
+
+
+def matmulnbits_weights(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """B and scales for MatMulNBits from a [K, N] weight quantized in blocks along K (axis 0).
+
+    MatMulNBits stores B transposed, [N, n_blocks, block_size * bits / 8], codes offset by the
+    default zero point 2^(bits-1) so they are unsigned; scales are [N, n_blocks].
+    """
+    assert qw.axis == 0 and qw.block_size and qw.q.ndim == 2, "MatMulNBits needs [K, N] blocked along K"
+    bits = kernel_bits(qw.bits)
+    k, n = qw.q.shape
+    nb = qw.scale.shape[0]
+    padded = np.zeros((nb * qw.block_size, n), np.int16)
+    padded[:k] = qw.q
+    unsigned = (padded + 2 ** (bits - 1)).astype(np.uint8).T.reshape(n, nb, qw.block_size)
+    return pack_nibbles(unsigned, bits), np.ascontiguousarray(qw.scale.T)
+
+
+def gather_block_quantized_weights(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Data, scales and zero points for GatherBlockQuantized from a [V, D] table blocked along D.
+
+    Data is uint8 with `bits` codes per byte (low first); the zero points are explicit
+    (2^(bits-1) packed the same way) so nothing depends on a kernel default.
+    """
+    assert qw.axis == 1 and qw.block_size and qw.q.ndim == 2, "GatherBlockQuantized needs [V, D] blocked along D"
+    bits = kernel_bits(qw.bits)
+    per_byte = 8 // bits
+    v, d = qw.q.shape
+    if d % per_byte:
+        raise ValueError(f"embedding width {d} is not a multiple of {per_byte}")
+    data = pack_nibbles((qw.q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8), bits)
+    nb = qw.scale.shape[1]
+    zp_cols = -(-nb // per_byte) * per_byte
+    zp = np.full((v, zp_cols), 2 ** (bits - 1), np.uint8)
+    return data, np.ascontiguousarray(qw.scale), pack_nibbles(zp, bits)[:, : -(-nb // per_byte)]

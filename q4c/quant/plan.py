@@ -1,0 +1,73 @@
+"""PrecisionPlan: the decision of how many bits each weight gets, as a replayable JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from q4c.config import SUPPORTED_BITS, Granularity
+from q4c.errors import ConfigError
+
+PLAN_SCHEMA = "q4c.plan/1"
+#: bits value meaning "leave this tensor in float"
+FLOAT = 32
+
+
+@dataclass(frozen=True)
+class TensorPrecision:
+    bits: int
+    granularity: str = "block:32"
+    scheme: str = "symmetric"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (*SUPPORTED_BITS, FLOAT):
+            raise ConfigError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} or {FLOAT} (float), not {self.bits}")
+        Granularity.parse(self.granularity)
+        if self.scheme != "symmetric":
+            raise ConfigError(f"scheme {self.scheme!r} is not supported (only 'symmetric')")
+
+
+@dataclass
+class PrecisionPlan:
+    """Per weight tensor (by name): bits, granularity, scheme. Tensors absent stay float."""
+
+    tensors: dict[str, TensorPrecision] = field(default_factory=dict)
+    defaults: dict[str, object] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "schema": PLAN_SCHEMA,
+            "defaults": dict(self.defaults),
+            "tensors": {name: asdict(tp) for name, tp in sorted(self.tensors.items())},
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, object], source: str = "plan") -> PrecisionPlan:
+        if not isinstance(doc, Mapping) or doc.get("schema") != PLAN_SCHEMA:
+            raise ConfigError(f"{source}: not a q4c plan (expected schema {PLAN_SCHEMA!r})")
+        tensors = doc.get("tensors")
+        if not isinstance(tensors, Mapping):
+            raise ConfigError(f"{source}: 'tensors' must be an object of name -> {{bits, granularity, scheme}}")
+        plan = cls(defaults=dict(doc.get("defaults") or {}))  # type: ignore[arg-type]
+        for name, entry in tensors.items():
+            try:
+                plan.tensors[name] = TensorPrecision(**entry)
+            except TypeError as e:
+                raise ConfigError(f"{source}: tensor {name!r}: {e}") from e
+            except ConfigError as e:
+                raise ConfigError(f"{source}: tensor {name!r}: {e}") from e
+        return plan
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrecisionPlan:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read plan: {e}") from e
+        return cls.from_json(doc, source=str(path))

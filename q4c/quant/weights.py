@@ -1,0 +1,131 @@
+"""Where the quantizable weights are: which input of which op, and how its axes are laid out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from q4c import graph as g
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """A float constant feeding input `index` of `node` in `graph`.
+
+    `channel_axis` indexes the output channels (one scale each per channel); `reduce_axis` is the
+    axis summed over by the op, along which blocks of scales are taken. For LSTM/GRU the 4H/3H
+    axis is the channel axis, so no scale ever spans two gates, and leading direction axes keep
+    their own scales.
+    """
+
+    graph: gs.Graph
+    node: gs.Node
+    index: int
+    role: str  # "matmul_b", "matmul_a", "gemm_b", "conv", "conv_transpose", "lstm_w", ..., "embedding", "einsum"
+    channel_axis: int
+    reduce_axis: int
+
+    @property
+    def tensor(self) -> gs.Constant:
+        return self.node.inputs[self.index]  # type: ignore[return-value]
+
+
+def _const(node: gs.Node, index: int) -> gs.Constant | None:
+    if index < len(node.inputs) and g.is_float_constant(node.inputs[index]):
+        return node.inputs[index]  # type: ignore[return-value]
+    return None
+
+
+def find_weight_slots(root: gs.Graph) -> Iterator[WeightSlot | tuple[gs.Node, str]]:
+    """Every quantizable weight input in the graph and its subgraphs, or (node, reason) for a
+    weight-bearing node that is declined (reason is a stable stats key)."""
+    for graph in g.iter_graphs(root):
+        for node in graph.nodes:
+            yield from _slots(graph, node)
+
+
+def _slots(graph: gs.Graph, node: gs.Node) -> Iterator[WeightSlot | tuple[gs.Node, str]]:
+    op = node.op
+    if node.domain not in ("", "ai.onnx", None):
+        return
+    if op == "MatMul":
+        b, a = _const(node, 1), _const(node, 0)
+        if b is not None and a is None:
+            if b.values.ndim != 2:
+                yield node, "skipped_batched_weight"
+            else:
+                yield WeightSlot(graph, node, 1, "matmul_b", channel_axis=1, reduce_axis=0)
+        elif a is not None and b is None and a.values.ndim == 2:
+            yield WeightSlot(graph, node, 0, "matmul_a", channel_axis=0, reduce_axis=1)
+    elif op == "Gemm":
+        if _const(node, 1) is not None and _const(node, 0) is None:
+            trans_b = int(node.attrs.get("transB", 0))
+            yield WeightSlot(graph, node, 1, "gemm_b", channel_axis=0 if trans_b else 1, reduce_axis=1 if trans_b else 0)
+    elif op == "Conv":
+        w = _const(node, 1)
+        if w is not None:
+            group = int(node.attrs.get("group", 1))
+            if group > 1 and w.values.shape[1] == 1:
+                # Depthwise kernels are tiny and no runtime has a low-bit depthwise kernel.
+                yield node, "skipped_depthwise"
+            else:
+                yield WeightSlot(graph, node, 1, "conv", channel_axis=0, reduce_axis=1)
+    elif op == "ConvTranspose":
+        if _const(node, 1) is not None:
+            yield WeightSlot(graph, node, 1, "conv_transpose", channel_axis=1, reduce_axis=0)
+    elif op in ("LSTM", "GRU"):
+        prefix = op.lower()
+        for index, part in ((1, "w"), (2, "r")):
+            if _const(node, index) is not None:
+                yield WeightSlot(graph, node, index, f"{prefix}_{part}", channel_axis=1, reduce_axis=2)
+    elif op == "Gather":
+        data = _const(node, 0)
+        if data is not None and not isinstance(node.inputs[1], gs.Constant):
+            if data.values.ndim == 2 and int(node.attrs.get("axis", 0)) == 0:
+                yield WeightSlot(graph, node, 0, "embedding", channel_axis=0, reduce_axis=1)
+            else:
+                yield node, "skipped_gather_layout"
+    elif op == "Einsum":
+        yield from _einsum_slots(graph, node)
+
+
+def _einsum_slots(graph: gs.Graph, node: gs.Node) -> Iterator[WeightSlot | tuple[gs.Node, str]]:
+    equation = str(node.attrs.get("equation", "")).replace(" ", "")
+    lhs, _, out = equation.partition("->")
+    terms = lhs.split(",")
+    if "..." in equation or not out or len(terms) != len(node.inputs):
+        yield node, "skipped_einsum_equation"
+        return
+    for index, term in enumerate(terms):
+        w = _const(node, index)
+        if w is None or any(_const(node, i) is not None for i in range(len(terms)) if i != index):
+            continue
+        reduce = [i for i, label in enumerate(term) if label not in out]
+        keep = [i for i, label in enumerate(term) if label in out]
+        if not reduce or not keep:
+            yield node, "skipped_einsum_layout"
+            continue
+        yield WeightSlot(graph, node, index, "einsum", channel_axis=keep[-1], reduce_axis=reduce[-1])
+
+
+def scale_layout(slot_shape: tuple[int, ...], slot: WeightSlot, kind: str, block: int) -> tuple[str, int, int]:
+    """The (granularity, axis, block_size) to quantize with, given the requested granularity.
+
+    "channel" on a weight with leading axes before the channel axis (LSTM directions, Einsum)
+    becomes blocks spanning the whole reduction axis, so each direction keeps its own scales.
+    """
+    if kind == "tensor":
+        return "tensor", 0, 0
+    if kind == "channel":
+        if slot.channel_axis != 0 and len(slot_shape) > 2:
+            return "block", slot.reduce_axis, int(slot_shape[slot.reduce_axis])
+        return "channel", slot.channel_axis, 0
+    n = int(slot_shape[slot.reduce_axis])
+    return "block", slot.reduce_axis, min(block, max(n, 1)) if n < block else block
+
+
+def element_count(tensor: gs.Constant) -> int:
+    return int(np.prod(tensor.shape))
