@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
 from q4c import graph as g
 from q4c.config import Granularity
@@ -19,12 +20,20 @@ from q4c.quant.weights import WeightSlot, find_weight_slots, scale_layout
 logger = logging.getLogger(__name__)
 
 
+#: Roles whose weights ONNX Runtime computes in low bits; its kernels need float32 scales.
+_FLOAT32_SCALE_ROLES = {"matmul_b", "matmul_a", "gemm_b", "embedding"}
+
+
 class QuantizeWeightsPass(Pass):
     """Replace each planned float weight W by DequantizeLinear(W_int4, W_scale) (opset 21,
     `axis`/`block_size`), with the scale chosen per group to minimize squared weight error.
 
-    Codes are stored packed as ONNX INT4 (2/3/4 bits) or INT8 (8 bits). One DQ per graph level
-    that consumes the weight; consumers that are not weight slots keep the float tensor.
+    Codes are stored packed as ONNX INT4 (2/3/4 bits) or INT8 (8 bits). Scales are float32 where
+    ONNX Runtime's low-bit kernels read them (MatMul, Gemm, embeddings: MatMulNBits and
+    GatherBlockQuantized take scales of the activation type) and float16 elsewhere (LSTM, GRU,
+    Conv, Einsum), followed by a Cast to float: half the scale bytes, 0.05 % scale error. One DQ
+    per graph level that consumes the weight; consumers that are not weight slots keep the float
+    tensor.
     Requires: ctx.plan.  Ensures: no planned weight feeds a slot in float.
     Stats: quantized, declined reasons (skipped_*).
     """
@@ -57,10 +66,12 @@ class QuantizeWeightsPass(Pass):
         weight = first.tensor
         values = np.asarray(weight.values, dtype=np.float32)
         kind, axis, block = scale_layout(values.shape, first, gran.kind, gran.block)
-        qw = quantize(values, bits, granularity=kind, axis=axis, block_size=block)
+        half = first.role not in _FLOAT32_SCALE_ROLES
+        qw = quantize(values, bits, granularity=kind, axis=axis, block_size=block,
+                      scale_dtype=np.float16 if half else np.float32)
         suffix = f"int{storage_bits(bits)}"
         codes = g.make_constant(g.unique_name(root, f"{weight.name}_{suffix}"), onnx_codes(qw))
-        scale = gs.Constant(g.unique_name(root, f"{weight.name}_scale"), qw.scale.astype(np.float32))
+        scale = gs.Constant(g.unique_name(root, f"{weight.name}_scale"), qw.scale)
         attrs = {"axis": int(qw.axis)} if kind != "tensor" else {}
         if qw.block_size:
             attrs["block_size"] = int(qw.block_size)
@@ -68,12 +79,18 @@ class QuantizeWeightsPass(Pass):
         for slot in slots:
             key = id(slot.graph)
             if key not in dq_out:
-                out = gs.Variable(g.unique_name(root, f"{weight.name}_dq"), dtype=np.float32, shape=list(values.shape))
+                out = gs.Variable(g.unique_name(root, f"{weight.name}_dq"), dtype=qw.scale.dtype, shape=list(values.shape))
                 slot.graph.nodes.append(gs.Node("DequantizeLinear", g.unique_name(root, f"{weight.name}_DequantizeLinear"),
                                                 attrs=dict(attrs), inputs=[codes, scale], outputs=[out]))
+                if half:
+                    as_float = gs.Variable(g.unique_name(root, f"{weight.name}_dq_fp32"), dtype=np.float32,
+                                           shape=list(values.shape))
+                    slot.graph.nodes.append(gs.Node("Cast", g.unique_name(root, f"{weight.name}_Cast"),
+                                                    attrs={"to": TensorProto.FLOAT}, inputs=[out], outputs=[as_float]))
+                    out = as_float
                 dq_out[key] = out
             slot.node.inputs[slot.index] = dq_out[key]
-        error = qw.dequantize() - values
+        error = qw.dequantize() - values  # what DequantizeLinear reproduces, up to float16 rounding
         ctx.quantized.append({
             "name": weight.name,
             "codes": codes.name,

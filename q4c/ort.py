@@ -53,6 +53,8 @@ def needed_session_config(model: onnx.ModelProto) -> tuple[dict[str, str], list[
         initializers.update(t.name for t in graph.initializer)
     for graph in graphs:
         dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
+        # float16 scales put a Cast between the DQ and its consumer
+        dq_outputs |= {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in dq_outputs}
         for node in graph.node:
             if node.op_type in _NO_LOWBIT_KERNEL and dq_outputs.intersection(node.input):
                 slow.add(node.op_type)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
+from pathlib import Path
 from dataclasses import dataclass
 
 from q4c.errors import ConfigError
@@ -35,10 +37,11 @@ def find_pass(name: str) -> type[Pass]:
     if name in builtins:
         return builtins[name]
     if ":" in name:
-        module_name, _, attr = name.partition(":")
+        module_name, _, attr = name.rpartition(":")
         try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
+            module = _load_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+            obj = getattr(module, attr)
+        except (ImportError, AttributeError, OSError, SyntaxError) as e:
             raise ConfigError(f"cannot load pass {name!r}: {e}") from e
         return _checked(obj, name)
     eps = _entry_points()
@@ -50,6 +53,19 @@ def find_pass(name: str) -> type[Pass]:
         return _checked(obj, name)
     known = ", ".join(sorted(builtins) + sorted(eps))
     raise ConfigError(f"unknown pass {name!r}; known passes: {known}; or give module:Class")
+
+
+def _load_file(path: str) -> object:
+    """Import a pass module from a .py file path (`--passes my_pass.py:MyPass`)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ImportError(f"no such file {path}")
+    spec = importlib.util.spec_from_file_location(f"q4c_user_pass_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _checked(obj: object, spec: str) -> type[Pass]:

@@ -34,7 +34,7 @@ class QuantizedWeight:
             shape = [1] * self.q.ndim
             shape[self.axis] = -1
             scale = scale.reshape(shape)
-        return (self.q.astype(np.float32) * scale).astype(np.float32)
+        return (self.q.astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -49,6 +49,7 @@ def quantize(
     axis: int,
     block_size: int = 0,
     clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+    scale_dtype: type = np.float32,
 ) -> QuantizedWeight:
     """Quantize `w` symmetrically to `bits`.
 
@@ -56,6 +57,8 @@ def quantize(
         granularity: "tensor", "channel" (one scale per index of `axis`), or "block" (blocks of
             `block_size` consecutive elements along `axis`, one scale each).
         axis: the channel axis for "channel", the reduction axis for "block".
+        scale_dtype: how scales are stored (float16 halves their bytes); codes are computed
+            against the stored, rounded scale so DequantizeLinear reproduces them exactly.
     """
     w = np.asarray(w, dtype=np.float32)
     axis = axis % w.ndim if w.ndim else 0
@@ -66,34 +69,37 @@ def quantize(
         padded = np.zeros(moved.shape[:-1] + (nb * block_size,), np.float32)
         padded[..., :n] = moved
         groups = padded.reshape(-1, block_size)
-        q, scale = _quantize_groups(groups, bits, clip_ratios)
+        q, scale = _quantize_groups(groups, bits, clip_ratios, scale_dtype)
         q = np.moveaxis(q.reshape(padded.shape)[..., :n], -1, axis)
         scale = np.moveaxis(scale.reshape(moved.shape[:-1] + (nb,)), -1, axis)
         return QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale), bits, axis, block_size)
     if granularity == "channel":
         moved = np.moveaxis(w, axis, 0)
-        q, scale = _quantize_groups(moved.reshape(moved.shape[0], -1), bits, clip_ratios)
+        q, scale = _quantize_groups(moved.reshape(moved.shape[0], -1), bits, clip_ratios, scale_dtype)
         q = np.moveaxis(q.reshape(moved.shape), 0, axis)
         return QuantizedWeight(np.ascontiguousarray(q), scale.reshape(-1), bits, axis, 0)
     if granularity == "tensor":
-        q, scale = _quantize_groups(w.reshape(1, -1), bits, clip_ratios)
+        q, scale = _quantize_groups(w.reshape(1, -1), bits, clip_ratios, scale_dtype)
         return QuantizedWeight(q.reshape(w.shape), scale.reshape(()), bits, 0, 0)
     raise ValueError(f"unknown granularity {granularity!r}")
 
 
-def _quantize_groups(groups: np.ndarray, bits: int, clip_ratios: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of `groups`: the clipping ratio minimizing squared error, its codes and scale."""
+def _quantize_groups(groups: np.ndarray, bits: int, clip_ratios: tuple[float, ...],
+                     scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `groups`: the clipping ratio minimizing squared error, its codes and scale
+    (returned in `scale_dtype`)."""
+    tiny = np.float32(np.finfo(scale_dtype).smallest_normal)
     qmin, qmax = qrange(bits)
     amax = np.max(np.abs(groups), axis=1)
     amax = np.where(amax > 0, amax, 1.0).astype(np.float32)
     best_err = np.full(groups.shape[0], np.inf, np.float32)
     best_scale = np.zeros(groups.shape[0], np.float32)
     for ratio in clip_ratios:
-        scale = (amax * np.float32(ratio) / np.float32(qmax)).astype(np.float32)
+        scale = np.maximum(amax * np.float32(ratio) / np.float32(qmax), tiny).astype(scale_dtype).astype(np.float32)
         q = np.clip(np.rint(groups / scale[:, None]), qmin, qmax)
         err = np.sum(np.square(q * scale[:, None] - groups), axis=1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
     q = np.clip(np.rint(groups / best_scale[:, None]), qmin, qmax).astype(np.int8)
-    return q, best_scale
+    return q, best_scale.astype(scale_dtype)

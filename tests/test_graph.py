@@ -1,0 +1,100 @@
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from q4c import graph as g
+from q4c.errors import ModelLoadError
+from q4c.testing import make_model, run_ort
+
+
+def _reduce_mean_model(opset):
+    return make_model(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        opset=opset,
+    )
+
+
+def test_load_rejects_a_missing_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        g.load(tmp_path / "nope.onnx")
+
+
+def test_load_rejects_a_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a file"):
+        g.load(tmp_path)
+
+
+def test_load_rejects_text_that_is_not_onnx(tmp_path):
+    path = tmp_path / "x.onnx"
+    path.write_text("hello, I am not a model\n")
+    with pytest.raises(ModelLoadError, match="not"):
+        g.load(path)
+
+
+def test_load_rejects_a_truncated_model(tmp_path, rng):
+    path = tmp_path / "t.onnx"
+    data = _reduce_mean_model(13).SerializeToString()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError):
+        g.load(path)
+
+
+def test_load_rejects_opset_older_than_11(tmp_path):
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], opset=9)
+    path = tmp_path / "old.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ModelLoadError, match="opset 9 < minimum 11"):
+        g.load(path)
+
+
+def test_convert_opset_rewrites_reduce_mean_axes_into_an_input():
+    # ReduceMean moved `axes` from attribute to input at opset 18: bumping opset_import alone
+    # would leave a graph ONNX Runtime refuses.
+    converted = g.convert_opset(_reduce_mean_model(13), 21)
+    node = converted.graph.node[-1]
+    assert g.default_opset(converted) == 21
+    assert node.op_type == "ReduceMean" and len(node.input) == 2 and not node.attribute[1:]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(run_ort(converted, {"x": x})["y"], x.mean(axis=1))
+
+
+def test_save_is_atomic_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+    g.save(_reduce_mean_model(21), path)
+    assert onnx.load(path).graph.node[0].op_type == "ReduceMean"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        g.save(_reduce_mean_model(21), path)
+    assert path.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_unique_name_avoids_names_in_subgraphs():
+    then_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["w_int4"])], "then", [],
+                                   [helper.make_tensor_value_info("w_int4", TensorProto.FLOAT, [2])])
+    model = make_model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=then_graph)],
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []), helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    graph = g.import_graph(model)
+    assert g.unique_name(graph, "w_int4") == "w_int4_1"
+    assert g.op_histogram(graph) == {"Identity": 2, "If": 1}
