@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 from q4c.errors import ConfigError
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
-from q4c.quant.weights import WeightSlot, element_count, find_weight_slots
+from q4c.quant.weights import FLOAT32_SCALE_ROLES, WeightSlot, element_count, find_weight_slots
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,16 @@ class AssignPrecisionPass(Pass):
             name = slot.tensor.name
             if name in plan.tensors:
                 continue
+            granularity = str(opts.granularity.resolve(float32_scales=slot.role in FLOAT32_SCALE_ROLES))
             if element_count(slot.tensor) < opts.min_elements:
                 stats["skipped_small"] += 1
-                plan.tensors[name] = TensorPrecision(FLOAT, str(opts.granularity))
+                plan.tensors[name] = TensorPrecision(FLOAT, granularity)
             elif name in opts.keep_fp32 or slot.node.name in opts.keep_fp32:
                 stats["kept_fp32"] += 1
-                plan.tensors[name] = TensorPrecision(FLOAT, str(opts.granularity))
+                plan.tensors[name] = TensorPrecision(FLOAT, granularity)
             else:
                 stats["planned"] += 1
-                plan.tensors[name] = TensorPrecision(bits, str(opts.granularity))
+                plan.tensors[name] = TensorPrecision(bits, granularity)
         ctx.plan = plan
         return PassResult(False, {k: v for k, v in stats.items() if v})
 

@@ -7,6 +7,8 @@ becomes GatherBlockQuantized on uint8 data (DQ -> Gather dequantizes the whole t
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
@@ -37,6 +39,7 @@ class LowerOrtKernelsPass(Pass):
         if ctx.options.target is not Target.ORT_CPU:
             return PassResult(False)
         bits_of = {q["codes"]: q["bits"] for q in ctx.quantized}
+        self._packed: dict[str, gs.Constant] = {}  # content hash -> packed initializer, shared
         stats = {"matmulnbits": 0, "gather_block_quantized": 0, "skipped_block_size": 0, "skipped_layout": 0}
         for sub in list(g.iter_graphs(graph)):
             for dq in [n for n in sub.nodes if n.op == "DequantizeLinear"]:
@@ -52,8 +55,15 @@ class LowerOrtKernelsPass(Pass):
         changed = stats["matmulnbits"] + stats["gather_block_quantized"]
         return PassResult(changed > 0, {k: v for k, v in stats.items() if v})
 
-    @staticmethod
-    def _to_matmulnbits(root: gs.Graph, sub: gs.Graph, dq: gs.Node, qw: QuantizedWeight, users: list[gs.Node]) -> str:
+    def _shared(self, root: gs.Graph, name: str, packed: np.ndarray) -> gs.Constant:
+        """One initializer per distinct packed table: a tied embedding and output projection
+        quantize to identical codes, so they share the bytes."""
+        key = hashlib.sha1(packed.tobytes() + str(packed.shape).encode()).hexdigest()
+        if key not in self._packed:
+            self._packed[key] = g.make_constant(g.unique_name(root, name), packed)
+        return self._packed[key]
+
+    def _to_matmulnbits(self, root: gs.Graph, sub: gs.Graph, dq: gs.Node, qw: QuantizedWeight, users: list[gs.Node]) -> str:
         if qw.q.ndim != 2:
             return "skipped_layout"
         k, n = qw.q.shape
@@ -67,7 +77,7 @@ class LowerOrtKernelsPass(Pass):
             return "skipped_block_size"
         packed, scales = matmulnbits_weights(qw)
         base = dq.inputs[0].name
-        b = g.make_constant(g.unique_name(root, f"{base}_nbits"), packed)
+        b = self._shared(root, f"{base}_nbits", packed)
         s = gs.Constant(g.unique_name(root, f"{base}_nbits_scale"), scales.reshape(-1).astype(np.float32))
         for mm in users:
             a, out = mm.inputs[0], mm.outputs[0]
@@ -81,25 +91,36 @@ class LowerOrtKernelsPass(Pass):
             ))
         return "matmulnbits"
 
-    @staticmethod
-    def _to_gather(root: gs.Graph, dq: gs.Node, qw: QuantizedWeight, users: list[gs.Node]) -> str:
+    def _to_gather(self, root: gs.Graph, dq: gs.Node, qw: QuantizedWeight, users: list[gs.Node]) -> str:
         if qw.q.ndim != 2 or qw.axis != 1 or qw.block_size not in _KERNEL_BLOCKS:
             return "skipped_block_size"
-        if qw.q.shape[1] % (8 // kernel_bits(qw.bits)):
+        width = qw.q.shape[1]
+        if width % qw.block_size:
             return "skipped_layout"
-        data, scales, zp = gather_block_quantized_weights(qw)
+        data, scales = gather_block_quantized_weights(qw)
         base = dq.inputs[0].name
-        d = g.make_constant(g.unique_name(root, f"{base}_gbq"), data)
+        d = self._shared(root, f"{base}_nbits", data)
         s = gs.Constant(g.unique_name(root, f"{base}_gbq_scale"), scales.astype(np.float32))
-        z = g.make_constant(g.unique_name(root, f"{base}_gbq_zp"), zp)
+        width_c = gs.Constant(g.unique_name(root, f"{base}_width"), np.array([width], np.int64))
         for gather in users:
+            sub = _graph_of(root, gather)
             indices, out = gather.inputs[1], gather.outputs[0]
             gather.inputs.clear()
             gather.outputs.clear()
-            _graph_of(root, gather).nodes.append(gs.Node(
-                "GatherBlockQuantized", gather.name, domain=g.MS_DOMAIN, inputs=[d, indices, s, z], outputs=[out],
-                attrs={"bits": kernel_bits(qw.bits), "block_size": qw.block_size, "gather_axis": 0, "quantize_axis": 1},
+            # Gathered rows come out as [..., n_blocks, block]; Reshape restores [..., D].
+            blocks = gs.Variable(g.unique_name(root, f"{out.name}_blocks"), dtype=np.float32)
+            idx_shape = gs.Variable(g.unique_name(root, f"{out.name}_idx_shape"), dtype=np.int64)
+            new_shape = gs.Variable(g.unique_name(root, f"{out.name}_shape"), dtype=np.int64)
+            sub.nodes.append(gs.Node(
+                "GatherBlockQuantized", gather.name, domain=g.MS_DOMAIN, inputs=[d, indices, s], outputs=[blocks],
+                attrs={"bits": kernel_bits(qw.bits), "block_size": qw.block_size, "gather_axis": 0, "quantize_axis": 2},
             ))
+            sub.nodes.append(gs.Node("Shape", g.unique_name(root, f"{gather.name}_idx_shape"), inputs=[indices],
+                                     outputs=[idx_shape]))
+            sub.nodes.append(gs.Node("Concat", g.unique_name(root, f"{gather.name}_shape"), attrs={"axis": 0},
+                                     inputs=[idx_shape, width_c], outputs=[new_shape]))
+            sub.nodes.append(gs.Node("Reshape", g.unique_name(root, f"{gather.name}_rows"), inputs=[blocks, new_shape],
+                                     outputs=[out]))
         return "gather_block_quantized"
 
 

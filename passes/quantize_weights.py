@@ -15,13 +15,9 @@ from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.packing import onnx_codes, storage_bits
 from q4c.quant.plan import FLOAT
 from q4c.quant.qparams import quantize
-from q4c.quant.weights import WeightSlot, find_weight_slots, scale_layout
+from q4c.quant.weights import FLOAT32_SCALE_ROLES, WeightSlot, find_weight_slots, scale_layout
 
 logger = logging.getLogger(__name__)
-
-
-#: Roles whose weights ONNX Runtime computes in low bits; its kernels need float32 scales.
-_FLOAT32_SCALE_ROLES = {"matmul_b", "matmul_a", "gemm_b", "embedding"}
 
 
 class QuantizeWeightsPass(Pass):
@@ -66,7 +62,7 @@ class QuantizeWeightsPass(Pass):
         weight = first.tensor
         values = np.asarray(weight.values, dtype=np.float32)
         kind, axis, block = scale_layout(values.shape, first, gran.kind, gran.block)
-        half = first.role not in _FLOAT32_SCALE_ROLES
+        half = first.role not in FLOAT32_SCALE_ROLES
         qw = quantize(values, bits, granularity=kind, axis=axis, block_size=block,
                       scale_dtype=np.float16 if half else np.float32)
         suffix = f"int{storage_bits(bits)}"

@@ -20,15 +20,20 @@ class Target(enum.Enum):
 
 @dataclass(frozen=True)
 class Granularity:
-    """How scales are shared: one per output channel, or one per `block` along the reduction axis."""
+    """How scales are shared: one per output channel, or one per `block` along the reduction axis.
+
+    `block=0` is "auto": 32 where scales are stored in float16 (weights ONNX Runtime only
+    dequantizes: LSTM, GRU, Conv), 64 where its low-bit kernels need float32 scales (MatMulNBits,
+    GatherBlockQuantized); either way scales cost 0.5 bit per weight.
+    """
 
     kind: str = "block"  # "channel" | "block" | "tensor"
-    block: int = 32
+    block: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("channel", "block", "tensor"):
             raise ConfigError(f"granularity must be channel, tensor or block:N, not {self.kind!r}")
-        if self.kind == "block" and self.block not in BLOCK_SIZES:
+        if self.kind == "block" and self.block != 0 and self.block not in BLOCK_SIZES:
             raise ConfigError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block}")
 
     @classmethod
@@ -37,13 +42,21 @@ class Granularity:
         if text.startswith("block"):
             _, _, size = text.partition(":")
             try:
-                return cls("block", int(size) if size else 32)
+                return cls("block", 0 if size in ("", "auto") else int(size))
             except ValueError:
                 raise ConfigError(f"granularity block:N needs an integer N, not {size!r}") from None
         return cls(text, 0)
 
     def __str__(self) -> str:
-        return f"block:{self.block}" if self.kind == "block" else self.kind
+        if self.kind == "block":
+            return f"block:{self.block or 'auto'}"
+        return self.kind
+
+    def resolve(self, float32_scales: bool) -> Granularity:
+        """Auto block size made concrete for a weight whose scales are float32 or float16."""
+        if self.kind == "block" and self.block == 0:
+            return Granularity("block", 64 if float32_scales else 32)
+        return self
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from q4c.config import CompileOptions, Granularity, Target
               help="Output file. Default: MODEL with .q4.onnx beside it. Replaced only when the compile succeeds.")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
               help="Uniform weight precision. Default: 4. (3-bit codes are stored in 4-bit containers.)")
-@click.option("--granularity", default="block:32", show_default=True,
+@click.option("--granularity", default="block", show_default=True,
               help="Scale sharing: 'channel' (one scale per output channel), 'block:N' (N in 16..256, "
-                   "along the reduction axis) or 'tensor'.")
+                   "along the reduction axis), 'tensor', or 'block' (auto: 32 for LSTM/GRU/Conv weights, whose "
+                   "scales are float16; 64 for MatMul/embedding weights, whose kernels need float32 scales).")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default=Target.ORT_CPU.value, show_default=True,
               help="ort-cpu: ONNX Runtime's fast low-bit kernels (MatMulNBits, GatherBlockQuantized); "
                    "onnx: standard DequantizeLinear only.")

@@ -62,20 +62,15 @@ def matmulnbits_weights(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
     return pack_nibbles(unsigned, bits), np.ascontiguousarray(qw.scale.T)
 
 
-def gather_block_quantized_weights(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Data, scales and zero points for GatherBlockQuantized from a [V, D] table blocked along D.
+def gather_block_quantized_weights(qw: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """Data and scales for GatherBlockQuantized from a [V, D] table blocked along D (D a multiple
+    of the block), in MatMulNBits' layout: data [V, n_blocks, block * bits / 8] uint8 with
+    `quantize_axis` 2, scales [V, n_blocks, 1], default zero point 2^(bits-1).
 
-    Data is uint8 with `bits` codes per byte (low first); the zero points are explicit
-    (2^(bits-1) packed the same way) so nothing depends on a kernel default.
+    The same bytes are MatMulNBits' B for the transposed table, so a tied output projection
+    shares one packed initializer with the embedding.
     """
     assert qw.axis == 1 and qw.block_size and qw.q.ndim == 2, "GatherBlockQuantized needs [V, D] blocked along D"
-    bits = kernel_bits(qw.bits)
-    per_byte = 8 // bits
-    v, d = qw.q.shape
-    if d % per_byte:
-        raise ValueError(f"embedding width {d} is not a multiple of {per_byte}")
-    data = pack_nibbles((qw.q.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8), bits)
-    nb = qw.scale.shape[1]
-    zp_cols = -(-nb // per_byte) * per_byte
-    zp = np.full((v, zp_cols), 2 ** (bits - 1), np.uint8)
-    return data, np.ascontiguousarray(qw.scale), pack_nibbles(zp, bits)[:, : -(-nb // per_byte)]
+    assert qw.q.shape[1] % qw.block_size == 0, "the table width must be a multiple of the block"
+    data, scales = matmulnbits_weights(QuantizedWeight(qw.q.T, qw.scale.T, qw.bits, 0, qw.block_size))
+    return data, scales[:, :, None]

@@ -11,6 +11,10 @@ import onnx_graphsurgeon as gs
 from q4c import graph as g
 
 
+#: Roles whose weights ONNX Runtime computes in low bits; its kernels need float32 scales.
+FLOAT32_SCALE_ROLES = frozenset({"matmul_b", "matmul_a", "gemm_b", "embedding"})
+
+
 @dataclass(frozen=True)
 class WeightSlot:
     """A float constant feeding input `index` of `node` in `graph`.

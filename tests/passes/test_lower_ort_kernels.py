@@ -51,7 +51,7 @@ def test_embedding_gather_becomes_gather_block_quantized(rng):
                        {"E": heavy_tailed(rng, (300, 64))})
     dq, lowered, result, _ = _lower(model, CompileOptions())
     assert result.stats == {"gather_block_quantized": 1}
-    assert op_histogram(lowered) == {"com.microsoft::GatherBlockQuantized": 1}
+    assert op_histogram(lowered) == {"com.microsoft::GatherBlockQuantized": 1, "Concat": 1, "Reshape": 1, "Shape": 1}
     feeds = {"tok": rng.integers(0, 300, (2, 5))}
     want = run_ort(dq, feeds)["y"]
     np.testing.assert_array_equal(run_ort(lowered, feeds)["y"], want)
@@ -64,3 +64,17 @@ def test_block_sizes_without_a_kernel_keep_dequantize(rng):
     _, lowered, result, _ = _lower(model, CompileOptions(granularity=Granularity("channel")))
     assert result.stats == {"skipped_block_size": 1}
     assert op_histogram(lowered) == {"DequantizeLinear": 1, "MatMul": 1}
+
+
+def test_tied_embedding_and_output_projection_share_one_packed_table(rng):
+    table = heavy_tailed(rng, (300, 64))
+    model = make_model([helper.make_node("Gather", ["E", "tok"], ["h"]), helper.make_node("MatMul", ["h", "E_t"], ["y"])],
+                       [helper.make_tensor_value_info("tok", TensorProto.INT64, [2, 5])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 300])],
+                       {"E": table, "E_t": np.ascontiguousarray(table.T)})
+    dq, lowered, result, _ = _lower(model, CompileOptions())
+    assert result.stats == {"gather_block_quantized": 1, "matmulnbits": 1}
+    packed = [t for t in lowered.graph.initializer if t.data_type == TensorProto.UINT8]
+    assert len(packed) == 1 and list(packed[0].dims) == [300, 1, 32]  # one table: 300 rows, one block of 64 nibbles
+    feeds = {"tok": rng.integers(0, 300, (2, 5))}
+    np.testing.assert_allclose(run_ort(_at_float_accuracy(lowered), feeds)["y"], run_ort(dq, feeds)["y"], rtol=1e-5, atol=1e-5)

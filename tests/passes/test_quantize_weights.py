@@ -31,8 +31,8 @@ def test_matmul_weight_becomes_packed_int4_feeding_dequantize(rng):
     codes = _initializer(packed, "W_int4")
     assert codes.data_type == TensorProto.INT4 and len(codes.raw_data) == 64 * 16 // 2
     dq = next(n for n in packed.graph.node if n.op_type == "DequantizeLinear")
-    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 32}
-    assert list(_initializer(packed, "W_scale").dims) == [2, 16]
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 64}  # auto: float32 scales
+    assert list(_initializer(packed, "W_scale").dims) == [1, 16]
 
     feeds = {"x": rng.standard_normal((4, 64), dtype=np.float32)}
     np.testing.assert_allclose(run_interp(packed, feeds)["y"], run_ort(packed, feeds)["y"], rtol=1e-5, atol=1e-5)
@@ -90,8 +90,9 @@ def test_gemm_conv_lstm_gru_gather_einsum_weights_are_all_quantized(rng):
     assert scales["lw_scale"] == [2, 128, 2]  # per direction, per gate row, blocks along I
     assert scales["lr_scale"] == [2, 128, 1]  # H=32: one block per row
     assert scales["cw_scale"] == [16, 1, 3]  # Conv [M, C, k]: blocks along C
-    assert scales["emb_scale"] == [100, 2]  # embedding rows, blocks along D
-    assert scales["gemm_w_scale"] == [32, 2]  # transB=1: [N, K], blocks along K
+    assert scales["emb_scale"] == [100, 1]  # embedding rows, blocks of 64 along D
+    assert scales["gemm_w_scale"] == [32, 1]  # transB=1: [N, K], blocks along K
+    assert {t.name: t.data_type for t in packed.graph.initializer}["lw_scale"] == TensorProto.FLOAT16
 
     feeds = {"tok": rng.integers(0, 100, (1, 8)), "img": rng.standard_normal((1, 8, 20), dtype=np.float32),
              "g_in": rng.standard_normal((3, 64), dtype=np.float32)}
