@@ -1,0 +1,152 @@
+"""ONNX Runtime's com.microsoft quantized ops, following ContribOperators.md.
+
+- MatMulNBits: Y = A @ dequantize(B)^T + bias, B packed [N, k_blocks, blob_size] (low bits first).
+- GatherBlockQuantized: Gather of a block-quantized table, dequantized on the way out.
+- DynamicQuantizeMatMul: A quantized to uint8 like DynamicQuantizeLinear, then an exact
+  integer matmul scaled back to float.
+- DynamicQuantizeLSTM: W and R are dequantized, then the LSTM runs in float. ONNX Runtime also
+  quantizes X and H to uint8 at every step, so its outputs differ from these by that rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from q4c.errors import UnsupportedOpError
+from q4c.interp.ops.dtypes import INT4, UINT4, as_int, is_float8
+from q4c.interp.ops.quant import _matmul_int, dynamic_quantize_params, quantize_array
+from q4c.interp.ops.rnn import lstm_forward
+from q4c.interp.registry import op
+
+MS = "com.microsoft"
+
+
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [..., n] holding 8/bits values per byte, lowest bits first -> [..., n * 8/bits]."""
+    if bits == 8:
+        return packed
+    if bits not in (2, 4):
+        raise UnsupportedOpError(f"{bits}-bit packing (q4c.interp unpacks 2, 4 and 8 bits)")
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    values = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return values.reshape(packed.shape[:-1] + (packed.shape[-1] * per,))
+
+
+@op("MatMulNBits", since=1, domain=MS)
+def mat_mul_n_bits(
+    A, B, scales, zero_points=None, g_idx=None, bias=None, *, K: int, N: int, bits: int = 4,  # noqa: N803
+    block_size: int, accuracy_level: int = 0, weight_prepacked: int = 0,
+):
+    # accuracy_level only lets ONNX Runtime lower A's precision; the reference computes in A's type.
+    if weight_prepacked:
+        raise UnsupportedOpError("MatMulNBits with prepacked weights (weight_prepacked != 0)")
+    n_blocks = -(-K // block_size)
+    q = unpack_bits(B.reshape(N, n_blocks, -1), bits).reshape(N, -1)[:, :K].astype(np.int32)
+    block_of_k = np.arange(K) // block_size if g_idx is None else g_idx.astype(np.int64)[:K]
+    s = scales.reshape(N, n_blocks)[:, block_of_k]
+    if zero_points is None:
+        w = (q - (1 << (bits - 1))).astype(A.dtype) * s
+    elif zero_points.dtype == np.uint8:
+        zp = unpack_bits(zero_points.reshape(N, -1), bits)[:, :n_blocks].astype(np.int32)
+        w = (q - zp[:, block_of_k]).astype(A.dtype) * s
+    else:  # float zero points, same type as A, shape [N, k_blocks]
+        zp = zero_points.reshape(N, n_blocks)[:, block_of_k]
+        w = (q.astype(A.dtype) - zp) * s
+    y = np.matmul(A, w.T.astype(A.dtype, copy=False))
+    if bias is not None:
+        y = y + bias
+    return (y.astype(A.dtype, copy=False),)
+
+
+def _expand_blocks(p: np.ndarray, axis: int, block_size: int, length: int) -> np.ndarray:
+    return np.repeat(p, block_size, axis=axis).take(np.arange(length), axis=axis)
+
+
+@op("GatherBlockQuantized", since=1, domain=MS)
+def gather_block_quantized(
+    data, indices, scales, zero_points=None, *, bits: int = 4, block_size: int = 128,
+    gather_axis: int = 0, quantize_axis: int = 1,
+):
+    rank = data.ndim
+    ga = gather_axis + rank if gather_axis < 0 else gather_axis
+    qa = quantize_axis + rank if quantize_axis < 0 else quantize_axis
+    if data.dtype == np.uint8:
+        # uint8 data: `bits`-wide values packed along the last axis; default zero point 2^(bits-1).
+        q = unpack_bits(data, bits).astype(np.int32)
+        zp = np.int32(1 << (bits - 1)) if zero_points is None else unpack_bits(zero_points, bits).astype(np.int32)
+    elif data.dtype in (INT4, UINT4):
+        q = data.astype(np.int32)
+        zp = np.int32(0) if zero_points is None else zero_points.astype(np.int32)
+    else:
+        detail = " (float8/float4)" if is_float8(data.dtype) else ""
+        raise UnsupportedOpError(f"GatherBlockQuantized on {data.dtype}{detail} data")
+    if np.ndim(zp):
+        zp = zp[tuple(slice(0, n) for n in scales.shape)]  # drop packing padding
+    # Out-of-range indices yield zeros; negative ones count from the end.
+    n = q.shape[ga]
+    idx = indices.astype(np.int64)
+    idx = np.where(idx < 0, idx + n, idx)
+    valid = (idx >= 0) & (idx < n)
+    idx = np.where(valid, idx, 0)
+    length = q.shape[qa]
+    if ga != qa:
+        qg = np.take(q, idx, axis=ga)
+        sg = np.take(scales, idx, axis=ga)
+        zg = np.take(zp, idx, axis=ga) if np.ndim(zp) else zp
+        qa_out = qa + idx.ndim - 1 if qa > ga else qa
+        s = _expand_blocks(sg, qa_out, block_size, length)
+        z = _expand_blocks(zg, qa_out, block_size, length) if np.ndim(zg) else zg
+        out = (qg - z).astype(scales.dtype) * s
+    else:
+        s = _expand_blocks(scales, qa, block_size, length)
+        z = _expand_blocks(zp, qa, block_size, length) if np.ndim(zp) else zp
+        out = np.take((q - z).astype(scales.dtype) * s, idx, axis=ga)
+    if not np.all(valid):
+        mask = valid.reshape((1,) * ga + idx.shape + (1,) * (rank - ga - 1))
+        out = np.where(mask, out, scales.dtype.type(0))
+    return (out.astype(scales.dtype, copy=False),)
+
+
+@op("DynamicQuantizeMatMul", since=1, domain=MS)
+def dynamic_quantize_mat_mul(A, B, b_scale, b_zero_point=None, bias=None):  # noqa: N803
+    a_scale, a_zp = dynamic_quantize_params(A)
+    a_q = quantize_array(A, np.array(a_scale), np.array(a_zp), np.dtype(np.uint8))
+    b = as_int(B)
+    if b_zero_point is not None:
+        zp = as_int(b_zero_point)
+        b = b - (zp if zp.size > 1 else zp.reshape(()))
+    acc = _matmul_int(as_int(a_q) - np.int32(a_zp), b)
+    bs = b_scale.astype(np.float32)
+    multiplier = a_scale * (bs if bs.size > 1 else bs.reshape(()))
+    y = acc.astype(np.float32) * multiplier
+    if bias is not None:
+        y = y + bias
+    return (y.astype(np.float32, copy=False),)
+
+
+def _dequantize_recurrent(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """[nd, in, 4H] int8/uint8 with per-direction or per-(direction, channel) params -> [nd, 4H, in]."""
+    nd = w.shape[0]
+    shape = (nd, 1, 1) if scale.size == nd else (nd, 1, -1)
+    wf = (as_int(w) - as_int(zero_point).reshape(shape)).astype(np.float32) * scale.astype(np.float32).reshape(shape)
+    return np.ascontiguousarray(wf.transpose(0, 2, 1))
+
+
+@op("DynamicQuantizeLSTM", since=1, domain=MS)
+def dynamic_quantize_lstm(
+    X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None,  # noqa: N803
+    W_scale=None, W_zero_point=None, R_scale=None, R_zero_point=None, *,  # noqa: N803
+    activation_alpha: list[float] | None = None, activation_beta: list[float] | None = None,
+    activations: list[str] | None = None, clip: float | None = None, direction: str = "forward",
+    hidden_size: int | None = None, input_forget: int = 0, _probe: dict | None = None,
+):
+    if W_scale is None or W_zero_point is None or R_scale is None or R_zero_point is None:
+        raise UnsupportedOpError("DynamicQuantizeLSTM needs W_scale, W_zero_point, R_scale and R_zero_point")
+    w = _dequantize_recurrent(W, W_scale, W_zero_point)
+    r = _dequantize_recurrent(R, R_scale, R_zero_point)
+    return lstm_forward(
+        X, w, r, B, sequence_lens, initial_h, initial_c, P, activation_alpha=activation_alpha,
+        activation_beta=activation_beta, activations=activations, clip=clip, direction=direction,
+        hidden_size=hidden_size, input_forget=input_forget, layout=0, probe=_probe,
+    )
