@@ -29,6 +29,8 @@ REPORT_SCHEMA = "q4c.compile/1"
 #: interpreter vs ONNX Runtime on a whole model: float32 accumulation noise through deep
 #: recurrent stacks stays well below this (relative to the output's magnitude).
 VERIFY_RTOL = 1e-3
+#: wall-clock budget for timing the two ONNX Runtime forms when --kernels auto
+KERNEL_TIMING_SECONDS = 3.0
 
 
 def default_output(model_path: Path) -> Path:
@@ -57,12 +59,25 @@ def compile_model(
     converted = g.convert_opset(model)
     graph = g.import_graph(converted)
     ctx = PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET)
-    Pipeline(pass_objects, dump_dir=dump_dir, check_each=check_each, like=converted, progress=progress).run(graph, ctx)
+    # Run up to the kernel lowering, keep that (DequantizeLinear) form, then lower: for
+    # kernels="auto" both forms are timed and the faster one is kept.
+    split = names.index("lower-ort-kernels") if "lower-ort-kernels" in names else len(names)
+    common = dict(dump_dir=dump_dir, check_each=check_each, like=converted, progress=progress)
+    Pipeline(pass_objects[:split], **common).run(graph, ctx)
+    dq_form = g.export_model(graph, like=converted) if split < len(names) else None
+    Pipeline(pass_objects[split:], first_index=split + 1, **common).run(graph, ctx)
     out = g.export_model(graph, like=converted)
 
     if "quantize-weights" in names and not ctx.quantized:
         raise ModelLoadError("no float weights large enough to quantize (MatMul, Gemm, Conv, LSTM, GRU, Gather, Einsum)")
+    if samples is None:
+        samples = synthetic_samples(model, count=1, seed=options.seed)
+    kernel_choice = None
+    if dq_form is not None and options.kernels == "auto" and "com.microsoft::MatMulNBits" in g.op_histogram(out):
+        out, kernel_choice = _choose_kernels(out, dq_form, samples[0], ctx)
     config, slow_ops = q4ort.needed_session_config(out)
+    if kernel_choice is not None and kernel_choice["chosen"] == "fp32-at-load":
+        config["session.disable_quant_qdq"] = "1"  # else ORT re-fuses DQ -> MatMul into MatMulNBits
     if slow_ops:
         ctx.warn(f"weights of {', '.join(slow_ops)} have no low-bit kernel in ONNX Runtime: they are stored "
                  f"in low bits but folded to FP32 at session load (session.disable_quant_qdq=1)")
@@ -79,11 +94,11 @@ def compile_model(
         "session_config": config,
         "warnings": ctx.warnings,
     }
+    if kernel_choice is not None:
+        report["kernel_choice"] = kernel_choice
     if ctx.plan is not None:
         report["plan"] = ctx.plan.to_json()
     if verify:
-        if samples is None:
-            samples = synthetic_samples(model, count=1, seed=options.seed)
         report["verification"] = verify_model(out, samples[:1], reference=converted)
     return out, report
 
@@ -121,6 +136,38 @@ def compile_file(
     report["compression"] = round(in_bytes / out_bytes, 3)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+def _choose_kernels(lowered: onnx.ModelProto, dq_form: onnx.ModelProto, feeds: Feeds,
+                    ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Time both ORT forms on `feeds` (1 thread, interleaved, median) and keep the faster.
+
+    MatMulNBits keeps weights 4-bit in memory and wins where few rows go through a large weight
+    per call (streaming, big layers); on small layers with many rows per call, quantizing the
+    activations costs more than it saves, and DequantizeLinear folded to FP32 at load is faster.
+    """
+    fold = {"session.disable_quant_qdq": "1"}
+    sessions = {"low-bit": q4ort.make_session(lowered, threads=1, config=q4ort.needed_session_config(lowered)[0]),
+                "fp32-at-load": q4ort.make_session(dq_form, threads=1, config=fold)}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for session in sessions.values():  # warm-up
+        session.run(None, feeds)
+    deadline = time.perf_counter() + KERNEL_TIMING_SECONDS
+    while len(times["low-bit"]) < 5 or (len(times["low-bit"]) < 25 and time.perf_counter() < deadline):
+        for key, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[key].append(time.perf_counter() - start)
+    median = {k: float(np.median(v)) for k, v in times.items()}
+    chosen = "fp32-at-load" if median["fp32-at-load"] < 0.95 * median["low-bit"] else "low-bit"
+    if chosen == "fp32-at-load":
+        ctx.warn(f"MatMulNBits was slower than FP32 MatMul for this model's input shape "
+                 f"({1e3 * median['low-bit']:.2f} vs {1e3 * median['fp32-at-load']:.2f} ms): MatMul weights stay "
+                 f"low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
+                 f"in memory, or --data with inputs shaped like your deployment")
+    result = {"chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
+              "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": len(times["low-bit"])}
+    return (dq_form if chosen == "fp32-at-load" else lowered), result
 
 
 def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.ModelProto | None = None) -> dict[str, Any]:

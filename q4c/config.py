@@ -72,6 +72,9 @@ class CompileOptions:
     plan_path: Path | None = None
     keep_fp32: frozenset[str] = frozenset()
     seed: int = 0
+    #: ort-cpu only: "auto" times MatMulNBits against DQ folded to FP32 at load on the sample
+    #: input and keeps the faster; "low-bit" always keeps MatMulNBits (4-bit weights in memory).
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
@@ -80,5 +83,7 @@ class CompileOptions:
             raise ConfigError(f"--avg-bits must be between 1 and 16, not {self.avg_bits}")
         if self.bits is not None and self.avg_bits is not None:
             raise ConfigError("--bits and --avg-bits exclude each other: uniform or budgeted, not both")
+        if self.kernels not in ("auto", "low-bit"):
+            raise ConfigError(f"kernels must be 'auto' or 'low-bit', not {self.kernels!r}")
         if self.min_elements < 0:
             raise ConfigError(f"min_elements must be >= 0, not {self.min_elements}")

@@ -153,8 +153,10 @@ class Pipeline:
         audit: bool = False,
         like: onnx.ModelProto | None = None,
         progress: Callable[[str], None] | None = None,
+        first_index: int = 1,
     ) -> None:
         self.passes = list(passes)
+        self.first_index = first_index
         self.dump_dir = dump_dir
         self.check_each = check_each
         self.audit = audit
@@ -163,7 +165,7 @@ class Pipeline:
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> list[PassRecord]:
         records: list[PassRecord] = []
-        for index, pass_ in enumerate(self.passes, start=1):
+        for index, pass_ in enumerate(self.passes, start=self.first_index):
             if self.progress is not None:
                 self.progress(pass_.name)
             before = g.fingerprint(self._export(graph)) if self.audit else None
@@ -173,7 +175,7 @@ class Pipeline:
             except Q4cError:
                 raise
             except Exception as e:
-                done = ", ".join(p.name for p in self.passes[: index - 1]) or "none"
+                done = ", ".join(p.name for p in self.passes[: index - self.first_index]) or "none"
                 raise PassError(f"pass '{pass_.name}' failed (passes before it: {done}): {e!r}") from e
             seconds = time.perf_counter() - start
             record = PassRecord(pass_.name, result.modified, seconds, dict(result.stats))

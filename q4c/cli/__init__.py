@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -22,6 +23,10 @@ class _Q4cGroup(click.Group):
             raise click.ClickException(str(e)) from e
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # stdout closed early (`q4c inspect m.onnx | head`): not an error worth a message.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(0) from None
         except Exception as e:
             if logging.getLogger("q4c").isEnabledFor(logging.DEBUG):
                 raise

@@ -25,6 +25,9 @@ from q4c.config import CompileOptions, Granularity, Target
 @click.option("--target", type=click.Choice([t.value for t in Target]), default=Target.ORT_CPU.value, show_default=True,
               help="ort-cpu: ONNX Runtime's fast low-bit kernels (MatMulNBits, GatherBlockQuantized); "
                    "onnx: standard DequantizeLinear only.")
+@click.option("--kernels", type=click.Choice(["auto", "low-bit"]), default="auto", show_default=True,
+              help="ort-cpu: 'auto' times MatMulNBits against FP32 MatMul (weights folded at load) on the sample "
+                   "input and keeps the faster; 'low-bit' always keeps 4-bit weights in memory (MatMulNBits).")
 @click.option("--passes", "passes", default=None, metavar="LIST",
               help="Comma-separated passes. Bare names replace the pipeline ('--passes fold-constants'); "
                    "'default' is the default pipeline; '+name'/'-name' add/drop; 'module:Class' loads a pass. "
@@ -45,7 +48,8 @@ from q4c.config import CompileOptions, Granularity, Target
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the output: ONNX checker, ONNX Runtime loads it, interpreter agrees with ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, output: Path | None, bits: str | None, granularity: str, target: str, passes: str | None,
+def compile_cmd(model: Path, output: Path | None, bits: str | None, granularity: str, target: str, kernels: str,
+                passes: str | None,
                 data: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, as_json: bool) -> None:
     """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
@@ -66,6 +70,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, granularity:
         target=Target(target),
         plan_path=plan,
         keep_fp32=frozenset(keep_fp32),
+        kernels=kernels,
     )
     total = [0]
 

@@ -37,7 +37,7 @@ def model_path(tmp_path, rng):
 
 def test_compile_writes_beside_the_input_and_leaves_the_input_untouched(runner, model_path):
     before = model_path.read_bytes()
-    result = runner.invoke(main, ["compile", str(model_path), "--json"])
+    result = runner.invoke(main, ["compile", str(model_path), "--json", "--kernels", "low-bit"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     out = model_path.with_name("m.q4.onnx")
@@ -132,7 +132,7 @@ def test_saved_plan_replays_with_hand_edits(runner, model_path, tmp_path):
 
 def test_inspect_json_counts_packed_weights(runner, model_path, tmp_path):
     out = tmp_path / "o.onnx"
-    runner.invoke(main, ["compile", str(model_path), "-o", str(out)])
+    runner.invoke(main, ["compile", str(model_path), "-o", str(out), "--kernels", "low-bit"])
     result = runner.invoke(main, ["inspect", str(out), "--json"])
     assert result.exit_code == 0
     info = json.loads(result.stdout)
@@ -179,3 +179,15 @@ def test_copy_of_bundled_model_compiles(runner, tmp_path, bundled):
     result = runner.invoke(main, ["compile", str(src), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["compression"] > 1 / 0.15
+
+
+def test_auto_kernels_keep_the_form_they_report(runner, model_path, tmp_path):
+    out = tmp_path / "auto.onnx"
+    result = runner.invoke(main, ["compile", str(model_path), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    choice = json.loads(result.stdout)["kernel_choice"]
+    model = onnx.load(out)
+    has_nbits = any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    assert has_nbits == (choice["chosen"] == "low-bit")
+    config = json.loads({p.key: p.value for p in model.metadata_props}["q4c.ort_session_config"])
+    assert config == ({} if has_nbits else {"session.disable_quant_qdq": "1"})
