@@ -17,6 +17,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from q4c import graph as g
 from q4c.errors import Q4cError
+from q4c.interp import Interpreter
 from q4c.pipeline import Pass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,6 @@ class FoldConstantsPass(Pass):
             value = node.attrs.get("value")
             if isinstance(value, gs.Constant):
                 return [np.asarray(value.values)]
-        from q4c.interp import Interpreter  # the interpreter is the oracle; imported lazily
 
         model = _single_node_model(node, ctx.opset)
         try:

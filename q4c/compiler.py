@@ -18,6 +18,7 @@ from q4c import ort as q4ort
 from q4c.calib.readers import Feeds, input_specs, load_samples, synthetic_samples
 from q4c.config import CompileOptions
 from q4c.errors import ModelLoadError, NumericMismatchError
+from q4c.interp import Interpreter
 from q4c.pipeline import PassContext, Pipeline
 from q4c.quant.plan import PrecisionPlan
 from q4c.quant.weights import WeightSlot, find_weight_slots
@@ -175,8 +176,6 @@ def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.M
     agrees with ORT. MatMulNBits runs int8 activations at accuracy_level 4, so the equivalence
     check runs ORT on a copy at accuracy_level 0 with optimizations off (no fusion hides a bug);
     the deviation int8 activations add is reported on its own, as is SQNR against `reference`."""
-    from q4c.interp import Interpreter
-
     try:
         g.check(model)
     except onnx.checker.ValidationError as e:

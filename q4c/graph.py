@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from q4c.errors import ModelLoadError, NumericMismatchError
+from q4c.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def fingerprint(model: onnx.ModelProto) -> str:
 
 
 def check(model: onnx.ModelProto) -> None:
-    """Full checker plus strict shape inference; raises NumericMismatchError-free ValidationError."""
+    """The full ONNX checker (with shape inference); raises onnx.checker.ValidationError."""
     onnx.checker.check_model(model, full_check=True)
 
 
@@ -208,10 +208,6 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     return path.stat().st_size
 
 
-def constant_values(tensor: gs.Constant) -> np.ndarray:
-    return np.asarray(tensor.values)
-
-
 def make_constant(name: str, values: np.ndarray) -> gs.Constant:
     """A gs.Constant for any dtype onnx.numpy_helper knows, sub-byte ml_dtypes included
     (gs's own exporter cannot pack INT4/INT2, so the TensorProto is built here)."""
@@ -221,19 +217,3 @@ def make_constant(name: str, values: np.ndarray) -> gs.Constant:
 
 def is_float_constant(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Constant) and np.dtype(tensor.dtype) in (np.float32, np.float16, np.float64)
-
-
-def tensor_nbytes(tensor: gs.Constant) -> int:
-    """Bytes a constant occupies on disk, sub-byte types packed."""
-    if isinstance(tensor._values, LazyValues):
-        proto = tensor._values.tensor
-        if proto.raw_data:
-            return len(proto.raw_data)
-        return len(proto.SerializeToString())
-    return int(np.asarray(tensor.values).nbytes)
-
-
-def assert_close(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float) -> None:
-    if not np.allclose(expected, actual, rtol=rtol, atol=atol, equal_nan=True):
-        diff = float(np.max(np.abs(expected.astype(np.float64) - actual.astype(np.float64))))
-        raise NumericMismatchError(f"{name}: max |difference| {diff:.3g} exceeds rtol={rtol}, atol={atol}")

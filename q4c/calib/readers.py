@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +56,6 @@ def load_samples(path: str | Path, specs: list[InputSpec]) -> list[Feeds]:
     else:
         raise DataError(f"{path}: no such file or directory")
     return [read_sample(f, specs) for f in files]
-
-
-def iter_samples(path: str | Path, specs: list[InputSpec]) -> Iterator[Feeds]:
-    yield from load_samples(path, specs)
 
 
 def read_sample(path: Path, specs: list[InputSpec]) -> Feeds:
