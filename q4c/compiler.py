@@ -59,7 +59,10 @@ def compile_model(
     pass_objects = [find_pass(n)() for n in names]
     converted = g.convert_opset(model)
     graph = g.import_graph(converted)
-    ctx = PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET)
+    if samples is None:
+        samples = synthetic_samples(model, count=1, seed=options.seed)
+        logger.warning("no --calib data: analysing and verifying on synthetic inputs built from the input signature")
+    ctx = PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET, samples=list(samples))
     # Run up to the kernel lowering, keep that (DequantizeLinear) form, then lower: for
     # kernels="auto" both forms are timed and the faster one is kept.
     split = names.index("lower-ort-kernels") if "lower-ort-kernels" in names else len(names)
@@ -71,8 +74,6 @@ def compile_model(
 
     if "quantize-weights" in names and not ctx.quantized:
         raise ModelLoadError("no float weights large enough to quantize (MatMul, Gemm, Conv, LSTM, GRU, Gather, Einsum)")
-    if samples is None:
-        samples = synthetic_samples(model, count=1, seed=options.seed)
     kernel_choice = None
     if dq_form is not None and options.kernels == "auto" and "com.microsoft::MatMulNBits" in g.op_histogram(out):
         out, kernel_choice = _choose_kernels(out, dq_form, samples[0], ctx)

@@ -50,7 +50,11 @@ class PassContext:
 
     options: CompileOptions
     opset: int = g.TARGET_OPSET
+    #: input samples (feed dicts) for analyses: --calib data, or synthetic from the signature
+    samples: list[dict[str, Any]] = field(default_factory=list)
     calibration: Any = None
+    #: measure-sensitivity's table, read by assign-precision
+    sensitivity: Any = None
     plan: PrecisionPlan | None = None
     warnings: list[str] = field(default_factory=list)
     session_config: dict[str, str] = field(default_factory=dict)
