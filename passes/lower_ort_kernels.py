@@ -139,9 +139,9 @@ def _quantized_weight(dq: gs.Node, bits_of: dict[str, int]) -> QuantizedWeight |
     if not isinstance(codes, gs.Constant) or not isinstance(scale, gs.Constant):
         return None
     raw = numpy_helper.to_array(codes._values.tensor) if isinstance(codes._values, LazyValues) else np.asarray(codes.values)
-    if raw.dtype.name not in ("int4", "int8"):
+    if raw.dtype.name not in ("int2", "int4", "int8"):
         return None
-    bits = bits_of.get(codes.name, 4 if raw.dtype.name == "int4" else 8)
+    bits = bits_of.get(codes.name, {"int2": 2, "int4": 4, "int8": 8}[raw.dtype.name])
     rank = raw.ndim
     axis = int(dq.attrs.get("axis", 1)) % max(rank, 1)
     return QuantizedWeight(raw.astype(np.int8), np.asarray(scale.values, np.float32), bits, axis,

@@ -14,8 +14,7 @@ from q4c.config import Granularity
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.packing import onnx_codes, storage_bits
 from q4c.quant.plan import FLOAT
-from q4c.quant.qparams import quantize
-from q4c.quant.weights import FLOAT32_SCALE_ROLES, WeightSlot, find_weight_slots, scale_layout
+from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +60,11 @@ class QuantizeWeightsPass(Pass):
         first = slots[0]
         weight = first.tensor
         values = np.asarray(weight.values, dtype=np.float32)
-        kind, axis, block = scale_layout(values.shape, first, gran.kind, gran.block)
-        half = first.role not in FLOAT32_SCALE_ROLES
-        qw = quantize(values, bits, granularity=kind, axis=axis, block_size=block,
-                      scale_dtype=np.float16 if half else np.float32)
-        suffix = f"int{storage_bits(bits)}"
-        codes = g.make_constant(g.unique_name(root, f"{weight.name}_{suffix}"), onnx_codes(qw))
+        qw = quantize_slot(first, values, bits, gran)
+        kind = "tensor" if qw.scale.ndim == 0 else ("block" if qw.block_size else "channel")
+        half = qw.scale.dtype == np.float16
+        suffix = f"int{storage_bits(bits, ctx.opset)}"
+        codes = g.make_constant(g.unique_name(root, f"{weight.name}_{suffix}"), onnx_codes(qw, ctx.opset))
         scale = gs.Constant(g.unique_name(root, f"{weight.name}_scale"), qw.scale)
         attrs = {"axis": int(qw.axis)} if kind != "tensor" else {}
         if qw.block_size:
@@ -95,6 +93,7 @@ class QuantizeWeightsPass(Pass):
             "shape": list(values.shape),
             "bits": bits,
             "granularity": "tensor" if kind == "tensor" else ("channel" if kind == "channel" else f"block:{qw.block_size}"),
+            "stored_bits": storage_bits(bits, ctx.opset),
             "scheme": "symmetric",
             "sensitivity": {"weight_sqnr_db": _sqnr_db(values, error)},
         })

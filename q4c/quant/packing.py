@@ -8,18 +8,22 @@ import numpy as np
 
 from q4c.quant.qparams import QuantizedWeight
 
-#: ONNX storage dtype per bit width. 2- and 3-bit codes are stored as INT4 (ONNX INT2 needs
-#: opset 25, which q4c does not emit yet); reports count them at their real width.
-_ONNX_STORAGE = {2: ml_dtypes.int4, 3: ml_dtypes.int4, 4: ml_dtypes.int4, 8: np.int8}
+#: First ONNX opset with INT2/UINT2 tensors (DequantizeLinear reads them from 25 on).
+INT2_OPSET = 25
+_ONNX_STORAGE = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}
 
 
-def storage_bits(bits: int) -> int:
-    return 8 if bits > 4 else 4
+def storage_bits(bits: int, opset: int) -> int:
+    """Bits each code occupies on disk: ONNX has INT2 (opset >= 25), INT4 and INT8 and no
+    3-bit type, so 3-bit codes ride in INT4 containers (reports count them as stored)."""
+    if bits == 2 and opset >= INT2_OPSET:
+        return 2
+    return 4 if bits <= 4 else 8
 
 
-def onnx_codes(qw: QuantizedWeight) -> np.ndarray:
-    """Codes as the ONNX-typed array DequantizeLinear reads (onnx packs INT4 two per byte)."""
-    return qw.q.astype(_ONNX_STORAGE[qw.bits])
+def onnx_codes(qw: QuantizedWeight, opset: int) -> np.ndarray:
+    """Codes as the ONNX-typed array DequantizeLinear reads (onnx packs sub-byte types)."""
+    return qw.q.astype(_ONNX_STORAGE[storage_bits(qw.bits, opset)])
 
 
 def pack_nibbles(codes: np.ndarray, bits: int) -> np.ndarray:

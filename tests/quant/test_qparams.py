@@ -57,7 +57,7 @@ def test_channel_granularity_gives_one_scale_per_output_channel(rng):
 
 def test_onnx_int4_codes_round_trip_through_numpy_helper(rng):
     qw = quantize(rng.standard_normal((5, 7)).astype(np.float32), 4, granularity="tensor", axis=0)
-    proto = numpy_helper.from_array(onnx_codes(qw), "w")
+    proto = numpy_helper.from_array(onnx_codes(qw, 21), "w")
     assert len(proto.raw_data) == 18  # 35 values, two per byte, rounded up
     back = numpy_helper.to_array(proto)
     assert back.dtype == ml_dtypes.int4
@@ -83,3 +83,11 @@ def test_matmulnbits_layout_is_transposed_blocks_with_offset_codes():
     packed, scales = matmulnbits_weights(qw)
     assert packed.shape == (1, 1, 16) and scales.shape == (1, 1)
     assert qw.q[0, 0] == 7 and packed[0, 0, 0] == 0xFF  # 7 + 8 = 15 in both nibbles
+
+
+def test_two_bit_codes_use_int2_from_opset_25(rng):
+    qw = quantize(rng.standard_normal((8, 8)).astype(np.float32), 2, granularity="tensor", axis=0)
+    assert onnx_codes(qw, 21).dtype == ml_dtypes.int4 and onnx_codes(qw, 25).dtype == ml_dtypes.int2
+    proto = numpy_helper.from_array(onnx_codes(qw, 25), "w")
+    assert len(proto.raw_data) == 16  # 64 codes, four per byte
+    np.testing.assert_array_equal(numpy_helper.to_array(proto).astype(np.int8), qw.q)

@@ -1,0 +1,143 @@
+"""How much the model's output suffers when one weight tensor is perturbed: KL divergence of the
+output distribution, Hessian-trace-weighted perturbation (Hutchinson, forward passes only),
+and a data-free weight-MSE proxy.
+
+All data-driven measures run one ONNX Runtime session in which the measured weights are graph
+inputs instead of initializers, so a single session serves every tensor and every candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from q4c import ort as q4ort
+
+logger = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def output_kind(y: np.ndarray) -> str:
+    """'logprob' if rows are log-probabilities, 'prob' if probabilities, else 'real'."""
+    if not np.issubdtype(y.dtype, np.floating) or y.ndim == 0 or y.shape[-1] < 2:
+        return "real"
+    if np.all(y <= 1e-4) and np.allclose(np.sum(np.exp(y.astype(np.float64)), axis=-1), 1.0, atol=1e-3):
+        return "logprob"
+    if np.all(y >= 0) and np.allclose(np.sum(y, axis=-1, dtype=np.float64), 1.0, atol=1e-3):
+        return "prob"
+    return "real"
+
+
+def divergence(reference: np.ndarray, perturbed: np.ndarray, kind: str) -> float:
+    """Mean KL(reference || perturbed) per row for distributions; otherwise the MSE normalized by
+    the reference's variance (so outputs of different scales are comparable)."""
+    ref = reference.astype(np.float64)
+    out = perturbed.astype(np.float64)
+    if kind == "logprob":
+        p_log, q_log = ref, _log_softmax(out)
+    elif kind == "prob":
+        p_log, q_log = np.log(np.clip(ref, 1e-30, None)), np.log(np.clip(out, 1e-30, None))
+    else:
+        return float(np.mean(np.square(out - ref)) / (np.var(ref) + 1e-12))
+    kl = np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)
+    return float(np.mean(kl))
+
+
+@dataclass
+class WeightInputRunner:
+    """An ORT session over `model` with `weights` turned into graph inputs.
+
+    `divergence(changes)` runs every sample with the given weights replaced (all others FP32) and
+    returns the mean output divergence from the FP32 outputs.
+    """
+
+    model: onnx.ModelProto
+    weights: Mapping[str, np.ndarray]
+    samples: Sequence[Feeds]
+    runs: int = 0
+    seconds: float = 0.0
+    kinds: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._session = q4ort.make_session(_weights_as_inputs(self.model, self.weights), threads=1)
+        self._reference = [self._run(s, {}) for s in self.samples]
+        self.kinds = {k: output_kind(v) for k, v in self._reference[0].items()}
+
+    def _run(self, sample: Feeds, changes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        feeds = {**sample, **self.weights, **changes}
+        out = q4ort.run(self._session, feeds)
+        self.runs += 1
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def divergence(self, changes: Mapping[str, np.ndarray]) -> float:
+        total = 0.0
+        for sample, reference in zip(self.samples, self._reference, strict=True):
+            out = self._run(sample, changes)
+            total += sum(divergence(reference[k], out[k], self.kinds[k]) for k in reference
+                         if np.issubdtype(reference[k].dtype, np.floating))
+        return total / len(self.samples)
+
+
+def _weights_as_inputs(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `weights` are graph inputs instead (the
+    main graph's inputs are visible in subgraphs, so outer-scope references keep working)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [t for t in copy.graph.initializer if t.name not in weights]
+    found = {t.name: t for t in copy.graph.initializer if t.name in weights}
+    missing = set(weights) - set(found)
+    if missing:
+        raise ValueError(f"not main-graph initializers: {sorted(missing)}")
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    for name, tensor in found.items():
+        copy.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    return copy
+
+
+def hutchinson_trace(
+    loss: Callable[[np.ndarray], float],
+    w: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    step: float,
+    min_probes: int = 2,
+    max_probes: int = 8,
+    rtol: float = 0.1,
+) -> tuple[float, float, int]:
+    """Estimate tr(H) of `loss` at `w`, where loss(w) = 0 and grad = 0 (a divergence from the
+    FP32 output is minimal there), from forward evaluations only.
+
+    For a Rademacher direction v (entries +-1), the second central difference
+    (loss(w + e v) + loss(w - e v) - 2 loss(w)) / e^2 = v^T H v + O(e^2), and E[v^T H v] = tr(H)
+    (Hutchinson). Probes stop once the standard error of the mean is within `rtol` of it.
+    Returns (trace estimate, its standard error, probes used).
+    """
+    estimates: list[float] = []
+    for _ in range(max_probes):
+        v = rng.choice(np.array([-1.0, 1.0], np.float32), size=w.shape)
+        plus = loss((w + step * v).astype(w.dtype))
+        minus = loss((w - step * v).astype(w.dtype))
+        estimates.append((plus + minus) / step**2)  # loss(w) = 0
+        if len(estimates) >= min_probes:
+            mean = float(np.mean(estimates))
+            sem = float(np.std(estimates, ddof=1) / np.sqrt(len(estimates)))
+            if mean > 0 and sem <= rtol * mean:
+                break
+    mean = float(np.mean(estimates))
+    sem = float(np.std(estimates, ddof=1) / np.sqrt(len(estimates))) if len(estimates) > 1 else float("inf")
+    return mean, sem, len(estimates)
