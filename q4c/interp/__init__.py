@@ -184,6 +184,8 @@ class _Graph:
             else:
                 steps.append(step)
         self._steps = steps
+        for value in self.constants.values():
+            value.flags.writeable = False  # ops never write their inputs; this lets them cache
         self.finalize_liveness(extra_live=())
 
     def _toposort(
@@ -250,7 +252,7 @@ class _Graph:
             if name not in keep:
                 frees[index].append(name)
         self._plan = [
-            (s.fn, s.inputs, s.outputs, s.attrs, s.graph_attrs, tuple(frees[i]), s)
+            (s.fn, s.inputs, s.outputs, s.attrs, bool(s.graph_attrs or s.probe_key), tuple(frees[i]), s.n_required, s)
             for i, s in enumerate(self._steps)
         ]
 
@@ -287,48 +289,77 @@ class _Graph:
         probes: dict[str, np.ndarray] | None,
     ) -> None:
         """Run every step on `env` in place. `keep` None keeps everything (no freeing)."""
-        for fn, inputs, outputs, attrs, graph_attrs, frees, step in self._plan:
-            args = [env[n] if n else None for n in inputs]
-            if graph_attrs:
-                attrs = dict(attrs)
-                for key in graph_attrs:
-                    attrs[key] = _BoundGraph(attrs[key], env)
-            probe = None
-            if probes is not None and step.probe_key:
-                probe = {}
-                attrs = {**attrs, _PROBE: probe}
-            try:
-                results = fn(*args, **attrs)
-            except Q4cError as e:
-                raise type(e)(f"node '{step.name}' ({step.op_type}): {e}") from e
-            except Exception as e:
-                e.add_note(f"q4c.interp: in node '{step.name}' ({step.op_type}) of graph '{self.name}'")
-                raise
-            if len(results) < step.n_required:
-                raise UnsupportedOpError(
-                    f"node '{step.name}' ({step.op_type}): {len(results)} outputs computed, "
-                    f"{step.n_required} requested"
-                )
+        if keep is not None and not keep and probes is None:
+            self._execute_plain(env)
+            return
+        for fn, inputs, outputs, attrs, special, frees, n_required, step in self._plan:
+            probe = {} if probes is not None and step.probe_key else None
+            if special:
+                attrs = self._special_attrs(step, attrs, env, probe)
+            results = self._call(fn, [env[n] if n else None for n in inputs], attrs, n_required, step)
             for name, value in zip(outputs, results):
                 if name:
-                    if type(value) is not np.ndarray:
-                        value = np.asarray(value)
-                    env[name] = value
+                    env[name] = value if type(value) is np.ndarray else np.asarray(value)
             if keep is None:
                 if kept is not None:
-                    for name in outputs:
-                        if name:
-                            kept[name] = env[name]
+                    kept.update((name, env[name]) for name in outputs if name)
             else:
                 if keep:
-                    for name in outputs:
-                        if name in keep:
-                            kept[name] = env[name]  # type: ignore[index]
+                    kept.update((name, env[name]) for name in outputs if name in keep)  # type: ignore[union-attr]
                 for name in frees:
                     del env[name]
             if probe:
                 for what, value in probe.items():
                     probes[f"{step.probe_key}::{what}"] = value  # type: ignore[index]
+
+    def _execute_plain(self, env: dict[str, Any]) -> None:
+        """The hot loop: no kept tensors, no probes; dead tensors are freed as soon as possible."""
+        for fn, inputs, outputs, attrs, special, frees, n_required, step in self._plan:
+            if special:
+                attrs = self._special_attrs(step, attrs, env, None)
+            try:
+                results = fn(*[env[n] if n else None for n in inputs], **attrs)
+            except Exception as e:
+                self._call(fn, [env[n] if n else None for n in inputs], attrs, n_required, step, failed=e)
+                raise  # pragma: no cover - _call re-raises with the node named
+            if len(results) < n_required:
+                self._call(fn, [], attrs, n_required, step, results=results)
+            for name, value in zip(outputs, results):
+                if name:
+                    env[name] = value if type(value) is np.ndarray else np.asarray(value)
+            for name in frees:
+                del env[name]
+
+    @staticmethod
+    def _special_attrs(step: _Step, attrs: dict[str, Any], env: dict[str, Any], probe: dict | None) -> dict[str, Any]:
+        """Bind subgraph attributes to the current scope and hand RNN ops their probe dict."""
+        attrs = dict(attrs)
+        for key in step.graph_attrs:
+            attrs[key] = _BoundGraph(attrs[key], env)
+        if probe is not None:
+            attrs[_PROBE] = probe
+        return attrs
+
+    def _call(
+        self, fn: Callable[..., tuple], args: list[Any], attrs: dict[str, Any], n_required: int, step: _Step,
+        failed: Exception | None = None, results: tuple | None = None,
+    ) -> tuple:
+        """Call one op, naming the node in any error it raises or in a short result."""
+        try:
+            if failed is not None:
+                raise failed
+            if results is None:
+                results = fn(*args, **attrs)
+        except Q4cError as e:
+            raise type(e)(f"node '{step.name}' ({step.op_type}): {e}") from e
+        except Exception as e:
+            e.add_note(f"q4c.interp: in node '{step.name}' ({step.op_type}) of graph '{self.name}'")
+            raise
+        if len(results) < n_required:
+            raise UnsupportedOpError(
+                f"node '{step.name}' ({step.op_type}): {len(results)} outputs computed, {n_required} requested"
+            )
+        return results
 
 
 class _Step:

@@ -4,8 +4,12 @@
 - GatherBlockQuantized: Gather of a block-quantized table, dequantized on the way out.
 - DynamicQuantizeMatMul: A quantized to uint8 like DynamicQuantizeLinear, then an exact
   integer matmul scaled back to float.
-- DynamicQuantizeLSTM: W and R are dequantized, then the LSTM runs in float. ONNX Runtime also
-  quantizes X and H to uint8 at every step, so its outputs differ from these by that rounding.
+- DynamicQuantizeLSTM: as ONNX Runtime's CPU kernel computes it (uni_directional_lstm.cc with
+  rnn_helpers.cc ComputeGemm): X of all steps quantized to uint8 at once, h quantized per step
+  over the whole batch, exact integer products scaled by a_scale * W_scale. ONNX Runtime splits
+  the batch across threads when B > 4 or (B >= 2 and H <= 256), each split quantizing its own
+  rows, so there the two agree only to uint8 rounding; at batch 1 they agree to float noise.
+  Peepholes, input_forget or non-default activations take the float path (W and R dequantized).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 
 from q4c.errors import UnsupportedOpError
 from q4c.interp.ops.dtypes import INT4, UINT4, as_int, is_float8
+from q4c.interp.ops.math import sigmoid_array
 from q4c.interp.ops.quant import _matmul_int, dynamic_quantize_params, quantize_array
 from q4c.interp.ops.rnn import lstm_forward
 from q4c.interp.registry import op
@@ -143,6 +148,12 @@ def dynamic_quantize_lstm(
 ):
     if W_scale is None or W_zero_point is None or R_scale is None or R_zero_point is None:
         raise UnsupportedOpError("DynamicQuantizeLSTM needs W_scale, W_zero_point, R_scale and R_zero_point")
+    names = [a.lower() for a in activations or []]
+    default = not names or all(n == d for n, d in zip(names, ["sigmoid", "tanh", "tanh"] * 2))
+    if P is None and not input_forget and default and _probe is None:
+        return _dynamic_lstm_as_ort(X, W, R, B, sequence_lens, initial_h, initial_c, W_scale, W_zero_point,
+                                    R_scale, R_zero_point, clip=clip, direction=direction,
+                                    hidden=hidden_size or R.shape[1])
     w = _dequantize_recurrent(W, W_scale, W_zero_point)
     r = _dequantize_recurrent(R, R_scale, R_zero_point)
     return lstm_forward(
@@ -150,3 +161,61 @@ def dynamic_quantize_lstm(
         activation_beta=activation_beta, activations=activations, clip=clip, direction=direction,
         hidden_size=hidden_size, input_forget=input_forget, layout=0, probe=_probe,
     )
+
+
+def _int_weight(w: np.ndarray, zero_point: np.ndarray, d: int) -> np.ndarray:
+    """Direction d of [nd, K, 4H] int8/uint8 codes minus their zero point, as float64 (exact)."""
+    zp = as_int(zero_point).reshape(zero_point.shape[0], -1)[d]
+    return (as_int(w[d]) - zp.reshape(1, -1)).astype(np.float64)
+
+
+def _quantized_gemm(a: np.ndarray, w: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    """ComputeGemm for uint8 weights: a quantized like DynamicQuantizeLinear over all its rows,
+    exact integer product, scaled per column by a_scale * w_scale (float32)."""
+    a_scale, a_zp = dynamic_quantize_params(a)
+    q = quantize_array(a, np.array(a_scale), np.array(a_zp), np.dtype(np.uint8)).astype(np.float64) - float(a_zp)
+    acc = np.rint(q @ w).astype(np.float32)  # exact: |acc| < 2**24 for K <= 512, float64 holds it anyway
+    return acc * (np.float32(a_scale) * w_scale)
+
+
+def _dynamic_lstm_as_ort(X, W, R, B, sequence_lens, initial_h, initial_c, W_scale, W_zero_point,  # noqa: N803
+                         R_scale, R_zero_point, *, clip, direction, hidden):
+    T, batch, _ = X.shape  # noqa: N806
+    H = int(hidden)  # noqa: N806
+    nd = 2 if direction == "bidirectional" else 1
+    lens = np.full(batch, T, np.int64) if sequence_lens is None else sequence_lens.astype(np.int64).reshape(-1)
+    max_len = int(lens.max()) if batch else 0
+    bound = np.float32(np.finfo(np.float32).max if clip is None else clip)
+    y = np.zeros((T, nd, batch, H), np.float32)
+    y_h = np.zeros((nd, batch, H), np.float32)
+    y_c = np.zeros((nd, batch, H), np.float32)
+    t_idx = np.arange(T)[:, None]
+    for d in range(nd):
+        reverse = direction == "reverse" or d == 1
+        # ReverseSequence within each sequence's length; steps past it are copied as they are.
+        order = np.where(t_idx < lens[None, :], lens[None, :] - 1 - t_idx, t_idx) if reverse else None
+        x = X[order, np.arange(batch)[None, :]] if reverse else X
+        ws = W_scale.astype(np.float32).reshape(nd, -1)[d]
+        rs = R_scale.astype(np.float32).reshape(nd, -1)[d]
+        w = _int_weight(W, W_zero_point, d)
+        r = _int_weight(R, R_zero_point, d)
+        iofc = _quantized_gemm(x[:max_len].reshape(max_len * batch, -1), w, ws).reshape(max_len, batch, 4 * H)
+        bias = np.zeros(4 * H, np.float32) if B is None else (B[d, :4 * H] + B[d, 4 * H:]).astype(np.float32)
+        h = np.zeros((batch, H), np.float32) if initial_h is None else initial_h[d].astype(np.float32).copy()
+        c = np.zeros((batch, H), np.float32) if initial_c is None else initial_c[d].astype(np.float32).copy()
+        outs = np.zeros((T, batch, H), np.float32)
+        for t in range(max_len):
+            g = iofc[t] + _quantized_gemm(h, r, rs)
+            g = np.maximum(np.minimum(g + bias, bound), -bound)
+            i, o, f = (sigmoid_array(g[:, k * H:(k + 1) * H]) for k in range(3))
+            cand = np.tanh(g[:, 3 * H:])
+            active = (t < lens)[:, None]
+            c = np.where(active, c * f + i * cand, c)
+            # Finished rows emit zeros, and their zeroed output is the next step's h (ORT).
+            h = np.where(active, np.tanh(c) * o, np.float32(0))
+            outs[t] = h
+            last = (t + 1 == lens)[:, None]
+            y_h[d] = np.where(last, h, y_h[d])
+            y_c[d] = np.where(last, c, y_c[d])
+        y[:, d] = outs[order, np.arange(batch)[None, :]] if reverse else outs
+    return y, y_h, y_c

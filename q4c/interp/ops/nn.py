@@ -37,7 +37,7 @@ def conv_nd(
     x: np.ndarray, w: np.ndarray, group: int, strides: list[int], dilations: list[int],
     begin: list[int], end: list[int],
 ) -> np.ndarray:
-    """N-d grouped convolution (cross-correlation) by im2col and one batched matmul."""
+    """N-d grouped convolution (cross-correlation) of x [N, C, *in] with w [M, C/group, *k]."""
     n, c = x.shape[:2]
     m = w.shape[0]
     kernel = list(w.shape[2:])
@@ -46,23 +46,47 @@ def conv_nd(
         x = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
     spatial = x.shape[2:]
     out = [(spatial[i] - ((kernel[i] - 1) * dilations[i] + 1)) // strides[i] + 1 for i in range(nd)]
-    st = x.strides
-    view = as_strided(
-        x,
-        shape=(n, c, *out, *kernel),
-        strides=(st[0], st[1], *(st[2 + i] * strides[i] for i in range(nd)),
-                 *(st[2 + i] * dilations[i] for i in range(nd))),
-        writeable=False,
-    )
     cg, mg = c // group, m // group
     positions = int(np.prod(out, dtype=np.int64))
     ksize = int(np.prod(kernel, dtype=np.int64))
-    view = view.reshape(n, group, cg, *out, *kernel)
-    order = [0, 1, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)]
-    cols = view.transpose(order).reshape(n, group, positions, cg * ksize)
-    wmat = w.reshape(group, mg, cg * ksize).transpose(0, 2, 1)
-    y = np.matmul(cols, wmat)  # [n, group, positions, mg]
-    return y.transpose(0, 1, 3, 2).reshape(n, m, *out)
+    if cg == 1 and mg == 1:
+        return _depthwise(x, w, strides, dilations, out)
+    if ksize == 1 and all(s == 1 for s in strides) and group == 1:  # pointwise: one product per image
+        w2 = w.reshape(m, c)
+        return np.stack([np.dot(w2, x[b].reshape(c, positions)) for b in range(n)]).reshape(n, m, *out)
+    st = x.strides
+    view = as_strided(
+        x,
+        shape=(n, c, *kernel, *out),
+        strides=(st[0], st[1], *(st[2 + i] * dilations[i] for i in range(nd)),
+                 *(st[2 + i] * strides[i] for i in range(nd))),
+        writeable=False,
+    )
+    # im2col as [N, group, cg * K, P], then per image and group one 2-D product (BLAS).
+    cols = view.reshape(n, group, cg * ksize, positions)
+    wmat = w.reshape(group, mg, cg * ksize)
+    y = np.empty((n, group, mg, positions), dtype=np.result_type(x.dtype, w.dtype))
+    for b in range(n):
+        for g in range(group):
+            np.dot(wmat[g], cols[b, g], out=y[b, g])
+    return y.reshape(n, m, *out)
+
+
+def _depthwise(x: np.ndarray, w: np.ndarray, strides: list[int], dilations: list[int], out: list[int]) -> np.ndarray:
+    """One filter per channel: a weighted sum of shifted slices, one pass per kernel tap."""
+    nd = len(out)
+    dtype = np.result_type(x.dtype, w.dtype)
+    if dtype.itemsize < 4:  # half precision: products and sums in float32, rounded once (as matmul)
+        x, w, dtype = x.astype(np.float32), w.astype(np.float32), np.dtype(np.float32)
+    y = np.zeros((x.shape[0], w.shape[0], *out), dtype=dtype)
+    taps = w.reshape(w.shape[0], -1)
+    for k, offsets in enumerate(np.ndindex(*w.shape[2:])):
+        window = (slice(None), slice(None)) + tuple(
+            slice(offsets[i] * dilations[i], offsets[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+            for i in range(nd)
+        )
+        y += x[window] * taps[:, k].reshape((-1,) + (1,) * nd)
+    return y
 
 
 @op("Conv", since=1)
@@ -201,15 +225,17 @@ def layer_normalization(X, Scale, B=None, *, axis: int = -1, epsilon: float = 1e
     axis = axis + X.ndim if axis < 0 else axis
     axes = tuple(range(axis, X.ndim))
     # stash_type=1: mean and variance in float32 whatever X's type.
-    x = X.astype(np.float32) if stash_type == 1 else X
+    x = X.astype(np.float32, copy=False) if stash_type == 1 else X
     mean = np.mean(x, axis=axes, keepdims=True, dtype=x.dtype)
     centered = x - mean
     var = np.mean(np.square(centered), axis=axes, keepdims=True, dtype=x.dtype)
     inv_std = 1 / np.sqrt(var + x.dtype.type(epsilon))
-    y = (centered * inv_std).astype(X.dtype, copy=False) * Scale
+    centered *= inv_std
+    y = centered.astype(X.dtype, copy=False)
+    y *= Scale
     if B is not None:
-        y = y + B
-    return y.astype(X.dtype, copy=False), mean, inv_std
+        y += B
+    return y, mean, inv_std
 
 
 @op("RMSNormalization", since=23)

@@ -22,19 +22,40 @@ def _t(x: np.ndarray, v: float) -> np.generic:
     return x.dtype.type(v)
 
 
-# name -> (function of (x, alpha, beta), number of alphas it takes, number of betas, defaults)
-_ACTIVATIONS: dict[str, tuple[Callable[..., np.ndarray], int, int, float, float]] = {
-    "sigmoid": (lambda x, a, b: sigmoid_array(x), 0, 0, 0.0, 0.0),
-    "tanh": (lambda x, a, b: np.tanh(x), 0, 0, 0.0, 0.0),
-    "relu": (lambda x, a, b: np.maximum(x, _t(x, 0)), 0, 0, 0.0, 0.0),
-    "affine": (lambda x, a, b: x * _t(x, a) + _t(x, b), 1, 1, 1.0, 0.0),
-    "leakyrelu": (lambda x, a, b: np.where(x < 0, x * _t(x, a), x), 1, 0, 0.01, 0.0),
-    "thresholdedrelu": (lambda x, a, b: np.where(x > _t(x, a), x, _t(x, 0)), 1, 0, 1.0, 0.0),
-    "scaledtanh": (lambda x, a, b: _t(x, a) * np.tanh(x * _t(x, b)), 1, 1, 1.0, 1.0),
-    "hardsigmoid": (lambda x, a, b: np.clip(x * _t(x, a) + _t(x, b), 0, 1).astype(x.dtype), 1, 1, 0.2, 0.5),
-    "elu": (lambda x, a, b: np.where(x < 0, _t(x, a) * np.expm1(np.minimum(x, 0)), x), 1, 0, 1.0, 0.0),
-    "softsign": (lambda x, a, b: x / (1 + np.abs(x)), 0, 0, 0.0, 0.0),
-    "softplus": (lambda x, a, b: np.logaddexp(_t(x, 0), x), 0, 0, 0.0, 0.0),
+def _sigmoid_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    if x.dtype.itemsize < 4:  # half precision: compute in float32 (see sigmoid_array)
+        out[...] = sigmoid_array(x)
+        return out
+    # 1 / (1 + exp(-x)) as 0.5 * tanh(x / 2) + 0.5, in place: no temporaries, no overflow.
+    np.multiply(x, _t(x, 0.5), out=out)
+    np.tanh(out, out=out)
+    out *= _t(x, 0.5)
+    out += _t(x, 0.5)
+    return out
+
+
+def _assign(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        out[...] = fn(x)
+        return out
+
+    return into
+
+
+# name -> (factory of an in-place function (x, out) given (alpha, beta), alphas it takes, betas, defaults)
+_ACTIVATIONS: dict[str, tuple[Callable[[float, float], Callable[..., np.ndarray]], int, int, float, float]] = {
+    "sigmoid": (lambda a, b: _sigmoid_into, 0, 0, 0.0, 0.0),
+    "tanh": (lambda a, b: lambda x, out: np.tanh(x, out=out), 0, 0, 0.0, 0.0),
+    "relu": (lambda a, b: lambda x, out: np.maximum(x, _t(x, 0), out=out), 0, 0, 0.0, 0.0),
+    "affine": (lambda a, b: _assign(lambda x: x * _t(x, a) + _t(x, b)), 1, 1, 1.0, 0.0),
+    "leakyrelu": (lambda a, b: _assign(lambda x: np.where(x < 0, x * _t(x, a), x)), 1, 0, 0.01, 0.0),
+    "thresholdedrelu": (lambda a, b: _assign(lambda x: np.where(x > _t(x, a), x, _t(x, 0))), 1, 0, 1.0, 0.0),
+    "scaledtanh": (lambda a, b: _assign(lambda x: _t(x, a) * np.tanh(x * _t(x, b))), 1, 1, 1.0, 1.0),
+    "hardsigmoid": (lambda a, b: _assign(lambda x: np.clip(x * _t(x, a) + _t(x, b), 0, 1)), 1, 1, 0.2, 0.5),
+    "elu": (lambda a, b: _assign(lambda x: np.where(x < 0, _t(x, a) * np.expm1(np.minimum(x, 0)), x)),
+            1, 0, 1.0, 0.0),
+    "softsign": (lambda a, b: _assign(lambda x: x / (1 + np.abs(x))), 0, 0, 0.0, 0.0),
+    "softplus": (lambda a, b: _assign(lambda x: np.logaddexp(_t(x, 0), x)), 0, 0, 0.0, 0.0),
 }
 
 
@@ -57,21 +78,30 @@ class _Activations:
             key = name.lower()
             if key not in _ACTIVATIONS:
                 raise UnsupportedOpError(f"recurrent activation '{name}'")
-            fn, n_alpha, n_beta, alpha, beta = _ACTIVATIONS[key]
+            factory, n_alpha, n_beta, alpha, beta = _ACTIVATIONS[key]
             if n_alpha and alphas:
                 alpha = alphas.pop(0)
             if n_beta and betas:
                 beta = betas.pop(0)
-            bound.append(lambda x, fn=fn, a=alpha, b=beta: fn(x, a, b))
+            bound.append(factory(alpha, beta))
             keys.append((key, alpha, beta))
         k = len(defaults)
         self.per_direction = [bound[d * k:(d + 1) * k] for d in range(nd)]
         self.uniform = all(keys[d * k:(d + 1) * k] == keys[:k] for d in range(nd))
+        # The op's default activations (Sigmoid, Tanh, ...) in every direction: fast paths apply.
+        self.default = self.uniform and [key[0] for key in keys[:k]] == [d.lower() for d in defaults]
+
+    def inplace(self, index: int, x: np.ndarray) -> np.ndarray:
+        """Apply activation `index` to x [nd, ...], overwriting it (x must be a scratch buffer)."""
+        if self.uniform:
+            return self.per_direction[0][index](x, x)
+        for d, fns in enumerate(self.per_direction):
+            fns[index](x[d], x[d])
+        return x
 
     def __call__(self, index: int, x: np.ndarray) -> np.ndarray:
-        if self.uniform:
-            return self.per_direction[0][index](x)
-        return np.stack([fns[index](x[d]) for d, fns in enumerate(self.per_direction)])
+        """Apply activation `index` to x [nd, ...] into a new array."""
+        return self.inplace(index, x.copy())
 
 
 class _Sequence:
@@ -126,7 +156,9 @@ def _projected_inputs(seq: _Sequence, W: np.ndarray, bias: np.ndarray) -> np.nda
     """X W^T + bias for every step and direction at once: [nd, T, B, gates * H]."""
     xd = seq.inputs()
     nd, t, b, i = xd.shape
-    xw = np.matmul(xd.reshape(nd, t * b, i), W.transpose(0, 2, 1))
+    xw = np.empty((nd, t * b, W.shape[1]), dtype=xd.dtype)
+    for d in range(nd):  # 2-D products go to BLAS; numpy's stacked matmul may not
+        np.dot(xd[d].reshape(t * b, i), W[d].T, out=xw[d])
     xw += bias[:, None, :]
     return xw.reshape(nd, t, b, -1)
 
@@ -157,6 +189,69 @@ def _clip(x: np.ndarray, clip: float | None) -> np.ndarray:
     return x if clip is None else np.clip(x, -clip, clip, out=x)
 
 
+def _lstm_default_loop(seq, W, R, bias, h, c, y, rec, H):  # noqa: N803
+    """LSTM with the default activations (Sigmoid, Tanh, Tanh), no peepholes, clip or coupling.
+
+    sigmoid(x) = 0.5 * tanh(x / 2) + 0.5, and halving is exact in binary floating point, so the
+    i, o, f rows of W, R and B are halved once up front: then a single tanh over all four gates
+    per step gives bit for bit what the general loop computes.
+    """
+    dt = y.dtype
+    half = dt.type(0.5)
+    xw = _projected_inputs(seq, W, bias)
+    xw[..., :3 * H] *= half
+    rt = _transposed(R, 3 * H)
+    for t in range(seq.T):
+        g = np.matmul(h, rt)
+        g += xw[:, t]
+        np.tanh(g, out=g)
+        sig = g[..., :3 * H]
+        sig *= half
+        sig += half
+        i, o, f, c_tilde = g[..., :H], g[..., H:2 * H], g[..., 2 * H:3 * H], g[..., 3 * H:]
+        c_new = f * c
+        c_new += i * c_tilde
+        h_new = np.tanh(c_new)
+        h_new *= o
+        if seq.mask is None:
+            h, c = h_new, c_new
+            y[:, t] = h_new
+        else:
+            m = seq.mask[t]
+            h = np.where(m, h_new, h)
+            c = np.where(m, c_new, c)
+            y[:, t] = np.where(m, h_new, 0)
+        rec.add(t, i=i, o=o, f=f, c_tilde=c_tilde, c=c_new, h=h_new)
+    return h, c
+
+
+# Derived weights of constant (read-only) arrays, reused across runs: id -> (array, derived).
+_DERIVED: dict[tuple[int, int | None], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _transposed(R: np.ndarray, halve_first: int | None) -> np.ndarray:  # noqa: N803
+    """R [nd, G*H, H] -> contiguous [nd, H, G*H], its first `halve_first` columns halved."""
+
+    def make() -> np.ndarray:
+        rt = np.array(R.transpose(0, 2, 1), order="C")  # always a copy: it is written below
+        if halve_first:
+            rt[..., :halve_first] *= rt.dtype.type(0.5)
+        return rt
+
+    if R.flags.writeable:  # a computed tensor may change between runs: derive it afresh
+        return make()
+    key = (id(R), halve_first)
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0] is R:
+        return hit[1]
+    if len(_DERIVED) >= 256:
+        _DERIVED.clear()
+    derived = make()
+    derived.flags.writeable = False
+    _DERIVED[key] = (R, derived)
+    return derived
+
+
 def lstm_forward(
     X, W, R, B, sequence_lens, initial_h, initial_c, P, *, activation_alpha, activation_beta,  # noqa: N803
     activations, clip, direction, hidden_size, input_forget, layout, probe,
@@ -168,28 +263,45 @@ def lstm_forward(
     dt = seq.X.dtype
     acts = _Activations(activations, activation_alpha, activation_beta, ["Sigmoid", "Tanh", "Tanh"], nd)
     bias = np.zeros((nd, 4 * H), dt) if B is None else (B[:, :4 * H] + B[:, 4 * H:]).astype(dt, copy=False)
-    xw = _projected_inputs(seq, W, bias)
-    rt = np.ascontiguousarray(R.transpose(0, 2, 1))
     h = seq.state(initial_h, H, dt)
     c = seq.state(initial_c, H, dt)
-    if P is not None:
-        p_i, p_o, p_f = (P[:, None, k * H:(k + 1) * H] for k in range(3))
     y = np.zeros((nd, T, seq.B, H), dt)
     rec = _Recorder(probe, seq, ("i", "o", "f", "c_tilde", "c", "h"))
+    if P is None and not input_forget and clip is None and acts.default and dt.itemsize >= 4:
+        h, c = _lstm_default_loop(seq, W, R, bias, h, c, y, rec, H)
+        rec.publish(h)
+        return seq.finish(seq.outputs(y), h, c)
+    xw = _projected_inputs(seq, W, bias)
+    rt = _transposed(R, None)
+    if P is not None:
+        p_i, p_o, p_f = (P[:, None, k * H:(k + 1) * H] for k in range(3))
     for t in range(T):
-        g = xw[:, t] + np.matmul(h, rt)
+        g = np.matmul(h, rt)  # a fresh [nd, B, 4H] buffer: activations run in place on it
+        g += xw[:, t]
         gi, go, gf, gc = g[..., :H], g[..., H:2 * H], g[..., 2 * H:3 * H], g[..., 3 * H:]
-        if P is not None:
-            gi += p_i * c
-            gf += p_f * c
-        i = acts(0, _clip(gi, clip))
-        f = (1 - i) if input_forget else acts(0, _clip(gf, clip))  # input_forget couples f to i
-        c_tilde = acts(1, _clip(gc, clip))
-        c_new = f * c + i * c_tilde
-        if P is not None:
-            go += p_o * c_new
-        o = acts(0, _clip(go, clip))
-        h_new = o * acts(2, c_new)
+        if P is None and not input_forget:
+            _clip(g, clip)
+            acts.inplace(0, g[..., :3 * H])  # i, o, f share f() and sit side by side
+        else:
+            if P is not None:
+                gi += p_i * c
+                gf += p_f * c
+            acts.inplace(0, _clip(gi, clip))
+            if input_forget:  # couples the forget gate to the input gate
+                np.subtract(1, gi, out=gf)
+            else:
+                acts.inplace(0, _clip(gf, clip))
+            _clip(gc, clip)
+        i, f, c_tilde = gi, gf, acts.inplace(1, gc)
+        c_new = f * c
+        c_new += i * c_tilde
+        if P is not None or input_forget:
+            if P is not None:
+                go += p_o * c_new
+            acts.inplace(0, _clip(go, clip))
+        o = go
+        h_new = acts(2, c_new)
+        h_new *= o
         if seq.mask is None:
             h, c = h_new, c_new
             y[:, t] = h_new
@@ -238,8 +350,8 @@ def gru(
     bias[:, :2 * H] += r_b[:, :2 * H]  # Rb of z and r add outside any product
     xw = _projected_inputs(seq, W, bias)
     r_bh = r_b[:, None, 2 * H:]
-    rt = np.ascontiguousarray(R.transpose(0, 2, 1))  # [nd, H, 3H]
-    rt_zr, rt_h = rt[..., :2 * H], np.ascontiguousarray(rt[..., 2 * H:])
+    rt = _transposed(R, None)  # [nd, H, 3H]
+    rt_zr, rt_h = rt[..., :2 * H], rt[..., 2 * H:]
     h = seq.state(initial_h, H, dt)
     y = np.zeros((nd, T, seq.B, H), dt)
     rec = _Recorder(_probe, seq, ("z", "r", "h_tilde", "h"))
@@ -247,18 +359,25 @@ def gru(
         x_t = xw[:, t]
         if linear_before_reset:
             hr = np.matmul(h, rt)
-            zr = x_t[..., :2 * H] + hr[..., :2 * H]
+            zr = hr[..., :2 * H]
         else:
-            zr = x_t[..., :2 * H] + np.matmul(h, rt_zr)
-        _clip(zr, clip)
-        z = acts(0, zr[..., :H])
-        r = acts(0, zr[..., H:])
+            zr = np.matmul(h, rt_zr)
+        zr += x_t[..., :2 * H]
+        acts.inplace(0, _clip(zr, clip))  # z and r share f() and sit side by side
+        z, r = zr[..., :H], zr[..., H:]
         if linear_before_reset:
-            hh = x_t[..., 2 * H:] + r * (hr[..., 2 * H:] + r_bh)
+            hh = hr[..., 2 * H:]
+            hh += r_bh
+            hh *= r
         else:
-            hh = x_t[..., 2 * H:] + np.matmul(r * h, rt_h) + r_bh
-        h_tilde = acts(1, _clip(hh, clip))
-        h_new = (1 - z) * h_tilde + z * h
+            hh = np.matmul(r * h, rt_h)
+            hh += r_bh
+        hh += x_t[..., 2 * H:]
+        h_tilde = acts.inplace(1, _clip(hh, clip))
+        # (1 - z) * h~ + z * h  ==  h~ + z * (h - h~)
+        h_new = h - h_tilde
+        h_new *= z
+        h_new += h_tilde
         if seq.mask is None:
             h = h_new
             y[:, t] = h_new
@@ -285,12 +404,14 @@ def rnn(
     acts = _Activations(activations, activation_alpha, activation_beta, ["Tanh"], nd)
     bias = np.zeros((nd, H), dt) if B is None else (B[:, :H] + B[:, H:]).astype(dt, copy=False)
     xw = _projected_inputs(seq, W, bias)
-    rt = np.ascontiguousarray(R.transpose(0, 2, 1))
+    rt = _transposed(R, None)
     h = seq.state(initial_h, H, dt)
     y = np.zeros((nd, T, seq.B, H), dt)
     rec = _Recorder(_probe, seq, ("h",))
     for t in range(T):
-        h_new = acts(0, _clip(xw[:, t] + np.matmul(h, rt), clip))
+        pre = np.matmul(h, rt)
+        pre += xw[:, t]
+        h_new = acts.inplace(0, _clip(pre, clip))
         if seq.mask is None:
             h = h_new
             y[:, t] = h_new

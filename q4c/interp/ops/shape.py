@@ -9,7 +9,7 @@ from q4c.interp.registry import op
 
 
 def _ints(x) -> list[int]:
-    return [int(v) for v in np.asarray(x).reshape(-1)]
+    return np.asarray(x, dtype=np.int64).reshape(-1).tolist()
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -58,7 +58,10 @@ def squeeze_1(data, *, axes: list[int] | None = None):
 def squeeze(data, axes=None):
     if axes is None:
         return (np.squeeze(data),)
-    return (np.squeeze(data, axis=tuple(_axis(a, data.ndim) for a in _ints(axes))),)
+    drop = {_axis(a, data.ndim) for a in _ints(axes)}
+    if any(data.shape[a] != 1 for a in drop):
+        raise ValueError(f"Squeeze of axes {sorted(drop)} with sizes other than 1 in {data.shape}")
+    return (data.reshape([d for i, d in enumerate(data.shape) if i not in drop]),)
 
 
 @op("Unsqueeze", since=1)
@@ -68,8 +71,12 @@ def unsqueeze_1(data, *, axes: list[int]):
 
 @op("Unsqueeze", since=13)
 def unsqueeze(data, axes):
-    rank = data.ndim + np.asarray(axes).size
-    return (np.expand_dims(data, tuple(sorted(_axis(a, rank) for a in _ints(axes)))),)
+    inserted = _ints(axes)
+    rank = data.ndim + len(inserted)
+    shape = list(data.shape)
+    for axis in sorted(_axis(a, rank) for a in inserted):
+        shape.insert(axis, 1)
+    return (data.reshape(shape),)
 
 
 @op("Slice", since=1)
@@ -186,6 +193,16 @@ def split_13(input, split=None, *, axis: int = 0, _n_outputs: int):  # noqa: A00
 @op("Split", since=18)
 def split(input, split=None, *, axis: int = 0, num_outputs: int | None = None, _n_outputs: int):  # noqa: A002
     return _split(input, axis, _split_sizes(input.shape[axis], split, num_outputs, _n_outputs))
+
+
+@op("ReverseSequence", since=10)
+def reverse_sequence(input, sequence_lens, *, batch_axis: int = 1, time_axis: int = 0):  # noqa: A002
+    # Each batch entry's first sequence_lens[b] steps are reversed; the rest are copied as they are.
+    x = np.moveaxis(input, (batch_axis, time_axis), (0, 1))
+    out = x.copy()
+    for b, n in enumerate(int(v) for v in sequence_lens.reshape(-1)):
+        out[b, :n] = x[b, :n][::-1]
+    return (np.moveaxis(out, (0, 1), (batch_axis, time_axis)),)
 
 
 @op("Expand", since=8)
