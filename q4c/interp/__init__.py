@@ -105,7 +105,9 @@ class Interpreter:
             result.update(kept)
         if probe_out:
             result.update(probe_out)
-        return result
+        # Constants are read-only inside (so ops may cache what they derive from them); a caller
+        # gets arrays it owns, even when an output is a constant or a view of one.
+        return {k: v if v.flags.writeable else v.copy() for k, v in result.items()}
 
 
 class _BoundGraph:

@@ -178,3 +178,12 @@ def test_bundled_models_agree_with_ort(run_ort, name):
     actual = Interpreter(model).run(feeds)
     for key, value in expected.items():
         np.testing.assert_allclose(actual[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_outputs_are_writeable_even_when_they_are_constants(make_model):
+    nodes = [helper.make_node("Identity", ["w"], ["y"]), helper.make_node("Reshape", ["w", "shape"], ["z"])]
+    inits = {"w": np.ones((2, 2), np.float32), "shape": np.array([4], np.int64)}
+    out = run_model(make_model(nodes, [], ["y", "z"], inits), {})
+    out["y"][0, 0] = 5.0
+    out["z"][0] = 5.0
+    assert out["y"].flags.writeable and out["z"].flags.writeable

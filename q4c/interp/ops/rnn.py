@@ -7,6 +7,7 @@ directions of a bidirectional layer. Steps past `sequence_lens` hold the state a
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -225,8 +226,8 @@ def _lstm_default_loop(seq, W, R, bias, h, c, y, rec, H):  # noqa: N803
     return h, c
 
 
-# Derived weights of constant (read-only) arrays, reused across runs: id -> (array, derived).
-_DERIVED: dict[tuple[int, int | None], tuple[np.ndarray, np.ndarray]] = {}
+# Derived weights of constant (read-only) arrays, reused across runs while the array lives.
+_DERIVED: dict[tuple[int, int | None], tuple[weakref.ref, np.ndarray]] = {}
 
 
 def _transposed(R: np.ndarray, halve_first: int | None) -> np.ndarray:  # noqa: N803
@@ -242,13 +243,12 @@ def _transposed(R: np.ndarray, halve_first: int | None) -> np.ndarray:  # noqa: 
         return make()
     key = (id(R), halve_first)
     hit = _DERIVED.get(key)
-    if hit is not None and hit[0] is R:
+    if hit is not None and hit[0]() is R:
         return hit[1]
-    if len(_DERIVED) >= 256:
-        _DERIVED.clear()
     derived = make()
     derived.flags.writeable = False
-    _DERIVED[key] = (R, derived)
+    _DERIVED[key] = (weakref.ref(R), derived)
+    weakref.finalize(R, _DERIVED.pop, key, None)  # the entry dies with the constant
     return derived
 
 
