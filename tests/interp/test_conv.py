@@ -78,3 +78,25 @@ def test_conv_transpose_same_upper_follows_the_spec(make_model, rng):
     y_full = Interpreter(full).run(feeds)["Y"]  # length (4 - 1) * 2 + 4 = 10; total padding 2
     assert y.shape == (1, 1, 8)
     np.testing.assert_array_equal(y, y_full[..., 1:9])
+
+
+POOL_CASES = {
+    "max_2d_pads_strides": ("MaxPool", (1, 2, 9, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "max_1d_ceil_dilation": ("MaxPool", (2, 3, 12), {"kernel_shape": [3], "strides": [2], "dilations": [2],
+                                                      "ceil_mode": 1}),
+    "avg_2d_exclude_pad": ("AveragePool", (1, 2, 7, 7), {"kernel_shape": [3, 3], "strides": [2, 2],
+                                                          "pads": [1, 1, 1, 1]}),
+    "avg_2d_include_pad_ceil": ("AveragePool", (1, 2, 8, 7), {"kernel_shape": [3, 2], "strides": [2, 2],
+                                                               "pads": [1, 0, 1, 0], "count_include_pad": 1,
+                                                               "ceil_mode": 1}),
+    "avg_1d_same_upper": ("AveragePool", (1, 4, 10), {"kernel_shape": [4], "strides": [3], "auto_pad": "SAME_UPPER"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOL_CASES))
+def test_pooling_matches_ort(make_model, run_ort, rng, case):
+    op_type, x_shape, attrs = POOL_CASES[case]
+    node = helper.make_node(op_type, ["X"], ["Y"], **attrs)
+    model = make_model([node], [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)], ["Y"], opset=19)
+    feeds = {"X": rng.standard_normal(x_shape).astype(np.float32)}
+    np.testing.assert_allclose(Interpreter(model).run(feeds)["Y"], run_ort(model, feeds)["Y"], rtol=1e-5, atol=1e-6)

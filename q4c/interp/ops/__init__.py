@@ -7,6 +7,7 @@ from q4c.interp.ops import (  # noqa: F401  (imported for their @op registration
     control,
     math,
     nn,
+    pool,
     quant,
     reduce,
     rnn,
