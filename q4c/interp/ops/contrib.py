@@ -46,22 +46,44 @@ def mat_mul_n_bits(
     # accuracy_level only lets ONNX Runtime lower A's precision; the reference computes in A's type.
     if weight_prepacked:
         raise UnsupportedOpError("MatMulNBits with prepacked weights (weight_prepacked != 0)")
+    cached = _WEIGHTS.get(id(B)) if zero_points is None and g_idx is None else None
+    if cached is not None and cached[0] is B and cached[2].dtype == A.dtype and np.array_equal(cached[1], scales):
+        w = cached[2]  # same packed constant and scales as a previous call (a Scan/Loop body's step)
+    else:
+        w = _dequantize_n_bits(A.dtype, B, scales, zero_points, g_idx, K=K, N=N, bits=bits, block_size=block_size)
+        if zero_points is None and g_idx is None:
+            if len(_WEIGHTS) >= _WEIGHTS_KEPT:
+                del _WEIGHTS[next(iter(_WEIGHTS))]
+            w.setflags(write=False)
+            _WEIGHTS[id(B)] = (B, scales.copy(), w)  # holding B keeps id(B) from being reused
+    y = np.matmul(A, w.T)
+    if bias is not None:
+        y = y + bias
+    return (y.astype(A.dtype, copy=False),)
+
+
+#: Dequantized MatMulNBits weights of the last few calls, keyed by id of the packed input: a
+#: body run once per time step would otherwise unpack the same constant at every step.
+_WEIGHTS: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+_WEIGHTS_KEPT = 8
+
+
+def _dequantize_n_bits(dtype: np.dtype, B, scales, zero_points, g_idx, *, K: int, N: int, bits: int,  # noqa: N803
+                       block_size: int) -> np.ndarray:
+    """B as a float [N, K] matrix of `dtype`, the type A is computed in."""
     n_blocks = -(-K // block_size)
     q = unpack_bits(B.reshape(N, n_blocks, -1), bits).reshape(N, -1)[:, :K].astype(np.int32)
     block_of_k = np.arange(K) // block_size if g_idx is None else g_idx.astype(np.int64)[:K]
     s = scales.reshape(N, n_blocks)[:, block_of_k]
     if zero_points is None:
-        w = (q - (1 << (bits - 1))).astype(A.dtype) * s
+        w = (q - (1 << (bits - 1))).astype(dtype) * s
     elif zero_points.dtype == np.uint8:
         zp = unpack_bits(zero_points.reshape(N, -1), bits)[:, :n_blocks].astype(np.int32)
-        w = (q - zp[:, block_of_k]).astype(A.dtype) * s
+        w = (q - zp[:, block_of_k]).astype(dtype) * s
     else:  # float zero points, same type as A, shape [N, k_blocks]
         zp = zero_points.reshape(N, n_blocks)[:, block_of_k]
-        w = (q.astype(A.dtype) - zp) * s
-    y = np.matmul(A, w.T.astype(A.dtype, copy=False))
-    if bias is not None:
-        y = y + bias
-    return (y.astype(A.dtype, copy=False),)
+        w = (q.astype(dtype) - zp) * s
+    return w.astype(dtype, copy=False)
 
 
 def _expand_blocks(p: np.ndarray, axis: int, block_size: int, length: int) -> np.ndarray:

@@ -25,6 +25,12 @@ INTEGER_RANGES: dict[np.dtype, tuple[int, int]] = {
     INT2: (-2, 1),
 }
 SUB_BYTE = frozenset({INT4, UINT4, INT2, UINT2})
+# Narrow floats whose ONNX conversion rules (Cast-25 tables) ml_dtypes implements once values
+# are clipped for saturate=1: round to nearest even, NaN kept, overflow to NaN or inf otherwise.
+NARROW_FLOATS = frozenset(np.dtype(t) for t in (
+    ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3fnuz, ml_dtypes.float8_e5m2, ml_dtypes.float8_e5m2fnuz,
+    ml_dtypes.float4_e2m1fn,
+))
 # Types that ml_dtypes represents but whose ONNX arithmetic (saturation tables, NaN encodings)
 # the interpreter does not implement.
 _FLOAT8_NAMES = ("float8_", "float4_", "float6_")
@@ -43,6 +49,16 @@ def np_dtype(onnx_type: int) -> np.dtype:
 def is_float8(dtype: np.dtype) -> bool:
     """True for ml_dtypes' float8/float6/float4 types, whose ONNX semantics are not implemented."""
     return any(dtype.name.startswith(prefix) for prefix in _FLOAT8_NAMES)
+
+
+def saturate_cast(x: np.ndarray, target: np.dtype, saturate: int = 1) -> np.ndarray:
+    """Convert to a float8/float4 type: with `saturate`, +-inf and out-of-range values become +-max."""
+    if x.dtype.kind in "iub" or x.dtype.itemsize < 4:
+        x = x.astype(np.float32)
+    if saturate:
+        top = float(ml_dtypes.finfo(target).max)
+        x = np.clip(x, -top, top)
+    return x.astype(target)
 
 
 def is_integer(dtype: np.dtype) -> bool:

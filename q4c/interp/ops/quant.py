@@ -10,7 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from q4c.errors import UnsupportedOpError
-from q4c.interp.ops.dtypes import INTEGER_RANGES, as_int, is_float8, is_integer, np_dtype
+from q4c.interp.ops.dtypes import (
+    INTEGER_RANGES,
+    NARROW_FLOATS,
+    as_int,
+    is_float8,
+    is_integer,
+    np_dtype,
+    saturate_cast,
+)
 from q4c.interp.registry import op
 
 
@@ -44,10 +52,9 @@ def expand_param(param: np.ndarray, shape: tuple[int, ...], axis: int, block_siz
     return param.reshape(view)
 
 
-def _check_integer(dtype: np.dtype, op_type: str) -> None:
-    if dtype not in INTEGER_RANGES and dtype != np.int32:
-        detail = "float8/float4 types" if is_float8(dtype) else "this type"
-        raise UnsupportedOpError(f"{op_type} on {dtype} ({detail}) is not supported by q4c.interp")
+def _check_supported(dtype: np.dtype, op_type: str) -> None:
+    if dtype not in INTEGER_RANGES and dtype not in NARROW_FLOATS and dtype != np.int32:
+        raise UnsupportedOpError(f"{op_type} on {dtype} is not supported by q4c.interp")
 
 
 def quantize_array(
@@ -90,21 +97,34 @@ def quantize_linear(
             raise UnsupportedOpError(f"output_dtype {np_dtype(output_dtype)} differs from y_zero_point's {target}")
     else:
         target = np_dtype(output_dtype) if output_dtype else np.dtype(np.uint8)
-    if target not in INTEGER_RANGES:
-        _check_integer(target, "QuantizeLinear")
-        raise UnsupportedOpError(f"QuantizeLinear to {target} is not supported")
     compute = np_dtype(precision) if precision else None
+    if target in NARROW_FLOATS:
+        return (_quantize_narrow_float(x, y_scale, y_zero_point, target, axis, block_size, compute, saturate),)
+    if target not in INTEGER_RANGES:
+        raise UnsupportedOpError(f"QuantizeLinear to {target} is not supported by q4c.interp")
     return (quantize_array(x, y_scale, y_zero_point, target, axis, block_size, compute),)
+
+
+def _quantize_narrow_float(x, scale, zero_point, target, axis, block_size, compute, saturate) -> np.ndarray:
+    """float8/float4: x / scale + zero_point, rounded to nearest even by the conversion itself."""
+    cdt = np.dtype(compute or scale.dtype)
+    if cdt.kind != "f":
+        cdt = np.dtype(np.float32)
+    q = x.astype(cdt, copy=False) / expand_param(scale.astype(cdt, copy=False), x.shape, axis, block_size)
+    if zero_point is not None:
+        q = q + expand_param(zero_point.astype(cdt), x.shape, axis, block_size)
+    return saturate_cast(q, target, saturate)
 
 
 def dequantize_array(
     x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, out: np.dtype, axis: int = 1,
     block_size: int = 0,
 ) -> np.ndarray:
-    """(x - zero_point) * scale, the subtraction in integers, the product in `out`."""
-    xi = as_int(x)
+    """(x - zero_point) * scale, the subtraction in integers (floats for float8), the product in `out`."""
+    widen = (lambda a: a.astype(np.float32)) if x.dtype in NARROW_FLOATS else as_int
+    xi = widen(x)
     if zero_point is not None:
-        xi = xi - expand_param(as_int(zero_point), x.shape, axis, block_size)
+        xi = xi - expand_param(widen(zero_point), x.shape, axis, block_size)
     s = expand_param(scale.astype(out, copy=False), x.shape, axis, block_size)
     return xi.astype(out) * s
 
@@ -117,7 +137,7 @@ def dequantize_array(
 @op("DequantizeLinear", since=25)
 @op("DequantizeLinear", since=1, domain="com.microsoft")
 def dequantize_linear(x, x_scale, x_zero_point=None, *, axis: int = 1, block_size: int = 0, output_dtype: int = 0):
-    _check_integer(x.dtype, "DequantizeLinear")
+    _check_supported(x.dtype, "DequantizeLinear")
     if is_float8(x_scale.dtype) or x_scale.dtype.kind != "f" and x_scale.dtype.name != "bfloat16":
         raise UnsupportedOpError(f"DequantizeLinear with a {x_scale.dtype} scale is not supported")
     if x.dtype == np.int32 and x_zero_point is not None and np.any(x_zero_point != 0):

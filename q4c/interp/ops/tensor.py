@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from q4c.errors import UnsupportedOpError
-from q4c.interp.ops.dtypes import is_float8, np_dtype
+from q4c.interp.ops.dtypes import NARROW_FLOATS, is_float8, np_dtype, saturate_cast
 from q4c.interp.registry import op
 
 
@@ -66,9 +66,12 @@ def identity(input):  # noqa: A002
     return (input,)
 
 
-def _cast(x: np.ndarray, target: np.dtype) -> np.ndarray:
-    if is_float8(target) or is_float8(x.dtype):
-        raise UnsupportedOpError(f"Cast between {x.dtype} and {target} (float8/float4 types) is not supported")
+def _cast(x: np.ndarray, target: np.dtype, saturate: int = 1) -> np.ndarray:
+    for dtype in (x.dtype, target):
+        if is_float8(dtype) and dtype not in NARROW_FLOATS:
+            raise UnsupportedOpError(f"Cast between {x.dtype} and {target}: {dtype} is not supported")
+    if target in NARROW_FLOATS:
+        return saturate_cast(x, target, saturate)
     if target == np.dtype(object) or x.dtype == np.dtype(object):
         raise UnsupportedOpError("Cast to or from string is not supported")
     # numpy's astype is Cast's rule for numbers: fixed point to narrower fixed point wraps,
@@ -79,12 +82,12 @@ def _cast(x: np.ndarray, target: np.dtype) -> np.ndarray:
 
 @op("Cast", since=6)
 def cast(input, *, to: int, saturate: int = 1, round_mode: str = "up"):  # noqa: A002
-    return (_cast(input, np_dtype(to)),)
+    return (_cast(input, np_dtype(to), saturate),)
 
 
 @op("CastLike", since=15)
 def cast_like(input, target_type, *, saturate: int = 1, round_mode: str = "up"):  # noqa: A002
-    return (_cast(input, target_type.dtype),)
+    return (_cast(input, target_type.dtype, saturate),)
 
 
 @op("Dropout", since=7)
