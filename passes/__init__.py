@@ -8,6 +8,7 @@ from q4c.passes.fold_constants import FoldConstantsPass
 from q4c.passes.lower_gemm import LowerGemmPass
 from q4c.passes.lower_ort_kernels import LowerOrtKernelsPass
 from q4c.passes.lower_pointwise_conv import LowerPointwiseConvPass
+from q4c.passes.measure_sensitivity import MeasureSensitivityPass
 from q4c.passes.quantize_weights import QuantizeWeightsPass
 
 BUILTIN_PASSES = {
@@ -17,6 +18,7 @@ BUILTIN_PASSES = {
         LowerGemmPass,
         LowerPointwiseConvPass,
         DedupeWeightsPass,
+        MeasureSensitivityPass,
         AssignPrecisionPass,
         QuantizeWeightsPass,
         LowerOrtKernelsPass,
@@ -29,6 +31,7 @@ DEFAULT_PIPELINE = (
     "lower-gemm",
     "lower-pointwise-conv",
     "dedupe-weights",
+    "measure-sensitivity",
     "assign-precision",
     "quantize-weights",
     "lower-ort-kernels",

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from q4c.errors import ConfigError
+from q4c.config import CompileOptions
 from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.quant.candidates import Candidate, candidate
+from q4c.quant.knapsack import Option, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
+from q4c.quant.sensitivity import SensitivityTable, measure
 from q4c.quant.weights import FLOAT32_SCALE_ROLES, WeightSlot, element_count, find_weight_slots
 
 logger = logging.getLogger(__name__)
 
-#: Precision of the default plan until sensitivity-guided allocation lands (issue 5).
-DEFAULT_BITS = 4
+#: Average code bits of the default budget: the bytes of a uniform 4-bit plan.
+DEFAULT_AVG_BITS = 4.0
+#: Budgets (average code bits) of the predicted Pareto curve in the report.
+PARETO_AVG_BITS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 
 
 class AssignPrecisionPass(Pass):
-    """Build the PrecisionPlan: replayed from `--plan` if given, else uniform `--bits`.
+    """Build the PrecisionPlan: replayed from `--plan`; uniform with `--bits`; otherwise the
+    exact minimum of summed sensitivity under the byte budget (a multiple-choice knapsack over
+    each tensor's candidates, costs counting codes as stored plus scales).
 
     Weights with fewer than `min_elements` elements, or named in `keep_fp32`, stay float.
-    Requires: nothing.  Ensures: ctx.plan is set.  Stats: planned, skipped_small, kept_fp32.
+    Requires: nothing (without measure-sensitivity, the data-free mse scores are used).
+    Ensures: ctx.plan is set.  Stats: planned, skipped_small, kept_fp32, budget_bytes, used_bytes.
     """
 
     name = "assign-precision"
@@ -33,14 +44,12 @@ class AssignPrecisionPass(Pass):
             ctx.plan = self._replay(PrecisionPlan.load(opts.plan_path), slots, ctx)
             planned = sum(1 for tp in ctx.plan.tensors.values() if tp.bits != FLOAT)
             return PassResult(False, {"planned": planned, "replayed": 1})
-        if opts.avg_bits is not None:
-            raise ConfigError("--avg-bits needs sensitivity-guided allocation, which this q4c version lacks; use --bits")
-        bits = opts.bits or DEFAULT_BITS
-        plan = PrecisionPlan(defaults={"bits": bits, "granularity": str(opts.granularity), "mode": "uniform"})
+        plan = PrecisionPlan()
         stats = {"planned": 0, "skipped_small": 0, "kept_fp32": 0}
+        chosen: dict[str, WeightSlot] = {}
         for slot in slots:
             name = slot.tensor.name
-            if name in plan.tensors:
+            if name in plan.tensors or name in chosen:
                 continue
             granularity = str(opts.granularity.resolve(float32_scales=slot.role in FLOAT32_SCALE_ROLES))
             if element_count(slot.tensor) < opts.min_elements:
@@ -50,10 +59,39 @@ class AssignPrecisionPass(Pass):
                 stats["kept_fp32"] += 1
                 plan.tensors[name] = TensorPrecision(FLOAT, granularity)
             else:
-                stats["planned"] += 1
-                plan.tensors[name] = TensorPrecision(bits, granularity)
+                chosen[name] = slot
+        if opts.bits is not None:
+            for name, slot in chosen.items():
+                gran = str(opts.granularity.resolve(float32_scales=slot.role in FLOAT32_SCALE_ROLES))
+                plan.tensors[name] = TensorPrecision(opts.bits, gran)
+            plan.defaults = {"mode": "uniform", "bits": opts.bits, "granularity": str(opts.granularity)}
+            stats["planned"] = len(chosen)
+        elif chosen:
+            stats.update(self._budgeted(graph, plan, chosen, ctx))
         ctx.plan = plan
         return PassResult(False, {k: v for k, v in stats.items() if v})
+
+    def _budgeted(self, graph: gs.Graph, plan: PrecisionPlan, chosen: dict[str, WeightSlot],
+                  ctx: PassContext) -> dict[str, int]:
+        opts = ctx.options
+        table = ctx.sensitivity
+        if table is None or set(chosen) - set(table.scores):
+            # No (complete) measurement: fall back to the data-free weight-error proxy.
+            table = measure(graph, dataclasses.replace(opts, sensitivity="mse"), ctx.opset, ctx.samples)
+            ctx.warn("assign-precision: no sensitivity measurement for every tensor; used the data-free mse proxy")
+        names = sorted(chosen)
+        items = [_options(table.candidates[n], table.scores[n]) for n in names]
+        budget = budget_bytes(opts, chosen, ctx.opset)
+        solution = solve(items, budget)
+        for name, k in zip(names, solution.choice, strict=True):
+            cand = table.candidates[name][k]
+            plan.tensors[name] = TensorPrecision(cand.bits, cand.granularity)
+        plan.defaults = {"mode": "budgeted", "sensitivity": table.measure, "budget_bytes": budget,
+                         "used_bytes": solution.cost, "predicted_damage": solution.score,
+                         "candidates": list(opts.candidates), "granularity": str(opts.granularity)}
+        ctx.pareto = _pareto(names, items, chosen, table, ctx)
+        return {"planned": sum(1 for n in names if plan.tensors[n].bits != FLOAT), "budget_bytes": budget,
+                "used_bytes": solution.cost}
 
     @staticmethod
     def _replay(plan: PrecisionPlan, slots: list[WeightSlot], ctx: PassContext) -> PrecisionPlan:
@@ -62,3 +100,45 @@ class AssignPrecisionPass(Pass):
         if unknown:
             ctx.warn(f"plan names {len(unknown)} tensor(s) not in this model, ignored: {', '.join(unknown[:5])}")
         return PrecisionPlan({n: tp for n, tp in plan.tensors.items() if n in known}, dict(plan.defaults))
+
+
+def _options(cands: list[Candidate], scores: dict[int, float]) -> list[Option]:
+    return [Option(c.nbytes, 0.0 if c.bits == FLOAT else max(scores[c.bits], 0.0)) for c in cands]
+
+
+def budget_bytes(opts: CompileOptions, chosen: dict[str, WeightSlot], opset: int) -> int:
+    """The byte budget for the chosen tensors: --size-budget as given; --ratio of their FP32
+    bytes; --avg-bits B as B bits per weight plus the scales of the default granularity."""
+    if opts.size_budget is not None:
+        return int(opts.size_budget)
+    if opts.ratio is not None:
+        return int(opts.ratio * sum(4 * element_count(s.tensor) for s in chosen.values()))
+    avg = opts.avg_bits if opts.avg_bits is not None else DEFAULT_AVG_BITS
+    return avg_bits_budget(avg, chosen, opts, opset)
+
+
+def avg_bits_budget(avg: float, chosen: dict[str, WeightSlot], opts: CompileOptions, opset: int) -> int:
+    total = 0
+    for slot in chosen.values():
+        n = element_count(slot.tensor)
+        four = candidate(slot, 4, opts.granularity, opset)
+        scale_bytes = four.nbytes - math.ceil(n * 4 / 8)
+        total += math.floor(n * avg / 8) + scale_bytes
+    return total
+
+
+def _pareto(names: list[str], items: list[list[Option]], chosen: dict[str, WeightSlot], table: SensitivityTable,
+            ctx: PassContext) -> list[dict[str, Any]]:
+    """Predicted damage vs bytes at several budgets (cheap: one DP each); the measured column
+    is filled in by the compiler when a sensitivity runner is available."""
+    points = []
+    for avg in PARETO_AVG_BITS:
+        budget = avg_bits_budget(avg, chosen, ctx.options, ctx.opset)
+        try:
+            sol = solve(items, budget)
+        except Exception:  # noqa: BLE001 - below the smallest size: no point on the curve
+            continue
+        points.append({"avg_bits": avg, "budget_bytes": budget, "used_bytes": sol.cost, "predicted": sol.score,
+                       "bits": {n: table.candidates[n][k].bits for n, k in zip(names, sol.choice, strict=True)}})
+    return points
+

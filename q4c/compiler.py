@@ -20,8 +20,9 @@ from q4c.config import CompileOptions
 from q4c.errors import ModelLoadError, NumericMismatchError
 from q4c.interp import Interpreter
 from q4c.pipeline import PassContext, Pipeline
-from q4c.quant.plan import PrecisionPlan
-from q4c.quant.weights import WeightSlot, find_weight_slots
+from q4c.quant.packing import INT2_OPSET
+from q4c.quant.plan import FLOAT, PrecisionPlan
+from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
 from q4c.registry import find_pass, resolve_pipeline
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def compile_model(
     options = options or CompileOptions()
     names = resolve_pipeline(passes, DEFAULT_PIPELINE)
     pass_objects = [find_pass(n)() for n in names]
-    converted = g.convert_opset(model)
+    converted = g.convert_opset(model, _target_opset(options))
     graph = g.import_graph(converted)
     if samples is None:
         samples = synthetic_samples(model, count=1, seed=options.seed)
@@ -85,6 +86,7 @@ def compile_model(
                  f"in low bits but folded to FP32 at session load (session.disable_quant_qdq=1)")
     q4ort.set_session_config(out, config)
 
+    _add_sensitivity(ctx)
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
         "input": {"params": _float_params(converted)},
@@ -98,6 +100,13 @@ def compile_model(
     }
     if kernel_choice is not None:
         report["kernel_choice"] = kernel_choice
+    if ctx.sensitivity is not None:
+        report["sensitivity"] = ctx.sensitivity.summary()
+    if ctx.pareto:
+        report["pareto"] = ctx.pareto
+    stored = [(int(np.prod(q["shape"])), q.get("stored_bits", q["bits"])) for q in ctx.quantized]
+    if stored:
+        report["avg_stored_bits"] = round(sum(n * b for n, b in stored) / sum(n for n, _ in stored), 3)
     if ctx.plan is not None:
         report["plan"] = ctx.plan.to_json()
     if verify:
@@ -138,6 +147,47 @@ def compile_file(
     report["compression"] = round(in_bytes / out_bytes, 3)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+def _target_opset(options: CompileOptions) -> int:
+    """Opset 25 when a plan may hold 2-bit weights (INT2 storage), else 21 (INT4/INT8)."""
+    two_bit = options.bits == 2
+    if options.bits is None and options.plan_path is None:
+        two_bit = 2 in options.candidates
+    elif options.plan_path is not None:
+        two_bit = any(tp.bits == 2 for tp in PrecisionPlan.load(options.plan_path).tensors.values())
+    return INT2_OPSET if two_bit else g.TARGET_OPSET
+
+
+def _add_sensitivity(ctx: PassContext) -> None:
+    """Per-tensor scores into the report entries, float-kept candidates listed, and the measured
+    damage of each Pareto point's plan (all its tensors quantized at once)."""
+    table = ctx.sensitivity
+    if table is None:
+        return
+    done = {q["name"] for q in ctx.quantized}
+    for q in ctx.quantized:
+        if q["name"] in table.scores:
+            q["sensitivity"][table.measure] = {str(b): v for b, v in table.scores[q["name"]].items()}
+    for name, slot in table.slots.items():
+        if name not in done and ctx.plan is not None and name in ctx.plan.tensors:
+            ctx.quantized.append({"name": name, "op": slot.node.op, "role": slot.role,
+                                  "shape": [int(d) for d in slot.tensor.shape], "bits": FLOAT, "granularity": "none",
+                                  "scheme": "float", "stored_bits": 32,
+                                  "sensitivity": {table.measure: {str(b): v for b, v in table.scores[name].items()}}})
+    if table.runner is None:
+        return
+    weights = table.runner.weights  # the FP32 values (the graph now holds DequantizeLinear outputs)
+    cache: dict[tuple[str, int], np.ndarray] = {}
+    for point in ctx.pareto:
+        changes = {}
+        for name, bits in point["bits"].items():
+            if name in weights and bits != FLOAT:
+                key = (name, bits)
+                if key not in cache:
+                    cache[key] = quantize_slot(table.slots[name], weights[name], bits, ctx.options.granularity).dequantize()
+                changes[name] = cache[key]
+        point["measured"] = table.runner.divergence(changes)
 
 
 def _choose_kernels(lowered: onnx.ModelProto, dq_form: onnx.ModelProto, feeds: Feeds,
@@ -247,7 +297,7 @@ def _float_params(model: onnx.ModelProto) -> int:
 
 def _avg_weight_bits(graph: Any, ctx: PassContext) -> float | None:
     """Mean code bits over every quantizable weight (float ones count 32)."""
-    quantized = {q["name"]: q for q in ctx.quantized}
+    quantized = {q["name"]: q for q in ctx.quantized if q["bits"] != FLOAT}
     total = weighted = 0
     for name, entry in quantized.items():
         n = int(np.prod(entry["shape"]))

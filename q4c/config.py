@@ -63,8 +63,14 @@ class Granularity:
 class CompileOptions:
     """Everything `q4c compile` can be told. Defaults give a good result on their own."""
 
-    bits: int | None = None  # uniform precision; None = the default plan (see assign-precision)
+    bits: int | None = None  # uniform precision; None = sensitivity-guided under a budget
+    #: budget, at most one of: average code bits (scale overhead at the default granularity is
+    #: added on top, so uniform 4-bit fits --avg-bits 4 exactly), bytes, or a fraction of FP32
     avg_bits: float | None = None
+    size_budget: int | None = None
+    ratio: float | None = None
+    candidates: tuple[int, ...] = (2, 3, 4, 8)
+    sensitivity: str = "kl"  # kl | hessian | mse
     granularity: Granularity = field(default_factory=Granularity)
     target: Target = Target.ORT_CPU
     #: Weights with fewer elements than this stay float: scales would cost more than they save.
@@ -81,8 +87,20 @@ class CompileOptions:
             raise ConfigError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, not {self.bits}")
         if self.avg_bits is not None and not 1.0 <= self.avg_bits <= 16.0:
             raise ConfigError(f"--avg-bits must be between 1 and 16, not {self.avg_bits}")
-        if self.bits is not None and self.avg_bits is not None:
-            raise ConfigError("--bits and --avg-bits exclude each other: uniform or budgeted, not both")
+        budgets = [b for b in (self.avg_bits, self.size_budget, self.ratio) if b is not None]
+        if len(budgets) > 1:
+            raise ConfigError("give at most one of --avg-bits, --size-budget, --ratio")
+        if self.bits is not None and budgets:
+            raise ConfigError("--bits is uniform precision; it excludes --avg-bits, --size-budget and --ratio")
+        if self.size_budget is not None and self.size_budget <= 0:
+            raise ConfigError(f"--size-budget must be a positive number of bytes, not {self.size_budget}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ConfigError(f"--ratio must be in (0, 1], not {self.ratio}")
+        if not self.candidates or any(b not in SUPPORTED_BITS for b in self.candidates):
+            raise ConfigError(f"--candidates must be a non-empty subset of {', '.join(map(str, SUPPORTED_BITS))}, "
+                              f"not {', '.join(map(str, self.candidates))}")
+        if self.sensitivity not in ("kl", "hessian", "mse"):
+            raise ConfigError(f"--sensitivity must be kl, hessian or mse, not {self.sensitivity!r}")
         if self.kernels not in ("auto", "low-bit"):
             raise ConfigError(f"kernels must be 'auto' or 'low-bit', not {self.kernels!r}")
         if self.min_elements < 0:

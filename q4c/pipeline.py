@@ -55,6 +55,8 @@ class PassContext:
     calibration: Any = None
     #: measure-sensitivity's table, read by assign-precision
     sensitivity: Any = None
+    #: assign-precision's predicted damage-vs-bytes points (budgeted plans only)
+    pareto: list[dict[str, Any]] = field(default_factory=list)
     plan: PrecisionPlan | None = None
     warnings: list[str] = field(default_factory=list)
     session_config: dict[str, str] = field(default_factory=dict)

@@ -17,7 +17,19 @@ from q4c.config import CompileOptions, Granularity, Target
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file. Default: MODEL with .q4.onnx beside it. Replaced only when the compile succeeds.")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
-              help="Uniform weight precision. Default: 4. (3-bit codes are stored in 4-bit containers.)")
+              help="Uniform weight precision instead of the sensitivity-guided default. "
+                   "(3-bit codes are stored in 4-bit containers; 2-bit ones as ONNX INT2, opset 25.)")
+@click.option("--avg-bits", type=float, default=None,
+              help="Budget: average bits per weight (plus scale overhead). Default: 4, i.e. the bytes of uniform "
+                   "4-bit, spent where the sensitivity analysis says they matter most.")
+@click.option("--size-budget", type=int, default=None, metavar="BYTES",
+              help="Budget: bytes for the quantizable weights (codes + scales).")
+@click.option("--ratio", type=float, default=None, help="Budget: this fraction of the weights' FP32 bytes.")
+@click.option("--candidates", default="2,3,4,8", show_default=True,
+              help="Bit widths the allocation may choose from (keeping FP32 is always a choice).")
+@click.option("--sensitivity", type=click.Choice(["kl", "hessian", "mse"]), default="kl", show_default=True,
+              help="kl: output KL divergence with one tensor quantized; hessian: Hutchinson trace of that "
+                   "divergence x weight error; mse: weight error only (data-free, fastest).")
 @click.option("--granularity", default="block", show_default=True,
               help="Scale sharing: 'channel' (one scale per output channel), 'block:N' (N in 16..256, "
                    "along the reduction axis), 'tensor', or 'block' (auto: 32 for LSTM/GRU/Conv weights, whose "
@@ -48,7 +60,8 @@ from q4c.config import CompileOptions, Granularity, Target
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the output: ONNX checker, ONNX Runtime loads it, interpreter agrees with ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, output: Path | None, bits: str | None, granularity: str, target: str, kernels: str,
+def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: float | None, size_budget: int | None,
+                ratio: float | None, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
                 passes: str | None,
                 data: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, as_json: bool) -> None:
@@ -66,6 +79,11 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, granularity:
     """
     options = CompileOptions(
         bits=int(bits) if bits else None,
+        avg_bits=avg_bits,
+        size_budget=size_budget,
+        ratio=ratio,
+        candidates=_parse_candidates(candidates),
+        sensitivity=sensitivity,
         granularity=Granularity.parse(granularity),
         target=Target(target),
         plan_path=plan,
@@ -88,16 +106,32 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, granularity:
     _print_summary(report)
 
 
+def _parse_candidates(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated bit widths like 2,4,8, not {text!r}",
+                                 param_hint="--candidates") from None
+
+
 def _print_summary(report: dict) -> None:
     inp, out = report["input"], report["output"]
     click.echo(f"{inp['path']} ({human_bytes(inp['bytes'])}) -> {out['path']} ({human_bytes(out['bytes'])}), "
                f"{report['compression']:.2f}x smaller")
     if report.get("avg_weight_bits") is not None:
         click.echo(f"average weight bits: {report['avg_weight_bits']:.2f} over {len(report['tensors'])} quantized tensors")
+    measure = report.get("sensitivity", {}).get("measure")
     rows = [(t["name"], t["op"], "x".join(map(str, t["shape"])), t["bits"], t["granularity"],
-             t["sensitivity"].get("weight_sqnr_db")) for t in report["tensors"]]
+             t["sensitivity"].get("weight_sqnr_db", "-"),
+             (t["sensitivity"].get(measure, {}).get(str(t["bits"]), "-") if measure else "-"))
+            for t in report["tensors"]]
     if rows:
-        click.echo(table(["tensor", "op", "shape", "bits", "granularity", "weight SQNR dB"], rows))
+        click.echo(table(["tensor", "op", "shape", "bits", "granularity", "weight SQNR dB", f"{measure or 'sensitivity'} score"],
+                         rows))
+    plan = report.get("plan", {}).get("defaults", {})
+    if plan.get("mode") == "budgeted":
+        click.echo(f"budget: {plan['used_bytes']} of {plan['budget_bytes']} bytes used "
+                   f"({plan['sensitivity']} sensitivity, predicted damage {plan['predicted_damage']:.4g})")
     verification = report.get("verification")
     if verification:
         line = (f"verified: checker ok, ONNX Runtime loads it, interpreter vs ONNX Runtime max |diff| "

@@ -12,12 +12,19 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import helper
 
+from q4c import graph as g
 from q4c import ort as q4ort
+from q4c.config import CompileOptions
+from q4c.quant.candidates import Candidate, candidate
+from q4c.quant.plan import FLOAT
+from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, quantize_slot
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +148,87 @@ def hutchinson_trace(
     mean = float(np.mean(estimates))
     sem = float(np.std(estimates, ddof=1) / np.sqrt(len(estimates))) if len(estimates) > 1 else float("inf")
     return mean, sem, len(estimates)
+
+
+#: Samples used for data-driven measures: more cost time linearly and rarely change the ranking.
+MAX_SAMPLES = 4
+#: Hessian probe step, relative to the tensor's RMS: the size of 4-bit rounding noise, so the
+#: curvature is measured where quantization actually moves the weights.
+HESSIAN_STEP = 0.1
+
+
+@dataclass
+class SensitivityTable:
+    """scores[name][bits] = predicted output damage of quantizing only `name` to `bits`."""
+
+    measure: str
+    scores: dict[str, dict[int, float]] = field(default_factory=dict)
+    candidates: dict[str, list[Candidate]] = field(default_factory=dict)
+    slots: dict[str, WeightSlot] = field(default_factory=dict)
+    trace: dict[str, dict[str, float]] = field(default_factory=dict)  # hessian: tr(H), its s.e., probes
+    fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> why it fell back to mse
+    runner: WeightInputRunner | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"measure": self.measure, "seconds": round(self.seconds, 3), "tensors": len(self.scores)}
+        if self.runner is not None:
+            out["forward_runs"] = self.runner.runs
+            out["output_kinds"] = dict(self.runner.kinds)
+            if any(k == "real" for k in self.runner.kinds.values()):
+                out["note"] = "outputs that are not (log-)probabilities are compared by variance-normalized MSE"
+        if self.fallbacks:
+            out["fallbacks"] = dict(self.fallbacks)
+        return out
+
+
+def candidate_slots(graph: gs.Graph, opts: CompileOptions) -> dict[str, WeightSlot]:
+    """The weights a budgeted plan chooses for: one slot per tensor name, large enough and not
+    kept in float by the user."""
+    chosen: dict[str, WeightSlot] = {}
+    for slot in find_weight_slots(graph):
+        if not isinstance(slot, WeightSlot) or slot.tensor.name in chosen:
+            continue
+        if element_count(slot.tensor) < opts.min_elements:
+            continue
+        if slot.tensor.name in opts.keep_fp32 or slot.node.name in opts.keep_fp32:
+            continue
+        chosen[slot.tensor.name] = slot
+    return chosen
+
+
+def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence[Feeds]) -> SensitivityTable:
+    """Score every (weight tensor, candidate bits) pair with `opts.sensitivity` (see
+    MeasureSensitivityPass); tensors that live only in subgraphs fall back to mse."""
+    start = time.perf_counter()
+    slots = candidate_slots(graph, opts)
+    table = SensitivityTable(opts.sensitivity, slots=slots)
+    weights = {name: np.asarray(s.tensor.values, dtype=np.float32) for name, s in slots.items()}
+    quantized = {name: {b: quantize_slot(slots[name], w, b, opts.granularity).dequantize()
+                        for b in opts.candidates} for name, w in weights.items()}
+    for name, slot in slots.items():
+        table.candidates[name] = [candidate(slot, b, opts.granularity, opset) for b in opts.candidates]
+        table.candidates[name].append(candidate(slot, FLOAT, opts.granularity, opset))
+    main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    measured = {n: w for n, w in weights.items() if n in main}
+    for name in set(weights) - set(measured):
+        table.fallbacks[name] = "weight lives in a subgraph"
+    if opts.sensitivity != "mse" and measured:
+        model = g.export_model(graph.copy())
+        table.runner = WeightInputRunner(model, measured, samples[:MAX_SAMPLES])
+    rng = np.random.default_rng(opts.seed)
+    for name, w in weights.items():
+        errors = {b: float(np.sum(np.square(quantized[name][b] - w, dtype=np.float64))) for b in opts.candidates}
+        if table.runner is None or name not in measured:
+            table.scores[name] = errors
+        elif opts.sensitivity == "kl":
+            table.scores[name] = {b: table.runner.divergence({name: quantized[name][b]}) for b in opts.candidates}
+        else:  # hessian
+            rms = float(np.sqrt(np.mean(np.square(w)))) or 1.0
+            step = HESSIAN_STEP * rms
+            trace, sem, probes = hutchinson_trace(lambda x, n=name: table.runner.divergence({n: x}), w, rng, step=step)
+            table.trace[name] = {"trace": trace, "stderr": sem, "probes": probes, "step": step}
+            table.scores[name] = {b: max(trace, 0.0) / w.size * errors[b] for b in opts.candidates}
+        logger.debug("%s: %s", name, {b: f"{s:.3g}" for b, s in table.scores[name].items()})
+    table.seconds = time.perf_counter() - start
+    return table

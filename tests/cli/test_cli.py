@@ -37,7 +37,7 @@ def model_path(tmp_path, rng):
 
 def test_compile_writes_beside_the_input_and_leaves_the_input_untouched(runner, model_path):
     before = model_path.read_bytes()
-    result = runner.invoke(main, ["compile", str(model_path), "--json", "--kernels", "low-bit"])
+    result = runner.invoke(main, ["compile", str(model_path), "--json", "--kernels", "low-bit", "--bits", "4"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     out = model_path.with_name("m.q4.onnx")
@@ -120,7 +120,8 @@ def test_unknown_pass_names_the_known_ones(runner, model_path):
 
 def test_saved_plan_replays_with_hand_edits(runner, model_path, tmp_path):
     plan = tmp_path / "plan.json"
-    assert runner.invoke(main, ["compile", str(model_path), "-o", str(tmp_path / "a.onnx"), "--save-plan", str(plan)]).exit_code == 0
+    assert runner.invoke(main, ["compile", str(model_path), "-o", str(tmp_path / "a.onnx"), "--bits", "4",
+                                "--save-plan", str(plan)]).exit_code == 0
     doc = json.loads(plan.read_text())
     assert doc["schema"] == "q4c.plan/1" and doc["tensors"]["W"]["bits"] == 4
     doc["tensors"]["W"]["bits"] = 8
@@ -132,7 +133,7 @@ def test_saved_plan_replays_with_hand_edits(runner, model_path, tmp_path):
 
 def test_inspect_json_counts_packed_weights(runner, model_path, tmp_path):
     out = tmp_path / "o.onnx"
-    runner.invoke(main, ["compile", str(model_path), "-o", str(out), "--kernels", "low-bit"])
+    runner.invoke(main, ["compile", str(model_path), "-o", str(out), "--kernels", "low-bit", "--bits", "4"])
     result = runner.invoke(main, ["inspect", str(out), "--json"])
     assert result.exit_code == 0
     info = json.loads(result.stdout)
