@@ -1,0 +1,154 @@
+"""Sensitivity-guided mixed precision vs uniform INT4 at equal weight bytes, on held-out inputs.
+
+For every bundled model: calibration inputs (4 variants of the model's sample) drive the
+sensitivity analysis; the error is measured on 4 *other* variants (held out). Configurations:
+uniform INT4 (`--bits 4`), and the budgeted plan at the same bytes (`--avg-bits 4`) and at 3.5
+and 3 average bits, with each measure (kl, hessian, mse). Error: mean KL divergence of the
+output distribution where the output is (log-)probabilities, else output SQNR.
+
+    python benchmarks/bench_mixed.py [--models a,b] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import q4c
+from q4c import ort as q4ort
+from q4c.compiler import sqnr_db
+from q4c.quant.sensitivity import divergence, output_kind
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_compile import MODELS, REPO, bundled_models, write_section  # noqa: E402
+
+MEASURES = ("kl", "hessian", "mse")
+BUDGETS = (4.0, 3.5, 3.0)
+
+
+def variants(feeds: dict[str, np.ndarray], seeds: range) -> list[dict[str, np.ndarray]]:
+    """Input variants of one sample: float inputs rolled in time and jittered, integer inputs
+    (token ids) redrawn within their observed range."""
+    out = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        sample = {}
+        for name, x in feeds.items():
+            if np.issubdtype(x.dtype, np.floating):
+                y = np.roll(x, int(rng.integers(0, x.shape[1])), axis=1) if x.ndim >= 3 else x
+                sample[name] = (y + 0.1 * np.std(x) * rng.standard_normal(x.shape)).astype(x.dtype)
+            else:
+                sample[name] = rng.integers(x.min(), x.max() + 1, size=x.shape).astype(x.dtype)
+        out.append(sample)
+    return out
+
+
+def error(fp32: onnx.ModelProto, quant: Path, held_out: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    ref_s, q_s = q4ort.make_session(fp32), q4ort.make_session(onnx.load(quant))
+    kl, sqnr = [], []
+    for feeds in held_out:
+        ref, out = q4ort.run(ref_s, feeds), q4ort.run(q_s, feeds)
+        for name, r in ref.items():
+            if not np.issubdtype(r.dtype, np.floating):
+                continue
+            kind = output_kind(r)
+            if kind != "real":
+                kl.append(divergence(r, out[name], kind))
+            sqnr.append(sqnr_db(r, out[name]))
+    return {"kl": float(np.mean(kl)) if kl else None, "sqnr_db": float(np.mean(sqnr))}
+
+
+def measure(name: str, tmp: Path) -> list[dict]:
+    src = MODELS / f"{name}.onnx"
+    with np.load(MODELS / f"{name}.npz") as npz:
+        sample = {k: npz[k] for k in npz.files}
+    calib_dir = tmp / f"{name}_calib"
+    calib_dir.mkdir()
+    for i, feeds in enumerate(variants(sample, range(4))):
+        np.savez(calib_dir / f"{i:03d}.npz", **feeds)
+    held_out = variants(sample, range(100, 104))
+    fp32 = onnx.load(src)
+    rows = []
+    configs = [("uniform int4", q4c.CompileOptions(bits=4, kernels="low-bit"))]
+    for avg in BUDGETS:
+        for m in MEASURES:
+            configs.append((f"{m} @ {avg}", q4c.CompileOptions(avg_bits=avg, sensitivity=m, kernels="low-bit")))
+    for label, options in configs:
+        out = tmp / f"{name}_{label.replace(' ', '_').replace('@', 'at')}.onnx"
+        start = time.perf_counter()
+        report = q4c.compile_file(src, out, options, data=calib_dir, verify=False)
+        seconds = time.perf_counter() - start
+        rows.append({"model": name, "config": label, "bytes": report["output"]["bytes"],
+                     "avg_weight_bits": report["avg_weight_bits"], "compile_s": round(seconds, 2),
+                     "sensitivity_s": report.get("sensitivity", {}).get("seconds"),
+                     **error(fp32, out, held_out)})
+        print(f"  {label}: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "<!-- mixed:begin -->",
+        "## Mixed precision vs uniform INT4 at equal bytes (held-out inputs)",
+        "",
+        f"Produced by `python benchmarks/bench_mixed.py --write` ({time.strftime('%Y-%m-%d')}). Sensitivity measured on 4 "
+        "calibration variants of each model's sample input; error measured on 4 different (held-out) variants, ONNX "
+        "Runtime CPU, MatMulNBits kept (`--kernels low-bit`). `kl @ 4.0` = sensitivity-guided plan with the bytes of "
+        "uniform 4-bit; `@ 3.5`, `@ 3.0` = smaller budgets. KL: mean output KL divergence (log-prob outputs); "
+        "lower is better. SQNR: higher is better.",
+        "",
+        "| model | config | bytes | avg bits | held-out KL | held-out SQNR dB | sensitivity s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kl = f"{r['kl']:.4f}" if r["kl"] is not None else "-"
+        sens = f"{r['sensitivity_s']:.1f}" if r["sensitivity_s"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['config']} | {r['bytes']} | {r['avg_weight_bits']} | {kl} | "
+                     f"{r['sqnr_db']:.2f} | {sens} |")
+    lines += ["", _verdicts(rows), "<!-- mixed:end -->"]
+    return "\n".join(lines)
+
+
+def _verdicts(rows: list[dict]) -> str:
+    """Per model and measure: is the equal-bytes mixed plan at least as good as uniform INT4?"""
+    out = ["Equal bytes (`@ 4.0`) vs uniform INT4, by held-out KL (SQNR where the output is not a distribution):", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        base = next(r for r in rows if r["model"] == model and r["config"] == "uniform int4")
+        verdicts = []
+        for m in MEASURES:
+            r = next(r for r in rows if r["model"] == model and r["config"] == f"{m} @ 4.0")
+            better = (r["kl"] <= base["kl"]) if base["kl"] is not None else (r["sqnr_db"] >= base["sqnr_db"])
+            verdicts.append(f"{m} {'no worse' if better else 'WORSE'}")
+        out.append(f"- {model}: " + ", ".join(verdicts))
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=None)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    names = args.models.split(",") if args.models else bundled_models()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            print(f"bench: {name}", file=sys.stderr)
+            rows.extend(measure(name, Path(tmp)))
+    section = render(rows)
+    print(section)
+    if args.write:
+        (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
+        (REPO / "benchmarks" / "results" / "mixed.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_section(REPO / "BENCHMARKS.md", section, "mixed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
