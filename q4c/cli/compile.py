@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,14 +46,36 @@ from q4c.config import CompileOptions, Granularity, Target
               help="Comma-separated passes. Bare names replace the pipeline ('--passes fold-constants'); "
                    "'default' is the default pipeline; '+name'/'-name' add/drop; 'module:Class' loads a pass. "
                    "See 'q4c passes'.")
-@click.option("--data", "--calib", "data", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Sample inputs (.npz keyed by input name, or a directory of them) used to verify the result. "
+@click.option("--calib", "--data", "data", type=click.Path(exists=True, path_type=Path), default=None, metavar="DATA",
+              help="Sample inputs (.npz keyed by input name, or a directory of them, sorted by name) to calibrate, "
+                   "analyse and verify on. A stateful model's sample may hold a whole sequence along a fixed-size "
+                   "axis (e.g. tokens [1, T] for a [batch, 1] input): it is run call by call, state carried. "
                    "Default: synthetic inputs from the model's input signature.")
+@click.option("--calib-reader", default=None, metavar="MODULE:FUNCTION",
+              help="Python reader instead of DATA ('pkg.mod:fn' or 'file.py:fn'): fn() returns an iterable of feed "
+                   "dicts, or of lists of them (sequences of calls); a 'state_pairs' attribute on fn maps output "
+                   "names to the input names they feed on the next call.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Use at most this many samples of DATA or the reader.")
+@click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="int8: uint8 Q/DQ on the activations of MatMul/Gemm/Conv (ranges from calibration) so ONNX Runtime "
+                   "runs integer kernels; their weights become int8 per channel. Recurrent state, LSTM/GRU internals, "
+                   "STFT front ends, Softmax and normalization inputs stay float.")
+@click.option("--observer", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="percentile",
+              show_default=True,
+              help="How calibration picks each activation's range: min/max, the 99.99th percentiles, KL-optimal "
+                   "clipping (TensorRT's entropy method), or the clipping with least quantization MSE.")
+@click.option("--save-calib", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="TABLE.json",
+              help="Calibrate and write the calibration table (ranges and statistics per tensor).")
+@click.option("--load-calib", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              metavar="TABLE.json", help="Use a calibration table from --save-calib instead of calibrating.")
 @click.option("--plan", "plan", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Replay a precision plan (JSON from --save-plan, possibly edited by hand).")
 @click.option("--save-plan", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the precision plan used, to replay or edit.")
 @click.option("--keep-fp32", multiple=True, metavar="NAME", help="Weight tensor or node name to leave in float (repeatable).")
+@click.option("--plot-pareto", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Draw the budget-vs-damage Pareto curve of a sensitivity-guided plan to this PNG (needs matplotlib).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the compile report (JSON) here.")
 @click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -63,8 +87,9 @@ from q4c.config import CompileOptions, Granularity, Target
 def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: float | None, size_budget: int | None,
                 ratio: float | None, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
                 passes: str | None,
-                data: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
-                report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, as_json: bool) -> None:
+                data: Path | None, calib_reader: str | None, calib_samples: int, activations: str, observer: str,
+                save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
+                plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, as_json: bool) -> None:
     """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
 
     \b
@@ -73,6 +98,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
       q4c compile am.onnx -o am.q8.onnx --bits 8 --granularity channel
       q4c compile am.onnx --passes fold-constants,lower-gemm   # canonicalize only, no quantization
       q4c compile am.onnx --save-plan plan.json  &&  q4c compile am.onnx --plan plan.json
+      q4c compile conformer.onnx --calib samples/ --activations int8 --observer mse
 
     The input file is never modified. The output records the ONNX Runtime session settings it
     needs in its metadata ('q4c.ort_session_config'); 'q4c run' applies them.
@@ -89,6 +115,10 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         plan_path=plan,
         keep_fp32=frozenset(keep_fp32),
         kernels=kernels,
+        activations=activations,
+        observer=observer,
+        calib_samples=calib_samples,
+        calib_table=load_calib,
     )
     total = [0]
 
@@ -96,14 +126,51 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         total[0] += 1
         click.echo(f"q4c: [{total[0]}] {name}", err=True)
 
-    report = compile_file(model, output, options, passes=passes, data=data, dump_dir=dump_dir,
-                          check_each=check, verify=verify, progress=progress, save_plan=save_plan)
+    with _SampleBar() as bar:
+        report = compile_file(model, output, options, passes=passes, data=data, reader=calib_reader,
+                              dump_dir=dump_dir, check_each=check, verify=verify, progress=progress,
+                              sample_progress=bar.update, save_plan=save_plan, save_calib=save_calib)
+    if plot_pareto is not None:
+        from q4c.quant.pareto import plot_pareto as draw
+
+        draw(report.get("pareto", []), plot_pareto, title=Path(report["input"]["path"]).name)
     if report_path is not None:
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     if as_json:
         emit_json(report)
         return
     _print_summary(report)
+
+
+class _SampleBar:
+    """A progress bar on stderr over calibration samples, opened on the first report."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._done = 0
+
+    def __enter__(self) -> _SampleBar:
+        return self
+
+    def update(self, done: int, total: int | None) -> None:
+        if self._bar is None or done < self._done:
+            self.close()
+            self._bar = click.progressbar(length=total, label="q4c: calibrating", file=sys.stderr,
+                                          show_pos=True, item_show_func=None)
+            self._bar.__enter__()
+            self._done = 0
+        self._bar.update(done - self._done)
+        self._done = done
+        if total is not None and done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _parse_candidates(text: str) -> tuple[int, ...]:

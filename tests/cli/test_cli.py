@@ -192,3 +192,18 @@ def test_auto_kernels_keep_the_form_they_report(runner, model_path, tmp_path):
     assert has_nbits == (choice["chosen"] == "low-bit")
     config = json.loads({p.key: p.value for p in model.metadata_props}["q4c.ort_session_config"])
     assert config == ({} if has_nbits else {"session.disable_quant_qdq": "1"})
+
+
+def test_plot_pareto_writes_a_png(runner, model_path, tmp_path):
+    png = tmp_path / "pareto.png"
+    result = runner.invoke(main, ["compile", str(model_path), "-o", str(tmp_path / "o.onnx"), "--plot-pareto", str(png)])
+    assert result.exit_code == 0, result.output
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_conflicting_budgets_are_one_line_errors(runner, model_path):
+    result = runner.invoke(main, ["compile", str(model_path), "--bits", "4", "--avg-bits", "3"])
+    assert result.exit_code == 1 and "excludes --avg-bits" in result.stderr
+    result = runner.invoke(main, ["compile", str(model_path), "--avg-bits", "0.5"])
+    assert result.exit_code == 1 and "--avg-bits must be between 1 and 16" in result.stderr
