@@ -1,13 +1,15 @@
 """Run time of q4c.interp against onnx.reference.ReferenceEvaluator on the same models and inputs.
 
 Usage:
-    python benchmarks/bench_interp.py [MODEL.onnx ...] [--reps N]
+    python benchmarks/bench_interp.py [MODEL.onnx ...] [--reps N] [--inline]
 
 Without arguments it times models/bilstm_am.onnx and models/conformer.onnx when present (inputs
 from the .npz beside each model, keys = input names), else two graphs built inline: a 2-layer
 bidirectional LSTM (hidden 256, 100 frames x 80 features) and a small Conformer-like block.
 Both executors run the same feeds, interleaved, `--reps` times after one warm-up each; the
-table reports medians and checks that the outputs agree. BLAS runs single-threaded for both
+table reports median CPU time per run (process time: steadier than wall time on a shared
+machine, and equal to it when the machine is idle, BLAS being single-threaded), the speed-up
+by CPU and by wall time, and the largest difference between the two executors' outputs. BLAS runs single-threaded for both
 (OPENBLAS_NUM_THREADS=1 unless already set): on a small shared machine, threaded BLAS spins
 and swamps the differences being measured.
 """
@@ -126,20 +128,22 @@ def bench(name: str, model: onnx.ModelProto, feeds: dict[str, np.ndarray], reps:
     worst = max(
         float(np.max(np.abs(ours[o.name] - r))) for o, r in zip(model.graph.output, ref_out)
     )
-    t_interp, t_ref = [], []
+    wall = {"interp": [], "reference": []}
+    cpu = {"interp": [], "reference": []}
+    runners = {"interp": lambda: interp.run(feeds), "reference": lambda: reference.run(None, feeds)}
     for _ in range(reps):  # interleaved, so drift on a shared machine hits both alike
-        start = time.perf_counter()
-        interp.run(feeds)
-        t_interp.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        reference.run(None, feeds)
-        t_ref.append(time.perf_counter() - start)
+        for key, run in runners.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            cpu[key].append(time.process_time() - start_cpu)
+            wall[key].append(time.perf_counter() - start_wall)
     return {
         "model": name,
         "nodes": len(model.graph.node),
-        "interp_ms": _median_ms(t_interp),
-        "reference_ms": _median_ms(t_ref),
-        "speedup": statistics.median(t_ref) / statistics.median(t_interp),
+        "interp_ms": _median_ms(cpu["interp"]),
+        "reference_ms": _median_ms(cpu["reference"]),
+        "speedup": statistics.median(cpu["reference"]) / statistics.median(cpu["interp"]),
+        "wall_speedup": statistics.median(wall["reference"]) / statistics.median(wall["interp"]),
         "max_abs_diff": worst,
     }
 
@@ -156,27 +160,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", type=Path, help="ONNX models with .npz sample inputs beside them")
     parser.add_argument("--reps", type=int, default=15, help="timed runs per executor (default 15)")
+    parser.add_argument("--inline", action="store_true", help="time the two inline-built graphs as well")
     args = parser.parse_args(argv)
 
     cases: list[tuple[str, onnx.ModelProto, dict[str, np.ndarray]]] = []
     paths = args.models or [p for p in DEFAULT_MODELS if p.exists() and p.with_suffix(".npz").exists()]
     for path in paths:
         cases.append((path.name, *_load(path)))
-    if not args.models and len(cases) < len(DEFAULT_MODELS):
+    if args.inline or (not args.models and len(cases) < len(DEFAULT_MODELS)):
         rng = np.random.default_rng(0)
-        cases = [("bilstm (inline, 2x256 bidir, 100x80)", *build_bilstm(rng)),
-                 ("conformer block (inline, 100x144)", *build_conformer(rng))]
+        inline = [("bilstm (inline: 2 layers, 256 bidir, 100x80)", *build_bilstm(rng)),
+                  ("conformer block (inline: 100x144)", *build_conformer(rng))]
+        cases = cases + inline if args.inline else inline
 
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, model, feeds in cases:
             rows.append(bench(name, model, feeds, args.reps))
-    print(f"| model | nodes | q4c.interp (ms) | ReferenceEvaluator (ms) | speed-up | max abs diff |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | nodes | q4c.interp CPU ms | ReferenceEvaluator CPU ms | speed-up (CPU) | speed-up (wall) "
+          "| max abs diff |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['model']} | {r['nodes']} | {r['interp_ms']:.1f} | {r['reference_ms']:.1f} | "
-              f"{r['speedup']:.1f}x | {r['max_abs_diff']:.1e} |")
+              f"{r['speedup']:.1f}x | {r['wall_speedup']:.1f}x | {r['max_abs_diff']:.1e} |")
     print(f"\nmedian of {args.reps} interleaved runs after one warm-up each; numpy {np.__version__}, "
           f"onnx {onnx.__version__}, OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}", file=sys.stderr)
     return 0
