@@ -58,18 +58,22 @@ def main(verbose: int) -> None:
       q4c run model.q4.onnx --data x.npz -o y.npz
 
     Results go to stdout (a table, or JSON with --json); progress and logs to stderr.
-    Exit codes: 0 ok, 1 error (one line on stderr), 2 bad usage.
+    Exit codes: 0 ok, 1 error (one line on stderr), 2 bad usage, 3 'diff' over --tolerance.
     """
     configure_logging(verbose)
 
 
 def _register() -> None:
+    from q4c.cli import bench as bench_mod
     from q4c.cli import compile as compile_mod
+    from q4c.cli import diff as diff_mod
     from q4c.cli import inspect as inspect_mod
     from q4c.cli import passes as passes_mod
     from q4c.cli import run as run_mod
 
     main.add_command(compile_mod.compile_cmd)
+    main.add_command(diff_mod.diff_cmd)
+    main.add_command(bench_mod.bench_cmd)
     main.add_command(inspect_mod.inspect_cmd)
     main.add_command(run_mod.run_cmd)
     main.add_command(passes_mod.passes_cmd)
