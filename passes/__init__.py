@@ -8,6 +8,7 @@ from q4c.passes.fold_constants import FoldConstantsPass
 from q4c.passes.lower_gemm import LowerGemmPass
 from q4c.passes.lower_ort_kernels import LowerOrtKernelsPass
 from q4c.passes.lower_pointwise_conv import LowerPointwiseConvPass
+from q4c.passes.lower_recurrent import LowerRecurrentPass
 from q4c.passes.measure_sensitivity import MeasureSensitivityPass
 from q4c.passes.quantize_weights import QuantizeWeightsPass
 
@@ -22,6 +23,7 @@ BUILTIN_PASSES = {
         AssignPrecisionPass,
         QuantizeWeightsPass,
         LowerOrtKernelsPass,
+        LowerRecurrentPass,
     )
 }
 
@@ -35,6 +37,7 @@ DEFAULT_PIPELINE = (
     "assign-precision",
     "quantize-weights",
     "lower-ort-kernels",
+    "lower-recurrent",
 )
 
 __all__ = ["BUILTIN_PASSES", "DEFAULT_PIPELINE"]

@@ -1,0 +1,114 @@
+"""Lower LSTM/GRU layers with quantized weights to the form ONNX Runtime runs fastest.
+
+quantize-weights feeds LSTM/GRU W and R through DequantizeLinear, which ONNX Runtime either
+re-runs on every call (1.3-36x slower than FP32) or, with session.disable_quant_qdq, folds to
+FP32 at load (FP32 speed, FP32 weights in memory). This pass picks, per layer, one of:
+
+- ``scan``: the input projection for all frames hoisted into one com.microsoft MatMulNBits, and
+  a Scan whose body computes h·Rᵀ with MatMulNBits and the gates (q4c.recurrent.scan). Weights
+  stay at their planned 2/3/4/8 bits in memory.
+- ``dynamic_quantize_lstm``: com.microsoft DynamicQuantizeLSTM, for LSTMs whose W and R are both
+  planned at 8 bits (block-wise INT8 codes are re-quantized per channel, what the op takes).
+- ``kept_dq``: leave DequantizeLinear -> LSTM/GRU, folded to FP32 at load.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from q4c import graph as g
+from q4c.config import Target
+from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.recurrent import Emitter, NoMatch, RecurrentLayer, kernel_block, lower_to_dynamic_lstm, lower_to_scan, match_layer
+from q4c.recurrent.dynamic import Requantized
+
+logger = logging.getLogger(__name__)
+
+#: Smallest hidden size at which the Scan form beats FP32 at 1 thread for both a streaming call
+#: and a whole utterance (benchmarks/bench_recurrent.py; see the pass docstring).
+SCAN_MIN_HIDDEN = 512
+#: Smallest hidden size at which DynamicQuantizeLSTM beats FP32 (same benchmark).
+DYNAMIC_LSTM_MIN_HIDDEN = 256
+
+
+class LowerRecurrentPass(Pass):
+    """For `--target ort-cpu`: LSTM/GRU with DequantizeLinear weights -> the fastest form per layer.
+
+    The rule (ONNX Runtime 1.31, 1 thread; time as a ratio of the FP32 op; measured by
+    `python benchmarks/bench_recurrent.py`, figures in BENCHMARKS.md "recurrent"):
+
+    - LSTM with W and R both 8-bit and hidden >= DYNAMIC_LSTM_MIN_HIDDEN: DynamicQuantizeLSTM
+      (0.3-0.8 from H=256 up; ~1.05 at H=128, where folding is as fast and the rule keeps it).
+    - otherwise, hidden >= SCAN_MIN_HIDDEN and every quantized weight's blocks fit a MatMulNBits
+      block (16-256, or one block spanning K <= 256): the Scan form (0.2-0.45 at H=512-1024 for
+      one step, a short chunk and a whole utterance). At H=256 it wins for a single step (0.6-0.8)
+      but loses on utterances (1.2-1.4: Scan costs ~5-10 us a step); at H=128 it loses (1.2-2.6).
+    - otherwise keep DequantizeLinear -> LSTM/GRU, folded at load (1.0).
+
+    With `kernels="low-bit"` every quantized layer takes a low-bit form whatever its size (weights
+    stay low-bit in memory, at the speeds above).
+
+    Requires: quantize-weights ran (DQ-fed W/R), ctx.quantized.  Ensures: lowered layers keep
+    their output tensors.  Stats: scan, dynamic_quantize_lstm, kept_dq, skipped_<reason>.
+    """
+
+    name = "lower-recurrent"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if ctx.options.target is not Target.ORT_CPU:
+            return PassResult(False)
+        bits_of = {q["codes"]: q["bits"] for q in ctx.quantized}
+        stats: dict[str, int] = defaultdict(int)
+        for sub in list(g.iter_graphs(graph)):
+            for node in [n for n in sub.nodes if n.op in ("LSTM", "GRU") and n.domain in ("", "ai.onnx", None)]:
+                layer = match_layer(sub, node, bits_of)
+                if isinstance(layer, NoMatch):
+                    logger.debug("%s: %s %s", node.name, layer.code, layer.detail)
+                    stats[layer.code] += 1
+                    continue
+                form = choose_form(layer, ctx.options.kernels)
+                logger.debug("%s (%s, H=%d, bits %s): %s", node.name, layer.op, layer.hidden, sorted(layer.bits()), form)
+                stats[form] += 1
+                if form == "scan":
+                    lower_to_scan(layer, Emitter(graph, node.name or layer.op))
+                elif form == "dynamic_quantize_lstm":
+                    for req in lower_to_dynamic_lstm(layer, Emitter(graph, node.name or layer.op)):
+                        _record_requantized(ctx, req, layer)
+        modified = stats["scan"] + stats["dynamic_quantize_lstm"] > 0
+        return PassResult(modified, {k: v for k, v in sorted(stats.items()) if v})
+
+
+def choose_form(layer: RecurrentLayer, kernels: str = "auto") -> str:
+    """"scan", "dynamic_quantize_lstm", "kept_dq" or a skipped_<reason> for one layer (the rule
+    in LowerRecurrentPass's docstring)."""
+    weights = layer.w + layer.r
+    if not any(w.quantized for w in weights):
+        return "skipped_float_weights"
+    # ONNX Runtime refuses LSTM/GRU with layout 1 (batch first): only a lowered form runs there.
+    any_size = kernels == "low-bit" or layer.layout == 1
+    if layer.op == "LSTM" and all(w.quantized and w.bits == 8 for w in weights):
+        return "dynamic_quantize_lstm" if any_size or layer.hidden >= DYNAMIC_LSTM_MIN_HIDDEN else "kept_dq"
+    if any(w.quantized and kernel_block(w) is None for w in weights):
+        return "skipped_block_size"
+    return "scan" if any_size or layer.hidden >= SCAN_MIN_HIDDEN else "kept_dq"
+
+
+def _record_requantized(ctx: PassContext, req: Requantized, layer: RecurrentLayer) -> None:
+    """Per-channel re-quantization adds error: fold it into the report's weight SQNR."""
+    for entry in ctx.quantized:
+        if entry["codes"] != req.codes_name:
+            continue
+        weights = layer.w if layer.w[0].codes_name == req.codes_name else layer.r
+        power = float(sum(np.sum(np.square(w.dequantize(), dtype=np.float64)) for w in weights))
+        sens = dict(entry.get("sensitivity") or {})
+        old = sens.get("weight_sqnr_db")
+        noise = req.noise + (power / 10 ** (old / 10) if isinstance(old, (int, float)) and math.isfinite(old) else 0.0)
+        if noise > 0:
+            sens["weight_sqnr_db"] = round(10 * math.log10(power / noise), 2)
+        entry["sensitivity"] = sens
+        entry["granularity"] = "channel"

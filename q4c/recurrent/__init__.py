@@ -1,0 +1,13 @@
+"""Fast low-bit forms of ONNX LSTM/GRU layers for ONNX Runtime (used by the lower-recurrent pass).
+
+- `layer`: read an LSTM/GRU node and the (DequantizeLinear) weights feeding it.
+- `scan`: hoisted MatMulNBits input projection + Scan whose body runs the cell (INT2/3/4/8).
+- `dynamic`: com.microsoft DynamicQuantizeLSTM (INT8 per-channel weights).
+"""
+
+from q4c.recurrent.dynamic import lower_to_dynamic_lstm
+from q4c.recurrent.emit import Emitter, kernel_block
+from q4c.recurrent.layer import NoMatch, RecurrentLayer, match_layer
+from q4c.recurrent.scan import lower_to_scan
+
+__all__ = ["Emitter", "NoMatch", "RecurrentLayer", "kernel_block", "lower_to_dynamic_lstm", "lower_to_scan", "match_layer"]

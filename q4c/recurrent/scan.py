@@ -1,0 +1,195 @@
+"""LSTM/GRU as one hoisted input projection plus a Scan over time whose body runs the cell.
+
+Emitted form (per direction d; all directions share one Scan, so a bidirectional layer pays
+the per-step Scan overhead once):
+
+    XW_d = MatMulNBits(X, W_d, bias = biases that do not depend on h)   # all frames at once
+    Scan(states h_d (, c_d); scan inputs XW_d (, mask)):
+        g = XW_d[t] + MatMulNBits(h, R_d)  -> gate activations -> c, h update
+    Y = Concat(Unsqueeze(y_d)), Y_h = Concat(Unsqueeze(h_d)), Y_c likewise
+
+A reverse direction runs through Scan's scan_input_directions / scan_output_directions. With
+`sequence_lens`, a reverse direction's projection is reversed within each sequence's length
+(ReverseSequence), every direction then runs forward with a [T, B, 1] mask (state held and
+zeros emitted past a sequence's end, as ONNX LSTM/GRU specify), and the outputs are reversed back.
+One deviation: a batch entry with sequence length 0 returns its initial state as Y_h/Y_c where
+ONNX Runtime returns zeros.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from q4c.recurrent.emit import Emitter
+from q4c.recurrent.layer import RecurrentLayer, Weight
+
+
+def _rows(weight: Weight, start: int, stop: int) -> Weight:
+    if weight.quantized:
+        return Weight(codes=weight.codes[start:stop], scale=weight.scale[start:stop], block=weight.block,
+                      bits=weight.bits, codes_name=weight.codes_name)
+    return Weight(values=weight.values[start:stop])
+
+
+def _biases(layer: RecurrentLayer, d: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(bias added to the hoisted input projection, bias added to h·Rᵀ in the body)."""
+    if layer.bias is None:
+        return None, None
+    n = layer.gates * layer.hidden
+    wb, rb = layer.bias[d, :n], layer.bias[d, n:]
+    if layer.op == "GRU" and layer.linear_before_reset:
+        # h~ = tanh(x·Whᵀ + Wbh + r ⊙ (h·Rhᵀ + Rbh)): Rbh stays with the recurrent product.
+        h2 = 2 * layer.hidden
+        proj = wb + np.concatenate([rb[:h2], np.zeros_like(rb[h2:])])
+        rec = np.concatenate([np.zeros_like(rb[:h2]), rb[h2:]])
+        return proj, rec
+    return wb + rb, None
+
+
+def lower_to_scan(layer: RecurrentLayer, e: Emitter) -> None:
+    """Replace `layer.node` by the Scan form in `layer.graph` (outputs keep their tensors)."""
+    graph, H, nd = layer.graph, layer.hidden, layer.nd
+    is_lstm = layer.op == "LSTM"
+    x = layer.x
+    if layer.layout:
+        x = e.one(graph, "Transpose", [x], attrs={"perm": [1, 0, 2]})  # [B, T, I] -> [T, B, I]
+    biases = [_biases(layer, d) for d in range(nd)]
+    xw = [e.matmul(graph, x, layer.w[d], biases[d][0], f"W{d}") for d in range(nd)]
+
+    zeros = None
+
+    def initial(state: gs.Tensor | None, d: int) -> gs.Tensor:
+        nonlocal zeros
+        if state is not None:
+            return e.one(graph, "Gather", [state, e.const("dir", np.array(d, np.int64))],
+                         attrs={"axis": 1 if layer.layout else 0})
+        if zeros is None:
+            batch = e.one(graph, "Shape", [x], attrs={"start": 1, "end": 2}, dtype=np.int64)
+            shape = e.one(graph, "Concat", [batch, e.ints("hidden", [H])], attrs={"axis": 0}, dtype=np.int64)
+            zeros = e.one(graph, "ConstantOfShape", [shape],
+                          attrs={"value": gs.Constant(e.name("zero"), np.zeros(1, np.float32))})
+        return zeros
+
+    mask = seq = None
+    if layer.sequence_lens is not None:
+        seq = e.one(graph, "Cast", [layer.sequence_lens], attrs={"to": TensorProto.INT64}, dtype=np.int64)
+        steps = e.one(graph, "Shape", [x], attrs={"start": 0, "end": 1}, dtype=np.int64)
+        steps = e.one(graph, "Squeeze", [steps, e.ints("axis0", [0])], dtype=np.int64)
+        t = e.one(graph, "Range", [e.const("start", np.array(0, np.int64)), steps, e.const("delta", np.array(1, np.int64))],
+                  dtype=np.int64)
+        t = e.one(graph, "Unsqueeze", [t, e.ints("axis1", [1])], dtype=np.int64)  # [T, 1]
+        lens = e.one(graph, "Unsqueeze", [seq, e.ints("axis0", [0])], dtype=np.int64)  # [1, B]
+        mask = e.one(graph, "Less", [t, lens], dtype=np.bool_)
+        mask = e.one(graph, "Unsqueeze", [mask, e.ints("axis2", [2])], dtype=np.bool_)  # [T, B, 1]
+        for d in range(nd):
+            if layer.reverse[d]:
+                xw[d] = e.one(graph, "ReverseSequence", [xw[d], seq], attrs={"batch_axis": 1, "time_axis": 0})
+
+    want_y = layer.outputs[0] is not None
+    n_state = 2 if is_lstm else 1
+    body = gs.Graph(name=e.name("body"))
+    state_in: list[gs.Variable] = []
+    state_out: list[gs.Variable] = []
+    scan_in = [e.var(f"xw{d}_t") for d in range(nd)]
+    mask_t = e.var("mask_t", np.bool_) if mask is not None else None
+    zero = e.const("zero_f", np.array(0, np.float32)) if mask is not None else None
+    ys: list[gs.Variable] = []
+    for d in range(nd):
+        h = e.var(f"h{d}")
+        c = e.var(f"c{d}") if is_lstm else None
+        state_in += [h] + ([c] if c is not None else [])
+        if is_lstm:
+            h_new, c_new = _lstm_cell(e, body, layer, d, h, c, scan_in[d])
+            new = [h_new, c_new]
+        else:
+            new = [_gru_cell(e, body, layer, d, h, scan_in[d], biases[d][1])]
+        if mask_t is not None:
+            held = [e.one(body, "Where", [mask_t, n, o]) for n, o in zip(new, state_in[-n_state:])]
+            if want_y:
+                ys.append(e.one(body, "Where", [mask_t, new[0], zero]))
+            new = held
+        elif want_y:
+            ys.append(e.one(body, "Identity", [new[0]]))
+        state_out += new
+    body.inputs = state_in + scan_in + ([mask_t] if mask_t is not None else [])
+    body.outputs = state_out + ys
+    for t in body.inputs + body.outputs:  # the checker wants shapes on subgraph inputs/outputs
+        t.shape = [None, 1 if t is mask_t else (layer.gates * H if t in scan_in else H)]
+
+    inits: list[gs.Tensor] = []
+    for d in range(nd):
+        inits.append(initial(layer.initial_h, d))
+        if is_lstm:
+            inits.append(initial(layer.initial_c, d))
+    directions = [int(r and mask is None) for r in layer.reverse]
+    finals = [e.var(f"final{i}") for i in range(len(state_out))]
+    y_steps = [e.var(f"y{d}") for d in range(len(ys))]
+    e.node(graph, "Scan", inits + xw + ([mask] if mask is not None else []), finals + y_steps, attrs={
+        "body": body, "num_scan_inputs": nd + (mask is not None),
+        "scan_input_directions": directions + ([0] if mask is not None else []),
+        "scan_output_directions": directions[:len(ys)],
+    })
+
+    dir_axis = 2 if layer.layout else 1  # Y: [T, nd, B, H], or [B, T, nd, H] for layout 1
+    if want_y:
+        parts = []
+        for d, y in enumerate(y_steps):  # [T, B, H]
+            if mask is not None and layer.reverse[d]:
+                y = e.one(graph, "ReverseSequence", [y, seq], attrs={"batch_axis": 1, "time_axis": 0})
+            if layer.layout:
+                y = e.one(graph, "Transpose", [y], attrs={"perm": [1, 0, 2]})  # [B, T, H]
+            parts.append(y)
+        _stack(e, graph, parts, dir_axis, layer.outputs[0])
+    state_axis = 1 if layer.layout else 0  # Y_h/Y_c: [nd, B, H], or [B, nd, H] for layout 1
+    for k, out in enumerate(layer.outputs[1:]):
+        if out is not None:
+            _stack(e, graph, [finals[d * n_state + k] for d in range(nd)], state_axis, out)
+    layer.node.inputs.clear()
+    layer.node.outputs.clear()
+
+
+def _stack(e: Emitter, graph: gs.Graph, parts: list[gs.Tensor], axis: int, out: gs.Variable) -> None:
+    """Unsqueeze each part at `axis` and concatenate them there, into `out`."""
+    axes = e.ints("axis", [axis])
+    if len(parts) == 1:
+        e.one(graph, "Unsqueeze", [parts[0], axes], out=out)
+        return
+    expanded = [e.one(graph, "Unsqueeze", [p, axes]) for p in parts]
+    e.one(graph, "Concat", expanded, attrs={"axis": axis}, out=out)
+
+
+def _split(e: Emitter, graph: gs.Graph, x: gs.Tensor, sizes: list[int]) -> list[gs.Variable]:
+    return e.node(graph, "Split", [x, e.ints("split", sizes)], len(sizes), attrs={"axis": -1})
+
+
+def _lstm_cell(e: Emitter, body: gs.Graph, layer: RecurrentLayer, d: int, h: gs.Tensor, c: gs.Tensor,
+               xw_t: gs.Tensor) -> tuple[gs.Variable, gs.Variable]:
+    """ONNX LSTM gates i, o, f, c: c' = f⊙c + i⊙tanh(g_c), h' = o⊙tanh(c')."""
+    H = layer.hidden
+    gates = e.one(body, "Add", [xw_t, e.matmul(body, h, layer.r[d], None, f"R{d}")])
+    ifo, cand = _split(e, body, gates, [3 * H, H])
+    i, o, f = _split(e, body, e.one(body, "Sigmoid", [ifo]), [H, H, H])
+    cand = e.one(body, "Tanh", [cand])
+    c_new = e.one(body, "Add", [e.one(body, "Mul", [f, c]), e.one(body, "Mul", [i, cand])])
+    h_new = e.one(body, "Mul", [o, e.one(body, "Tanh", [c_new])])
+    return h_new, c_new
+
+
+def _gru_cell(e: Emitter, body: gs.Graph, layer: RecurrentLayer, d: int, h: gs.Tensor, xw_t: gs.Tensor,
+              rec_bias: np.ndarray | None) -> gs.Variable:
+    """ONNX GRU gates z, r, h: h' = n + z⊙(h - n), n = tanh(x·Whᵀ + ... ) per linear_before_reset."""
+    H = layer.hidden
+    x_zr, x_n = _split(e, body, xw_t, [2 * H, H])
+    if layer.linear_before_reset:
+        h_zr, h_n = _split(e, body, e.matmul(body, h, layer.r[d], rec_bias, f"R{d}"), [2 * H, H])
+        z, r = _split(e, body, e.one(body, "Sigmoid", [e.one(body, "Add", [x_zr, h_zr])]), [H, H])
+        pre = e.one(body, "Add", [x_n, e.one(body, "Mul", [r, h_n])])
+    else:
+        h_zr = e.matmul(body, h, _rows(layer.r[d], 0, 2 * H), None, f"R{d}_zr")
+        z, r = _split(e, body, e.one(body, "Sigmoid", [e.one(body, "Add", [x_zr, h_zr])]), [H, H])
+        h_n = e.matmul(body, e.one(body, "Mul", [r, h]), _rows(layer.r[d], 2 * H, 3 * H), None, f"R{d}_h")
+        pre = e.one(body, "Add", [x_n, h_n])
+    n = e.one(body, "Tanh", [pre])
+    return e.one(body, "Add", [n, e.one(body, "Mul", [z, e.one(body, "Sub", [h, n])])])
