@@ -5,6 +5,7 @@ from __future__ import annotations
 from q4c.passes.assign_precision import AssignPrecisionPass
 from q4c.passes.dedupe_weights import DedupeWeightsPass
 from q4c.passes.fold_constants import FoldConstantsPass
+from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
 from q4c.passes.lower_gemm import LowerGemmPass
 from q4c.passes.lower_ort_kernels import LowerOrtKernelsPass
 from q4c.passes.lower_pointwise_conv import LowerPointwiseConvPass
@@ -16,6 +17,7 @@ BUILTIN_PASSES = {
     cls.name: cls
     for cls in (
         FoldConstantsPass,
+        FuseLstmGatesPass,
         LowerGemmPass,
         LowerPointwiseConvPass,
         DedupeWeightsPass,
@@ -30,6 +32,7 @@ BUILTIN_PASSES = {
 #: canonicalize -> analyse -> materialise, in this order.
 DEFAULT_PIPELINE = (
     "fold-constants",
+    "fuse-lstm-gates",
     "lower-gemm",
     "lower-pointwise-conv",
     "dedupe-weights",

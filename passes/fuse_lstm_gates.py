@@ -1,0 +1,100 @@
+"""Recognize LSTM cells exported as separate ops (unrolled over time, or in a Scan/Loop body)
+and replace each recurrence by one ONNX LSTM.
+
+Exporters write an LSTMCell loop as MatMul/Gemm + Split/Slice + Sigmoid/Tanh + Mul/Add per time
+step (or as a Scan body). As one LSTM op the recurrence is one node ONNX Runtime runs with a
+fused kernel, its W/R are two weight tensors the quantizer treats per gate, and the graph is
+5-70x smaller. Match -> check -> rewrite: q4c.rewrite.lstm_match finds cells,
+q4c.rewrite.lstm_plan chains them and checks one LSTM can stand for them, and
+q4c.rewrite.lstm_emit writes the LSTM with adapters back to the tensors the graph reads.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import onnx_graphsurgeon as gs
+
+from q4c import graph as g
+from q4c.errors import PreconditionError
+from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.rewrite.lstm_emit import LstmPlan, Names, emit_lstm
+from q4c.rewrite.lstm_match import NoMatch
+from q4c.rewrite.lstm_plan import loop_plan, match_cells, unrolled_plans
+from q4c.rewrite.view import DataflowView, LazyShapes
+
+logger = logging.getLogger(__name__)
+
+#: Squeeze/Unsqueeze take axes as an input from opset 13 on; that is what the adapters emit.
+MIN_OPSET = 13
+
+
+class FuseLstmGatesPass(Pass):
+    """Replace decomposed LSTM cells (unrolled chains, Scan/Loop bodies) by ONNX LSTM ops.
+
+    Requires: default-domain opset >= 13 (q4c converts to 21 on load).
+    Ensures: every matched chain is one LSTM; tensors the graph reads keep their names.
+    Stats: fused (LSTM ops emitted), fused_cells (decomposed steps absorbed), fused_loops
+    (Scan/Loop nodes replaced), skipped_<code> for each declined candidate (codes from the
+    matcher: cell_structure, nonstandard_activation, peephole, cell_clip, gate_projection,
+    gate_layout, gate_shape, bias_shape, unknown_bounds, unknown_width, intermediate_used,
+    extra_inputs, rank, dtype, loop_*).
+    """
+
+    name = "fuse-lstm-gates"
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if ctx.opset < MIN_OPSET:
+            raise PreconditionError(f"fuse-lstm-gates needs opset >= {MIN_OPSET}, the graph has {ctx.opset}; "
+                                    f"convert it (q4c compile does) or re-export")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats: collections.Counter[str] = collections.Counter()
+        shapes = LazyShapes(graph)
+        plans: list[tuple[LstmPlan, str]] = []
+
+        def decline(reason: NoMatch) -> None:
+            stats[f"skipped_{reason.code}"] += 1
+            logger.debug("fuse-lstm-gates: skipped (%s): %s", reason.code, reason.detail)
+
+        bodies = _loop_bodies(graph)
+        for sub in list(g.iter_graphs(graph)):
+            if id(sub) in bodies:
+                continue  # cells inside a Scan/Loop body are fused with their loop, or not at all
+            view = DataflowView(sub, shapes)
+            for node in sub.nodes:
+                if node.op in ("Scan", "Loop") and isinstance(node.attrs.get("body"), gs.Graph):
+                    result = loop_plan(view, node, DataflowView(node.attrs["body"], shapes))
+                    if isinstance(result, NoMatch):
+                        decline(result)
+                    elif result is not None:
+                        plans.append((result, "loop"))
+            cells, declined = match_cells(view)
+            for reason in declined:
+                decline(reason)
+            chain_plans, declined, fused_cells = unrolled_plans(view, cells)
+            for reason in declined:
+                decline(reason)
+            plans.extend((plan, "unrolled") for plan in chain_plans)
+            stats["fused_cells"] += fused_cells
+
+        names = Names(graph) if plans else None
+        for plan, kind in plans:
+            emit_lstm(names, plan, "fused_lstm")
+            stats["fused"] += 1
+            if kind == "loop":
+                stats["fused_loops"] += 1
+                stats["fused_cells"] += 1
+        return PassResult(stats["fused"] > 0, {k: v for k, v in sorted(stats.items()) if v})
+
+
+def _loop_bodies(graph: gs.Graph) -> set[int]:
+    """ids of every graph nested in a Scan/Loop body."""
+    found: set[int] = set()
+    for sub in g.iter_graphs(graph):
+        for node in sub.nodes:
+            body = node.attrs.get("body") if node.op in ("Scan", "Loop") else None
+            if isinstance(body, gs.Graph):
+                found.update(id(inner) for inner in g.iter_graphs(body))
+    return found
