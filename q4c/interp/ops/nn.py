@@ -227,10 +227,15 @@ def layer_normalization(X, Scale, B=None, *, axis: int = -1, epsilon: float = 1e
     axes = tuple(range(axis, X.ndim))
     # stash_type=1: mean and variance in float32 whatever X's type.
     x = X.astype(np.float32, copy=False) if stash_type == 1 else X
-    mean = np.mean(x, axis=axes, keepdims=True, dtype=x.dtype)
+    inv_n = x.dtype.type(1.0 / max(int(np.prod(X.shape[axis:], dtype=np.int64)), 1))
+    mean = np.add.reduce(x, axis=axes, keepdims=True, dtype=x.dtype)
+    mean *= inv_n
     centered = x - mean
-    var = np.mean(np.square(centered), axis=axes, keepdims=True, dtype=x.dtype)
-    inv_std = 1 / np.sqrt(var + x.dtype.type(epsilon))
+    var = np.add.reduce(np.square(centered), axis=axes, keepdims=True, dtype=x.dtype)
+    var *= inv_n
+    var += x.dtype.type(epsilon)
+    inv_std = np.sqrt(var)
+    np.reciprocal(inv_std, out=inv_std)
     centered *= inv_std
     y = centered.astype(X.dtype, copy=False)
     y *= Scale
