@@ -6,7 +6,9 @@ Rules (all documented in the `q4c bench` help and the README):
 - A *call* is one `session.run`. Latency percentiles are over timed calls after warm-up; with
   two models, each iteration runs both, alternating which goes first, and the *ratio* of a pair is
   MODEL time / OTHER time for the same input (median and p90 over pairs; below 1 means MODEL is
-  faster). In streaming mode the pair is one whole stream (all chunks of a sample).
+  faster). In streaming mode the pair is one whole stream (all chunks of a sample). Process CPU
+  time per input (`cpu_p50_ms`, ratio `cpu_p50`) is reported beside wall time: on a shared
+  machine it is the steadier of the two.
 - *Audio features*: a float input shaped [batch, T, 80] is T frames of `hop_ms` each per batch
   entry, so the call covers batch * T * hop_ms / 1000 seconds of audio; RTF = latency / that
   (below 1 is faster than real time).
@@ -191,6 +193,7 @@ class _Subject:
     streamed: list[InputSpec]
     calls: list[float] = field(default_factory=list)  # seconds per session.run
     units: list[float] = field(default_factory=list)  # seconds per whole input (= calls unless streaming)
+    cpu_units: list[float] = field(default_factory=list)  # process CPU seconds per whole input
     rtf: list[float] = field(default_factory=list)
 
     def run_once(self, feeds: Feeds, chunk: int | None, hop_ms: float, record: bool) -> float:
@@ -202,6 +205,7 @@ class _Subject:
                 raise DataError(f"{self.path}: ONNX Runtime cannot run the model on inputs {shapes}: "
                                 f"{str(e).strip().splitlines()[0]}") from e
 
+        cpu_start = time.process_time()
         if chunk is None:
             start = time.perf_counter()
             call(feeds)
@@ -210,6 +214,7 @@ class _Subject:
             seconds = run_stream(call, chunk_feeds(feeds, self.streamed, chunk), self.pairs).seconds
         total = sum(seconds)
         if record:
+            self.cpu_units.append(time.process_time() - cpu_start)
             self.calls.extend(seconds)
             self.units.append(total)
             audio = audio_seconds(self.model, feeds, hop_ms)
@@ -266,7 +271,9 @@ def bench(
     ratio = None
     if other_path is not None:
         pairs = [a / b for a, b in zip(subjects[0].units, subjects[1].units) if b > 0]
-        ratio = {"p50": _percentile(pairs, 50), "p90": _percentile(pairs, 90), "pairs": len(pairs)}
+        cpu_pairs = [a / b for a, b in zip(subjects[0].cpu_units, subjects[1].cpu_units) if b > 0]
+        ratio = {"p50": _percentile(pairs, 50), "p90": _percentile(pairs, 90), "pairs": len(pairs),
+                 "cpu_p50": _percentile(cpu_pairs, 50)}
     return {"schema": SCHEMA, "threads": threads, "iters": iters, "warmup": warmup, "chunk": chunk,
             "hop_ms": hop_ms, "samples": len(samples), "model": docs[0],
             "vs": docs[1] if len(docs) > 1 else None, "ratio": ratio}
@@ -287,6 +294,7 @@ def _describe(s: _Subject, chunk: int | None, threads: int, probe_feeds: Feeds |
         "path": s.path,
         "p50_ms": _ms(_percentile(s.units, 50)), "p90_ms": _ms(_percentile(s.units, 90)),
         "mean_ms": _ms(float(np.mean(s.units))), "min_ms": _ms(float(np.min(s.units))),
+        "cpu_p50_ms": _ms(_percentile(s.cpu_units, 50)),
         "rtf": _percentile(s.rtf, 50),
         "session_config": q4ort.session_config(s.model),
         "peak_rss_bytes": None, "rss_growth_bytes": None,

@@ -74,12 +74,12 @@ def bench_cmd(model: Path, other: Path | None, data: Path | None, threads: int, 
 def _render(doc: dict[str, Any]) -> None:
     subjects = [doc["model"]] + ([doc["vs"]] if doc["vs"] else [])
     unit = "stream" if doc["chunk"] else "call"
-    headers = ["model", f"p50 ms/{unit}", f"p90 ms/{unit}", "RTF", "peak RSS", "RSS growth"]
+    headers = ["model", f"p50 ms/{unit}", f"p90 ms/{unit}", "CPU p50 ms", "RTF", "peak RSS", "RSS growth"]
     if doc["chunk"]:
         headers += [f"p50 ms/chunk of {doc['chunk']}", "p90 ms/chunk", "state carried"]
     rows = []
     for s in subjects:
-        row = [s["path"], s["p50_ms"], s["p90_ms"], "-" if s["rtf"] is None else round(s["rtf"], 5),
+        row = [s["path"], s["p50_ms"], s["p90_ms"], s["cpu_p50_ms"], "-" if s["rtf"] is None else round(s["rtf"], 5),
                _bytes(s["peak_rss_bytes"]), _bytes(s["rss_growth_bytes"])]
         if doc["chunk"]:
             c = s["chunks"]
@@ -91,9 +91,13 @@ def _render(doc: dict[str, Any]) -> None:
     ratio = doc["ratio"]
     if ratio is not None:
         r = ratio["p50"]
-        verdict = f"{1 / r:.2f}x faster" if r < 1 else f"{r:.2f}x slower"
-        click.echo(f"ratio {doc['model']['path']} / {doc['vs']['path']}: p50 {r:.3f}, p90 {ratio['p90']:.3f} "
-                   f"over {ratio['pairs']} interleaved pairs ({verdict})")
+        name = Path(doc["model"]["path"]).name
+        if abs(r - 1) <= 0.02:
+            verdict = f"{name} runs at the same speed within 2%"
+        else:
+            verdict = f"{name} is {1 / r:.2f}x faster" if r < 1 else f"{name} is {r:.2f}x slower"
+        click.echo(f"time ratio {doc['model']['path']} / {doc['vs']['path']} over {ratio['pairs']} interleaved pairs: "
+                   f"p50 {r:.3f}, p90 {ratio['p90']:.3f}, CPU time p50 {ratio['cpu_p50']:.3f} ({verdict})")
 
 
 def _bytes(n: int | None) -> str:

@@ -12,7 +12,7 @@ from q4c import ort as q4ort
 from q4c.bench import audio_seconds, chunk_feeds, run_stream, state_pairs, streamed_inputs
 from q4c.cli import main
 
-MODEL_KEYS = {"path", "p50_ms", "p90_ms", "mean_ms", "min_ms", "rtf", "session_config", "peak_rss_bytes",
+MODEL_KEYS = {"path", "p50_ms", "p90_ms", "mean_ms", "min_ms", "cpu_p50_ms", "rtf", "session_config", "peak_rss_bytes",
               "rss_growth_bytes"}
 TOP_KEYS = {"schema", "threads", "iters", "warmup", "chunk", "hop_ms", "samples", "model", "vs", "ratio", "data"}
 
@@ -37,8 +37,9 @@ def test_model_against_itself_has_a_finite_positive_ratio_and_memory(runner, bun
     for subject in (doc["model"], doc["vs"]):
         assert 0 < subject["min_ms"] <= subject["p50_ms"] <= subject["p90_ms"]
         assert subject["peak_rss_bytes"] > subject["rss_growth_bytes"] > 0
-    assert set(doc["ratio"]) == {"p50", "p90", "pairs"} and doc["ratio"]["pairs"] == 6
+    assert set(doc["ratio"]) == {"p50", "p90", "pairs", "cpu_p50"} and doc["ratio"]["pairs"] == 6
     assert math.isfinite(doc["ratio"]["p50"]) and doc["ratio"]["p50"] > 0
+    assert math.isfinite(doc["ratio"]["cpu_p50"]) and doc["ratio"]["cpu_p50"] > 0
     assert doc["model"]["rtf"] > 0  # features [1, 40, 80]: 0.4 s of audio
     assert doc["data"].endswith("lstm_scan.npz")
 
