@@ -190,3 +190,18 @@ def test_dynamic_quantize_lstm_matches_ort_bidirectional_with_lengths_and_states
     for name in ("Y", "Y_h", "Y_c"):
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
     assert not np.any(actual["Y"][2:, :, 1])  # past sequence 1's length: zeros
+
+
+def test_dynamic_quantize_lstm_probes_do_not_change_the_outputs(make_model, rng):
+    t, b, i, h = 5, 3, 16, 8
+    model, *_ = _dynamic_lstm_model(make_model, rng, t, b, i, h, True, "bidirectional", extra=True)
+    feeds = {"X": rng.standard_normal((t, b, i)).astype(np.float32), "L": np.array([5, 2, 4], np.int32),
+             "H0": np.zeros((2, b, h), np.float32), "C0": np.zeros((2, b, h), np.float32)}
+    interp = Interpreter(model)
+    plain, probed = interp.run(feeds), interp.run(feeds, probes=True)
+    for name in ("Y", "Y_h", "Y_c"):
+        np.testing.assert_array_equal(plain[name], probed[name])
+    node = model.graph.node[0].name or "DynamicQuantizeLSTM_0"
+    np.testing.assert_array_equal(probed[f"{node}::h"], probed["Y"])
+    assert probed[f"{node}::c"].shape == (t, 2, b, h)
+    np.testing.assert_array_equal(probed[f"{node}::c"][-1, 0, 0], probed["Y_c"][0, 0])  # full-length entry

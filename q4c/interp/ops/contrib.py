@@ -172,10 +172,10 @@ def dynamic_quantize_lstm(
         raise UnsupportedOpError("DynamicQuantizeLSTM needs W_scale, W_zero_point, R_scale and R_zero_point")
     names = [a.lower() for a in activations or []]
     default = not names or all(n == d for n, d in zip(names, ["sigmoid", "tanh", "tanh"] * 2))
-    if P is None and not input_forget and default and _probe is None:
+    if P is None and not input_forget and default:
         return _dynamic_lstm_as_ort(X, W, R, B, sequence_lens, initial_h, initial_c, W_scale, W_zero_point,
                                     R_scale, R_zero_point, clip=clip, direction=direction,
-                                    hidden=hidden_size or R.shape[1])
+                                    hidden=hidden_size or R.shape[1], probe=_probe)
     w = _dequantize_recurrent(W, W_scale, W_zero_point)
     r = _dequantize_recurrent(R, R_scale, R_zero_point)
     return lstm_forward(
@@ -201,7 +201,7 @@ def _quantized_gemm(a: np.ndarray, w: np.ndarray, w_scale: np.ndarray) -> np.nda
 
 
 def _dynamic_lstm_as_ort(X, W, R, B, sequence_lens, initial_h, initial_c, W_scale, W_zero_point,  # noqa: N803
-                         R_scale, R_zero_point, *, clip, direction, hidden):
+                         R_scale, R_zero_point, *, clip, direction, hidden, probe=None):
     T, batch, _ = X.shape  # noqa: N806
     H = int(hidden)  # noqa: N806
     nd = 2 if direction == "bidirectional" else 1
@@ -212,6 +212,9 @@ def _dynamic_lstm_as_ort(X, W, R, B, sequence_lens, initial_h, initial_c, W_scal
     y_h = np.zeros((nd, batch, H), np.float32)
     y_c = np.zeros((nd, batch, H), np.float32)
     t_idx = np.arange(T)[:, None]
+    # Probes, like LSTM's: [T, nd, B, H] in original time order, zero past each sequence's length.
+    names = ("i", "o", "f", "c_tilde", "c", "h")
+    traces = {n: np.zeros((T, nd, batch, H), np.float32) for n in names} if probe is not None else None
     for d in range(nd):
         reverse = direction == "reverse" or d == 1
         # ReverseSequence within each sequence's length; steps past it are copied as they are.
@@ -236,8 +239,16 @@ def _dynamic_lstm_as_ort(X, W, R, B, sequence_lens, initial_h, initial_c, W_scal
             # Finished rows emit zeros, and their zeroed output is the next step's h (ORT).
             h = np.where(active, np.tanh(c) * o, np.float32(0))
             outs[t] = h
+            if traces is not None:
+                for name, value in zip(names, (i, o, f, cand, c, h)):
+                    step = np.where(active, value, np.float32(0))
+                    row = lens - 1 - t if reverse else np.full(batch, t)  # original time of this step
+                    keep = row >= 0
+                    traces[name][row[keep], d, np.arange(batch)[keep]] = step[keep]
             last = (t + 1 == lens)[:, None]
             y_h[d] = np.where(last, h, y_h[d])
             y_c[d] = np.where(last, c, y_c[d])
         y[:, d] = outs[order, np.arange(batch)[None, :]] if reverse else outs
+    if traces is not None:
+        probe.update(traces)
     return y, y_h, y_c
