@@ -9,9 +9,9 @@ bidirectional LSTM (hidden 256, 100 frames x 80 features) and a small Conformer-
 Both executors run the same feeds, interleaved, `--reps` times after one warm-up each; the
 table reports median CPU time per run (process time: steadier than wall time on a shared
 machine, and equal to it when the machine is idle, BLAS being single-threaded), the speed-up
-by CPU and by wall time, and the largest difference between the two executors' outputs. BLAS runs single-threaded for both
-(OPENBLAS_NUM_THREADS=1 unless already set): on a small shared machine, threaded BLAS spins
-and swamps the differences being measured.
+by CPU and by wall time, and the largest difference between the two executors' outputs.
+BLAS runs single-threaded for both (OPENBLAS_NUM_THREADS=1 unless already set): on a small
+shared machine, threaded BLAS spins and swamps the differences being measured.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def build_bilstm(rng: np.random.Generator, frames: int = 100, features: int = 80
         nodes.append(helper.make_node("Reshape", [f"yt{layer}", "shape"], [f"h{layer}"]))
         x, size = f"h{layer}", 2 * hidden
     inits.append(numpy_helper.from_array(np.array([frames, 1, 2 * hidden], np.int64), "shape"))
-    graph = helper.make_graph(nodes, "bilstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (frames, 1, features))],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, (frames, 1, features))]
+    graph = helper.make_graph(nodes, "bilstm", inputs,
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     return model, {"x": rng.standard_normal((frames, 1, features)).astype(np.float32)}
