@@ -80,7 +80,7 @@ class Interpreter:
         keep_set: frozenset[str] | None
         if keep is True:
             keep_set = None
-            kept: dict[str, np.ndarray] | None = {}
+            kept: dict[str, np.ndarray] | None = {name: env[name] for name in graph.folded}
         elif keep is None or keep is False:
             keep_set, kept = frozenset(), None
         else:

@@ -96,10 +96,12 @@ class Graph:
         self._steps = [compiled[i] for i in order]
         # Fold Constant nodes once: their outputs become constants of this graph.
         steps = []
+        self.folded: list[str] = []  # outputs of Constant nodes, still node outputs for keep=True
         for step in self._steps:
             if step.op_type == "Constant" and not step.inputs:
                 value = step.fn(**step.attrs)[0]
                 self.constants[step.outputs[0]] = np.asarray(value)
+                self.folded.append(step.outputs[0])
             else:
                 steps.append(step)
         self._steps = steps
