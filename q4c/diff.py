@@ -54,8 +54,16 @@ class ErrorStats:
         self.count = 0
 
     def update(self, ref: np.ndarray, other: np.ndarray) -> None:
+        """Non-finite values (a -inf attention mask) count as exact where both models agree on
+        them; where only one is non-finite, the error is infinite."""
         r = np.asarray(ref, dtype=np.float64).reshape(-1)
         o = np.asarray(other, dtype=np.float64).reshape(-1)
+        finite = np.isfinite(r) & np.isfinite(o)
+        if not finite.all():
+            agree = (r == o) | (np.isnan(r) & np.isnan(o))
+            if not (agree | finite).all():
+                self.noise = self.max_abs = math.inf
+            r, o = r[finite], o[finite]
         err = np.abs(r - o)
         self.power += _dot(r, r)
         self.noise += _dot(err, err)
@@ -84,6 +92,8 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 def sqnr_from_power(power: float, noise: float) -> float:
     if noise == 0:
         return math.inf
+    if math.isinf(noise):
+        return -math.inf
     return round(10 * math.log10(max(power, 1e-30) / noise), 2)
 
 

@@ -61,6 +61,16 @@ def test_error_stats_pool_samples_of_different_lengths():
     assert pooled.metrics()["mean_abs"] == 0.75
 
 
+def test_error_stats_agreeing_infinities_are_exact_and_disagreeing_ones_infinite():
+    mask = np.array([0.0, -np.inf, 2.0])
+    agree = ErrorStats()
+    agree.update(mask, np.array([0.0, -np.inf, 1.0]))
+    assert agree.metrics()["sqnr_db"] == round(10 * math.log10(4 / 1), 2) and agree.metrics()["max_abs"] == 1.0
+    differ = ErrorStats()
+    differ.update(mask, np.array([0.0, -5.0, 2.0]))
+    assert differ.metrics()["sqnr_db"] == -math.inf and differ.metrics()["max_abs"] == math.inf
+
+
 def test_greedy_ctc_collapses_repeats_and_drops_blank():
     frames = [1, 1, 0, 1, 2, 2, 0, 0, 3]
     log_probs = np.log(np.eye(4)[frames] * 0.97 + 0.01)
