@@ -1,12 +1,12 @@
-"""Recognize LSTM cells exported as separate ops (unrolled over time, or in a Scan/Loop body)
-and replace each recurrence by one ONNX LSTM.
+"""Recognize LSTM (and GRU) cells exported as separate ops, unrolled over time or in a
+Scan/Loop body, and replace each recurrence by one ONNX LSTM (GRU).
 
 Exporters write an LSTMCell loop as MatMul/Gemm + Split/Slice + Sigmoid/Tanh + Mul/Add per time
 step (or as a Scan body). As one LSTM op the recurrence is one node ONNX Runtime runs with a
-fused kernel, its W/R are two weight tensors the quantizer treats per gate, and the graph is
-5-70x smaller. Match -> check -> rewrite: q4c.rewrite.lstm_match finds cells,
-q4c.rewrite.lstm_plan chains them and checks one LSTM can stand for them, and
-q4c.rewrite.lstm_emit writes the LSTM with adapters back to the tensors the graph reads.
+fused kernel, its W/R are two weight tensors the quantizer treats per gate, and the unrolled
+graphs shrink 50-70x. Match -> check -> rewrite: q4c.rewrite.lstm_match / gru_match find cells,
+q4c.rewrite.rnn_plan chains them and checks one op can stand for them, and
+q4c.rewrite.rnn_emit writes the op with adapters back to the tensors the graph reads.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import onnx_graphsurgeon as gs
 from q4c import graph as g
 from q4c.errors import PreconditionError
 from q4c.pipeline import Pass, PassContext, PassResult
-from q4c.rewrite.lstm_emit import LstmPlan, Names, emit_lstm
-from q4c.rewrite.lstm_match import NoMatch
-from q4c.rewrite.lstm_plan import loop_plan, match_cells, unrolled_plans
+from q4c.rewrite.affine import NoMatch
+from q4c.rewrite.rnn_emit import Names, RnnPlan, emit_rnn
+from q4c.rewrite.rnn_plan import loop_plan, match_cells, unrolled_plans
 from q4c.rewrite.view import DataflowView, LazyShapes
 
 logger = logging.getLogger(__name__)
@@ -31,15 +31,15 @@ MIN_OPSET = 13
 
 
 class FuseLstmGatesPass(Pass):
-    """Replace decomposed LSTM cells (unrolled chains, Scan/Loop bodies) by ONNX LSTM ops.
+    """Replace decomposed LSTM/GRU cells (unrolled chains, Scan/Loop bodies) by ONNX LSTM/GRU ops.
 
     Requires: default-domain opset >= 13 (q4c converts to 21 on load).
-    Ensures: every matched chain is one LSTM; tensors the graph reads keep their names.
-    Stats: fused (LSTM ops emitted), fused_cells (decomposed steps absorbed), fused_loops
-    (Scan/Loop nodes replaced), skipped_<code> for each declined candidate (codes from the
-    matcher: cell_structure, nonstandard_activation, peephole, cell_clip, gate_projection,
-    gate_layout, gate_shape, bias_shape, unknown_bounds, unknown_width, intermediate_used,
-    extra_inputs, rank, dtype, loop_*).
+    Ensures: every matched chain is one op; tensors the graph reads keep their names.
+    Stats: fused (ops emitted), fused_gru (of which GRU), fused_cells (decomposed steps
+    absorbed), fused_loops (Scan/Loop nodes replaced), skipped_<code> per declined candidate
+    (cell_structure, nonstandard_activation, peephole, cell_clip, gate_projection, gate_shape,
+    bias_shape, unknown_bounds, unknown_width, intermediate_used, extra_inputs, rank, dtype,
+    loop_signature, loop_direction, loop_state, loop_outputs, loop_body).
     """
 
     name = "fuse-lstm-gates"
@@ -52,7 +52,7 @@ class FuseLstmGatesPass(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: collections.Counter[str] = collections.Counter()
         shapes = LazyShapes(graph)
-        plans: list[tuple[LstmPlan, str]] = []
+        plans: list[tuple[RnnPlan, str]] = []
 
         def decline(reason: NoMatch) -> None:
             stats[f"skipped_{reason.code}"] += 1
@@ -81,8 +81,10 @@ class FuseLstmGatesPass(Pass):
 
         names = Names(graph) if plans else None
         for plan, kind in plans:
-            emit_lstm(names, plan, "fused_lstm")
+            emit_rnn(names, plan, f"fused_{plan.op.lower()}")
             stats["fused"] += 1
+            if plan.op == "GRU":
+                stats["fused_gru"] += 1
             if kind == "loop":
                 stats["fused_loops"] += 1
                 stats["fused_cells"] += 1

@@ -1,6 +1,6 @@
-"""Emit one ONNX LSTM for a matched recurrence and re-produce the tensors the graph used.
+"""Emit one ONNX LSTM or GRU for a matched recurrence and re-produce the tensors the graph used.
 
-The LSTM works in its own layout (X [T, B, I], Y [T, 1, B, H], Y_h/Y_c [1, B, H]; ONNX Runtime
+The op works in its own layout (X [T, B, I], Y [T, 1, B, H], Y_h/Y_c [1, B, H]; ONNX Runtime
 has no batch-major `layout=1` kernel), so thin adapters (Transpose, Squeeze, Gather) map it back
 to what the original graph read. Tensors that the graph keeps (graph outputs, consumers outside
 the fused cells) keep their names and objects: their old producer gets a throw-away output, and
@@ -32,18 +32,20 @@ class SeqInput:
 
 
 @dataclass
-class LstmPlan:
-    """Everything one ONNX LSTM needs and everything it must produce."""
+class RnnPlan:
+    """Everything one ONNX LSTM (or GRU) needs and everything it must produce."""
 
     graph: gs.Graph
     hidden: int
-    w: np.ndarray  # [4H, I], gates i, o, f, c
+    w: np.ndarray  # [4H, I], LSTM gates i, o, f, c ([3H, I], GRU gates z, r, h)
     r: np.ndarray  # [4H, H]
     wb: np.ndarray  # [4H]
     rb: np.ndarray  # [4H]
     x: SeqInput | list[gs.Tensor]  # a sequence, or the step inputs [B, I] to stack
     initial_h: gs.Tensor | None = None  # [B, H]; None: zeros
     initial_c: gs.Tensor | None = None
+    op: str = "LSTM"
+    linear_before_reset: int = 0  # GRU only
     steps: int | None = None  # T when static
     stacks: list[tuple[gs.Tensor, int]] = field(default_factory=list)  # (tensor, axis of T in [B, H])
     step_h: list[tuple[gs.Tensor, int]] = field(default_factory=list)  # (tensor, t) per-step h read elsewhere
@@ -99,7 +101,7 @@ class Names:
 
 
 class _Emitter:
-    def __init__(self, names: Names, plan: LstmPlan, name: str) -> None:
+    def __init__(self, names: Names, plan: RnnPlan, name: str) -> None:
         self.names, self.plan, self.name = names, plan, name
         self.sub = plan.graph
 
@@ -123,23 +125,25 @@ class _Emitter:
         return self.const("axes", np.array(values, np.int64))
 
 
-def emit_lstm(names: Names, plan: LstmPlan, name: str) -> gs.Node:
-    """Append the LSTM and its adapters to `plan.graph`; returns the LSTM node."""
+def emit_rnn(names: Names, plan: RnnPlan, name: str) -> gs.Node:
+    """Append the LSTM/GRU and its adapters to `plan.graph`; returns the new op."""
     e = _Emitter(names, plan, names(name))
     x = _sequence(e, plan.x)
     hidden = plan.hidden
     w = e.const("W", plan.w[None].astype(np.float32))
     r = e.const("R", plan.r[None].astype(np.float32))
     b = e.const("B", np.concatenate([plan.wb, plan.rb])[None].astype(np.float32))
+    lstm = plan.op == "LSTM"
     states = []
-    for state, label in ((plan.initial_h, "initial_h"), (plan.initial_c, "initial_c")):
+    for state, label in ((plan.initial_h, "initial_h"), (plan.initial_c, "initial_c"))[: 2 if lstm else 1]:
         states.append(e.node("Unsqueeze", [state, e.axes(0)], suffix=label)[0] if state is not None else gs.Variable.empty())
     inputs = [x, w, r, b, gs.Variable.empty(), *states]
     while inputs[-1].is_empty():
         inputs.pop()
     y, y_h, y_c = e.var("Y"), e.var("Y_h"), e.var("Y_c")
-    lstm = gs.Node("LSTM", e.name, attrs={"hidden_size": hidden}, inputs=inputs, outputs=[y, y_h, y_c])
-    e.sub.nodes.append(lstm)
+    attrs = {"hidden_size": hidden} if lstm else {"hidden_size": hidden, "linear_before_reset": plan.linear_before_reset}
+    rnn = gs.Node(plan.op, e.name, attrs=attrs, inputs=inputs, outputs=[y, y_h, y_c] if lstm else [y, y_h])
+    e.sub.nodes.append(rnn)
 
     y_seq: list[gs.Tensor] = []  # Y without its direction axis: [T, B, H], made on first use
 
@@ -175,7 +179,7 @@ def emit_lstm(names: Names, plan: LstmPlan, name: str) -> gs.Node:
             e.node("Squeeze", [y_h, e.axes(0)], [tensor])
         else:
             e.node("Gather", [seq(), e.const("t", np.array(t, np.int64))], [tensor], attrs={"axis": 0})
-    return lstm
+    return rnn
 
 
 def _sequence(e: _Emitter, x: SeqInput | list[gs.Tensor]) -> gs.Tensor:

@@ -1,60 +1,74 @@
-"""From matched LSTM cells to LSTM plans: chain unrolled steps, split chains where one ONNX
-LSTM cannot stand for them, and turn Scan/Loop nodes whose body is one cell into a plan.
+"""From matched LSTM/GRU cells to plans for one ONNX op each: chain unrolled steps, cut chains
+where one op cannot stand for them, and turn Scan/Loop nodes whose body is one cell into a plan.
 
-A chain links cell t+1 to cell t when t+1 reads t's h' as a gate operand and t's c' as its
-c_prev. A chain is cut where the weights change, where an intermediate c' is read by anything
-but the next step (an ONNX LSTM exposes only the last c), where the state fans out to two cells,
-and where a step input depends on an earlier step (autoregressive feedback: stacking the inputs
-would make a cycle).
+A chain links cell t+1 to cell t when t+1's recurrent input is t's h' (and, for an LSTM, its
+c_prev is t's c'). A chain is cut where the weights change, where an intermediate LSTM c' is
+read by anything but the next step (the LSTM op exposes only its last c), where a state fans out
+to two cells, and where a step input depends on an earlier step (autoregressive feedback:
+stacking the inputs up front would make a cycle).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.rewrite.lstm_emit import LstmPlan, SeqInput, stacked_input
-from q4c.rewrite.lstm_match import LstmCell, NoMatch, candidate, match_lstm_cell
+from q4c.rewrite.affine import NoMatch
+from q4c.rewrite.gru_match import GruCell, match_gru_cell
+from q4c.rewrite.lstm_match import LstmCell, match_lstm_cell
+from q4c.rewrite.rnn_emit import RnnPlan, SeqInput, stacked_input
 from q4c.rewrite.view import DataflowView
+
+Cell = LstmCell | GruCell
 
 
 @dataclass
 class _Step:
     """A cell with its operands' roles settled: x (step input) and h (recurrent, or None)."""
 
-    cell: LstmCell
+    cell: Cell
     x: str
     h: str | None
 
-    def params(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    @property
+    def x_tensor(self) -> gs.Tensor:
+        return self.cell.x if isinstance(self.cell, GruCell) else self.cell.operands[self.x]
+
+    def params(self) -> tuple[str, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(op, linear_before_reset, W, R, Wb, Rb) in ONNX layout."""
         c = self.cell
-        hidden = c.hidden
-        r = c.weights[self.h] if self.h is not None else np.zeros((4 * hidden, hidden), np.float32)
-        return c.weights[self.x], r, c.bias_for({self.x, None}), c.bias_for({self.h} if self.h else set())
+        if isinstance(c, GruCell):
+            return "GRU", c.linear_before_reset, c.w, c.r, c.wb, c.rb
+        r = c.weights[self.h] if self.h is not None else np.zeros((4 * c.hidden, c.hidden), np.float32)
+        return "LSTM", 0, c.weights[self.x], r, c.bias_for({self.x, None}), c.bias_for({self.h} if self.h else set())
 
     def same_params(self, other: _Step) -> bool:
-        return self.cell.hidden == other.cell.hidden and all(
-            a.shape == b.shape and np.array_equal(a, b) for a, b in zip(self.params(), other.params()))
+        a, b = self.params(), other.params()
+        return a[:2] == b[:2] and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a[2:], b[2:]))
 
 
-def match_cells(view: DataflowView) -> tuple[list[LstmCell], list[NoMatch]]:
-    """Every LSTM cell candidate of one graph level, matched or declined."""
-    cells: list[LstmCell] = []
+def match_cells(view: DataflowView) -> tuple[list[Cell], list[NoMatch]]:
+    """Every LSTM/GRU cell candidate of one graph level, matched or declined."""
+    cells: list[Cell] = []
     declined: list[NoMatch] = []
     for node in view.graph.nodes:
-        result = match_lstm_cell(view, node)
-        if isinstance(result, LstmCell):
-            cells.append(result)
-        elif isinstance(result, NoMatch):
-            declined.append(result)
+        for matcher in (match_lstm_cell, match_gru_cell):
+            result = matcher(view, node)
+            if isinstance(result, (LstmCell, GruCell)):
+                cells.append(result)
+            elif isinstance(result, NoMatch):
+                declined.append(result)
+            if result is not None:
+                break
     return cells, declined
 
 
-def unrolled_plans(view: DataflowView, cells: list[LstmCell]) -> tuple[list[LstmPlan], list[NoMatch], int]:
+def unrolled_plans(view: DataflowView, cells: list[Cell]) -> tuple[list[RnnPlan], list[NoMatch], int]:
     """Plans for the chains of `cells` in `view`'s graph: (plans, declined, cells fused)."""
     declined: list[NoMatch] = []
     usable = []
@@ -64,7 +78,7 @@ def unrolled_plans(view: DataflowView, cells: list[LstmCell]) -> tuple[list[Lstm
             usable.append(cell)
         else:
             declined.append(reason)
-    plans: list[LstmPlan] = []
+    plans: list[RnnPlan] = []
     fused = 0
     for path in _paths(usable):
         for segment in _segments(view, path):
@@ -73,25 +87,37 @@ def unrolled_plans(view: DataflowView, cells: list[LstmCell]) -> tuple[list[Lstm
     return plans, declined, fused
 
 
-def _cell_problem(view: DataflowView, cell: LstmCell) -> NoMatch | None:
-    if len(cell.operands) > 2 or (len(cell.operands) == 2 and all(
-            w.shape[1] != cell.hidden for w in cell.weights.values())):
+def _cell_problem(view: DataflowView, cell: Cell) -> NoMatch | None:
+    if isinstance(cell, LstmCell) and (len(cell.operands) > 2 or (len(cell.operands) == 2 and all(
+            w.shape[1] != cell.hidden for w in cell.weights.values()))):
         return NoMatch("extra_inputs", f"{cell.h_out.name}: gates read {sorted(cell.operands)}, not one x and one h")
-    for name, tensor in cell.operands.items():
+    operands = cell.operands.values() if isinstance(cell, LstmCell) else (cell.x, cell.h_prev)
+    for tensor in operands:
         shape = view.shape(tensor, infer=False)
         if shape is not None and len(shape) != 2:
-            return NoMatch("rank", f"{cell.h_out.name}: gate operand {name} has rank {len(shape)}, not 2")
+            return NoMatch("rank", f"{cell.h_out.name}: gate operand {tensor.name} has rank {len(shape)}, not 2")
     return None
 
 
-def _paths(cells: list[LstmCell]) -> list[list[LstmCell]]:
+def _predecessor(cell: Cell, by_h: dict[str, int], by_c: dict[str, int], cells: list[Cell]) -> int | None:
+    if isinstance(cell, GruCell):
+        p = by_h.get(cell.h_prev.name)
+        return p if p is not None and isinstance(cells[p], GruCell) else None
+    p = by_c.get(cell.c_prev.name)
+    if p is not None and isinstance(cells[p], LstmCell) and cells[p].h_out.name in cell.operands and len(cell.operands) == 2:
+        return p
+    return None
+
+
+def _paths(cells: list[Cell]) -> list[list[Cell]]:
     """Maximal chains t -> t+1 (networkx: a DiGraph of cells, fan-out edges dropped)."""
     dag = nx.DiGraph()
     dag.add_nodes_from(range(len(cells)))
-    by_c = {c.c_out.name: i for i, c in enumerate(cells)}
+    by_h = {c.h_out.name: i for i, c in enumerate(cells)}
+    by_c = {c.c_out.name: i for i, c in enumerate(cells) if isinstance(c, LstmCell)}
     for i, cell in enumerate(cells):
-        p = by_c.get(cell.c_prev.name)
-        if p is not None and p != i and cells[p].h_out.name in cell.operands and len(cell.operands) == 2:
+        p = _predecessor(cell, by_h, by_c, cells)
+        if p is not None and p != i:
             dag.add_edge(p, i)
     for p in list(dag.nodes):
         if dag.out_degree(p) > 1:  # one state feeding two cells: not one sequence
@@ -106,16 +132,20 @@ def _paths(cells: list[LstmCell]) -> list[list[LstmCell]]:
     return paths
 
 
-def _segments(view: DataflowView, path: list[LstmCell]) -> list[list[_Step]]:
+def _segments(view: DataflowView, path: list[Cell]) -> list[list[_Step]]:
     steps = [_head_step(view, path[0], path[1] if len(path) > 1 else None)]
     for prev, cell in itertools.pairwise(path):
-        h = prev.h_out.name
-        steps.append(_Step(cell, next(n for n in cell.operands if n != h), h))
+        if isinstance(cell, GruCell):
+            steps.append(_Step(cell, cell.x.name, cell.h_prev.name))
+        else:
+            h = prev.h_out.name
+            steps.append(_Step(cell, next(n for n in cell.operands if n != h), h))
     segments: list[list[_Step]] = [[steps[0]]]
     inside = set(steps[0].cell.nodes)
     for prev, step in itertools.pairwise(steps):
-        internal_c = not view.escapes(prev.cell.c_out, prev.cell.nodes | step.cell.nodes)
-        feedback = bool(inside & nx.ancestors(view.dag, step.x)) if step.x in view.dag else False
+        internal_c = isinstance(prev.cell, GruCell) or not view.escapes(prev.cell.c_out, prev.cell.nodes | step.cell.nodes)
+        x_name = step.x_tensor.name
+        feedback = bool(inside & nx.ancestors(view.dag, x_name)) if x_name in view.dag else False
         if internal_c and not feedback and step.same_params(segments[-1][0]):
             segments[-1].append(step)
             inside |= step.cell.nodes
@@ -125,46 +155,51 @@ def _segments(view: DataflowView, path: list[LstmCell]) -> list[list[_Step]]:
     return segments
 
 
-def _head_step(view: DataflowView, cell: LstmCell, nxt: LstmCell | None) -> _Step:
-    """Which operand of a chain's first cell is h. Any choice computes the same first step; a
-    wrong one only makes the weights differ from the next step's, which cuts the chain there."""
+def _head_step(view: DataflowView, cell: Cell, nxt: Cell | None) -> _Step:
+    """Which operand of a chain's first LSTM cell is h. Any choice computes the same first step;
+    a wrong one only makes the weights differ from the next step's, which cuts the chain there."""
+    if isinstance(cell, GruCell):
+        return _Step(cell, cell.x.name, cell.h_prev.name)
     names = list(cell.operands)
     if len(names) == 1:
         return _Step(cell, names[0], None)
     fits = [n for n in names if cell.weights[n].shape[1] == cell.hidden]
     h = fits[0] if len(fits) == 1 else None
-    if h is None and nxt is not None and cell.h_out.name in nxt.operands:
+    if h is None and isinstance(nxt, LstmCell) and cell.h_out.name in nxt.operands:
         r_next = nxt.weights[cell.h_out.name]
         same = [n for n in fits if cell.weights[n].shape == r_next.shape and np.array_equal(cell.weights[n], r_next)]
         h = same[0] if len(same) == 1 else None
     if h is None:
         zero = [n for n in fits if view.is_zero(cell.operands[n])]
         h = zero[0] if len(zero) == 1 else names[-1]
-    x = next(n for n in names if n != h)
-    return _Step(cell, x, h)
+    return _Step(cell, next(n for n in names if n != h), h)
 
 
-def _segment_plan(view: DataflowView, segment: list[_Step]) -> LstmPlan:
+def _segment_plan(view: DataflowView, segment: list[_Step]) -> RnnPlan:
     head, last = segment[0], segment[-1]
-    w, r, wb, rb = head.params()
-    xs = [s.cell.operands[s.x] for s in segment]
-    initial_h = head.cell.operands[head.h] if head.h is not None else None
-    plan = LstmPlan(
-        graph=view.graph, hidden=head.cell.hidden, w=w, r=r, wb=wb, rb=rb, x=stacked_input(view, xs),
+    op, lbr, w, r, wb, rb = head.params()
+    if isinstance(head.cell, GruCell):
+        initial_h, initial_c = head.cell.h_prev, None
+    else:
+        initial_h = head.cell.operands[head.h] if head.h is not None else None
+        initial_c = head.cell.c_prev
+    plan = RnnPlan(
+        graph=view.graph, hidden=head.cell.hidden, w=w, r=r, wb=wb, rb=rb, op=op, linear_before_reset=lbr,
+        x=stacked_input(view, [s.x_tensor for s in segment]),
         initial_h=None if initial_h is None or view.is_zero(initial_h) else initial_h,
-        initial_c=None if view.is_zero(head.cell.c_prev) else head.cell.c_prev, steps=len(segment),
+        initial_c=None if initial_c is None or view.is_zero(initial_c) else initial_c, steps=len(segment),
     )
     inside = set().union(*(s.cell.nodes for s in segment))
     absorbed = _stacks(view, segment, plan)
     for t, step in enumerate(segment):
         if view.escapes(step.cell.h_out, inside | absorbed):
             plan.step_h.append((step.cell.h_out, t))
-    if view.escapes(last.cell.c_out, last.cell.nodes):
+    if isinstance(last.cell, LstmCell) and view.escapes(last.cell.c_out, last.cell.nodes):
         plan.last_c.append(last.cell.c_out)
     return plan
 
 
-def _stacks(view: DataflowView, segment: list[_Step], plan: LstmPlan) -> set[str]:
+def _stacks(view: DataflowView, segment: list[_Step], plan: RnnPlan) -> set[str]:
     """Find Concat(Unsqueeze(h_0, k), ..., Unsqueeze(h_T-1, k), axis=k) (torch.stack of the
     step outputs) and plan it as Y re-laid out; returns the Unsqueeze/Concat keys absorbed."""
     absorbed: set[str] = set()
@@ -202,9 +237,9 @@ def _stack_axis(view: DataflowView, concat: gs.Node, hs: list[str]) -> int | Non
 
 # -- Scan / Loop bodies --------------------------------------------------------------------
 
-def loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView) -> LstmPlan | NoMatch | None:
-    """A plan replacing a Scan/Loop whose body is one LSTM cell by one LSTM; None when the body
-    holds no LSTM candidate."""
+def loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView) -> RnnPlan | NoMatch | None:
+    """A plan replacing a Scan/Loop whose body is one LSTM/GRU cell by one op; None when the
+    body holds no cell candidate."""
     cells, declined = match_cells(body_view)
     if not cells and not declined:
         return None
@@ -213,79 +248,76 @@ def loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView) -> Lst
     if len(cells) > 1:
         return NoMatch("loop_body", f"{node.name}: {len(cells)} cells in one body")
     cell = cells[0]
-    body = body_view.graph
+    n_states = 2 if isinstance(cell, LstmCell) else 1
     if node.op == "Scan":
-        return _scan_plan(view, node, body_view, body, cell)
-    return _loop_plan(view, node, body_view, body, cell)
+        return _scan_plan(view, node, body_view, cell, n_states)
+    return _loop_plan(view, node, body_view, cell, n_states)
 
 
-def _roles(body_view: DataflowView, cell: LstmCell, states: list[gs.Tensor], x_ok) -> tuple[int, int, str] | NoMatch:
-    """(index of the h state, index of the c state, x operand name) among body state inputs."""
+def _roles(cell: Cell, states: list[gs.Tensor], is_x: Callable[[str], bool]) -> tuple[int, int | None, str] | NoMatch:
+    """(index of the h state, index of the c state (LSTM), x operand name) among body states."""
     names = [t.name for t in states]
+    if isinstance(cell, GruCell):
+        if cell.h_prev.name not in names or not is_x(cell.x.name):
+            return NoMatch("loop_state", "the GRU's h is not the carried state or x is not the step input")
+        return names.index(cell.h_prev.name), None, cell.x.name
     if cell.c_prev.name not in names:
         return NoMatch("loop_state", f"c_prev {cell.c_prev.name} is not a loop-carried state")
     c_index = names.index(cell.c_prev.name)
     h_names = [n for n in cell.operands if n in names and names.index(n) != c_index]
     x_names = [n for n in cell.operands if n not in names]
-    if len(h_names) != 1 or len(x_names) != 1 or not x_ok(x_names[0]):
+    if len(h_names) != 1 or len(x_names) != 1 or not is_x(x_names[0]):
         return NoMatch("loop_state", f"gate operands {sorted(cell.operands)} are not one state h and one step input")
     return names.index(h_names[0]), c_index, x_names[0]
 
 
-def _check_outputs(body_view: DataflowView, cell: LstmCell, outs: list[gs.Tensor], h_i: int, c_i: int) -> NoMatch | None:
+def _check_outputs(body_view: DataflowView, cell: Cell, outs: list[gs.Tensor], h_i: int, c_i: int | None,
+                   n_states: int) -> NoMatch | None:
     resolved = [body_view.resolve(t).name for t in outs]
-    n_states = 2
-    if resolved[h_i] != cell.h_out.name or resolved[c_i] != cell.c_out.name:
-        return NoMatch("loop_outputs", "the carried states are not the cell's h' and c'")
+    if resolved[h_i] != cell.h_out.name or (c_i is not None and resolved[c_i] != cell.c_out.name):
+        return NoMatch("loop_outputs", "the carried states are not the cell's new states")
     for name in resolved[n_states:]:
         if name != cell.h_out.name:
             return NoMatch("loop_outputs", f"scan output {name} is not the cell's h'")
     return None
 
 
-def _scan_plan(view, node, body_view, body, cell) -> LstmPlan | NoMatch:
+def _scan_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell: Cell, n_states: int) -> RnnPlan | NoMatch:
+    body = body_view.graph
     n_scan = int(node.attrs.get("num_scan_inputs", 1))
-    n_states = len(node.inputs) - n_scan
-    if n_states != 2 or n_scan != 1:
-        return NoMatch("loop_signature", f"{node.name}: {n_states} states and {n_scan} scan inputs, not h, c and x")
+    if len(node.inputs) - n_scan != n_states or n_scan != 1:
+        return NoMatch("loop_signature", f"{node.name}: {len(node.inputs) - n_scan} states and {n_scan} scan inputs")
     if any(int(d) for d in [*node.attrs.get("scan_input_directions", []), *node.attrs.get("scan_output_directions", [])]):
         return NoMatch("loop_direction", f"{node.name}: reverse scan directions")
-    x_body = body.inputs[2].name
-    roles = _roles(body_view, cell, list(body.inputs[:2]), lambda n: n == x_body)
+    x_body = body.inputs[n_states].name
+    roles = _roles(cell, list(body.inputs[:n_states]), lambda n: n == x_body)
     if isinstance(roles, NoMatch):
         return roles
     h_i, c_i, x_name = roles
-    problem = _check_outputs(body_view, cell, list(body.outputs), h_i, c_i)
+    problem = _check_outputs(body_view, cell, list(body.outputs), h_i, c_i, n_states)
     if problem is not None:
         return problem
-    src = node.inputs[2]
+    src = node.inputs[n_states]
     shape = view.shape(src)
-    rank = len(shape) if shape is not None else 3
-    if rank != 3:
-        return NoMatch("rank", f"{node.name}: scan input of rank {rank}, not 3")
+    if shape is not None and len(shape) != 3:
+        return NoMatch("rank", f"{node.name}: scan input of rank {len(shape)}, not 3")
     axis = int((node.attrs.get("scan_input_axes") or [0])[0]) % 3
-    step = _Step(cell, x_name, body.inputs[h_i].name)
-    w, r, wb, rb = step.params()
-    h0, c0 = node.inputs[h_i], node.inputs[c_i]
-    plan = LstmPlan(graph=view.graph, hidden=cell.hidden, w=w, r=r, wb=wb, rb=rb, x=SeqInput(src, axis),
-                    initial_h=None if view.is_zero(h0) else h0, initial_c=None if view.is_zero(c0) else c0)
-    plan.last_h.append(node.outputs[h_i])
-    plan.last_c.append(node.outputs[c_i])
-    out_axes = list(node.attrs.get("scan_output_axes", [])) or [0] * (len(node.outputs) - 2)
-    for tensor, axis_k in zip(node.outputs[2:], out_axes):
+    plan = _state_plan(view, node, cell, x_name, body.inputs[h_i].name, SeqInput(src, axis), h_i, c_i, None)
+    out_axes = list(node.attrs.get("scan_output_axes", [])) or [0] * (len(node.outputs) - n_states)
+    for tensor, axis_k in zip(node.outputs[n_states:], out_axes):
         plan.stacks.append((tensor, int(axis_k) % 3))
     return plan
 
 
-def _loop_plan(view, node, body_view, body, cell) -> LstmPlan | NoMatch:
-    if len(node.inputs) != 4 or node.inputs[0].is_empty():
-        return NoMatch("loop_signature", f"{node.name}: not Loop(M, cond, h, c) with a trip count")
+def _loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell: Cell, n_states: int) -> RnnPlan | NoMatch:
+    body = body_view.graph
+    if len(node.inputs) != 2 + n_states or node.inputs[0].is_empty():
+        return NoMatch("loop_signature", f"{node.name}: not Loop(M, cond, states) with a trip count")
     cond = node.inputs[1]
     if not cond.is_empty() and not _true(view, cond):
         return NoMatch("loop_signature", f"{node.name}: the loop condition is not constant true")
     iter_in, cond_in = body.inputs[0], body.inputs[1]
-    cond_out = body_view.resolve(body.outputs[0])
-    if cond_out.name != cond_in.name and not _true(body_view, cond_out):
+    if body_view.resolve(body.outputs[0]).name != cond_in.name and not _true(body_view, body.outputs[0]):
         return NoMatch("loop_signature", f"{node.name}: the body may stop early")
     gathers: dict[str, gs.Node] = {}
 
@@ -298,11 +330,11 @@ def _loop_plan(view, node, body_view, body, cell) -> LstmPlan | NoMatch:
         gathers[name] = gather
         return True
 
-    roles = _roles(body_view, cell, list(body.inputs[2:4]), is_step_input)
+    roles = _roles(cell, list(body.inputs[2:2 + n_states]), is_step_input)
     if isinstance(roles, NoMatch):
         return roles
     h_i, c_i, x_name = roles
-    problem = _check_outputs(body_view, cell, list(body.outputs[1:]), h_i, c_i)
+    problem = _check_outputs(body_view, cell, list(body.outputs[1:]), h_i, c_i, n_states)
     if problem is not None:
         return problem
     gather = gathers[x_name]
@@ -315,21 +347,29 @@ def _loop_plan(view, node, body_view, body, cell) -> LstmPlan | NoMatch:
     length = int(np.asarray(trips).reshape(())) if trips is not None else None
     whole = shape is not None and length is not None and shape[axis] == length
     x = SeqInput(src, axis, 3, 0, None if whole else length, None if length is not None else node.inputs[0])
-    step = _Step(cell, x_name, body.inputs[2 + h_i].name)
-    w, r, wb, rb = step.params()
-    h0, c0 = node.inputs[2 + h_i], node.inputs[2 + c_i]
-    plan = LstmPlan(graph=view.graph, hidden=cell.hidden, w=w, r=r, wb=wb, rb=rb, x=x, steps=length,
-                    initial_h=None if view.is_zero(h0) else h0, initial_c=None if view.is_zero(c0) else c0)
-    plan.last_h.append(node.outputs[h_i])
-    plan.last_c.append(node.outputs[c_i])
-    for tensor in node.outputs[2:]:  # Loop stacks scan outputs on a new leading axis
+    plan = _state_plan(view, node, cell, x_name, body.inputs[2 + h_i].name, x, h_i, c_i, 2)
+    plan.steps = length
+    for tensor in node.outputs[n_states:]:  # Loop stacks scan outputs on a new leading axis
         plan.stacks.append((tensor, 0))
+    return plan
+
+
+def _state_plan(view: DataflowView, node: gs.Node, cell: Cell, x_name: str, h_name: str, x: SeqInput,
+                h_i: int, c_i: int | None, first_state: int | None) -> RnnPlan:
+    """The plan of a loop node: initial states are its state inputs, final states its outputs."""
+    offset = first_state or 0
+    op, lbr, w, r, wb, rb = _Step(cell, x_name, h_name).params()
+    h0 = node.inputs[offset + h_i]
+    c0 = node.inputs[offset + c_i] if c_i is not None else None
+    plan = RnnPlan(graph=view.graph, hidden=cell.hidden, w=w, r=r, wb=wb, rb=rb, x=x, op=op, linear_before_reset=lbr,
+                   initial_h=None if view.is_zero(h0) else h0,
+                   initial_c=None if c0 is None or view.is_zero(c0) else c0)
+    plan.last_h.append(node.outputs[h_i])
+    if c_i is not None:
+        plan.last_c.append(node.outputs[c_i])
     return plan
 
 
 def _true(view: DataflowView, tensor: gs.Tensor) -> bool:
     value = view.constant(tensor)
     return value is not None and value.size == 1 and bool(value.reshape(()))
-
-
-__all__ = ["candidate", "loop_plan", "match_cells", "unrolled_plans"]

@@ -46,6 +46,7 @@ class Cells:
     slice     same, four Slice nodes with constant bounds (torch.chunk)
     concat    Gemm(Concat(x, h), transB=1) with the bias as C, Split
     separate  per gate Gemm(x, transB=1, bias C) + MatMul(h): four separate gate projections
+    each      x and h projections each Split into 4, added gate by gate
     """
 
     def __init__(self, rng, *, layout="split", order="ifgo", bias=True, steps=3, states="inputs",
@@ -91,6 +92,14 @@ class Cells:
                     if self.bias else self.node("Gemm", [x, self.weight(w_ih[rows], "w_x")], transB=1)
                 out[k] = self.node("Add", [xg, self.node("MatMul", [h, self.weight(w_hh[rows].T, "w_h")])])
             return out
+        if self.layout == "each":
+            xg = self.node("MatMul", [x, self.weight(w_ih.T, "w_x")])
+            if self.bias:
+                xg = self.node("Add", [xg, self.const(self.b, "b")])
+            xs = self.node("Split", [xg, self.const([HID] * 4, "split")], [self._name("piece") for _ in range(4)], axis=1)
+            hs = self.node("Split", [self.node("MatMul", [h, self.weight(w_hh.T, "w_h")]), self.const([HID] * 4, "split")],
+                           [self._name("piece") for _ in range(4)], axis=1)
+            return {k: self.node("Add", [xs[j], hs[j]]) for j, k in enumerate(self.order)}
         if self.layout == "concat":
             cat = self.node("Concat", [x, h], axis=1)
             w = np.concatenate([w_ih, w_hh], axis=1)
@@ -165,7 +174,7 @@ def _fuse(model, feeds):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("order", ["ifgo", "iofg", "gfio"])
-@pytest.mark.parametrize("layout", ["split", "slice", "concat", "separate"])
+@pytest.mark.parametrize("layout", ["split", "slice", "concat", "separate", "each"])
 def test_fuses_unrolled_layouts_into_one_lstm(rng, layout, order, bias):
     cells = Cells(rng, layout=layout, order=order, bias=bias)
     feeds = cells.feeds()
@@ -426,3 +435,135 @@ def test_cli_runs_the_fusion_alone(bundled, tmp_path):
     fused = g.load(out)
     assert op_histogram(fused) == {"LSTM": 1, "Squeeze": 3, "Transpose": 2, "Unsqueeze": 2}  # no quantization
     assert {t.data_type for t in fused.graph.initializer} == {TensorProto.FLOAT, TensorProto.INT64}  # axes, perms
+
+
+# -- GRU cells ---------------------------------------------------------------------------------
+
+def numpy_gru(x, w_ih, w_hh, b_ih, b_hh, h0, *, reset_after=True, flipped=False):
+    """PyTorch's GRU (gates r, z, n); reset_after=False applies r to h before U_n; flipped
+    writes h' = z * n + (1 - z) * h."""
+    h, hs = h0, []
+    for t in range(x.shape[1]):
+        gi = x[:, t] @ w_ih.T + b_ih
+        r = _sigmoid(gi[:, :HID] + h @ w_hh[:HID].T + b_hh[:HID])
+        z = _sigmoid(gi[:, HID:2 * HID] + h @ w_hh[HID:2 * HID].T + b_hh[HID:2 * HID])
+        if reset_after:
+            n = np.tanh(gi[:, 2 * HID:] + r * (h @ w_hh[2 * HID:].T + b_hh[2 * HID:]))
+        else:
+            n = np.tanh(gi[:, 2 * HID:] + (r * h) @ w_hh[2 * HID:].T + b_hh[2 * HID:])
+        h = z * n + (1 - z) * h if flipped else (1 - z) * n + z * h
+        hs.append(h)
+    return np.stack(hs, 1), h
+
+
+class Grus(Cells):
+    """A GRU unrolled as separate ops: gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh each Split
+    into r, z, n (PyTorch's GRUCell); `update` is how h' is written."""
+
+    def __init__(self, rng, *, update="torch", reset_after=True, **kwargs):
+        super().__init__(rng, **kwargs)
+        self.update, self.reset_after = update, reset_after
+        self.w_ih = (rng.standard_normal((3 * HID, INP)) * 0.5).astype(np.float32)
+        self.w_hh = (rng.standard_normal((3 * HID, HID)) * 0.5).astype(np.float32)
+        self.b_ih = (rng.standard_normal(3 * HID) * 0.5).astype(np.float32)
+        self.b_hh = (rng.standard_normal(3 * HID) * 0.5).astype(np.float32)
+
+    def cell(self, x, h, c, t, h_name=None, c_name=None):
+        gi = self.node("Add", [self.node("MatMul", [x, self.weight(self.w_ih.T, "w_x")]), self.const(self.b_ih, "b")])
+        split = self.const([HID] * 3, "split")
+        xr, xz, xn = self.node("Split", [gi, split], [self._name("piece") for _ in range(3)], axis=1)
+        if self.reset_after:
+            gh = self.node("Add", [self.node("MatMul", [h, self.weight(self.w_hh.T, "w_h")]), self.const(self.b_hh, "b")])
+            hr, hz, hn = self.node("Split", [gh, split], [self._name("piece") for _ in range(3)], axis=1)
+        else:
+            gh = self.node("MatMul", [h, self.weight(self.w_hh[:2 * HID].T, "w_h")])
+            gh = self.node("Add", [gh, self.const(self.b_hh[:2 * HID], "b")])
+            hr, hz = self.node("Split", [gh, self.const([HID] * 2, "split")], [self._name("piece") for _ in range(2)], axis=1)
+        r = self.node("Sigmoid", [self.node("Add", [xr, hr])])
+        z = self.node("Sigmoid", [self.node("Add", [xz, hz])])
+        if self.reset_after:
+            n = self.node("Tanh", [self.node("Add", [xn, self.node("Mul", [r, hn])])])
+        else:
+            rh = self.node("MatMul", [self.node("Mul", [r, h]), self.weight(self.w_hh[2 * HID:].T, "w_n")])
+            n = self.node("Tanh", [self.node("Add", [self.node("Add", [xn, rh]), self.const(self.b_hh[2 * HID:], "b")])])
+        out = [h_name] if h_name else None
+        if self.update == "torch":  # (1 - z) * n + z * h
+            one_minus = self.node("Sub", [self.const(np.ones(1, np.float32), "one"), z])
+            h_new = self.node("Add", [self.node("Mul", [one_minus, n]), self.node("Mul", [z, h])], out)
+        elif self.update == "difference":  # n + z * (h - n)
+            h_new = self.node("Add", [n, self.node("Mul", [z, self.node("Sub", [h, n])])], out)
+        else:  # flipped: z * n + (1 - z) * h
+            one_minus = self.node("Sub", [self.const(np.ones(1, np.float32), "one"), z])
+            h_new = self.node("Add", [self.node("Mul", [h, one_minus]), self.node("Mul", [n, z])], out)
+        return h_new, None
+
+    def model(self, stack=True):
+        h, _ = self.initial_states()
+        hs = []
+        for t in range(self.steps):
+            x_t = self.node("Gather", ["x", self.const(np.array(t, np.int64), "t")], axis=1)
+            h, _ = self.cell(x_t, h, None, t, "h_n" if t == self.steps - 1 else None)
+            hs.append(h)
+        self.node("Concat", [self.node("Unsqueeze", [h_t, self.const([1], "ax")]) for h_t in hs], ["hs"], axis=1)
+        inputs = [helper.make_tensor_value_info("x", F, [BATCH, self.steps, INP])]
+        if self.states == "inputs":
+            inputs.append(_info("h0", BATCH, HID))
+        return make_model(self.nodes, inputs, [_info("hs", BATCH, self.steps, HID), _info("h_n", BATCH, HID)], self.inits)
+
+    def feeds(self):
+        feeds = super().feeds()
+        feeds.pop("c0", None)
+        return feeds
+
+
+@pytest.mark.parametrize("update", ["torch", "difference", "flipped"])
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_fuses_unrolled_gru_into_one_gru(rng, update, reset_after):
+    grus = Grus(rng, update=update, reset_after=reset_after, steps=4)
+    feeds = grus.feeds()
+    out, result = _fuse(grus.model(), feeds)
+    assert result.stats == {"fused": 1, "fused_cells": 4, "fused_gru": 1}
+    hist = op_histogram(out)
+    assert hist["GRU"] == 1 and "Sigmoid" not in hist and "MatMul" not in hist
+    gru = next(n for n in out.graph.node if n.op_type == "GRU")
+    assert helper.get_attribute_value(next(a for a in gru.attribute if a.name == "linear_before_reset")) == int(reset_after)
+    hs, h_n = numpy_gru(feeds["x"], grus.w_ih, grus.w_hh, grus.b_ih, grus.b_hh, feeds["h0"],
+                        reset_after=reset_after, flipped=update == "flipped")
+    got = run_ort(out, feeds)
+    np.testing.assert_allclose(got["hs"], hs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["h_n"], h_n, rtol=1e-5, atol=1e-5)
+
+
+def test_skips_gru_with_nonstandard_candidate_activation(rng):
+    grus = Grus(rng, steps=2)
+    model = grus.model()
+    for node in model.graph.node:
+        if node.op_type == "Tanh":
+            node.op_type = "Relu"
+    _, result = run_pass(FuseLstmGatesPass(), model)
+    assert not result.modified and result.stats == {"skipped_nonstandard_activation": 2}
+
+
+def test_fuses_gru_with_zero_initial_state(rng):
+    grus = Grus(rng, states="zeros", steps=3)
+    out, result = _fuse(grus.model(), grus.feeds())
+    assert result.stats["fused_gru"] == 1
+    assert len(next(n for n in out.graph.node if n.op_type == "GRU").input) == 4  # no initial_h
+
+
+def test_fuses_scan_whose_body_is_a_gru_cell(rng):
+    grus = Grus(rng, steps=1)
+    x_t, h = "x_t", "h_prev"
+    grus.cell(x_t, h, None, 0, "h_next")
+    body_nodes = [*grus.nodes, helper.make_node("Identity", ["h_next"], ["h_t"])]
+    body = helper.make_graph(body_nodes, "gru", [_state_infos("h_prev")[0], helper.make_tensor_value_info("x_t", F, ["batch", INP])],
+                             _state_infos("h_next", "h_t"))
+    scan = helper.make_node("Scan", ["h0", "x"], ["h_n", "hs"], body=body, num_scan_inputs=1, scan_input_axes=[1],
+                            scan_output_axes=[1])
+    model = make_model([scan], [helper.make_tensor_value_info("x", F, ["batch", "time", INP]), *_state_infos("h0")],
+                       [helper.make_tensor_value_info("hs", F, ["batch", "time", HID]), *_state_infos("h_n")], grus.inits)
+    feeds = _scan_feeds(rng)
+    del feeds["c0"]
+    out, result = _fuse(model, feeds)
+    assert result.stats == {"fused": 1, "fused_cells": 1, "fused_gru": 1, "fused_loops": 1}
+    assert "Scan" not in op_histogram(out)
