@@ -86,20 +86,28 @@ def quantize(
 
 def _quantize_groups(groups: np.ndarray, bits: int, clip_ratios: tuple[float, ...],
                      scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of `groups`: the clipping ratio minimizing squared error, its codes and scale
-    (returned in `scale_dtype`)."""
-    tiny = np.float32(np.finfo(scale_dtype).smallest_normal)
+    """Per row of `groups`: the scale minimizing squared error, its codes and the scale (in
+    `scale_dtype`).
+
+    Two families of scales are tried at every clipping ratio r: r * amax / qmax (codes within
+    [-qmax, qmax]) and the signed -r * m / 2^(bits-1), m the largest-magnitude value, which maps
+    m onto the otherwise unused code -2^(bits-1): 16 levels instead of 15 at 4 bits, so the
+    largest weight of each group is kept exactly at r = 1.
+    """
     qmin, qmax = qrange(bits)
-    amax = np.max(np.abs(groups), axis=1)
-    amax = np.where(amax > 0, amax, 1.0).astype(np.float32)
+    tiny = np.float32(np.finfo(scale_dtype).smallest_normal)
+    peak = groups[np.arange(groups.shape[0]), np.argmax(np.abs(groups), axis=1)]
+    peak = np.where(peak != 0, peak, 1.0).astype(np.float32)
     best_err = np.full(groups.shape[0], np.inf, np.float32)
-    best_scale = np.zeros(groups.shape[0], np.float32)
+    best_scale = np.ones(groups.shape[0], np.float32)
     for ratio in clip_ratios:
-        scale = np.maximum(amax * np.float32(ratio) / np.float32(qmax), tiny).astype(scale_dtype).astype(np.float32)
-        q = np.clip(np.rint(groups / scale[:, None]), qmin, qmax)
-        err = np.sum(np.square(q * scale[:, None] - groups), axis=1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale = np.where(better, scale, best_scale)
+        for scale in (np.abs(peak) * np.float32(ratio / qmax), -peak * np.float32(ratio / -qmin)):
+            magnitude = np.maximum(np.abs(scale), tiny)
+            scale = (np.sign(scale) * magnitude).astype(scale_dtype).astype(np.float32)
+            q = np.clip(np.rint(groups / scale[:, None]), qmin, qmax)
+            err = np.sum(np.square(q * scale[:, None] - groups), axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
     q = np.clip(np.rint(groups / best_scale[:, None]), qmin, qmax).astype(np.int8)
     return q, best_scale.astype(scale_dtype)

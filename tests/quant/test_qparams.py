@@ -50,7 +50,7 @@ def test_channel_granularity_gives_one_scale_per_output_channel(rng):
     w[:, 3] *= 100
     qw = quantize(w, 8, granularity="channel", axis=1)
     assert qw.scale.shape == (64,)
-    assert qw.scale[3] > 50 * np.median(qw.scale)
+    assert abs(qw.scale[3]) > 50 * np.median(np.abs(qw.scale))
     rel = np.abs(qw.dequantize() - w).max(axis=0) / np.abs(w).max(axis=0)
     assert rel.max() < 0.01  # 8 bits: within one half step of 1/127
 
@@ -91,3 +91,13 @@ def test_two_bit_codes_use_int2_from_opset_25(rng):
     proto = numpy_helper.from_array(onnx_codes(qw, 25), "w")
     assert len(proto.raw_data) == 16  # 64 codes, four per byte
     np.testing.assert_array_equal(numpy_helper.to_array(proto).astype(np.int8), qw.q)
+
+
+def test_signed_scale_keeps_the_largest_weight_exact():
+    # 16 levels: the peak -0.8 maps to code -8 with scale +0.1 (or +0.8 to -8 with scale -0.1),
+    # which the 15-level amax/7 grid cannot represent; every value here sits on that grid.
+    w = np.array([[0.8, -0.7, 0.3, 0.0, -0.1, 0.5, 0.2, -0.4]], np.float32).T
+    qw = quantize(w, 4, granularity="block", axis=0, block_size=8, clip_ratios=(1.0,))
+    np.testing.assert_allclose(qw.scale, [[-0.1]], rtol=1e-6)
+    assert qw.q[0, 0] == -8
+    np.testing.assert_allclose(qw.dequantize(), w, atol=1e-6)
