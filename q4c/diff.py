@@ -222,7 +222,7 @@ def _update_tensors(order: list[str], ref: Mapping[str, np.ndarray], other: Mapp
     """Pool the error of every float tensor both runs computed; count the rest in `skipped`."""
     skipped = Counter() if skipped is None else skipped
     for name in order:
-        if name not in ref:  # a Constant node: folded by the interpreter, not a computed tensor
+        if name not in ref:  # not returned by the interpreter (e.g. an unused optional output)
             continue
         a = np.asarray(ref[name])
         if name not in other:
