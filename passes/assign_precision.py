@@ -85,7 +85,7 @@ class AssignPrecisionPass(Pass):
         solution = solve(items, budget)
         for name, k in zip(names, solution.choice, strict=True):
             cand = table.candidates[name][k]
-            plan.tensors[name] = TensorPrecision(cand.bits, cand.granularity)
+            plan.tensors[name] = TensorPrecision(cand.bits, cand.granularity, cand.scheme)
         plan.defaults = {"mode": "budgeted", "sensitivity": table.measure, "budget_bytes": budget,
                          "used_bytes": solution.cost, "predicted_damage": solution.score,
                          "candidates": list(opts.candidates), "granularity": str(opts.granularity)}
@@ -103,7 +103,7 @@ class AssignPrecisionPass(Pass):
 
 
 def _options(cands: list[Candidate], scores: dict[int, float]) -> list[Option]:
-    return [Option(c.nbytes, 0.0 if c.bits == FLOAT else max(scores[c.bits], 0.0)) for c in cands]
+    return [Option(c.nbytes, 0.0 if c.bits == FLOAT else max(scores[c.key], 0.0)) for c in cands]
 
 
 def budget_bytes(opts: CompileOptions, chosen: dict[str, WeightSlot], opset: int) -> int:
@@ -139,6 +139,6 @@ def _pareto(names: list[str], items: list[list[Option]], chosen: dict[str, Weigh
         except Exception:  # noqa: BLE001 - below the smallest size: no point on the curve
             continue
         points.append({"avg_bits": avg, "budget_bytes": budget, "used_bytes": sol.cost, "predicted": sol.score,
-                       "bits": {n: table.candidates[n][k].bits for n, k in zip(names, sol.choice, strict=True)}})
+                       "choice": {n: table.candidates[n][k].key for n, k in zip(names, sol.choice, strict=True)}})
     return points
 

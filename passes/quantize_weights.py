@@ -51,16 +51,17 @@ class QuantizeWeightsPass(Pass):
             precision = plan.tensors.get(name)
             if precision is None or precision.bits == FLOAT:
                 continue
-            self._quantize(graph, slots, precision.bits, Granularity.parse(precision.granularity), ctx)
+            self._quantize(graph, slots, precision.bits, Granularity.parse(precision.granularity), precision.scheme, ctx)
             stats["quantized"] += 1
         return PassResult(stats["quantized"] > 0, dict(stats))
 
     @staticmethod
-    def _quantize(root: gs.Graph, slots: list[WeightSlot], bits: int, gran: Granularity, ctx: PassContext) -> None:
+    def _quantize(root: gs.Graph, slots: list[WeightSlot], bits: int, gran: Granularity, scheme: str,
+                  ctx: PassContext) -> None:
         first = slots[0]
         weight = first.tensor
         values = np.asarray(weight.values, dtype=np.float32)
-        qw = quantize_slot(first, values, bits, gran)
+        qw = quantize_slot(first, values, bits, gran, scheme)
         kind = "tensor" if qw.scale.ndim == 0 else ("block" if qw.block_size else "channel")
         half = qw.scale.dtype == np.float16
         suffix = f"int{storage_bits(bits, ctx.opset)}"
@@ -94,7 +95,7 @@ class QuantizeWeightsPass(Pass):
             "bits": bits,
             "granularity": "tensor" if kind == "tensor" else ("channel" if kind == "channel" else f"block:{qw.block_size}"),
             "stored_bits": storage_bits(bits, ctx.opset),
-            "scheme": "symmetric",
+            "scheme": scheme,
             "sensitivity": {"weight_sqnr_db": _sqnr_db(values, error)},
         })
 

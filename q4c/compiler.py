@@ -168,25 +168,26 @@ def _add_sensitivity(ctx: PassContext) -> None:
     done = {q["name"] for q in ctx.quantized}
     for q in ctx.quantized:
         if q["name"] in table.scores:
-            q["sensitivity"][table.measure] = {str(b): v for b, v in table.scores[q["name"]].items()}
+            q["sensitivity"][table.measure] = dict(table.scores[q["name"]])
     for name, slot in table.slots.items():
         if name not in done and ctx.plan is not None and name in ctx.plan.tensors:
             ctx.quantized.append({"name": name, "op": slot.node.op, "role": slot.role,
                                   "shape": [int(d) for d in slot.tensor.shape], "bits": FLOAT, "granularity": "none",
                                   "scheme": "float", "stored_bits": 32,
-                                  "sensitivity": {table.measure: {str(b): v for b, v in table.scores[name].items()}}})
+                                  "sensitivity": {table.measure: dict(table.scores[name])}})
     if table.runner is None:
         return
     weights = table.runner.weights  # the FP32 values (the graph now holds DequantizeLinear outputs)
-    cache: dict[tuple[str, int], np.ndarray] = {}
+    cache: dict[tuple[str, str], np.ndarray] = {}
     for point in ctx.pareto:
         changes = {}
-        for name, bits in point["bits"].items():
-            if name in weights and bits != FLOAT:
-                key = (name, bits)
-                if key not in cache:
-                    cache[key] = quantize_slot(table.slots[name], weights[name], bits, ctx.options.granularity).dequantize()
-                changes[name] = cache[key]
+        for name, key in point["choice"].items():
+            cand = next(c for c in table.candidates[name] if c.key == key)
+            if name in weights and cand.bits != FLOAT:
+                if (name, key) not in cache:
+                    cache[name, key] = quantize_slot(table.slots[name], weights[name], cand.bits,
+                                                     ctx.options.granularity, cand.scheme).dequantize()
+                changes[name] = cache[name, key]
         point["measured"] = table.runner.divergence(changes)
 
 

@@ -173,6 +173,10 @@ class _SampleBar:
         self.close()
 
 
+def _key(t: dict) -> str:
+    return f"{t['bits']}:absmax" if t.get("scheme") == "symmetric-absmax" else str(t["bits"])
+
+
 def _parse_candidates(text: str) -> tuple[int, ...]:
     try:
         return tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
@@ -188,9 +192,9 @@ def _print_summary(report: dict) -> None:
     if report.get("avg_weight_bits") is not None:
         click.echo(f"average weight bits: {report['avg_weight_bits']:.2f} over {len(report['tensors'])} quantized tensors")
     measure = report.get("sensitivity", {}).get("measure")
-    rows = [(t["name"], t["op"], "x".join(map(str, t["shape"])), t["bits"], t["granularity"],
+    rows = [(t["name"], t["op"], "x".join(map(str, t["shape"])), _key(t), t["granularity"],
              t["sensitivity"].get("weight_sqnr_db", "-"),
-             (t["sensitivity"].get(measure, {}).get(str(t["bits"]), "-") if measure else "-"))
+             (t["sensitivity"].get(measure, {}).get(_key(t), "-") if measure else "-"))
             for t in report["tensors"]]
     if rows:
         click.echo(table(["tensor", "op", "shape", "bits", "granularity", "weight SQNR dB", f"{measure or 'sensitivity'} score"],

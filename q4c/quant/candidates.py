@@ -14,15 +14,23 @@ from q4c.quant.weights import FLOAT32_SCALE_ROLES, WeightSlot, scale_layout
 class Candidate:
     bits: int  # nominal code bits; FLOAT (32) keeps the tensor float
     granularity: str
+    scheme: str
     storage_bits: int  # bits each code occupies on disk (3-bit codes ride in 4-bit containers)
     nbytes: int  # codes + scales, as written
 
 
-def candidate(slot: WeightSlot, bits: int, granularity: Granularity, opset: int) -> Candidate:
+    @property
+    def key(self) -> str:
+        """Stable name in reports: "4", "4:absmax", "32" (float)."""
+        return f"{self.bits}:absmax" if self.scheme == "symmetric-absmax" else str(self.bits)
+
+
+def candidate(slot: WeightSlot, bits: int, granularity: Granularity, opset: int,
+              scheme: str = "symmetric") -> Candidate:
     shape = tuple(int(d) for d in slot.tensor.shape)
     n = math.prod(shape)
     if bits == FLOAT:
-        return Candidate(FLOAT, str(granularity), 32, 4 * n)
+        return Candidate(FLOAT, str(granularity), "symmetric", 32, 4 * n)
     float32_scales = slot.role in FLOAT32_SCALE_ROLES
     gran = granularity.resolve(float32_scales=float32_scales)
     kind, axis, block = scale_layout(shape, slot, gran.kind, gran.block)
@@ -34,4 +42,4 @@ def candidate(slot: WeightSlot, bits: int, granularity: Granularity, opset: int)
         groups = n // shape[axis] * math.ceil(shape[axis] / block)
     stored = storage_bits(bits, opset)
     code_bytes = math.ceil(n * stored / 8)
-    return Candidate(bits, str(gran), stored, code_bytes + groups * (4 if float32_scales else 2))
+    return Candidate(bits, str(gran), scheme, stored, code_bytes + groups * (4 if float32_scales else 2))

@@ -14,6 +14,10 @@ from q4c.errors import ConfigError
 PLAN_SCHEMA = "q4c.plan/1"
 #: bits value meaning "leave this tensor in float"
 FLOAT = 32
+#: Rounding schemes: "symmetric" picks each group's scale (and clipping) by least squared weight
+#: error; "symmetric-absmax" never clips (the group's largest weight is kept exactly), which
+#: protects outlier weights that matter more to the output than the weight error says.
+SCHEMES = ("symmetric", "symmetric-absmax")
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,8 @@ class TensorPrecision:
         if self.bits not in (*SUPPORTED_BITS, FLOAT):
             raise ConfigError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} or {FLOAT} (float), not {self.bits}")
         Granularity.parse(self.granularity)
-        if self.scheme != "symmetric":
-            raise ConfigError(f"scheme {self.scheme!r} is not supported (only 'symmetric')")
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme {self.scheme!r} is not supported (one of {', '.join(SCHEMES)})")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.config import CompileOptions
 from q4c.quant.candidates import Candidate, candidate
-from q4c.quant.plan import FLOAT
+from q4c.quant.plan import FLOAT, SCHEMES
 from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, quantize_slot
 
 logger = logging.getLogger(__name__)
@@ -159,10 +159,11 @@ HESSIAN_STEP = 0.1
 
 @dataclass
 class SensitivityTable:
-    """scores[name][bits] = predicted output damage of quantizing only `name` to `bits`."""
+    """scores[name][candidate key] = predicted output damage of quantizing only `name` with that
+    candidate (keys like "4", "4:absmax"; see Candidate.key)."""
 
     measure: str
-    scores: dict[str, dict[int, float]] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
     candidates: dict[str, list[Candidate]] = field(default_factory=dict)
     slots: dict[str, WeightSlot] = field(default_factory=dict)
     trace: dict[str, dict[str, float]] = field(default_factory=dict)  # hessian: tr(H), its s.e., probes
@@ -203,12 +204,16 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     start = time.perf_counter()
     slots = candidate_slots(graph, opts)
     table = SensitivityTable(opts.sensitivity, slots=slots)
+    # Rounding schemes are candidates too when the output decides (kl): the knapsack then picks
+    # each tensor's quantizer as well as its width. Weight-error measures always prefer "symmetric".
+    schemes = SCHEMES if opts.sensitivity == "kl" else ("symmetric",)
     weights = {name: np.asarray(s.tensor.values, dtype=np.float32) for name, s in slots.items()}
-    quantized = {name: {b: quantize_slot(slots[name], w, b, opts.granularity).dequantize()
-                        for b in opts.candidates} for name, w in weights.items()}
     for name, slot in slots.items():
-        table.candidates[name] = [candidate(slot, b, opts.granularity, opset) for b in opts.candidates]
+        table.candidates[name] = [candidate(slot, b, opts.granularity, opset, scheme)
+                                  for b in opts.candidates for scheme in schemes]
         table.candidates[name].append(candidate(slot, FLOAT, opts.granularity, opset))
+    quantized = {name: {c.key: quantize_slot(slots[name], w, c.bits, opts.granularity, c.scheme).dequantize()
+                        for c in table.candidates[name] if c.bits != FLOAT} for name, w in weights.items()}
     main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
     measured = {n: w for n, w in weights.items() if n in main}
     for name in set(weights) - set(measured):
@@ -218,17 +223,17 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
         table.runner = WeightInputRunner(model, measured, samples[:MAX_SAMPLES])
     rng = np.random.default_rng(opts.seed)
     for name, w in weights.items():
-        errors = {b: float(np.sum(np.square(quantized[name][b] - w, dtype=np.float64))) for b in opts.candidates}
+        errors = {k: float(np.sum(np.square(d - w, dtype=np.float64))) for k, d in quantized[name].items()}
         if table.runner is None or name not in measured:
             table.scores[name] = errors
         elif opts.sensitivity == "kl":
-            table.scores[name] = {b: table.runner.divergence({name: quantized[name][b]}) for b in opts.candidates}
+            table.scores[name] = {k: table.runner.divergence({name: d}) for k, d in quantized[name].items()}
         else:  # hessian
             rms = float(np.sqrt(np.mean(np.square(w)))) or 1.0
             step = HESSIAN_STEP * rms
             trace, sem, probes = hutchinson_trace(lambda x, n=name: table.runner.divergence({n: x}), w, rng, step=step)
             table.trace[name] = {"trace": trace, "stderr": sem, "probes": probes, "step": step}
-            table.scores[name] = {b: max(trace, 0.0) / w.size * errors[b] for b in opts.candidates}
-        logger.debug("%s: %s", name, {b: f"{s:.3g}" for b, s in table.scores[name].items()})
+            table.scores[name] = {k: max(trace, 0.0) / w.size * e for k, e in errors.items()}
+        logger.debug("%s: %s", name, {k: f"{s:.3g}" for k, s in table.scores[name].items()})
     table.seconds = time.perf_counter() - start
     return table

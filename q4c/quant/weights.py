@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from q4c import graph as g
 from q4c.config import Granularity
-from q4c.quant.qparams import QuantizedWeight, quantize
+from q4c.quant.qparams import CLIP_RATIOS, QuantizedWeight, quantize
 
 
 #: Roles whose weights ONNX Runtime computes in low bits; its kernels need float32 scales.
@@ -133,14 +133,17 @@ def scale_layout(slot_shape: tuple[int, ...], slot: WeightSlot, kind: str, block
     return "block", slot.reduce_axis, min(block, max(n, 1)) if n < block else block
 
 
-def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: Granularity) -> QuantizedWeight:
+def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: Granularity,
+                  scheme: str = "symmetric") -> QuantizedWeight:
     """Quantize a slot's weight as quantize-weights stores it: the granularity resolved for the
-    slot's role, float16 scales where only DequantizeLinear reads them, float32 for kernels."""
+    slot's role, float16 scales where only DequantizeLinear reads them, float32 for kernels;
+    `scheme` "symmetric-absmax" keeps every group's largest weight (no clipping)."""
     float32_scales = slot.role in FLOAT32_SCALE_ROLES
     gran = granularity.resolve(float32_scales=float32_scales)
     kind, axis, block = scale_layout(values.shape, slot, gran.kind, gran.block)
     return quantize(values, bits, granularity=kind, axis=axis, block_size=block,
-                    scale_dtype=np.float32 if float32_scales else np.float16)
+                    scale_dtype=np.float32 if float32_scales else np.float16,
+                    clip_ratios=(1.0,) if scheme == "symmetric-absmax" else CLIP_RATIOS)
 
 
 def element_count(tensor: gs.Constant) -> int:
