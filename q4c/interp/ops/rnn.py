@@ -16,8 +16,6 @@ from q4c.errors import UnsupportedOpError
 from q4c.interp.ops.math import sigmoid_array
 from q4c.interp.registry import op
 
-Activation = Callable[[np.ndarray], np.ndarray]
-
 
 def _t(x: np.ndarray, v: float) -> np.generic:
     return x.dtype.type(v)
@@ -116,8 +114,8 @@ class _Sequence:
         self.T, self.B = self.X.shape[:2]
         self.reverse = [False, True] if direction == "bidirectional" else [direction == "reverse"]
         self.nd = len(self.reverse)
-        lens = None if sequence_lens is None else np.asarray(sequence_lens).astype(np.int64)
-        if lens is not None and np.all(lens >= self.T):
+        lens = None if sequence_lens is None else np.minimum(np.asarray(sequence_lens).astype(np.int64), self.T)
+        if lens is not None and np.all(lens == self.T):
             lens = None
         self.mask = None
         self._rev_index = None
