@@ -83,15 +83,40 @@ class AssignPrecisionPass(Pass):
         items = [_options(table.candidates[n], table.scores[n]) for n in names]
         budget = budget_bytes(opts, chosen, ctx.opset)
         solution = solve(items, budget)
-        for name, k in zip(names, solution.choice, strict=True):
-            cand = table.candidates[name][k]
+        choice = [table.candidates[n][k] for n, k in zip(names, solution.choice, strict=True)]
+        kept_uniform = self._guard_against_uniform(names, choice, budget, table, ctx)
+        if kept_uniform is not None:
+            choice = kept_uniform
+        for name, cand in zip(names, choice, strict=True):
             plan.tensors[name] = TensorPrecision(cand.bits, cand.granularity, cand.scheme)
         plan.defaults = {"mode": "budgeted", "sensitivity": table.measure, "budget_bytes": budget,
-                         "used_bytes": solution.cost, "predicted_damage": solution.score,
+                         "used_bytes": sum(c.nbytes for c in choice), "predicted_damage": solution.score,
+                         "kept_uniform_4bit": kept_uniform is not None,
                          "candidates": list(opts.candidates), "granularity": str(opts.granularity)}
         ctx.pareto = _pareto(names, items, chosen, table, ctx)
         return {"planned": sum(1 for n in names if plan.tensors[n].bits != FLOAT), "budget_bytes": budget,
-                "used_bytes": solution.cost}
+                "used_bytes": sum(c.nbytes for c in choice), "kept_uniform_4bit": int(kept_uniform is not None)}
+
+    @staticmethod
+    def _guard_against_uniform(names: list[str], choice: list[Candidate], budget: int, table: SensitivityTable,
+                               ctx: PassContext) -> list[Candidate] | None:
+        """The per-tensor scores add up to a prediction; interactions between tensors can make a
+        plan worse than uniform 4-bit. Where uniform 4-bit fits the budget and a data-driven
+        runner exists, measure both plans on the calibration samples and keep the better."""
+        uniform = [next((c for c in table.candidates[n] if c.bits == 4 and c.scheme == "symmetric"), None)
+                   for n in names]
+        if table.runner is None or None in uniform or sum(c.nbytes for c in uniform) > budget:
+            return None
+        if [c.key for c in uniform] == [c.key for c in choice]:
+            return None
+        granularity = ctx.options.granularity
+        mixed = table.measure_plan({n: c.key for n, c in zip(names, choice, strict=True)}, granularity)
+        flat = table.measure_plan({n: c.key for n, c in zip(names, uniform, strict=True)}, granularity)
+        if flat < mixed:
+            ctx.warn(f"assign-precision: the mixed plan measured worse than uniform 4-bit on the calibration data "
+                     f"({mixed:.4g} vs {flat:.4g}); kept uniform 4-bit")
+            return uniform  # type: ignore[return-value]
+        return None
 
     @staticmethod
     def _replay(plan: PrecisionPlan, slots: list[WeightSlot], ctx: PassContext) -> PrecisionPlan:

@@ -22,7 +22,7 @@ from q4c.interp import Interpreter
 from q4c.pipeline import PassContext, Pipeline
 from q4c.quant.packing import INT2_OPSET
 from q4c.quant.plan import FLOAT, PrecisionPlan
-from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
+from q4c.quant.weights import WeightSlot, find_weight_slots
 from q4c.registry import find_pass, resolve_pipeline
 
 logger = logging.getLogger(__name__)
@@ -175,20 +175,10 @@ def _add_sensitivity(ctx: PassContext) -> None:
                                   "shape": [int(d) for d in slot.tensor.shape], "bits": FLOAT, "granularity": "none",
                                   "scheme": "float", "stored_bits": 32,
                                   "sensitivity": {table.measure: dict(table.scores[name])}})
-    if table.runner is None:
-        return
-    weights = table.runner.weights  # the FP32 values (the graph now holds DequantizeLinear outputs)
-    cache: dict[tuple[str, str], np.ndarray] = {}
     for point in ctx.pareto:
-        changes = {}
-        for name, key in point["choice"].items():
-            cand = next(c for c in table.candidates[name] if c.key == key)
-            if name in weights and cand.bits != FLOAT:
-                if (name, key) not in cache:
-                    cache[name, key] = quantize_slot(table.slots[name], weights[name], cand.bits,
-                                                     ctx.options.granularity, cand.scheme).dequantize()
-                changes[name] = cache[name, key]
-        point["measured"] = table.runner.divergence(changes)
+        measured = table.measure_plan(point["choice"], ctx.options.granularity)
+        if measured is not None:
+            point["measured"] = measured
 
 
 def _choose_kernels(lowered: onnx.ModelProto, dq_form: onnx.ModelProto, feeds: Feeds,

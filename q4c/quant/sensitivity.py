@@ -171,6 +171,23 @@ class SensitivityTable:
     runner: WeightInputRunner | None = None
     seconds: float = 0.0
 
+    def measure_plan(self, choice: Mapping[str, str], granularity: Any) -> float | None:
+        """Measured output divergence with every tensor quantized as `choice` (name -> candidate
+        key) at once, on the calibration samples; None without a data-driven runner."""
+        if self.runner is None:
+            return None
+        cache = self.__dict__.setdefault("_dequantized", {})
+        changes = {}
+        for name, key in choice.items():
+            cand = next(c for c in self.candidates[name] if c.key == key)
+            if name not in self.runner.weights or cand.bits == FLOAT:
+                continue
+            if (name, key) not in cache:
+                cache[name, key] = quantize_slot(self.slots[name], self.runner.weights[name], cand.bits, granularity,
+                                                 cand.scheme).dequantize()
+            changes[name] = cache[name, key]
+        return self.runner.divergence(changes)
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"measure": self.measure, "seconds": round(self.seconds, 3), "tensors": len(self.scores)}
         if self.runner is not None:

@@ -80,3 +80,20 @@ def test_report_carries_scores_budget_and_a_measured_pareto_curve(rng, tmp_path)
     assert predicted == sorted(predicted, reverse=True)  # more bytes never predict more damage
     assert all(p["measured"] >= 0 for p in points)
     assert points[0]["measured"] > points[-1]["measured"]  # and measurably so end to end
+
+
+def test_a_plan_that_measures_worse_than_uniform_int4_is_replaced_by_it(rng):
+    # Mislead the knapsack: claim the 8x-amplified tensor A is harmless at 2 bits and B, C need
+    # 8 bits. The guard measures both whole plans on the calibration data and keeps uniform 4-bit.
+    model = _two_branch_model(rng)
+    ctx = PassContext(options=CompileOptions(avg_bits=4.0), samples=[{"x": rng.standard_normal((16, 128)).astype(np.float32)}],
+                      opset=25)
+    m, _ = run_pass(MeasureSensitivityPass(), model, ctx=ctx)
+    for name, scores in ctx.sensitivity.scores.items():
+        for key in scores:
+            bits = int(key.split(":")[0])
+            scores[key] = (0.0 if bits == 2 else 1.0) if name == "A" else (0.0 if bits == 8 else 1.0)
+    _, result = run_pass(AssignPrecisionPass(), m, ctx=ctx)
+    assert result.stats["kept_uniform_4bit"] == 1
+    assert {n: tp.bits for n, tp in ctx.plan.tensors.items()} == {"A": 4, "B": 4, "C": 4}
+    assert any("kept uniform 4-bit" in w for w in ctx.warnings)
