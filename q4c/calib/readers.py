@@ -1,22 +1,53 @@
-"""Input samples: `.npz` files or directories of them, validated against the model's inputs,
-and synthetic samples built from the input signature when no data is given."""
+"""Input samples: `.npz` files, directories of them, Python readers, or synthetic samples built
+from the input signature, validated against the model's inputs; and the state pairs of
+stateful models, whose outputs feed their own inputs on the next call.
+
+A *sample* is a feed dict (one call) or a list of feed dicts (a *sequence*: consecutive calls of
+a stateful model, its state carried from one call to the next). A stateful model's sample may
+also hold a whole sequence in one dict: an input whose declared dim is fixed (the RNN-T
+predictor's `tokens` [batch, 1]) may be given a multiple of it along that axis ([1, 8]), and the
+sample is split into that many calls (`to_steps`).
+
+State pairs (output -> input) are declared by a Python reader (a `state_pairs` attribute on the
+function) or inferred by name (`infer_state_pairs`): an output and an input pair when their names
+have the same stem once the usual suffixes and prefixes are stripped, their dtypes match and
+their shapes agree where both are fixed. Input affixes: `_in`, `_input`, `_init`, `_initial`,
+`_prev`, `_0`, `0` / `in_`, `init_`, `initial_`, `prev_`; output affixes: `_out`, `_output`,
+`_next`, `_new`, `_final`, `_n`, `n` / `out_`, `next_`, `new_`, `final_`. So `h_in`/`h_out`,
+`h0`/`h_n`, `h`/`hn`, `state`/`state_out`, `state`/`new_state`, `cache_prev`/`cache_next` pair;
+a stem matched by more than one output or input is ambiguous and not paired.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import logging
+import re
+import sys
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from q4c.errors import DataError
+from q4c.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
+#: one call (a feed dict) or a sequence of calls of a stateful model
+Sample = Feeds | list[Feeds]
+
+_IN_SUFFIXES = ("_initial", "_input", "_init", "_prev", "_in", "_0", "0")
+_IN_PREFIXES = ("initial_", "init_", "prev_", "in_")
+_OUT_SUFFIXES = ("_output", "_final", "_next", "_new", "_out", "_n", "n")
+_OUT_PREFIXES = ("final_", "next_", "new_", "out_")
 
 
 @dataclass(frozen=True)
@@ -30,48 +61,97 @@ class InputSpec:
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
+@runtime_checkable
+class CalibrationReader(Protocol):
+    """An iterable of samples (feed dicts, or lists of them for sequences); iterating again
+    starts over. `state_pairs` (output -> input) is None when the reader declares none."""
+
+    state_pairs: dict[str, str] | None
+
+    def __iter__(self) -> Iterator[Sample]: ...
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """Graph inputs that are not initializers, with numpy dtype and shape."""
     initializers = {t.name for t in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
-        specs.append(InputSpec(value.name, dtype, shape))
-    return specs
+    return [_spec(value) for value in model.graph.input if value.name not in initializers]
 
 
-def load_samples(path: str | Path, specs: list[InputSpec]) -> list[Feeds]:
-    """All samples of DATA: one `.npz`, or a directory of `.npz` files in sorted name order."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise DataError(f"{path}: directory holds no .npz samples")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError(f"{path}: no such file or directory")
-    return [read_sample(f, specs) for f in files]
+def output_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    return [_spec(value) for value in model.graph.output]
 
 
-def read_sample(path: Path, specs: list[InputSpec]) -> Feeds:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz file: {e}") from e
-    return validate(arrays, specs, str(path))
+def _spec(value: onnx.ValueInfoProto) -> InputSpec:
+    tensor_type = value.type.tensor_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+    return InputSpec(value.name, dtype, shape)
 
 
-def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> Feeds:
-    """Check keys, rank, dtype castability and finiteness; return feeds in the model's dtypes."""
+# --- state pairs -------------------------------------------------------------------------------
+
+def _stem(name: str, suffixes: tuple[str, ...], prefixes: tuple[str, ...]) -> set[str]:
+    """The name itself and the name with one known affix removed (lower case)."""
+    low = name.lower()
+    stems = {low}
+    for s in suffixes:
+        if low.endswith(s) and len(low) > len(s):
+            stems.add(low[: -len(s)].rstrip("_"))
+    for p in prefixes:
+        if low.startswith(p) and len(low) > len(p):
+            stems.add(low[len(p):])
+    return {s for s in stems if s}
+
+
+def _compatible(a: InputSpec, b: InputSpec) -> bool:
+    if a.dtype != b.dtype or len(a.shape) != len(b.shape):
+        return False
+    return all(not (isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y)
+               for x, y in zip(a.shape, b.shape))
+
+
+def infer_state_pairs(model: onnx.ModelProto) -> dict[str, str]:
+    """Output -> input pairs of a stateful model, by name (see the module docstring)."""
+    inputs = {s.name: s for s in input_specs(model)}
+    outputs = {s.name: s for s in output_specs(model)}
+    candidates: list[tuple[str, str]] = []
+    for out_name, out_spec in outputs.items():
+        out_stems = _stem(out_name, _OUT_SUFFIXES, _OUT_PREFIXES) - {out_name.lower()}
+        for in_name, in_spec in inputs.items():
+            in_stems = _stem(in_name, _IN_SUFFIXES, _IN_PREFIXES)
+            if out_name != in_name and out_stems & in_stems and _compatible(out_spec, in_spec):
+                candidates.append((out_name, in_name))
+    outs = [o for o, _ in candidates]
+    ins = [i for _, i in candidates]
+    return {o: i for o, i in candidates if outs.count(o) == 1 and ins.count(i) == 1}
+
+
+def check_state_pairs(model: onnx.ModelProto, pairs: Mapping[str, str], source: str = "state pairs") -> dict[str, str]:
+    """Validate declared output -> input pairs against the model's signature."""
+    inputs = {s.name: s for s in input_specs(model)}
+    outputs = {s.name: s for s in output_specs(model)}
+    for out_name, in_name in pairs.items():
+        if out_name not in outputs:
+            raise DataError(f"{source}: {out_name!r} is not an output of the model (outputs: {', '.join(outputs)})")
+        if in_name not in inputs:
+            raise DataError(f"{source}: {in_name!r} is not an input of the model (inputs: {', '.join(inputs)})")
+        if not _compatible(outputs[out_name], inputs[in_name]):
+            raise DataError(f"{source}: output {outputs[out_name].describe()} cannot feed input {inputs[in_name].describe()}")
+    return dict(pairs)
+
+
+# --- validation and steps ----------------------------------------------------------------------
+
+def validate(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], source: str, *,
+             optional: frozenset[str] = frozenset(), steps: bool = False) -> Feeds:
+    """Check keys, rank, dtype castability and finiteness; return feeds in the model's dtypes.
+
+    `optional` inputs (a stateful model's state) may be absent. With `steps`, a fixed dim may be
+    given any multiple of its size (a sequence of calls, split by `to_steps`).
+    """
     signature = "; ".join(s.describe() for s in specs)
     names = {s.name for s in specs}
-    missing = sorted(names - set(arrays))
+    missing = sorted(names - set(arrays) - optional)
     extra = sorted(set(arrays) - names)
     if missing:
         raise DataError(f"{source}: missing input(s) {', '.join(missing)}; the model expects {signature}")
@@ -79,13 +159,16 @@ def validate(arrays: dict[str, np.ndarray], specs: list[InputSpec], source: str)
         raise DataError(f"{source}: unknown key(s) {', '.join(extra)}; the model expects {signature}")
     feeds: Feeds = {}
     for spec in specs:
+        if spec.name not in arrays:
+            continue
         value = np.asarray(arrays[spec.name])
         where = f"{source}: key {spec.name!r}"
         if spec.shape and value.ndim != len(spec.shape):
             raise DataError(f"{where} has rank {value.ndim} {value.shape}; expected {spec.describe()}")
         for actual, expected in zip(value.shape, spec.shape):
             if isinstance(expected, int) and expected > 0 and actual != expected:
-                raise DataError(f"{where} has shape {value.shape}; expected {spec.describe()}")
+                if not (steps and spec.name not in optional and actual % expected == 0 and actual > 0):
+                    raise DataError(f"{where} has shape {value.shape}; expected {spec.describe()}")
         feeds[spec.name] = _cast(value, spec.dtype, where)
     return feeds
 
@@ -109,6 +192,215 @@ def _cast(value: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     return out
 
 
+def to_steps(feeds: Feeds, specs: list[InputSpec], state_inputs: Iterable[str], source: str = "sample") -> list[Feeds]:
+    """Split a validated sample of a stateful model into calls along its fixed-size axes; state
+    inputs absent from the sample start at zero (their symbolic dims resolved from the other
+    inputs' dims of the same name, else 1)."""
+    state_inputs = set(state_inputs)
+    dims: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    split: list[tuple[str, int, int]] = []  # (input, axis, step size)
+    for spec in specs:
+        value = feeds.get(spec.name)
+        if value is None:
+            continue
+        for axis, (actual, expected) in enumerate(zip(value.shape, spec.shape)):
+            if isinstance(expected, str):
+                dims.setdefault(expected, actual)
+            elif isinstance(expected, int) and expected > 0 and actual != expected and spec.name not in state_inputs:
+                split.append((spec.name, axis, expected))
+                counts[spec.name] = actual // expected
+    n = set(counts.values())
+    if len(n) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        raise DataError(f"{source}: inputs split into different numbers of calls ({detail})")
+    n_steps = n.pop() if n else 1
+    first = dict(feeds)
+    for spec in specs:
+        if spec.name in state_inputs and spec.name not in first:
+            shape = tuple(d if isinstance(d, int) and d > 0 else dims.get(d, 1) if isinstance(d, str) else 1 for d in spec.shape)
+            first[spec.name] = np.zeros(shape, spec.dtype)
+    if n_steps == 1:
+        return [first]
+    steps = []
+    for t in range(n_steps):
+        step = {k: v for k, v in first.items()}
+        for name, axis, size in split:
+            index = [slice(None)] * first[name].ndim
+            index[axis] = slice(t * size, (t + 1) * size)
+            step[name] = np.ascontiguousarray(first[name][tuple(index)])
+        steps.append(step)
+    return steps
+
+
+def as_sequence(sample: Sample, specs: list[InputSpec], state_pairs: Mapping[str, str], source: str) -> list[Feeds]:
+    """Any sample as a list of complete calls (state of later calls is carried at run time)."""
+    state_inputs = frozenset(state_pairs.values())
+    if isinstance(sample, Mapping):
+        feeds = validate(sample, specs, source, optional=state_inputs, steps=bool(state_inputs))
+        return to_steps(feeds, specs, state_inputs, source) if state_inputs else [feeds]
+    if isinstance(sample, (list, tuple)):
+        if not sample:
+            raise DataError(f"{source}: empty sequence")
+        steps: list[Feeds] = []
+        for t, step in enumerate(sample):
+            if not isinstance(step, Mapping):
+                raise DataError(f"{source}[{t}]: expected a dict of input name -> array, got {type(step).__name__}")
+            where = f"{source}[{t}]"
+            feeds = validate(step, specs, where, optional=state_inputs)
+            steps.extend(to_steps(feeds, specs, state_inputs, where) if t == 0 else [feeds])
+        return steps
+    raise DataError(f"{source}: expected a dict of input name -> array or a list of them, got {type(sample).__name__}")
+
+
+# --- readers -----------------------------------------------------------------------------------
+
+class NpzReader:
+    """`.npz` files (keys = input names), read lazily in the given order."""
+
+    def __init__(self, files: list[Path], state_pairs: dict[str, str] | None = None) -> None:
+        self.files = files
+        self.state_pairs = state_pairs
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for path in self.files:
+            yield _read_npz(path)
+
+    def __repr__(self) -> str:
+        return f"NpzReader({len(self.files)} file(s))"
+
+
+class PythonReader:
+    """`module:function` or `path/to/file.py:function`: the function is called with no arguments
+    and returns an iterable of samples; a `state_pairs` attribute (output -> input) on it
+    declares the model's state."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.function = load_callable(spec)
+        pairs = getattr(self.function, "state_pairs", None)
+        if pairs is not None and not (isinstance(pairs, Mapping) and all(isinstance(k, str) and isinstance(v, str)
+                                                                         for k, v in pairs.items())):
+            raise ConfigError(f"{spec}: state_pairs must be a dict of output name -> input name")
+        self.state_pairs = dict(pairs) if pairs is not None else None
+
+    def __iter__(self) -> Iterator[Sample]:
+        try:
+            items = self.function()
+        except Exception as e:
+            raise DataError(f"{self.spec}: the reader raised {type(e).__name__}: {e}") from e
+        if isinstance(items, Mapping) or not isinstance(items, Iterable):
+            raise DataError(f"{self.spec}: the reader must return an iterable of samples, got {type(items).__name__}")
+        yield from items
+
+    def __repr__(self) -> str:
+        return f"PythonReader({self.spec!r})"
+
+
+class SamplesReader:
+    """Samples already in memory (what `compile_model(samples=[...])` gets)."""
+
+    def __init__(self, samples: Iterable[Sample], state_pairs: dict[str, str] | None = None) -> None:
+        self.samples = list(samples)
+        self.state_pairs = state_pairs
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """`package.module:function` or `path/to/file.py:function`."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ConfigError(f"reader {spec!r}: expected 'module:function' or 'file.py:function'")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"reader {spec!r}: no such file {target}")
+            name = "q4c_reader_" + re.sub(r"\W", "_", str(path.resolve()))
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"reader {spec!r}: cannot import {target}: {type(e).__name__}: {e}") from e
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ConfigError(f"reader {spec!r}: {target} has no function {attr!r}")
+    if inspect.isclass(function):
+        raise ConfigError(f"reader {spec!r}: {attr} is a class; give a function returning an iterable of samples")
+    return function
+
+
+def npz_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise DataError(f"{path}: directory holds no .npz samples")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f"{path}: no such file or directory")
+
+
+def open_reader(model: onnx.ModelProto, data: str | Path | None = None, *, reader: str | None = None,
+                count: int = 1, seed: int = 0) -> CalibrationReader:
+    """The samples for `model`: DATA (`.npz` or directory), a Python `reader`, or (neither given)
+    `count` synthetic samples, with a warning."""
+    if data is not None and reader is not None:
+        raise ConfigError("give either --calib DATA or --calib-reader, not both")
+    if reader is not None:
+        return PythonReader(reader)
+    if data is not None:
+        return NpzReader(npz_files(data))
+    logger.warning("no --calib data: calibrating on %d synthetic sample(s) built from the input signature", count)
+    return SamplesReader(synthetic_samples(model, count=count, seed=seed))
+
+
+def load_samples(path: str | Path, specs: list[InputSpec]) -> list[Feeds]:
+    """All samples of DATA: one `.npz`, or a directory of `.npz` files in sorted name order
+    (one call each; see `open_reader` for sequences and stateful models)."""
+    return [validate(_read_npz(f), specs, str(f)) for f in npz_files(path)]
+
+
+def read_sample(path: Path, specs: list[InputSpec]) -> Feeds:
+    return validate(_read_npz(path), specs, str(path))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz file: {e}") from e
+    return _Named(arrays, str(path))
+
+
+class _Named(dict):
+    """A feed dict that remembers the file it came from (for error messages)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], source: str) -> None:
+        super().__init__(arrays)
+        self.source = source
+
+
+def source_of(sample: Sample, default: str) -> str:
+    return getattr(sample, "source", default)
+
+
 def synthetic_samples(model: onnx.ModelProto, count: int = 1, seed: int = 0, time_steps: int = 32) -> list[Feeds]:
     """Samples shaped by the input signature: symbolic batch 1, other symbolic dims `time_steps`;
     floats ~ N(0, 1); integer inputs that index a Gather table stay inside the table."""
@@ -127,7 +419,7 @@ def synthetic_samples(model: onnx.ModelProto, count: int = 1, seed: int = 0, tim
             elif spec.dtype == np.bool_:
                 feeds[spec.name] = np.ones(shape, np.bool_)
             else:
-                raise DataError(f"cannot synthesize input {spec.describe()}; pass --data/--calib")
+                raise DataError(f"cannot synthesize input {spec.describe()}; pass --calib DATA")
         samples.append(feeds)
     return samples
 

@@ -1,0 +1,246 @@
+"""Run a model over calibration samples and gather activation statistics (`collect`), carrying a
+stateful model's state from each call to the next.
+
+Graph tensors are fetched from ONNX Runtime (each one added as an extra graph output, optimizations
+off so every tensor exists as in the graph); LSTM/GRU/RNN internals (gates, cell state per step),
+which no runtime exposes, come from the interpreter's probes. Tensors inside subgraphs (If/Loop/
+Scan bodies) are not observed. Only the observers' fixed-size state is kept, never activations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from q4c import graph as g
+from q4c.calib.observers import DEFAULT_BINS, DEFAULT_PERCENTILE, MinMaxObserver, make_observer
+from q4c.calib.readers import (
+    CalibrationReader,
+    Feeds,
+    Sample,
+    SamplesReader,
+    as_sequence,
+    check_state_pairs,
+    infer_state_pairs,
+    input_specs,
+    source_of,
+)
+from q4c.calib.table import CalibrationTable, TensorStats
+from q4c.errors import DataError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+#: called after each sample with (samples done, total or None when the reader has no length)
+Progress = Callable[[int, int | None], None]
+#: calls the interpreter probes by default (see collect)
+PROBE_CALLS = 8
+_RNN_OPS = frozenset({"LSTM", "GRU", "RNN"})
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
+
+
+def collect(
+    model: onnx.ModelProto,
+    samples: CalibrationReader | Iterable[Sample],
+    *,
+    tensors: Iterable[str] | None = None,
+    observer: str = "minmax",
+    state_pairs: Mapping[str, str] | None = None,
+    probes: bool | None = None,
+    probe_calls: int | None = PROBE_CALLS,
+    progress: Progress | None = None,
+    bins: int = DEFAULT_BINS,
+    percentile: float = DEFAULT_PERCENTILE,
+    threads: int | None = None,
+) -> CalibrationTable:
+    """Statistics of `tensors` (default: every float tensor of the main graph that depends on an
+    input) over `samples`, with the clipping range `observer` chooses for each.
+
+    Args:
+        samples: a reader or an iterable of samples (feed dicts, or lists of them for sequences).
+        state_pairs: output -> input pairs to carry between the calls of one sequence; default the
+            reader's declared pairs, else those inferred by name; `{}` carries nothing.
+        probes: also observe LSTM/GRU/RNN internals (`node::i`, `node::c`, ...) with the
+            interpreter; default: when the main graph has such ops and `tensors` asks for them
+            (or is None).
+        probe_calls: probe only the first this many calls (None: all); the interpreter is
+            10-50x slower than ONNX Runtime, and gate statistics settle within a few utterances.
+    """
+    pairs = resolve_state_pairs(model, samples, state_pairs)
+    specs = input_specs(model)
+    available, types = float_tensors(model)
+    wanted = list(available) if tensors is None else list(dict.fromkeys(tensors))
+    probe_names = [n for n in wanted if "::" in n]
+    graph_names = [n for n in wanted if "::" not in n]
+    unknown = [n for n in graph_names if n not in available]
+    if unknown:
+        raise DataError(f"cannot observe {', '.join(unknown[:5])}: not float tensors of the main graph "
+                        f"that depend on the inputs")
+    has_rnn = any(n.op_type in _RNN_OPS for n in model.graph.node)
+    use_probes = has_rnn and (tensors is None or bool(probe_names)) if probes is None else probes
+    session = _session(model, graph_names, types, threads)
+    fetch = list(dict.fromkeys([o.name for o in session.get_outputs()]))
+    interp = None
+    if use_probes:
+        from q4c.interp import Interpreter
+
+        interp = Interpreter(model)
+
+    observers: dict[str, MinMaxObserver] = {}
+    sources: dict[str, str] = {}
+
+    def observe(name: str, value: np.ndarray, source: str) -> None:
+        if name not in observers:
+            observers[name] = make_observer(observer, bins=bins, percentile=percentile)
+            sources[name] = source
+        observers[name].update(value)
+
+    graph_set = set(graph_names)
+    probe_set = set(probe_names)
+    reader = samples if isinstance(samples, CalibrationReader) else SamplesReader(samples)
+    total = len(reader) if hasattr(reader, "__len__") else None  # type: ignore[arg-type]
+    n_samples = n_calls = 0
+    for index, sample in enumerate(reader):
+        where = source_of(sample, f"sample {index}")
+        for outputs, step_feeds in run_sequence(session, fetch, as_sequence(sample, specs, pairs, where), pairs, where):
+            for name, value in step_feeds.items():
+                if name in graph_set:
+                    observe(name, value, "ort")
+            for name, value in outputs.items():
+                if name in graph_set:
+                    observe(name, value, "ort")
+            if interp is not None and (probe_calls is None or n_calls < probe_calls):
+                for key, value in interp.run(step_feeds, probes=True).items():
+                    if "::" in key and (tensors is None or key in probe_set):
+                        observe(key, value, "probe")
+            n_calls += 1
+        n_samples += 1
+        if progress is not None:
+            progress(n_samples, total)
+    if n_samples == 0:
+        raise DataError("no calibration samples: the data or reader yielded nothing")
+    state_inputs = set(pairs.values())
+    table = CalibrationTable(observer=observer, samples=n_samples, calls=n_calls, state_pairs=dict(pairs),
+                             model=g.fingerprint(model))
+    for name, obs in observers.items():
+        lo, hi = obs.range()
+        table.tensors[name] = TensorStats(obs.min, obs.max, obs.mean, obs.std, obs.count, lo, hi,
+                                          sources[name], name in state_inputs)
+    logger.debug("calibrated %d tensors over %d samples (%d calls), observer %s", len(table.tensors),
+                 n_samples, n_calls, observer)
+    return table
+
+
+def run_sequence(session: ort.InferenceSession, fetch: list[str], steps: list[Feeds], pairs: Mapping[str, str],
+                 where: str) -> Iterable[tuple[dict[str, np.ndarray], Feeds]]:
+    """Run the calls of one sequence, each fed the state the previous one produced; yields
+    (outputs, feeds actually used) per call."""
+    state: dict[str, np.ndarray] = {}
+    for t, step in enumerate(steps):
+        feeds = {**step, **state}
+        try:
+            values = session.run(fetch, feeds)
+        except Exception as e:  # onnxruntime's own error types
+            raise DataError(f"{where}: call {t} failed in ONNX Runtime: {str(e).splitlines()[0]}") from e
+        outputs = dict(zip(fetch, values))
+        state = {inp: outputs[out] for out, inp in pairs.items()}
+        yield outputs, feeds
+
+
+def materialize(model: onnx.ModelProto, samples: CalibrationReader | Iterable[Sample],
+                state_pairs: Mapping[str, str] | None = None) -> list[Feeds]:
+    """Every call the samples make, as complete feed dicts: for a stateful model, each call's
+    state inputs hold the state the previous call of its sequence produced (so that analyses
+    that run single calls see realistic state)."""
+    pairs = resolve_state_pairs(model, samples, state_pairs)
+    specs = input_specs(model)
+    reader = samples if isinstance(samples, CalibrationReader) else SamplesReader(samples)
+    calls: list[Feeds] = []
+    session = None
+    for index, sample in enumerate(reader):
+        where = source_of(sample, f"sample {index}")
+        steps = as_sequence(sample, specs, pairs, where)
+        if len(steps) == 1:
+            calls.append(steps[0])
+            continue
+        if session is None:
+            session = _session(model, [], {}, None)
+        fetch = [o.name for o in session.get_outputs()]
+        calls.extend(feeds for _, feeds in run_sequence(session, fetch, steps, pairs, where))
+    if not calls:
+        raise DataError("no samples: the data or reader yielded nothing")
+    return calls
+
+
+def resolve_state_pairs(model: onnx.ModelProto, samples: Any, state_pairs: Mapping[str, str] | None) -> dict[str, str]:
+    if state_pairs is None:
+        state_pairs = getattr(samples, "state_pairs", None)
+        source = f"{samples!r} state_pairs"
+    else:
+        source = "state_pairs"
+    if state_pairs is None:
+        pairs = infer_state_pairs(model)
+        if pairs:
+            logger.info("state carried between calls: %s", ", ".join(f"{o} -> {i}" for o, i in pairs.items()))
+        return pairs
+    return check_state_pairs(model, state_pairs, source)
+
+
+def float_tensors(model: onnx.ModelProto) -> tuple[list[str], dict[str, onnx.TypeProto]]:
+    """Float tensors of the main graph that depend on a graph input, in graph order, with their
+    inferred types (inputs first, then node outputs)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model the checker's inference rejects still runs in ORT: fall back
+        inferred = model
+    types = {vi.name: vi.type for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    initializers = {t.name for t in model.graph.initializer}
+    dynamic = {i.name for i in model.graph.input if i.name not in initializers}
+    names = [i.name for i in model.graph.input if i.name in dynamic]
+    for node in model.graph.node:
+        if not (set(node.input) & dynamic) and not _captures(node, dynamic):
+            continue
+        for out in node.output:
+            if out:
+                dynamic.add(out)
+                names.append(out)
+    floats = [n for n in dict.fromkeys(names)
+              if n in types and types[n].HasField("tensor_type") and types[n].tensor_type.elem_type in _FLOAT_TYPES]
+    return floats, {n: types[n] for n in floats}
+
+
+def _captures(node: onnx.NodeProto, dynamic: set[str]) -> bool:
+    """A node with a subgraph that reads an outer dynamic tensor depends on the inputs too."""
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in g.iter_graph_protos(sub):
+                if any(set(n.input) & dynamic for n in inner.node):
+                    return True
+    return False
+
+
+def _session(model: onnx.ModelProto, extra: list[str], types: Mapping[str, onnx.TypeProto],
+             threads: int | None) -> ort.InferenceSession:
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    outputs = {o.name for o in augmented.graph.output}
+    inputs = {i.name for i in augmented.graph.input}
+    for name in extra:
+        if name not in outputs and name not in inputs:
+            vi = onnx.ValueInfoProto(name=name)
+            vi.type.CopyFrom(types[name])
+            augmented.graph.output.append(vi)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelLoadError(f"ONNX Runtime cannot load the model to calibrate it: {str(e).splitlines()[0]}") from e
