@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from q4c.passes.assign_precision import AssignPrecisionPass
+from q4c.passes.calibrate import CalibratePass
 from q4c.passes.dedupe_weights import DedupeWeightsPass
 from q4c.passes.fold_constants import FoldConstantsPass
 from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
+from q4c.passes.insert_qdq import InsertActivationQdqPass
 from q4c.passes.lower_gemm import LowerGemmPass
 from q4c.passes.lower_ort_kernels import LowerOrtKernelsPass
 from q4c.passes.lower_pointwise_conv import LowerPointwiseConvPass
@@ -21,15 +23,20 @@ BUILTIN_PASSES = {
         LowerGemmPass,
         LowerPointwiseConvPass,
         DedupeWeightsPass,
+        CalibratePass,
         MeasureSensitivityPass,
         AssignPrecisionPass,
+        InsertActivationQdqPass,
         QuantizeWeightsPass,
         LowerOrtKernelsPass,
         LowerRecurrentPass,
     )
 }
 
-#: canonicalize -> analyse -> materialise, in this order.
+#: canonicalize -> analyse -> materialise, in this order. 'calibrate' (before the analyses) and
+#: 'insert-activation-qdq' (before quantize-weights) are added by the compiler when asked for
+#: (--activations int8, --calib with --save-calib, --load-calib): calibration runs the model over
+#: every sample, too slow for a default that must stay fast.
 DEFAULT_PIPELINE = (
     "fold-constants",
     "fuse-lstm-gates",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -15,7 +16,9 @@ import onnxruntime as ort
 
 from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.calib.readers import Feeds, input_specs, load_samples, synthetic_samples
+from q4c.calib.readers import CalibrationReader, Feeds, Sample, SamplesReader, open_reader, synthetic_samples
+from q4c.calib.qdq import activation_quantizers, check_activation_quantizers, strip_activation_qdq
+from q4c.calib.runner import Progress, materialize
 from q4c.config import CompileOptions
 from q4c.errors import ModelLoadError, NumericMismatchError
 from q4c.interp import Interpreter
@@ -45,25 +48,34 @@ def compile_model(
     options: CompileOptions | None = None,
     *,
     passes: str | None = None,
-    samples: list[Feeds] | None = None,
+    samples: CalibrationReader | list[Sample] | None = None,
     dump_dir: Path | None = None,
     check_each: bool = False,
     verify: bool = True,
     progress: Callable[[str], None] | None = None,
+    sample_progress: Progress | None = None,
+    save_calib: str | os.PathLike[str] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Run the pipeline on a loaded FP32 model. Returns the new model and the report
-    (without file fields; compile_file adds them)."""
+    (without file fields; compile_file adds them).
+
+    `samples` (feed dicts, sequences of them for stateful models, or a reader; at most
+    `options.calib_samples` are used) become `ctx.samples`, one complete feed dict per call.
+    """
     from q4c.passes import DEFAULT_PIPELINE
 
     options = options or CompileOptions()
-    names = resolve_pipeline(passes, DEFAULT_PIPELINE)
+    names = _with_calibration(resolve_pipeline(passes, DEFAULT_PIPELINE), options, save_calib is not None)
     pass_objects = [find_pass(n)() for n in names]
     converted = g.convert_opset(model, _target_opset(options))
     graph = g.import_graph(converted)
     if samples is None:
         samples = synthetic_samples(model, count=1, seed=options.seed)
         logger.warning("no --calib data: analysing and verifying on synthetic inputs built from the input signature")
-    ctx = PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET, samples=list(samples))
+    reader = samples if isinstance(samples, CalibrationReader) else SamplesReader(samples)
+    samples = materialize(converted, SamplesReader(itertools.islice(reader, options.calib_samples), reader.state_pairs))
+    ctx = PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET, samples=samples,
+                      sample_progress=sample_progress)
     # Run up to the kernel lowering, keep that (DequantizeLinear) form, then lower: for
     # kernels="auto" both forms are timed and the faster one is kept.
     split = names.index("lower-ort-kernels") if "lower-ort-kernels" in names else len(names)
@@ -76,9 +88,12 @@ def compile_model(
     if "quantize-weights" in names and not ctx.quantized:
         raise ModelLoadError("no float weights large enough to quantize (MatMul, Gemm, Conv, LSTM, GRU, Gather, Einsum)")
     kernel_choice = None
-    if dq_form is not None and options.kernels == "auto" and "com.microsoft::MatMulNBits" in g.op_histogram(out):
+    if (dq_form is not None and options.kernels == "auto" and options.activations == "none"
+            and "com.microsoft::MatMulNBits" in g.op_histogram(out)):
         out, kernel_choice = _choose_kernels(out, dq_form, samples[0], ctx)
     config, slow_ops = q4ort.needed_session_config(out)
+    if options.activations == "int8":
+        config, slow_ops = _int8_session_config(out, config, slow_ops, ctx)
     if kernel_choice is not None and kernel_choice["chosen"] == "fp32-at-load":
         config["session.disable_quant_qdq"] = "1"  # else ORT re-fuses DQ -> MatMul into MatMulNBits
     if slow_ops:
@@ -109,6 +124,12 @@ def compile_model(
         report["avg_stored_bits"] = round(sum(n * b for n, b in stored) / sum(n for n, _ in stored), 3)
     if ctx.plan is not None:
         report["plan"] = ctx.plan.to_json()
+    if ctx.calibration is not None:
+        table = ctx.calibration
+        report["calibration"] = {"observer": table.observer, "samples": table.samples, "calls": table.calls,
+                                 "tensors": len(table.tensors), "state_pairs": table.state_pairs}
+        if save_calib is not None:
+            table.save(save_calib)
     if verify:
         report["verification"] = verify_model(out, samples[:1], reference=converted)
     return out, report
@@ -121,23 +142,30 @@ def compile_file(
     *,
     passes: str | None = None,
     data: str | os.PathLike[str] | None = None,
+    reader: str | None = None,
     dump_dir: Path | None = None,
     check_each: bool = False,
     verify: bool = True,
     progress: Callable[[str], None] | None = None,
+    sample_progress: Progress | None = None,
     save_plan: str | os.PathLike[str] | None = None,
+    save_calib: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Compile MODEL to OUTPUT (default MODEL.q4.onnx beside it); never touches MODEL and
-    leaves no OUTPUT behind on failure. Returns the report."""
+    leaves no OUTPUT behind on failure. Returns the report.
+
+    Samples come from `data` (.npz or a directory of them) or a Python `reader`
+    ('module:function' or 'file.py:function'); see q4c.calib.readers."""
     model_path = Path(model_path)
     output = Path(output) if output is not None else default_output(model_path)
     if output.resolve() == model_path.resolve():
         raise ModelLoadError(f"{output}: output would overwrite the input model; choose another -o")
     start = time.perf_counter()
     model = g.load(model_path)
-    samples = load_samples(data, input_specs(model)) if data is not None else None
+    samples = open_reader(model, data, reader=reader) if data is not None or reader is not None else None
     out, report = compile_model(model, options, passes=passes, samples=samples, dump_dir=dump_dir,
-                                check_each=check_each, verify=verify, progress=progress)
+                                check_each=check_each, verify=verify, progress=progress,
+                                sample_progress=sample_progress, save_calib=save_calib)
     out_bytes = g.save(out, output)
     if save_plan is not None and "plan" in report:
         PrecisionPlan.from_json(report["plan"]).save(save_plan)
@@ -147,6 +175,48 @@ def compile_file(
     report["compression"] = round(in_bytes / out_bytes, 3)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+def _with_calibration(names: list[str], options: CompileOptions, save_calib: bool) -> list[str]:
+    """Add 'insert-activation-qdq' (before quantize-weights) for --activations int8, and
+    'calibrate' (before the analyses) when something needs or saves a calibration table."""
+    names = list(names)
+    if options.activations == "int8" and "insert-activation-qdq" not in names and "quantize-weights" in names:
+        names.insert(names.index("quantize-weights"), "insert-activation-qdq")
+    wanted = save_calib or options.calib_table is not None or (
+        options.activations == "int8" and "insert-activation-qdq" in names)
+    if wanted and "calibrate" not in names:
+        anchors = [n for n in ("measure-sensitivity", "assign-precision", "insert-activation-qdq") if n in names]
+        names.insert(names.index(anchors[0]) if anchors else len(names), "calibrate")
+    return names
+
+
+def _int8_session_config(model: onnx.ModelProto, config: dict[str, str], slow_ops: list[str],
+                         ctx: PassContext) -> tuple[dict[str, str], list[str]]:
+    """With int8 activations, a DQ weight feeding a Conv/Gemm whose activation is DQ too is a QDQ
+    group ONNX Runtime fuses into an integer kernel, not a slow op; session.disable_quant_qdq
+    would turn those fusions off, so it is set only if truly slow ops remain, with a warning."""
+    initializers = {t.name for graph in g.iter_graph_protos(model.graph) for t in graph.initializer}
+    slow: set[str] = set()
+    for graph in g.iter_graph_protos(model.graph):
+        producers = {o: n for n in graph.node for o in n.output}
+        dq_weights = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
+        dq_weights |= {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in dq_weights}
+        for node in graph.node:
+            if node.op_type not in slow_ops or not dq_weights.intersection(node.input):
+                continue
+            first = producers.get(node.input[0]) if node.input else None
+            in_qdq_group = first is not None and first.op_type == "DequantizeLinear" and first.input[0] not in initializers
+            if not in_qdq_group:
+                slow.add(node.op_type)
+    config = dict(config)
+    if not slow:
+        config.pop("session.disable_quant_qdq", None)
+    else:
+        ctx.warn(f"--activations int8: weights of {', '.join(sorted(slow))} need session.disable_quant_qdq=1 to "
+                 f"run at FP32 speed, which also turns off ONNX Runtime's integer kernels: the int8 activations "
+                 f"are simulated (Q/DQ executed in float)")
+    return config, sorted(slow)
 
 
 def _target_opset(options: CompileOptions) -> int:
@@ -217,7 +287,9 @@ def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.M
     """The emitted-graph guarantees: full checker, ORT loads and runs it, and the interpreter
     agrees with ORT. MatMulNBits runs int8 activations at accuracy_level 4, so the equivalence
     check runs ORT on a copy at accuracy_level 0 with optimizations off (no fusion hides a bug);
-    the deviation int8 activations add is reported on its own, as is SQNR against `reference`."""
+    the deviation int8 activations add is reported on its own, as is SQNR against `reference`.
+    Activation Q/DQ (--activations int8) is checked code for code on ONNX Runtime's own inputs,
+    and the rest of the graph with it taken out (see q4c.calib.qdq)."""
     try:
         g.check(model)
     except onnx.checker.ValidationError as e:
@@ -225,8 +297,12 @@ def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.M
     result: dict[str, Any] = {"checker": True}
     session = q4ort.make_session(model)
     result["ort_loads"] = True
-    exact = q4ort.make_session(_float_accuracy_copy(model), level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    interp = Interpreter(model)
+    checked = model
+    if activation_quantizers(model):
+        result["activation_codes_exact"] = check_activation_quantizers(model, samples)
+        checked = strip_activation_qdq(model)
+    exact = q4ort.make_session(_float_accuracy_copy(checked), level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    interp = Interpreter(checked)
     worst = 0.0
     deployed_dev = 0.0
     sqnr: dict[str, float] = {}

@@ -78,6 +78,14 @@ class CompileOptions:
     plan_path: Path | None = None
     keep_fp32: frozenset[str] = frozenset()
     seed: int = 0
+    #: "int8": uint8 Q/DQ on MatMul/Gemm/Conv activations, ranges from calibration (W8A8 there)
+    activations: str = "none"
+    #: how calibration picks activation ranges: minmax | percentile | entropy | mse
+    observer: str = "percentile"
+    #: at most this many samples of --calib DATA are used
+    calib_samples: int = 32
+    #: --load-calib: replay a calibration table instead of calibrating
+    calib_table: Path | None = None
     #: ort-cpu only: "auto" times MatMulNBits against DQ folded to FP32 at load on the sample
     #: input and keeps the faster; "low-bit" always keeps MatMulNBits (4-bit weights in memory).
     kernels: str = "auto"
@@ -105,3 +113,9 @@ class CompileOptions:
             raise ConfigError(f"kernels must be 'auto' or 'low-bit', not {self.kernels!r}")
         if self.min_elements < 0:
             raise ConfigError(f"min_elements must be >= 0, not {self.min_elements}")
+        if self.activations not in ("none", "int8"):
+            raise ConfigError(f"--activations must be 'none' or 'int8', not {self.activations!r}")
+        if self.observer not in ("minmax", "percentile", "entropy", "mse"):
+            raise ConfigError(f"--observer must be minmax, percentile, entropy or mse, not {self.observer!r}")
+        if self.calib_samples < 1:
+            raise ConfigError(f"calib_samples must be >= 1, not {self.calib_samples}")

@@ -52,6 +52,8 @@ class PassContext:
     opset: int = g.TARGET_OPSET
     #: input samples (feed dicts) for analyses: --calib data, or synthetic from the signature
     samples: list[dict[str, Any]] = field(default_factory=list)
+    #: called by passes that loop over samples with (done, total or None): the CLI's progress bar
+    sample_progress: Callable[[int, int | None], None] | None = None
     calibration: Any = None
     #: measure-sensitivity's table, read by assign-precision
     sensitivity: Any = None
