@@ -29,9 +29,9 @@ from q4c.recurrent.dynamic import Requantized
 
 logger = logging.getLogger(__name__)
 
-#: Smallest hidden size at which the Scan form beats FP32 at 1 thread for both a streaming call
-#: and a whole utterance (benchmarks/bench_recurrent.py; see the pass docstring).
-SCAN_MIN_HIDDEN = 512
+#: Smallest hidden size at which the Scan form beats FP32 at 1 thread for a single step, a short
+#: chunk and a whole utterance alike (benchmarks/bench_recurrent.py; see the pass docstring).
+SCAN_MIN_HIDDEN = 384
 #: Smallest hidden size at which DynamicQuantizeLSTM beats FP32 (same benchmark).
 DYNAMIC_LSTM_MIN_HIDDEN = 256
 
@@ -39,19 +39,30 @@ DYNAMIC_LSTM_MIN_HIDDEN = 256
 class LowerRecurrentPass(Pass):
     """For `--target ort-cpu`: LSTM/GRU with DequantizeLinear weights -> the fastest form per layer.
 
-    The rule (ONNX Runtime 1.31, 1 thread; time as a ratio of the FP32 op; measured by
-    `python benchmarks/bench_recurrent.py`, figures in BENCHMARKS.md "recurrent"):
+    The rule, from `python benchmarks/bench_recurrent.py` (ONNX Runtime 1.31, 1 thread, batch 1;
+    time as a ratio of the FP32 op for one step / an 8-step chunk / a 100-step utterance per call;
+    all figures in BENCHMARKS.md, section "recurrent"):
 
-    - LSTM with W and R both 8-bit and hidden >= DYNAMIC_LSTM_MIN_HIDDEN: DynamicQuantizeLSTM
-      (0.3-0.8 from H=256 up; ~1.05 at H=128, where folding is as fast and the rule keeps it).
+    - LSTM with W and R both 8-bit and hidden >= DYNAMIC_LSTM_MIN_HIDDEN: DynamicQuantizeLSTM.
+      Measured 0.73-0.79 at H=256, 0.24-0.60 at H=384-1024; at H=128 1.03-1.13 and on the
+      bidirectional H=80 model 1.15-1.40, where the folded form (1.0) is kept.
     - otherwise, hidden >= SCAN_MIN_HIDDEN and every quantized weight's blocks fit a MatMulNBits
-      block (16-256, or one block spanning K <= 256): the Scan form (0.2-0.45 at H=512-1024 for
-      one step, a short chunk and a whole utterance). At H=256 it wins for a single step (0.6-0.8)
-      but loses on utterances (1.2-1.4: Scan costs ~5-10 us a step); at H=128 it loses (1.2-2.6).
-    - otherwise keep DequantizeLinear -> LSTM/GRU, folded at load (1.0).
+      block (16-256, or one block spanning K <= 256): the Scan form. Measured 0.52-0.56 at H=384,
+      0.36-0.39 at 512, 0.22-0.31 at 1024, GRU 0.40-0.42 at 512, in every call pattern. Below, the
+      Scan's per-step cost (~5-10 us) dominates: 0.82 / 1.02 / 1.37 at H=256, 1.6 / 2.0 / 2.8 at
+      H=128, 3.2-4.9 on the H=80 BiLSTM.
+    - otherwise keep DequantizeLinear -> LSTM/GRU, folded at load (0.95-1.02). Without folding
+      ONNX Runtime dequantizes on every call: 14-32x FP32 for a step, 1.6-5x for an utterance.
 
-    With `kernels="low-bit"` every quantized layer takes a low-bit form whatever its size (weights
+    ONNX Runtime does not run LSTM/GRU with layout 1 at all, so those are lowered at any size; with
+    `kernels="low-bit"` every quantized layer takes a low-bit form whatever its size (weights
     stay low-bit in memory, at the speeds above).
+
+    MatMulNBits scales stay float16 in the file (what quantize-weights chose for recurrent
+    weights: 4.5 bits a weight at block 32, 0.14 of FP32) behind a Cast that ONNX Runtime folds at
+    load. Caveat, ONNX Runtime 1.31: MatMulNBits at accuracy_level 4 whose scales are not a
+    constant initializer returns wrong results; at ORT_DISABLE_ALL nothing folds the Cast, so run
+    these models at the default optimization level (or basic and above), as q4c's run/bench do.
 
     Requires: quantize-weights ran (DQ-fed W/R), ctx.quantized.  Ensures: lowered layers keep
     their output tensors.  Stats: scan, dynamic_quantize_lstm, kept_dq, skipped_<reason>.
@@ -62,7 +73,7 @@ class LowerRecurrentPass(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if ctx.options.target is not Target.ORT_CPU:
             return PassResult(False)
-        bits_of = {q["codes"]: q["bits"] for q in ctx.quantized}
+        bits_of = {q["codes"]: q["bits"] for q in ctx.quantized if "codes" in q}
         stats: dict[str, int] = defaultdict(int)
         for sub in list(g.iter_graphs(graph)):
             for node in [n for n in sub.nodes if n.op in ("LSTM", "GRU") and n.domain in ("", "ai.onnx", None)]:
@@ -101,7 +112,7 @@ def choose_form(layer: RecurrentLayer, kernels: str = "auto") -> str:
 def _record_requantized(ctx: PassContext, req: Requantized, layer: RecurrentLayer) -> None:
     """Per-channel re-quantization adds error: fold it into the report's weight SQNR."""
     for entry in ctx.quantized:
-        if entry["codes"] != req.codes_name:
+        if entry.get("codes") != req.codes_name:
             continue
         weights = layer.w if layer.w[0].codes_name == req.codes_name else layer.r
         power = float(sum(np.sum(np.square(w.dequantize(), dtype=np.float64)) for w in weights))

@@ -208,6 +208,7 @@ def test_rule_per_precision_and_layout(rng):
     assert form(8, h=128, i=32, t=1, b=1) == "kept_dq"
     assert form(8, op="GRU", h=512, i=32, t=1, b=1) == "scan"
     assert form(4, h=256, i=32, t=1, b=1) == "kept_dq"
+    assert form(4, h=384, i=32, t=1, b=1) == "scan"
     assert form(4, h=32, layout=1) == "scan"  # ONNX Runtime cannot run layout 1 LSTM at all
 
 
