@@ -24,20 +24,19 @@ import _lm  # noqa: E402
 import _rnnt  # noqa: E402
 from _common import MODELS  # noqa: E402
 
+# bilstm_am and lstm_lm are trained, not generated: models/train_asr.py, models/train_lm.py.
 BUILDERS = {
-    "bilstm_am": _acoustic.bilstm_am,
     "rnnt_encoder": _rnnt.rnnt_encoder,
     "rnnt_predictor": _rnnt.rnnt_predictor,
     "rnnt_joiner": _rnnt.rnnt_joiner,
     "conformer": _acoustic.conformer,
-    "lstm_lm": _lm.lstm_lm,
     "transformer_lm": _lm.transformer_lm,
     "gru_am": _acoustic.gru_am,
     "lstm_unrolled": _cells.lstm_unrolled,
     "lstm_unrolled_concat": _cells.lstm_unrolled_concat,
     "lstm_scan": _cells.lstm_scan,
 }
-SIZE_LIMIT = 40 * 2**20  # the whole models/ folder, as `du -sh models` counts (40M)
+SIZE_LIMIT = 48 * 2**20  # the whole models/ folder, as `du -sh models` counts (48M)
 
 
 def main(argv: list[str] | None = None) -> int:
