@@ -51,3 +51,10 @@ def test_bundled_model_compiles_with_defaults(name, tmp_path):
         assert sqnr_db(ref, quant[key]) > 3, key
     if name in WEIGHT_DOMINATED:
         assert out.stat().st_size <= 0.15 * src.stat().st_size
+
+
+def test_stateful_model_compiles_without_data(tmp_path):
+    # tokens [batch, 1] and h_in [1, batch, 128] share the symbolic batch: synthetic inputs
+    # must agree on it or ORT refuses the LSTM's initial state.
+    report = q4c.compile_file(MODELS / "rnnt_predictor.onnx", tmp_path / "p.onnx")
+    assert report["verification"]["ort_loads"]

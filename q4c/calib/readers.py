@@ -402,16 +402,34 @@ def source_of(sample: Sample, default: str) -> str:
 
 
 def synthetic_samples(model: onnx.ModelProto, count: int = 1, seed: int = 0, time_steps: int = 32) -> list[Feeds]:
-    """Samples shaped by the input signature: symbolic batch 1, other symbolic dims `time_steps`;
-    floats ~ N(0, 1); integer inputs that index a Gather table stay inside the table."""
+    """Samples shaped by the input signature; floats ~ N(0, 1); integer inputs that index a
+    Gather table stay inside the table.
+
+    A named symbolic dim has one size across all inputs (`tokens [batch, 1]` and
+    `h_in [1, batch, 128]` must agree): 1 for a name that says batch (or a dim first seen at
+    axis 0), `time_steps` otherwise; an unnamed dim is 1 at axis 0, else `time_steps`.
+    """
     rng = np.random.default_rng(seed)
     specs = input_specs(model)
     limits = _index_limits(model)
+    named: dict[str, int] = {}
+    for spec in specs:
+        for i, d in enumerate(spec.shape):
+            if isinstance(d, str) and d and d not in named:
+                named[d] = 1 if ("batch" in d.lower() or i == 0) else time_steps
+
+    def size(i: int, d: int | str | None) -> int:
+        if isinstance(d, int) and d > 0:
+            return d
+        if isinstance(d, str) and d in named:
+            return named[d]
+        return 1 if i == 0 else time_steps
+
     samples = []
     for _ in range(count):
         feeds: Feeds = {}
         for spec in specs:
-            shape = tuple(d if isinstance(d, int) and d > 0 else (1 if i == 0 else time_steps) for i, d in enumerate(spec.shape))
+            shape = tuple(size(i, d) for i, d in enumerate(spec.shape))
             if np.issubdtype(spec.dtype, np.floating):
                 feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             elif np.issubdtype(spec.dtype, np.integer):
