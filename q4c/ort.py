@@ -8,8 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ORT_STATE
 
-from q4c.errors import ModelLoadError
+from q4c.errors import DataError, ModelLoadError
 
 #: metadata_props key holding the ONNX Runtime session config entries a model needs (DESIGN.md 6).
 SESSION_CONFIG_KEY = "q4c.ort_session_config"
@@ -74,7 +75,7 @@ def make_session(
     proto = onnx.load(model) if isinstance(model, str) else model
     options = ort.SessionOptions()
     options.graph_optimization_level = level
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # q4c reports ORT failures itself, once
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -87,5 +88,12 @@ def make_session(
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs by name; ORT's runtime failures (mostly shapes the model cannot take) become a
+    DataError naming the input shapes."""
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds))))
+    try:
+        return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+    except (_ORT_STATE.Fail, _ORT_STATE.InvalidArgument, _ORT_STATE.RuntimeException) as e:
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+        raise DataError(f"ONNX Runtime cannot run the model on inputs {shapes}: "
+                        f"{str(e).splitlines()[0][-300:]}") from e

@@ -207,3 +207,15 @@ def test_conflicting_budgets_are_one_line_errors(runner, model_path):
     assert result.exit_code == 1 and "excludes --avg-bits" in result.stderr
     result = runner.invoke(main, ["compile", str(model_path), "--avg-bits", "0.5"])
     assert result.exit_code == 1 and "--avg-bits must be between 1 and 16" in result.stderr
+
+
+def test_inputs_the_model_cannot_take_are_a_one_line_data_error(runner, tmp_path, bundled):
+    data = tmp_path / "bad_state.npz"  # h_in's batch (3) disagrees with tokens' batch (1)
+    np.savez(data, tokens=np.zeros((1, 1), np.int64), h_in=np.zeros((1, 3, 128), np.float32),
+             c_in=np.zeros((1, 3, 128), np.float32))
+    result = runner.invoke(main, ["compile", str(bundled("rnnt_predictor")), "-o", str(tmp_path / "o.onnx"),
+                                  "--calib", str(data)])
+    assert result.exit_code == 1, result.output
+    assert "ONNX Runtime cannot run the model on inputs" in result.stderr and "h_in [1, 3, 128]" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 12 and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
