@@ -20,7 +20,7 @@ from q4c.passes.assign_precision import AssignPrecisionPass
 from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
 from q4c.passes.quantize_weights import QuantizeWeightsPass
 from q4c.pipeline import PassContext
-from q4c.recurrent import match_layer
+from q4c.recurrent import dequantized_lstm_copy, match_layer
 from q4c.testing import make_model, op_histogram, run_interp, run_ort, run_pass, sqnr_db
 
 LOW_BIT = CompileOptions(bits=4, kernels="low-bit")  # lower whatever the hidden size
@@ -180,6 +180,21 @@ def test_8_bit_lstm_becomes_dynamic_quantize_lstm(rng, case):
     for name, value in reference.items():
         np.testing.assert_allclose(interp[name], actual[name], rtol=1e-5, atol=1e-5, err_msg=name)
         assert sqnr_db(value, actual[name]) > 25, name  # uint8 activations: measured ~35 dB
+
+
+def test_dequantized_lstm_copy_is_the_float_lstm_of_the_int8_weights(rng):
+    # What equivalence checks run instead of DynamicQuantizeLSTM (whose uint8 activations make
+    # ORT and the interpreter drift apart after a rounding flip on long inputs).
+    model, feeds = _recurrent_model(rng, direction="bidirectional", seq=True, init=True, b=3, t=12)
+    dq, lowered, _, _ = _lower(model, CompileOptions(bits=8, kernels="low-bit"))
+    copy = dequantized_lstm_copy(lowered)
+    g.check(copy)
+    assert op_histogram(copy) == {"LSTM": 1}
+    exact, interp = run_ort(copy, feeds), run_interp(copy, feeds)
+    reference = run_ort(_float32_dequantized(dq), feeds)
+    for name, value in reference.items():
+        np.testing.assert_allclose(interp[name], exact[name], rtol=1e-5, atol=1e-5, err_msg=name)
+        assert sqnr_db(value, exact[name]) > 40, name  # only the per-channel re-quantization differs
 
 
 def test_rule_keeps_small_layers_folded_and_lowers_large_ones(rng):
