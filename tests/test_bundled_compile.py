@@ -58,3 +58,13 @@ def test_stateful_model_compiles_without_data(tmp_path):
     # must agree on it or ORT refuses the LSTM's initial state.
     report = q4c.compile_file(MODELS / "rnnt_predictor.onnx", tmp_path / "p.onnx")
     assert report["verification"]["ort_loads"]
+
+
+def test_eight_bit_lstm_lowered_to_dynamic_quantize_lstm_verifies(tmp_path):
+    # DynamicQuantizeLSTM quantizes X and h to uint8 inside ORT; over 80 steps one rounding flips
+    # between MLAS and numpy, so the equivalence check must compare the same codes in float.
+    report = q4c.compile_file(MODELS / "rnnt_encoder.onnx", tmp_path / "e8.onnx", q4c.CompileOptions(bits=8),
+                              data=MODELS / "rnnt_encoder.npz")
+    ops = q4c.graph.op_histogram(onnx.load(tmp_path / "e8.onnx"))
+    assert ops.get("com.microsoft::DynamicQuantizeLSTM", 0) == 2
+    assert report["verification"]["interp_vs_ort_max_abs"] < 1e-3
