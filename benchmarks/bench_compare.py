@@ -218,6 +218,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other models' rows from benchmarks/results/%s.json" % "compare")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else bundled_models()
@@ -226,6 +228,10 @@ def main() -> int:
         for name in names:
             print(f"bench: {name}", file=sys.stderr)
             rows.extend(measure(name, Path(tmp), args.iters))
+    results = REPO / "benchmarks" / "results" / "compare.json"
+    if args.merge and results.exists():
+        kept = [r for r in json.loads(results.read_text()) if r["model"] not in names]
+        rows = sorted(kept + rows, key=lambda r: r["model"])  # stable: each model's rows keep their order
     section = render(rows, args.iters)
     print(section)
     if args.write:

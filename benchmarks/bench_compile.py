@@ -121,6 +121,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--models", default=None, help="comma-separated names (default: every bundled model)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other models' rows from benchmarks/results/%s.json" % "compile")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and benchmarks/results/compile.json")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else bundled_models()
@@ -129,6 +131,10 @@ def main() -> int:
         for name in names:
             print(f"bench: {name}", file=sys.stderr)
             rows.append(measure(name, args.iters, Path(tmp)))
+    results = REPO / "benchmarks" / "results" / "compile.json"
+    if args.merge and results.exists():
+        kept = [r for r in json.loads(results.read_text()) if r["model"] not in names]
+        rows = sorted(kept + rows, key=lambda r: r["model"])  # stable: each model's rows keep their order
     section = render(rows, args.iters)
     print(section)
     if args.write:
