@@ -235,13 +235,15 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     measured = {n: w for n, w in weights.items() if n in main}
     for name in set(weights) - set(measured):
         table.fallbacks[name] = "weight lives in a subgraph"
-    if opts.sensitivity != "mse" and measured:
+    if measured and samples:
+        # mse scores without data, but the runner still measures whole plans (the uniform-4-bit
+        # guard in assign-precision, the report's measured Pareto curve).
         model = g.export_model(graph.copy())
         table.runner = WeightInputRunner(model, measured, samples[:MAX_SAMPLES])
     rng = np.random.default_rng(opts.seed)
     for name, w in weights.items():
         errors = {k: float(np.sum(np.square(d - w, dtype=np.float64))) for k, d in quantized[name].items()}
-        if table.runner is None or name not in measured:
+        if table.runner is None or name not in measured or opts.sensitivity == "mse":
             table.scores[name] = errors
         elif opts.sensitivity == "kl":
             table.scores[name] = {k: table.runner.divergence({name: d}) for k, d in quantized[name].items()}
