@@ -59,7 +59,8 @@ class InsertActivationQdqPass(Pass):
     activations (attention) stay float too.
     Requires: ctx.calibration, ctx.plan (when --activations int8; otherwise a no-op).
     Ensures: every quantized op is in a form ORT fuses.
-    Stats: quantized_matmul, quantized_conv, quantized_gemm, weights_to_int8, kept_float_*.
+    Stats: quantized_matmul, quantized_conv, quantized_gemm, weights_to_int8, kept_float_* (the
+    ops above by reason, plus kept_float_recurrent_op: LSTM/GRU/RNN/Scan/Loop nodes).
     """
 
     name = "insert-activation-qdq"
@@ -123,6 +124,7 @@ class InsertActivationQdqPass(Pass):
         if promoted:
             stats["weights_to_int8"] = len(promoted)
         stats["kept_float_activation_matmul"] = analysis.activation_matmuls()
+        stats["kept_float_recurrent_op"] = sum(1 for sub in g.iter_graphs(graph) for n in sub.nodes if n.op in _RNN_OPS)
         kept = {k[len("kept_float_"):]: v for k, v in stats.items() if k.startswith("kept_float_") and v}
         if kept:
             ctx.warn("--activations int8: kept float " + ", ".join(f"{v} {_REASONS[k]}" for k, v in sorted(kept.items()))
@@ -238,6 +240,7 @@ _REASONS = {
     "uncalibrated": "op(s) with an uncalibrated or constant input",
     "subgraph": "op(s) inside Scan/Loop/If bodies",
     "activation_matmul": "MatMul(s) of two activations (attention)",
+    "recurrent_op": "LSTM/GRU/RNN/Scan/Loop op(s) with their gates and state",
     "layout": "op(s) in a layout ONNX Runtime does not fuse",
 }
 

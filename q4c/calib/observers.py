@@ -166,8 +166,9 @@ class PercentileObserver(HistogramObserver):
 class EntropyObserver(HistogramObserver):
     """TensorRT's KL-divergence calibration: the threshold T minimizing KL(P || Q), P the |x|
     histogram clipped at T (outliers added to its last bin), Q that histogram quantized to the
-    levels the range will have. Range = [-T, T] clamped to the observed [min, max]: a one-signed
-    tensor gets all 255 levels on [0, T]."""
+    levels [0, T] will have. Range = [-T, T] clamped to the observed [min, max], so with uint8's
+    255 steps over that range, [0, T] gets 255 T / (min(max, T) + min(-min, T)) of them: 255 for
+    a one-signed tensor, ~128 for a symmetric one (TensorRT's int8 case)."""
 
     method: ClassVar[str] = "entropy"
     #: thresholds tried (evenly spaced bin counts of the |x| histogram)
@@ -178,24 +179,30 @@ class EntropyObserver(HistogramObserver):
             return super().range()
         half = self.bins // 2
         abs_counts = (self.counts[half:] + self.counts[:half][::-1]).astype(np.float64)
-        one_signed = self.min >= 0.0 or self.max <= 0.0
-        levels = LEVELS if one_signed else (LEVELS + 1) // 2
         last = int(np.nonzero(abs_counts)[0][-1]) + 1
-        if last <= levels:
+        smallest = (LEVELS + 1) // 2
+        if last <= smallest:
             return self.min, self.max
-        candidates = np.unique(np.linspace(levels, last, self.CANDIDATES).astype(np.int64))
+        candidates = np.unique(np.linspace(smallest, last, self.CANDIDATES).astype(np.int64))
+        levels = self.levels(candidates * self.half_range / half)
         kl = kl_divergences(abs_counts[:last], candidates, levels)
         threshold = int(candidates[int(np.argmin(kl))]) * self.half_range / half
         return self._clamp(-threshold, threshold)
 
+    def levels(self, thresholds: np.ndarray) -> np.ndarray:
+        """uint8 steps that fall on [0, T] for each threshold T."""
+        t = np.asarray(thresholds, np.float64)
+        width = np.minimum(max(self.max, 0.0), t) + np.minimum(max(-self.min, 0.0), t)
+        return np.clip(np.rint(LEVELS * t / np.maximum(width, 1e-30)), 1, LEVELS).astype(np.int64)
 
-def kl_divergences(hist: np.ndarray, candidates: np.ndarray, levels: int) -> np.ndarray:
+
+def kl_divergences(hist: np.ndarray, candidates: np.ndarray, levels: int | np.ndarray) -> np.ndarray:
     """KL(P_i || Q_i) for each candidate bin count i, as TensorRT's calibrator defines them.
 
     P_i: the first i bins, the mass beyond added to bin i-1. Q_i: those i bins (without the
     outliers) merged into `levels` groups, each group's mass spread evenly over its non-empty
-    bins. Computed per group rather than per bin: with cumulative sums of h and h log h, every
-    candidate costs O(levels), not O(bins).
+    bins. `levels` is one count or one per candidate. Computed per group rather than per bin:
+    with cumulative sums of h and h log h, every candidate costs O(levels), not O(bins).
     """
     hist = np.asarray(hist, np.float64)
     cand = np.asarray(candidates, np.int64)
@@ -206,7 +213,9 @@ def kl_divergences(hist: np.ndarray, candidates: np.ndarray, levels: int) -> np.
         hlogh = np.where(hist > 0, hist * np.log(np.where(hist > 0, hist, 1.0)), 0.0)
     cum_hlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
     total = cum[-1]
-    bounds = -(-(np.arange(levels + 1)[None, :] * cand[:, None]) // levels)  # ceil(k i / L)
+    lv = np.broadcast_to(np.asarray(levels, np.int64), cand.shape)[:, None]
+    # ceil(k i / L); groups past a candidate's own L are empty (start = end = i)
+    bounds = np.minimum(-(-(np.arange(int(lv.max()) + 1)[None, :] * cand[:, None]) // lv), cand[:, None])
     mass = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]
     support = np.maximum(cum_nz[bounds[:, 1:]] - cum_nz[bounds[:, :-1]], 1.0)
     log_q = np.log(np.where(mass > 0, mass / support, 1.0))  # q of each non-empty bin of a group
@@ -215,7 +224,7 @@ def kl_divergences(hist: np.ndarray, candidates: np.ndarray, levels: int) -> np.
     last = cand - 1
     h_last = hist[last]
     p_last = h_last + (total - kept)
-    log_q_last = np.where(h_last > 0, log_q[rows, (last * levels) // cand], np.log(1e-12) + np.log(np.maximum(kept, 1e-300)))
+    log_q_last = np.where(h_last > 0, log_q[rows, (last * lv[:, 0]) // cand], np.log(1e-12) + np.log(np.maximum(kept, 1e-300)))
     cross += p_last * log_q_last - np.where(h_last > 0, h_last * log_q_last, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = cum_hlogh[last] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)

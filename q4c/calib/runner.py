@@ -58,7 +58,7 @@ def collect(
     threads: int | None = None,
 ) -> CalibrationTable:
     """Statistics of `tensors` (default: every float tensor of the main graph that depends on an
-    input) over `samples`, with the clipping range `observer` chooses for each.
+    input; see `dynamic_tensors`) over `samples`, with the clipping range `observer` chooses.
 
     Args:
         samples: a reader or an iterable of samples (feed dicts, or lists of them for sequences).
@@ -72,18 +72,21 @@ def collect(
     """
     pairs = resolve_state_pairs(model, samples, state_pairs)
     specs = input_specs(model)
-    available, types = float_tensors(model)
+    fingerprint = g.fingerprint(model)  # before the session exists: one model copy at a time
+    available = dynamic_tensors(model)
     wanted = list(available) if tensors is None else list(dict.fromkeys(tensors))
     probe_names = [n for n in wanted if "::" in n]
     graph_names = [n for n in wanted if "::" not in n]
-    unknown = [n for n in graph_names if n not in available]
+    unknown = [n for n in graph_names if n not in set(available)]
     if unknown:
-        raise DataError(f"cannot observe {', '.join(unknown[:5])}: not float tensors of the main graph "
-                        f"that depend on the inputs")
+        raise DataError(f"cannot observe {', '.join(unknown[:5])}: not tensors of the main graph that depend on "
+                        f"the inputs")
     has_rnn = any(n.op_type in _RNN_OPS for n in model.graph.node)
     use_probes = has_rnn and (tensors is None or bool(probe_names)) if probes is None else probes
-    session = _session(model, graph_names, types, threads)
+    session = _session(model, graph_names, threads)
     fetch = list(dict.fromkeys([o.name for o in session.get_outputs()]))
+    # fetched as long as their dtype is unknown; after the first call, only float tensors and state
+    keep = {o.name for o in model.graph.output} | set(pairs)
     interp = None
     if use_probes:
         from q4c.interp import Interpreter
@@ -94,6 +97,10 @@ def collect(
     sources: dict[str, str] = {}
 
     def observe(name: str, value: np.ndarray, source: str) -> None:
+        if not _is_float(value):
+            if tensors is not None and name in graph_set:
+                raise DataError(f"cannot observe {name!r}: a {value.dtype} tensor, not a float one")
+            return
         if name not in observers:
             observers[name] = make_observer(observer, bins=bins, percentile=percentile)
             sources[name] = source
@@ -113,6 +120,8 @@ def collect(
             for name, value in outputs.items():
                 if name in graph_set:
                     observe(name, value, "ort")
+            if n_calls == 0:
+                fetch[:] = [n for n in fetch if n in keep or _is_float(outputs[n])]
             if interp is not None and (probe_calls is None or n_calls < probe_calls):
                 for key, value in interp.run(step_feeds, probes=True).items():
                     if "::" in key and (tensors is None or key in probe_set):
@@ -125,7 +134,7 @@ def collect(
         raise DataError("no calibration samples: the data or reader yielded nothing")
     state_inputs = set(pairs.values())
     table = CalibrationTable(observer=observer, samples=n_samples, calls=n_calls, state_pairs=dict(pairs),
-                             model=g.fingerprint(model))
+                             model=fingerprint)
     for name, obs in observers.items():
         lo, hi = obs.range()
         table.tensors[name] = TensorStats(obs.min, obs.max, obs.mean, obs.std, obs.count, lo, hi,
@@ -168,7 +177,7 @@ def materialize(model: onnx.ModelProto, samples: CalibrationReader | Iterable[Sa
             calls.append(steps[0])
             continue
         if session is None:
-            session = _session(model, [], {}, None)
+            session = _session(model, [], None)
         fetch = [o.name for o in session.get_outputs()]
         calls.extend(feeds for _, feeds in run_sequence(session, fetch, steps, pairs, where))
     if not calls:
@@ -190,14 +199,13 @@ def resolve_state_pairs(model: onnx.ModelProto, samples: Any, state_pairs: Mappi
     return check_state_pairs(model, state_pairs, source)
 
 
-def float_tensors(model: onnx.ModelProto) -> tuple[list[str], dict[str, onnx.TypeProto]]:
-    """Float tensors of the main graph that depend on a graph input, in graph order, with their
-    inferred types (inputs first, then node outputs)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a model the checker's inference rejects still runs in ORT: fall back
-        inferred = model
-    types = {vi.name: vi.type for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+def _is_float(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
+
+
+def dynamic_tensors(model: onnx.ModelProto) -> list[str]:
+    """Tensors of the main graph that depend on a graph input (inputs first, then node outputs,
+    in graph order): what calibration can observe. Constant-computed tensors are left out."""
     initializers = {t.name for t in model.graph.initializer}
     dynamic = {i.name for i in model.graph.input if i.name not in initializers}
     names = [i.name for i in model.graph.input if i.name in dynamic]
@@ -208,7 +216,17 @@ def float_tensors(model: onnx.ModelProto) -> tuple[list[str], dict[str, onnx.Typ
             if out:
                 dynamic.add(out)
                 names.append(out)
-    floats = [n for n in dict.fromkeys(names)
+    return list(dict.fromkeys(names))
+
+
+def float_tensors(model: onnx.ModelProto) -> tuple[list[str], dict[str, onnx.TypeProto]]:
+    """The dynamic tensors whose inferred type is float, with their types."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model the checker's inference rejects still runs in ORT: fall back
+        inferred = model
+    types = {vi.name: vi.type for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    floats = [n for n in dynamic_tensors(model)
               if n in types and types[n].HasField("tensor_type") and types[n].tensor_type.elem_type in _FLOAT_TYPES]
     return floats, {n: types[n] for n in floats}
 
@@ -223,17 +241,17 @@ def _captures(node: onnx.NodeProto, dynamic: set[str]) -> bool:
     return False
 
 
-def _session(model: onnx.ModelProto, extra: list[str], types: Mapping[str, onnx.TypeProto],
-             threads: int | None) -> ort.InferenceSession:
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    outputs = {o.name for o in augmented.graph.output}
-    inputs = {i.name for i in augmented.graph.input}
-    for name in extra:
-        if name not in outputs and name not in inputs:
-            vi = onnx.ValueInfoProto(name=name)
-            vi.type.CopyFrom(types[name])
-            augmented.graph.output.append(vi)
+def _session(model: onnx.ModelProto, extra: list[str], threads: int | None) -> ort.InferenceSession:
+    """A session (optimizations off) that also returns `extra` tensors. The outputs are added to
+    `model` just long enough to serialize it: no copy of a large model is made."""
+    outputs = model.graph.output
+    known = {o.name for o in outputs} | {i.name for i in model.graph.input}
+    added = [name for name in extra if name not in known]
+    outputs.extend(onnx.ValueInfoProto(name=name) for name in added)  # ORT infers the types
+    try:
+        serialized = model.SerializeToString()
+    finally:
+        del outputs[len(outputs) - len(added):]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
@@ -241,6 +259,6 @@ def _session(model: onnx.ModelProto, extra: list[str], types: Mapping[str, onnx.
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ModelLoadError(f"ONNX Runtime cannot load the model to calibrate it: {str(e).splitlines()[0]}") from e

@@ -103,6 +103,10 @@ def test_kl_divergences_match_the_bin_by_bin_definition(rng):
     fast = kl_divergences(hist, candidates, 128)
     slow = np.array([_kl_reference(hist, int(i), 128) for i in candidates])
     np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)
+    levels = rng.integers(128, 256, candidates.size)  # one level count per candidate
+    fast = kl_divergences(hist, candidates, levels)
+    slow = np.array([_kl_reference(hist, int(i), int(n)) for i, n in zip(candidates, levels)])
+    np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)
 
 
 def test_entropy_picks_the_threshold_of_least_kl(rng):
@@ -113,7 +117,9 @@ def test_entropy_picks_the_threshold_of_least_kl(rng):
     abs_hist = (obs.counts[half:] + obs.counts[:half][::-1]).astype(float)
     last = int(np.nonzero(abs_hist)[0][-1]) + 1
     candidates = np.unique(np.linspace(128, last, EntropyObserver.CANDIDATES).astype(int))
-    best = candidates[int(np.argmin([_kl_reference(abs_hist, int(i), 128) for i in candidates]))]
+    levels = obs.levels(candidates * obs.half_range / half)
+    assert levels[0] == 128 and levels[-1] > 128  # symmetric until T passes -min, then more of uint8 on [0, T]
+    best = candidates[int(np.argmin([_kl_reference(abs_hist, int(i), int(n)) for i, n in zip(candidates, levels)]))]
     threshold = best * obs.half_range / half
     assert (lo, hi) == pytest.approx((-threshold, threshold))
     assert hi < 0.5 * heavy.max()  # heavy tails are clipped

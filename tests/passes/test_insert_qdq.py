@@ -219,3 +219,12 @@ def test_bundled_model_runs_integer_kernels_in_onnx_runtime(name, kernels, rng, 
     deployed = run_ort(out, held_out, optimized=True)
     for key, value in reference.items():
         assert sqnr_db(value, deployed[key]) > 20, key  # measured ~30 dB
+
+
+def test_recurrent_bundled_model_keeps_its_lstm_float_and_says_so(rng):
+    out, report = compile_model(g.load(MODELS / "rnnt_predictor.onnx"), CompileOptions(bits=4, activations="int8"),
+                                samples=_samples("rnnt_predictor", 4, rng))
+    stats = next(p["stats"] for p in report["passes"] if p["name"] == "insert-activation-qdq")
+    assert stats == {"kept_float_recurrent_op": 1}
+    assert any("1 LSTM/GRU/RNN/Scan/Loop op(s)" in w for w in report["warnings"])
+    assert "QuantizeLinear" not in op_histogram(out)
