@@ -93,9 +93,10 @@ def render(rows: list[dict], iters: int) -> str:
         )
     lines += [
         "",
-        "Recurrent models run their LSTM/GRU weights through DequantizeLinear, which the recorded session "
-        "config folds to FP32 at load: the file is small, the weights in memory are FP32, and the speed is "
-        "FP32's. Fast INT4 recurrent forms are issue 8.",
+        "`session.disable_quant_qdq=1` marks models that keep some weights in DequantizeLinear form (Conv, "
+        "LSTM/GRU below hidden 384, or MatMul where `--kernels auto` measured FP32-at-load faster): those "
+        "weights are folded to FP32 at load (small file, FP32 speed). LSTM/GRU layers from hidden 384 run as "
+        "MatMulNBits + Scan (see the `recurrent` section).",
         "<!-- compile:end -->",
     ]
     return "\n".join(lines)
