@@ -26,6 +26,7 @@ from q4c.recurrent.dynamic import dequantized_lstm_copy
 from q4c.pipeline import PassContext, Pipeline
 from q4c.quant.packing import INT2_OPSET
 from q4c.quant.plan import FLOAT, PrecisionPlan
+from q4c.quant.tying import share_transposed_tables
 from q4c.quant.weights import WeightSlot, find_weight_slots
 from q4c.registry import find_pass, resolve_pipeline
 
@@ -261,6 +262,8 @@ def _choose_kernels(lowered: onnx.ModelProto, dq_form: onnx.ModelProto, feeds: F
     activations costs more than it saves, and DequantizeLinear folded to FP32 at load is faster.
     """
     fold = {"session.disable_quant_qdq": "1"}
+    # Folded at load anyway, so a tied output projection can read the embedding's codes.
+    tied = share_transposed_tables(dq_form)
     sessions = {"low-bit": q4ort.make_session(lowered, threads=1, config=q4ort.needed_session_config(lowered)[0]),
                 "fp32-at-load": q4ort.make_session(dq_form, threads=1, config=fold)}
     times: dict[str, list[float]] = {k: [] for k in sessions}
@@ -280,7 +283,8 @@ def _choose_kernels(lowered: onnx.ModelProto, dq_form: onnx.ModelProto, feeds: F
                  f"low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
                  f"in memory, or --data with inputs shaped like your deployment")
     result = {"chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
-              "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": len(times["low-bit"])}
+              "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": len(times["low-bit"]),
+              "tied_tables_shared": tied}
     return (dq_form if chosen == "fp32-at-load" else lowered), result
 
 

@@ -1,4 +1,5 @@
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 
@@ -78,3 +79,24 @@ def test_tied_embedding_and_output_projection_share_one_packed_table(rng):
     assert len(packed) == 1 and list(packed[0].dims) == [300, 1, 32]  # one table: 300 rows, one block of 64 nibbles
     feeds = {"tok": rng.integers(0, 300, (2, 5))}
     np.testing.assert_allclose(run_ort(_at_float_accuracy(lowered), feeds)["y"], run_ort(dq, feeds)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_tied_tables_share_codes_in_dequantize_form_too(rng):
+    from q4c.quant.tying import share_transposed_tables
+
+    table = heavy_tailed(rng, (300, 64))
+    model = make_model([helper.make_node("Gather", ["E", "tok"], ["h"]), helper.make_node("MatMul", ["h", "E_t"], ["y"])],
+                       [helper.make_tensor_value_info("tok", TensorProto.INT64, [2, 5])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 300])],
+                       {"E": table, "E_t": np.ascontiguousarray(table.T)})
+    ctx = PassContext(options=CompileOptions(bits=4))
+    m, _ = run_pass(AssignPrecisionPass(), model, ctx=ctx)
+    dq, _ = run_pass(QuantizeWeightsPass(), m, ctx=ctx)
+    shared = onnx.ModelProto()
+    shared.CopyFrom(dq)
+    assert share_transposed_tables(shared) == 1
+    assert shared.ByteSize() < dq.ByteSize() - 300 * 64 // 2 + 100  # one table of int4 codes fewer
+    onnx.checker.check_model(shared, full_check=True)
+    feeds = {"tok": rng.integers(0, 300, (2, 5))}
+    np.testing.assert_array_equal(run_ort(shared, feeds)["y"], run_ort(dq, feeds)["y"])
+    np.testing.assert_array_equal(run_interp(shared, feeds)["y"], run_interp(dq, feeds)["y"])
