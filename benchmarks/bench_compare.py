@@ -51,7 +51,10 @@ def _task_metric(name: str, model_path: Path) -> float | None:
         return None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return float(module.evaluate(str(model_path))[key])
+    try:
+        return float(module.evaluate(str(model_path))[key])
+    except FileNotFoundError:  # the model's test set is not built (yet)
+        return None
 
 
 # -- the contenders ---------------------------------------------------------------------------
