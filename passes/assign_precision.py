@@ -7,6 +7,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from q4c.config import CompileOptions
@@ -80,22 +81,28 @@ class AssignPrecisionPass(Pass):
             table = measure(graph, dataclasses.replace(opts, sensitivity="mse"), ctx.opset, ctx.samples)
             ctx.warn("assign-precision: no sensitivity measurement for every tensor; used the data-free mse proxy")
         names = sorted(chosen)
-        items = [_options(table.candidates[n], table.scores[n]) for n in names]
-        budget = budget_bytes(opts, chosen, ctx.opset)
+        groups = _tied_groups(chosen)
+        items = [_group_options(group, table) for group in groups]
+        budget = budget_bytes(opts, chosen, ctx.opset, groups)
         solution = solve(items, budget)
-        choice = [table.candidates[n][k] for n, k in zip(names, solution.choice, strict=True)]
+        picks = _expand(groups, solution.choice)
+        choice = [table.candidates[n][picks[n]] for n in names]
+        used = solution.cost
         kept_uniform = self._guard_against_uniform(names, choice, budget, table, ctx)
         if kept_uniform is not None:
             choice = kept_uniform
+            used = sum(items[i][table.candidates[grp[0]].index(kept_uniform[names.index(grp[0])])].cost
+                       for i, grp in enumerate(groups))
         for name, cand in zip(names, choice, strict=True):
             plan.tensors[name] = TensorPrecision(cand.bits, cand.granularity, cand.scheme)
         plan.defaults = {"mode": "budgeted", "sensitivity": table.measure, "budget_bytes": budget,
-                         "used_bytes": sum(c.nbytes for c in choice), "predicted_damage": solution.score,
+                         "used_bytes": used, "predicted_damage": solution.score,
                          "kept_uniform_4bit": kept_uniform is not None,
+                         "tied": [list(grp) for grp in groups if len(grp) > 1],
                          "candidates": list(opts.candidates), "granularity": str(opts.granularity)}
-        ctx.pareto = _pareto(names, items, chosen, table, ctx)
+        ctx.pareto = _pareto(groups, items, chosen, table, ctx)
         return {"planned": sum(1 for n in names if plan.tensors[n].bits != FLOAT), "budget_bytes": budget,
-                "used_bytes": sum(c.nbytes for c in choice), "kept_uniform_4bit": int(kept_uniform is not None)}
+                "used_bytes": used, "kept_uniform_4bit": int(kept_uniform is not None)}
 
     @staticmethod
     def _guard_against_uniform(names: list[str], choice: list[Candidate], budget: int, table: SensitivityTable,
@@ -127,43 +134,90 @@ class AssignPrecisionPass(Pass):
         return PrecisionPlan({n: tp for n, tp in plan.tensors.items() if n in known}, dict(plan.defaults))
 
 
-def _options(cands: list[Candidate], scores: dict[int, float]) -> list[Option]:
+def _options(cands: list[Candidate], scores: dict[str, float]) -> list[Option]:
     return [Option(c.nbytes, 0.0 if c.bits == FLOAT else max(scores[c.key], 0.0)) for c in cands]
 
 
-def budget_bytes(opts: CompileOptions, chosen: dict[str, WeightSlot], opset: int) -> int:
+def _tied_groups(chosen: dict[str, WeightSlot]) -> list[list[str]]:
+    """Knapsack items: single tensors, and a tied embedding with the MatMul weight that is its
+    transpose (an LM's output projection). Tied tensors take the same candidate, so their codes
+    are identical and stored once (one packed table for GatherBlockQuantized and MatMulNBits,
+    or shared DequantizeLinear codes)."""
+    embeddings = {n: s for n, s in chosen.items() if s.role == "embedding"}
+    tied: dict[str, str] = {}
+    for name, slot in sorted(chosen.items()):
+        if slot.role != "matmul_b" or name in tied:
+            continue
+        w = np.asarray(slot.tensor.values)
+        for e_name, e_slot in sorted(embeddings.items()):
+            if e_name in tied.values() or tuple(e_slot.tensor.shape) != tuple(w.shape[::-1]):
+                continue
+            if np.array_equal(np.asarray(e_slot.tensor.values), w.T):
+                tied[name] = e_name
+                break
+    grouped = set(tied) | set(tied.values())
+    groups = [[n] for n in sorted(chosen) if n not in grouped]
+    groups += [sorted([w, e]) for w, e in sorted(tied.items())]
+    return groups
+
+
+def _group_options(group: list[str], table: SensitivityTable) -> list[Option]:
+    if len(group) == 1:
+        return _options(table.candidates[group[0]], table.scores[group[0]])
+    first, second = group
+    options = []
+    for a, b in zip(table.candidates[first], table.candidates[second], strict=True):
+        assert a.key == b.key, "tied tensors have the same candidate list"
+        shared = 0 if a.bits == FLOAT else math.ceil(math.prod(table.slots[first].tensor.shape) * a.storage_bits / 8)
+        score = 0.0 if a.bits == FLOAT else max(table.scores[first][a.key], 0.0) + max(table.scores[second][b.key], 0.0)
+        options.append(Option(a.nbytes + b.nbytes - shared, score))
+    return options
+
+
+def _expand(groups: list[list[str]], choice: tuple[int, ...]) -> dict[str, int]:
+    return {name: k for group, k in zip(groups, choice, strict=True) for name in group}
+
+
+def budget_bytes(opts: CompileOptions, chosen: dict[str, WeightSlot], opset: int,
+                 groups: list[list[str]] | None = None) -> int:
     """The byte budget for the chosen tensors: --size-budget as given; --ratio of their FP32
-    bytes; --avg-bits B as B bits per weight plus the scales of the default granularity."""
+    bytes; --avg-bits B as B bits per weight plus the scales of the default granularity, a tied
+    table's codes counted once."""
     if opts.size_budget is not None:
         return int(opts.size_budget)
     if opts.ratio is not None:
         return int(opts.ratio * sum(4 * element_count(s.tensor) for s in chosen.values()))
     avg = opts.avg_bits if opts.avg_bits is not None else DEFAULT_AVG_BITS
-    return avg_bits_budget(avg, chosen, opts, opset)
+    return avg_bits_budget(avg, chosen, opts, opset, groups)
 
 
-def avg_bits_budget(avg: float, chosen: dict[str, WeightSlot], opts: CompileOptions, opset: int) -> int:
+def avg_bits_budget(avg: float, chosen: dict[str, WeightSlot], opts: CompileOptions, opset: int,
+                    groups: list[list[str]] | None = None) -> int:
     total = 0
     for slot in chosen.values():
         n = element_count(slot.tensor)
         four = candidate(slot, 4, opts.granularity, opset)
         scale_bytes = four.nbytes - math.ceil(n * 4 / 8)
         total += math.floor(n * avg / 8) + scale_bytes
+    for group in groups or []:
+        if len(group) > 1:  # tied: the second copy of the codes is not stored
+            total -= math.floor(element_count(chosen[group[0]].tensor) * avg / 8)
     return total
 
 
-def _pareto(names: list[str], items: list[list[Option]], chosen: dict[str, WeightSlot], table: SensitivityTable,
+def _pareto(groups: list[list[str]], items: list[list[Option]], chosen: dict[str, WeightSlot], table: SensitivityTable,
             ctx: PassContext) -> list[dict[str, Any]]:
     """Predicted damage vs bytes at several budgets (cheap: one DP each); the measured column
     is filled in by the compiler when a sensitivity runner is available."""
     points = []
     for avg in PARETO_AVG_BITS:
-        budget = avg_bits_budget(avg, chosen, ctx.options, ctx.opset)
+        budget = avg_bits_budget(avg, chosen, ctx.options, ctx.opset, groups)
         try:
             sol = solve(items, budget)
         except Exception:  # noqa: BLE001 - below the smallest size: no point on the curve
             continue
+        picks = _expand(groups, sol.choice)
         points.append({"avg_bits": avg, "budget_bytes": budget, "used_bytes": sol.cost, "predicted": sol.score,
-                       "choice": {n: table.candidates[n][k].key for n, k in zip(names, sol.choice, strict=True)}})
+                       "choice": {n: table.candidates[n][k].key for n, k in sorted(picks.items())}})
     return points
 

@@ -97,3 +97,22 @@ def test_a_plan_that_measures_worse_than_uniform_int4_is_replaced_by_it(rng):
     assert result.stats["kept_uniform_4bit"] == 1
     assert {n: tp.bits for n, tp in ctx.plan.tensors.items()} == {"A": 4, "B": 4, "C": 4}
     assert any("kept uniform 4-bit" in w for w in ctx.warnings)
+
+
+def test_tied_embedding_and_projection_get_one_precision_and_count_once(rng, tmp_path):
+    table = heavy_tailed(rng, (512, 64))
+    model = make_model([helper.make_node("Gather", ["E", "tok"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["g"]),
+                        helper.make_node("MatMul", ["g", "E_t"], ["y"])],
+                       [helper.make_tensor_value_info("tok", TensorProto.INT64, [1, 12])],
+                       [helper.make_tensor_value_info("y", F, [1, 12, 512])],
+                       {"E": table, "W": heavy_tailed(rng, (64, 64)), "E_t": np.ascontiguousarray(table.T)}, opset=25)
+    path = tmp_path / "lm.onnx"
+    onnx.save(model, path)
+    report = q4c.compile_file(path, tmp_path / "o.onnx", CompileOptions(kernels="low-bit"))
+    plan = report["plan"]
+    assert plan["defaults"]["tied"] == [["E", "E_t"]]
+    assert plan["tensors"]["E"] == plan["tensors"]["E_t"]
+    assert plan["defaults"]["used_bytes"] <= plan["defaults"]["budget_bytes"]
+    out = onnx.load(tmp_path / "o.onnx")
+    packed = [t for t in out.graph.initializer if t.data_type == TensorProto.UINT8 and t.dims[0] == 512]
+    assert len(packed) == 1  # one table serves the Gather and the projection
