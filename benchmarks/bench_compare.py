@@ -170,18 +170,17 @@ def measure(name: str, tmp: Path, iters: int) -> list[dict]:
     for label, build in CONTENDERS:
         dst = tmp / f"{name}_{len(rows)}.onnx"
         row: dict = {"model": name, "method": label}
-        try:
+        try:  # building, loading and running: any failure is the row's result
             build(src, dst, calib)
-            q4ort.make_session(onnx.load(dst))  # must load in ORT's CPU provider as written
+            ratio, ms = latency_ratio(src, dst, sample, iters)
+            row.update(ok=True, size_ratio=dst.stat().st_size / src.stat().st_size, **accuracy(src, dst, held_out),
+                       task=_task_metric(name, dst), latency_ratio=ratio, ms=ms,
+                       peak_rss_mib=_mib(peak_rss_kib(dst, feeds_path)))
         except Exception as e:  # noqa: BLE001 - the exact failure is the result
             row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
             rows.append(row)
             print(f"  {label}: FAILED {row['error']}", file=sys.stderr)
             continue
-        ratio, ms = latency_ratio(src, dst, sample, iters)
-        row.update(ok=True, size_ratio=dst.stat().st_size / src.stat().st_size, **accuracy(src, dst, held_out),
-                   task=_task_metric(name, dst), latency_ratio=ratio, ms=ms,
-                   peak_rss_mib=_mib(peak_rss_kib(dst, feeds_path)))
         rows.append(row)
         print(f"  {label}: {row}", file=sys.stderr)
     return rows
