@@ -50,9 +50,9 @@ def measure(name: str, iters: int, out_dir: Path) -> dict:
         q4ort.run(fp32, feeds), q4ort.run(quant, feeds)
     for _ in range(iters):  # interleaved, so machine noise hits both alike
         for key, session in (("fp32", fp32), ("q4c", quant)):
-            start = time.perf_counter()
+            start = time.thread_time()  # ORT at 1 thread computes in this thread; CPU time is steadier
             session.run(None, feeds)
-            times[key].append(time.perf_counter() - start)
+            times[key].append(time.thread_time() - start)
     ops = set(q4c.graph.op_histogram(onnx.load(src)))
     return {
         "model": name,
@@ -78,7 +78,7 @@ def render(rows: list[dict], iters: int) -> str:
         f"Produced by `python benchmarks/bench_compile.py --write` ({time.strftime('%Y-%m-%d')}): each model compiled "
         "with defaults (4-bit weights, auto block size, target ort-cpu), run on its committed sample input "
         f"(`models/<name>.npz`). Latency: ONNX Runtime {_ort_version()}, CPU provider, 1 intra-op thread, FP32 and "
-        f"q4c sessions interleaved, median of {iters} calls each. SQNR: q4c output vs FP32 output.",
+        f"q4c sessions interleaved, median of {iters} calls each (calling-thread CPU time). SQNR: q4c output vs FP32 output.",
         "",
         "| model | FP32 | q4c | size ratio | avg bits | output SQNR (dB) | FP32 ms | q4c ms | latency ratio | session config |",
         "|---|---|---|---|---|---|---|---|---|---|",
