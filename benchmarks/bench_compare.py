@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from q4c.compiler import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_compile import MODELS, REPO, bundled_models, write_section  # noqa: E402
+from _common import MODELS, bundled_models, merged, publish  # noqa: E402
 from bench_mixed import variants  # noqa: E402
 
 TASKS = {"bilstm_am": ("eval_asr", "wer"), "lstm_lm": ("eval_lm", "perplexity")}
@@ -230,16 +229,12 @@ def main() -> int:
         for name in names:
             print(f"bench: {name}", file=sys.stderr)
             rows.extend(measure(name, Path(tmp), args.iters))
-    results = REPO / "benchmarks" / "results" / "compare.json"
-    if args.merge and results.exists():
-        kept = [r for r in json.loads(results.read_text()) if r["model"] not in names]
-        rows = sorted(kept + rows, key=lambda r: r["model"])  # stable: each model's rows keep their order
+    if args.merge:
+        rows = merged("compare", rows, names)
     section = render(rows, args.iters)
     print(section)
     if args.write:
-        (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-        (REPO / "benchmarks" / "results" / "compare.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-        write_section(REPO / "BENCHMARKS.md", section, "compare")
+        publish("compare", rows, section)
     return 0
 
 

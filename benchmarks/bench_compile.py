@@ -11,7 +11,6 @@ to benchmarks/results/compile.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,14 +24,11 @@ import q4c
 from q4c import ort as q4ort
 from q4c.compiler import sqnr_db
 
-REPO = Path(__file__).resolve().parent.parent
-MODELS = REPO / "models"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MODELS, bundled_models, merged, publish, write_section  # noqa: E402,F401 (re-exported)
+
 #: recurrent models: at 4 bits their weights are folded to FP32 at load (issue 8 lowers them).
 RECURRENT = {"LSTM", "GRU"}
-
-
-def bundled_models() -> list[str]:
-    return sorted(p.stem for p in MODELS.glob("*.onnx") if not p.name.endswith(".q4.onnx"))
 
 
 def measure(name: str, iters: int, out_dir: Path) -> dict:
@@ -108,16 +104,6 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def write_section(path: Path, section: str, key: str) -> None:
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery figure here is produced by a committed script; rerun it to check.\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=30)
@@ -132,16 +118,12 @@ def main() -> int:
         for name in names:
             print(f"bench: {name}", file=sys.stderr)
             rows.append(measure(name, args.iters, Path(tmp)))
-    results = REPO / "benchmarks" / "results" / "compile.json"
-    if args.merge and results.exists():
-        kept = [r for r in json.loads(results.read_text()) if r["model"] not in names]
-        rows = sorted(kept + rows, key=lambda r: r["model"])  # stable: each model's rows keep their order
+    if args.merge:
+        rows = merged("compile", rows, names)
     section = render(rows, args.iters)
     print(section)
     if args.write:
-        (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-        (REPO / "benchmarks" / "results" / "compile.json").write_text(json.dumps(rows, indent=2) + "\n")
-        write_section(REPO / "BENCHMARKS.md", section, "compile")
+        publish("compile", rows, section)
     return 0
 
 

@@ -12,7 +12,6 @@ output distribution where the output is (log-)probabilities, else output SQNR.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from q4c.compiler import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_compile import MODELS, REPO, bundled_models, write_section  # noqa: E402
+from _common import MODELS, bundled_models, merged, publish  # noqa: E402
 
 MEASURES = ("kl", "hessian", "mse")
 BUDGETS = (4.0, 3.5, 3.0)
@@ -143,16 +142,12 @@ def main() -> int:
         for name in names:
             print(f"bench: {name}", file=sys.stderr)
             rows.extend(measure(name, Path(tmp)))
-    results = REPO / "benchmarks" / "results" / "mixed.json"
-    if args.merge and results.exists():
-        kept = [r for r in json.loads(results.read_text()) if r["model"] not in names]
-        rows = sorted(kept + rows, key=lambda r: r["model"])  # stable: each model's rows keep their order
+    if args.merge:
+        rows = merged("mixed", rows, names)
     section = render(rows)
     print(section)
     if args.write:
-        (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-        (REPO / "benchmarks" / "results" / "mixed.json").write_text(json.dumps(rows, indent=2) + "\n")
-        write_section(REPO / "BENCHMARKS.md", section, "mixed")
+        publish("mixed", rows, section)
     return 0
 
 

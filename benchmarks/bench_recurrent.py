@@ -53,6 +53,8 @@ from q4c.pipeline import PassContext, Pipeline
 from q4c.testing import heavy_tailed, make_model
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import write_section  # noqa: E402
 MODELS = REPO / "models"
 BUNDLED = ("bilstm_am", "gru_am", "rnnt_encoder", "rnnt_predictor", "lstm_lm")
 SYNTHETIC = ("synthetic_lstm128", "synthetic_lstm256", "synthetic_lstm384", "synthetic_lstm512", "synthetic_lstm1024", "synthetic_gru512")
@@ -454,16 +456,6 @@ def summary(rows: list[dict]) -> list[str]:
                    f"{f['fp32']['memory']['rss'] * mib:.1f} -> {f['q4c_int4']['memory']['rss'] * mib:.1f} | "
                    f"{'yes' if met else '**no**'} |")
     return out
-
-
-def write_section(path: Path, section: str, key: str) -> None:
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> int:
