@@ -69,7 +69,40 @@ def _models_module(name: str):
 
 #: measured FP32 figures (models/README.md, "Trained models") plus a margin: a model or test set
 #: that no longer matches the other fails here.
+ASR_WER_BOUND, ASR_CER_BOUND = 0.72, 0.27  # FP32: WER 0.6993, CER 0.2594
 LM_PPL_BOUND = 86.0  # FP32: 82.81
+
+
+def test_asr_test_set_shape():
+    eval_asr = _models_module("eval_asr")
+    doc, feats = eval_asr.load_test_set()
+    assert len(feats) == len(doc["utterances"]) >= 100
+    assert doc["units"][0] == "<blank>" and len(doc["units"]) == 29
+    assert {u["held_out_voice"] for u in doc["utterances"]} == {True, False}
+    for f, u in zip(feats, doc["utterances"]):
+        assert f.dtype == np.float16 and f.shape == (u["frames"], 80)
+        assert set(u["text"]) <= set(doc["units"][1:])
+        assert len(u["text"]) <= u["frames"]  # CTC can emit it
+
+
+def test_asr_fp32_wer_on_the_committed_test_set():
+    r = _models_module("eval_asr").evaluate(MODELS / "bilstm_am.onnx", threads=1)
+    assert r["utterances"] >= 100
+    assert r["wer"] < ASR_WER_BOUND and r["cer"] < ASR_CER_BOUND, r
+
+
+def test_asr_decoding_agrees_with_the_interpreter():
+    """eval_asr's hypotheses (ONNX Runtime) equal a greedy decode of the interpreter's output."""
+    from q4c.interp import Interpreter
+
+    eval_asr = _models_module("eval_asr")
+    doc, feats = eval_asr.load_test_set()
+    got = eval_asr.evaluate(MODELS / "bilstm_am.onnx", limit=2)
+    interp = Interpreter(onnx.load(str(MODELS / "bilstm_am.onnx")))
+    hyps = [eval_asr.greedy_decode(interp.run({"features": f.astype(np.float32)[None]})["log_probs"][0], doc["units"]) for f in feats[:2]]
+    assert [e["hyp"] for e in got["examples"][:2]] == hyps
+    refs = [u["text"] for u in doc["utterances"][:2]]
+    assert got["wer"] == pytest.approx(eval_asr.error_rates(refs, hyps)["wer"])
 
 
 def test_error_rates_by_hand():
