@@ -196,7 +196,7 @@ def render(rows: list[dict], iters: int) -> str:
         "",
         f"Produced by `python benchmarks/bench_compare.py --write` ({time.strftime('%Y-%m-%d')}), all rows in one run. "
         "Calibration: 8 variants of each model's sample input; accuracy on 4 held-out variants (SQNR and KL of the "
-        "outputs vs FP32); task metric on the model's test set (bilstm_am: WER %, lstm_lm: perplexity). Latency: ONNX "
+        "outputs vs FP32); task metric on the model's test set (bilstm_am: word error rate as a fraction, lstm_lm: perplexity). Latency: ONNX "
         f"Runtime CPU, 1 thread, FP32 and the row's model interleaved, median of {iters}. Peak RSS: fresh process that "
         "loads the model and runs it once.",
         "",
