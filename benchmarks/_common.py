@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,3 +42,20 @@ def publish(key: str, rows: list[dict], section: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{key}.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     write_section(REPO / "BENCHMARKS.md", section, key)
+
+
+def run(key: str, names: list[str], measure: Callable[[str, Path], list[dict]], render: Callable[[list[dict]], str],
+        *, merge: bool, write: bool) -> None:
+    """Measure each model (in a scratch directory), optionally keep the other models' saved
+    rows, print the BENCHMARKS.md section and, with `write`, publish it."""
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            print(f"bench: {name}", file=sys.stderr)
+            rows.extend(measure(name, Path(tmp)))
+    if merge:
+        rows = merged(key, rows, names)
+    section = render(rows)
+    print(section)
+    if write:
+        publish(key, rows, section)

@@ -21,7 +21,6 @@ import importlib.util
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +34,7 @@ from q4c.compiler import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, bundled_models, merged, publish  # noqa: E402
+from _common import MODELS, bundled_models, run  # noqa: E402
 from bench_mixed import variants  # noqa: E402
 
 TASKS = {"bilstm_am": ("eval_asr", "wer"), "lstm_lm": ("eval_lm", "perplexity")}
@@ -224,17 +223,7 @@ def main() -> int:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else bundled_models()
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            print(f"bench: {name}", file=sys.stderr)
-            rows.extend(measure(name, Path(tmp), args.iters))
-    if args.merge:
-        rows = merged("compare", rows, names)
-    section = render(rows, args.iters)
-    print(section)
-    if args.write:
-        publish("compare", rows, section)
+    run("compare", names, lambda name, tmp: measure(name, tmp, args.iters), lambda rows: render(rows, args.iters), merge=args.merge, write=args.write)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from q4c import ort as q4ort
 from q4c.compiler import sqnr_db
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, bundled_models, merged, publish, write_section  # noqa: E402,F401 (re-exported)
+from _common import MODELS, bundled_models, run, write_section  # noqa: E402,F401 (re-exported)
 
 #: recurrent models: at 4 bits their weights are folded to FP32 at load (issue 8 lowers them).
 RECURRENT = {"LSTM", "GRU"}
@@ -113,17 +112,7 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and benchmarks/results/compile.json")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else bundled_models()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            print(f"bench: {name}", file=sys.stderr)
-            rows.append(measure(name, args.iters, Path(tmp)))
-    if args.merge:
-        rows = merged("compile", rows, names)
-    section = render(rows, args.iters)
-    print(section)
-    if args.write:
-        publish("compile", rows, section)
+    run("compile", names, lambda name, tmp: [measure(name, args.iters, tmp)], lambda rows: render(rows, args.iters), merge=args.merge, write=args.write)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from q4c.compiler import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, bundled_models, merged, publish  # noqa: E402
+from _common import MODELS, bundled_models, run  # noqa: E402
 
 MEASURES = ("kl", "hessian", "mse")
 BUDGETS = (4.0, 3.5, 3.0)
@@ -137,17 +136,7 @@ def main() -> int:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else bundled_models()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            print(f"bench: {name}", file=sys.stderr)
-            rows.extend(measure(name, Path(tmp)))
-    if args.merge:
-        rows = merged("mixed", rows, names)
-    section = render(rows)
-    print(section)
-    if args.write:
-        publish("mixed", rows, section)
+    run("mixed", names, measure, render, merge=args.merge, write=args.write)
     return 0
 
 

@@ -20,6 +20,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from _speech import mel_filterbank  # one mel scale for every bundled acoustic model
+
 MODELS = Path(__file__).resolve().parent
 MAX_IR_VERSION = 10  # onnxruntime 1.31 refuses newer IR versions
 RTOL, ATOL = 1e-4, 1e-5
@@ -90,22 +92,6 @@ def trained_rnn_(rnn: nn.Module, *, input_gain: float = 5.0, recurrent_gain: flo
 
 
 # --------------------------------------------------------------------------- features
-def _mel_filterbank(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    def mel_to_hz(m):
-        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
-    edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2))
-    freqs = np.linspace(0.0, sr / 2, n_fft // 2 + 1)
-    fb = np.zeros((n_mels, freqs.size))
-    for m in range(n_mels):
-        lo, mid, hi = edges[m], edges[m + 1], edges[m + 2]
-        fb[m] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0.0, None)
-    return fb
-
-
 def synthetic_speech(rng: np.random.Generator, n_samples: int, sr: int = 16000) -> np.ndarray:
     """Speech-like audio: harmonic vowels with formants, noisy fricatives, pauses, room noise."""
     out = np.zeros(n_samples)
@@ -141,7 +127,7 @@ def log_mel_features(rng: np.random.Generator, frames: int, n_mels: int = 80, ba
     """[batch, frames, n_mels] float32 log-mel features, 25 ms / 10 ms, per-feature normalized."""
     sr, n_fft, hop = 16000, 512, 160
     win = np.hanning(400)
-    fb = _mel_filterbank(sr, n_fft, n_mels)
+    fb = mel_filterbank(sr, n_fft, n_mels)
     feats = []
     for _ in range(batch):
         audio = synthetic_speech(rng, (frames - 1) * hop + 400, sr)
