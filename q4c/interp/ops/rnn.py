@@ -17,6 +17,17 @@ from q4c.interp.ops.math import sigmoid_array
 from q4c.interp.registry import op
 
 
+
+def _advance(seq, t: int, y: np.ndarray, old: tuple[np.ndarray, ...], new: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Step t's output into y and the carried states: batch entries past their sequence_lens
+    keep their old state and output zeros (ONNX LSTM/GRU semantics)."""
+    if seq.mask is None:
+        y[:, t] = new[0]
+        return new
+    m = seq.mask[t]
+    y[:, t] = np.where(m, new[0], 0)
+    return tuple(np.where(m, n, o) for n, o in zip(new, old, strict=True))
+
 def _t(x: np.ndarray, v: float) -> np.generic:
     return x.dtype.type(v)
 
@@ -212,14 +223,7 @@ def _lstm_default_loop(seq, W, R, bias, h, c, y, rec, H):  # noqa: N803
         c_new += i * c_tilde
         h_new = np.tanh(c_new)
         h_new *= o
-        if seq.mask is None:
-            h, c = h_new, c_new
-            y[:, t] = h_new
-        else:
-            m = seq.mask[t]
-            h = np.where(m, h_new, h)
-            c = np.where(m, c_new, c)
-            y[:, t] = np.where(m, h_new, 0)
+        h, c = _advance(seq, t, y, (h, c), (h_new, c_new))
         rec.add(t, i=i, o=o, f=f, c_tilde=c_tilde, c=c_new, h=h_new)
     return h, c
 
@@ -300,14 +304,7 @@ def lstm_forward(
         o = go
         h_new = acts(2, c_new)
         h_new *= o
-        if seq.mask is None:
-            h, c = h_new, c_new
-            y[:, t] = h_new
-        else:
-            m = seq.mask[t]
-            h = np.where(m, h_new, h)
-            c = np.where(m, c_new, c)
-            y[:, t] = np.where(m, h_new, 0)
+        h, c = _advance(seq, t, y, (h, c), (h_new, c_new))
         rec.add(t, i=i, o=o, f=f, c_tilde=c_tilde, c=c_new, h=h_new)
     rec.publish(h)
     return seq.finish(seq.outputs(y), h, c)
