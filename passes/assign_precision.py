@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from q4c.config import CompileOptions
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
-from q4c.quant.knapsack import Option, solve
+from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import SensitivityTable, measure
 from q4c.quant.weights import FLOAT32_SCALE_ROLES, WeightSlot, element_count, find_weight_slots
@@ -84,46 +84,48 @@ class AssignPrecisionPass(Pass):
         groups = _tied_groups(chosen)
         items = [_group_options(group, table) for group in groups]
         budget = budget_bytes(opts, chosen, ctx.opset, groups)
-        solution = solve(items, budget)
+        uniform = _uniform_choice(groups, table)
+        if uniform is not None and _cost(items, uniform) > budget:
+            uniform = None
+        solution = solve(items, budget, incumbent=uniform)
+        kept_uniform = uniform is not None and (
+            solution.choice == uniform or self._uniform_measures_better(groups, solution.choice, uniform, table, ctx))
+        if kept_uniform:
+            solution = Solution(uniform, _cost(items, uniform), sum(items[i][k].score for i, k in enumerate(uniform)), 1)
         picks = _expand(groups, solution.choice)
         choice = [table.candidates[n][picks[n]] for n in names]
         used = solution.cost
-        kept_uniform = self._guard_against_uniform(names, choice, budget, table, ctx)
-        if kept_uniform is not None:
-            choice = kept_uniform
-            used = sum(items[i][table.candidates[grp[0]].index(kept_uniform[names.index(grp[0])])].cost
-                       for i, grp in enumerate(groups))
         for name, cand in zip(names, choice, strict=True):
             plan.tensors[name] = TensorPrecision(cand.bits, cand.granularity, cand.scheme)
         plan.defaults = {"mode": "budgeted", "sensitivity": table.measure, "budget_bytes": budget,
                          "used_bytes": used, "predicted_damage": solution.score,
-                         "kept_uniform_4bit": kept_uniform is not None,
+                         "kept_uniform_4bit": kept_uniform,
                          "tied": [list(grp) for grp in groups if len(grp) > 1],
                          "candidates": list(opts.candidates), "granularity": str(opts.granularity)}
         ctx.pareto = _pareto(groups, items, chosen, table, ctx)
         return {"planned": sum(1 for n in names if plan.tensors[n].bits != FLOAT), "budget_bytes": budget,
-                "used_bytes": used, "kept_uniform_4bit": int(kept_uniform is not None)}
+                "used_bytes": used, "kept_uniform_4bit": int(kept_uniform)}
 
     @staticmethod
-    def _guard_against_uniform(names: list[str], choice: list[Candidate], budget: int, table: SensitivityTable,
-                               ctx: PassContext) -> list[Candidate] | None:
+    def _uniform_measures_better(groups: list[list[str]], choice: tuple[int, ...], uniform: tuple[int, ...],
+                                 table: SensitivityTable, ctx: PassContext) -> bool:
         """The per-tensor scores add up to a prediction; interactions between tensors can make a
-        plan worse than uniform 4-bit. Where uniform 4-bit fits the budget and a data-driven
-        runner exists, measure both plans on the calibration samples and keep the better."""
-        uniform = [next((c for c in table.candidates[n] if c.bits == 4 and c.scheme == "symmetric"), None)
-                   for n in names]
-        if table.runner is None or None in uniform or sum(c.nbytes for c in uniform) > budget:
-            return None
-        if [c.key for c in uniform] == [c.key for c in choice]:
-            return None
+        plan worse than uniform 4-bit. With a data-driven runner, measure both plans on the
+        calibration samples (up to PLAN_SAMPLES of them) and say whether uniform 4-bit is better."""
+        if table.runner is None:
+            return False
         granularity = ctx.options.granularity
-        mixed = table.measure_plan({n: c.key for n, c in zip(names, choice, strict=True)}, granularity)
-        flat = table.measure_plan({n: c.key for n, c in zip(names, uniform, strict=True)}, granularity)
+
+        def keys(picks: tuple[int, ...]) -> dict[str, str]:
+            return {n: table.candidates[n][k].key for n, k in _expand(groups, picks).items()}
+
+        mixed = table.measure_plan(keys(choice), granularity)
+        flat = table.measure_plan(keys(uniform), granularity)
         if flat < mixed:
             ctx.warn(f"assign-precision: the mixed plan measured worse than uniform 4-bit on the calibration data "
                      f"({mixed:.4g} vs {flat:.4g}); kept uniform 4-bit")
-            return uniform  # type: ignore[return-value]
-        return None
+            return True
+        return False
 
     @staticmethod
     def _replay(plan: PrecisionPlan, slots: list[WeightSlot], ctx: PassContext) -> PrecisionPlan:
@@ -132,6 +134,22 @@ class AssignPrecisionPass(Pass):
         if unknown:
             ctx.warn(f"plan names {len(unknown)} tensor(s) not in this model, ignored: {', '.join(unknown[:5])}")
         return PrecisionPlan({n: tp for n, tp in plan.tensors.items() if n in known}, dict(plan.defaults))
+
+
+def _uniform_choice(groups: list[list[str]], table: SensitivityTable) -> tuple[int, ...] | None:
+    """Per knapsack item, the index of its symmetric 4-bit candidate (None if some item has none)."""
+    picks = []
+    for group in groups:
+        k = next((i for i, c in enumerate(table.candidates[group[0]]) if c.bits == 4 and c.scheme == "symmetric"), None)
+        if k is None:
+            return None
+        picks.append(k)
+    return tuple(picks)
+
+
+def _cost(items: list[list[Option]], picks: tuple[int, ...]) -> int:
+    """Bytes of one option per item (a tied group's shared codes counted once, as in `items`)."""
+    return sum(items[i][k].cost for i, k in enumerate(picks))
 
 
 def _options(cands: list[Candidate], scores: dict[str, float]) -> list[Option]:

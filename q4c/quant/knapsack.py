@@ -31,13 +31,17 @@ class Solution:
     unit: int  # bytes per DP column (1 = exact in bytes)
 
 
-def solve(items: Sequence[Sequence[Option]], budget: int, unit: int | None = None) -> Solution:
+def solve(items: Sequence[Sequence[Option]], budget: int, unit: int | None = None,
+          incumbent: Sequence[int] | None = None) -> Solution:
     """Minimize the summed score with summed cost <= budget, one option per item.
 
     Exact for integer costs when `unit` is 1; with a coarser unit (chosen automatically so the
-    table stays small) it is exact for the costs rounded up to the unit, which can only leave a
-    little budget unused, never overrun it. Raises ConfigError when even the cheapest options
-    exceed the budget.
+    table stays small) it is exact for the costs rounded up to the unit, which never overruns
+    the budget but can leave up to one unit per item unused and so miss a plan that fits in
+    exact bytes (uniform 4-bit under a 4-bit budget, typically). Two repairs close that gap:
+    the slack left in exact bytes is spent greedily on the upgrades that lower the score most,
+    and a known feasible `incumbent` (one option index per item) is returned instead whenever
+    it scores lower. Raises ConfigError when even the cheapest options exceed the budget.
     """
     if not items:
         return Solution((), 0, 0.0, 1)
@@ -69,18 +73,53 @@ def solve(items: Sequence[Sequence[Option]], budget: int, unit: int | None = Non
         best = new
         picks.append(pick)
     end = int(np.argmin(best))
-    if not np.isfinite(best[end]):
-        raise ConfigError(f"budget {budget} bytes cannot be met at cost resolution {unit} bytes")
-    choice = []
-    col = end
-    for opts, pick in zip(reversed(items), reversed(picks), strict=True):
-        k = int(pick[col])
-        choice.append(k)
-        col -= -(-opts[k].cost // unit)
-    choice.reverse()
-    total_cost = sum(opts[k].cost for opts, k in zip(items, choice, strict=True))
-    total_score = sum(opts[k].score for opts, k in zip(items, choice, strict=True))
-    return Solution(tuple(choice), total_cost, float(total_score), unit)
+    if np.isfinite(best[end]):
+        choice = []
+        col = end
+        for opts, pick in zip(reversed(items), reversed(picks), strict=True):
+            k = int(pick[col])
+            choice.append(k)
+            col -= -(-opts[k].cost // unit)
+        choice.reverse()
+    else:  # rounding up made every plan too big, though the cheapest fits in bytes: start there
+        choice = [min(range(len(opts)), key=lambda k, o=opts: (o[k].cost, o[k].score)) for opts in items]
+    if unit > 1:
+        choice = _spend_slack(items, choice, budget)
+    found = _solution(items, choice, unit)
+    if incumbent is not None:
+        other = _solution(items, list(incumbent), 1)
+        if other.cost <= budget and other.score < found.score:
+            return other
+    return found
+
+
+def _solution(items: Sequence[Sequence[Option]], choice: Sequence[int], unit: int) -> Solution:
+    cost = sum(opts[k].cost for opts, k in zip(items, choice, strict=True))
+    score = sum(opts[k].score for opts, k in zip(items, choice, strict=True))
+    return Solution(tuple(choice), cost, float(score), unit)
+
+
+def _spend_slack(items: Sequence[Sequence[Option]], choice: list[int], budget: int) -> list[int]:
+    """Repeatedly take the single-item change that lowers the score most per extra byte and still
+    fits the budget in exact bytes (rounding costs up to DP units leaves such slack)."""
+    choice = list(choice)
+    left = budget - sum(opts[k].cost for opts, k in zip(items, choice, strict=True))
+    while True:
+        best, move = 0.0, None
+        for i, opts in enumerate(items):
+            now = opts[choice[i]]
+            for k, opt in enumerate(opts):
+                gain, extra = now.score - opt.score, opt.cost - now.cost
+                if gain <= 0 or extra > left:
+                    continue
+                rate = gain / max(extra, 1)
+                if rate > best:
+                    best, move = rate, (i, k, extra)
+        if move is None:
+            return choice
+        i, k, extra = move
+        choice[i] = k
+        left -= extra
 
 
 def brute_force(items: Sequence[Sequence[Option]], budget: int) -> Solution:

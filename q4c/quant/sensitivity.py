@@ -66,8 +66,8 @@ def divergence(reference: np.ndarray, perturbed: np.ndarray, kind: str) -> float
 class WeightInputRunner:
     """An ORT session over `model` with `weights` turned into graph inputs.
 
-    `divergence(changes)` runs every sample with the given weights replaced (all others FP32) and
-    returns the mean output divergence from the FP32 outputs.
+    `divergence(changes, limit)` runs the first `limit` samples (all by default) with the given
+    weights replaced (all others FP32) and returns the mean output divergence from the FP32 outputs.
     """
 
     model: onnx.ModelProto
@@ -90,13 +90,14 @@ class WeightInputRunner:
         self.seconds += time.perf_counter() - start
         return out
 
-    def divergence(self, changes: Mapping[str, np.ndarray]) -> float:
+    def divergence(self, changes: Mapping[str, np.ndarray], limit: int | None = None) -> float:
         total = 0.0
-        for sample, reference in zip(self.samples, self._reference, strict=True):
+        samples = self.samples[:limit] if limit is not None else self.samples
+        for sample, reference in zip(samples, self._reference, strict=False):
             out = self._run(sample, changes)
             total += sum(divergence(reference[k], out[k], self.kinds[k]) for k in reference
                          if np.issubdtype(reference[k].dtype, np.floating))
-        return total / len(self.samples)
+        return total / len(samples)
 
 
 def _weights_as_inputs(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -150,8 +151,13 @@ def hutchinson_trace(
     return mean, sem, len(estimates)
 
 
-#: Samples used for data-driven measures: more cost time linearly and rarely change the ranking.
+#: Samples used for the per-tensor, per-candidate scores: more cost time linearly and rarely
+#: change the ranking.
 MAX_SAMPLES = 4
+#: Samples used to measure whole plans (a handful of runs each: the uniform-4-bit guard, the
+#: measured Pareto curve). Four samples were too few there: the guard kept plans that four
+#: other inputs then found worse than uniform 4-bit.
+PLAN_SAMPLES = 32
 #: Hessian probe step, relative to the tensor's RMS: the size of 4-bit rounding noise, so the
 #: curvature is measured where quantization actually moves the weights.
 HESSIAN_STEP = 0.1
@@ -239,18 +245,19 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
         # mse scores without data, but the runner still measures whole plans (the uniform-4-bit
         # guard in assign-precision, the report's measured Pareto curve).
         model = g.export_model(graph.copy())
-        table.runner = WeightInputRunner(model, measured, samples[:MAX_SAMPLES])
+        table.runner = WeightInputRunner(model, measured, samples[:PLAN_SAMPLES])
     rng = np.random.default_rng(opts.seed)
     for name, w in weights.items():
         errors = {k: float(np.sum(np.square(d - w, dtype=np.float64))) for k, d in quantized[name].items()}
         if table.runner is None or name not in measured or opts.sensitivity == "mse":
             table.scores[name] = errors
         elif opts.sensitivity == "kl":
-            table.scores[name] = {k: table.runner.divergence({name: d}) for k, d in quantized[name].items()}
+            table.scores[name] = {k: table.runner.divergence({name: d}, MAX_SAMPLES) for k, d in quantized[name].items()}
         else:  # hessian
             rms = float(np.sqrt(np.mean(np.square(w)))) or 1.0
             step = HESSIAN_STEP * rms
-            trace, sem, probes = hutchinson_trace(lambda x, n=name: table.runner.divergence({n: x}), w, rng, step=step)
+            trace, sem, probes = hutchinson_trace(lambda x, n=name: table.runner.divergence({n: x}, MAX_SAMPLES), w, rng,
+                                                  step=step)
             table.trace[name] = {"trace": trace, "stderr": sem, "probes": probes, "step": step}
             table.scores[name] = {k: max(trace, 0.0) / w.size * e for k, e in errors.items()}
         logger.debug("%s: %s", name, {k: f"{s:.3g}" for k, s in table.scores[name].items()})

@@ -116,3 +116,38 @@ def test_tied_embedding_and_projection_get_one_precision_and_count_once(rng, tmp
     out = onnx.load(tmp_path / "o.onnx")
     packed = [t for t in out.graph.initializer if t.data_type == TensorProto.UINT8 and t.dims[0] == 512]
     assert len(packed) == 1  # one table serves the Gather and the projection
+
+
+def _tied_lm(rng):
+    table = heavy_tailed(rng, (512, 64))
+    return make_model([helper.make_node("Gather", ["E", "tok"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["g"]),
+                       helper.make_node("MatMul", ["g", "E_t"], ["y"])],
+                      [helper.make_tensor_value_info("tok", TensorProto.INT64, [1, 12])],
+                      [helper.make_tensor_value_info("y", F, [1, 12, 512])],
+                      {"E": table, "W": heavy_tailed(rng, (64, 64)), "E_t": np.ascontiguousarray(table.T)}, opset=25)
+
+
+def test_guard_counts_a_tied_tables_codes_once(rng):
+    # Uniform 4-bit fits the 4-bit budget only with the tied table's codes counted once. Mislead
+    # the knapsack (the table harmless at 2 bits, W needing 8): the guard must still compare
+    # against uniform 4-bit, measure it better, and keep it.
+    samples = [{"tok": rng.integers(0, 512, (1, 12))} for _ in range(4)]
+    ctx = PassContext(options=CompileOptions(avg_bits=4.0), samples=samples, opset=25)
+    m, _ = run_pass(MeasureSensitivityPass(), _tied_lm(rng), ctx=ctx)
+    for name, scores in ctx.sensitivity.scores.items():
+        for key in scores:
+            bits = int(key.split(":")[0])
+            scores[key] = (0.0 if bits == 2 else 1.0) if name in ("E", "E_t") else (0.0 if bits == 8 else 1.0)
+    _, result = run_pass(AssignPrecisionPass(), m, ctx=ctx)
+    assert {n: tp.bits for n, tp in ctx.plan.tensors.items()} == {"E": 4, "E_t": 4, "W": 4}
+    assert result.stats["kept_uniform_4bit"] == 1
+    assert any("kept uniform 4-bit" in w for w in ctx.warnings)
+
+
+def test_plan_never_predicts_worse_than_uniform_int4_when_that_fits(rng):
+    # mse scores are additive and exact here: whatever the DP's cost rounding, the chosen plan's
+    # predicted damage is at most uniform 4-bit's (which fits the default budget exactly).
+    ctx, _ = _plan(_tied_lm(rng), [], sensitivity="mse")
+    uniform = sum(ctx.sensitivity.scores[n]["4"] for n in ("E", "E_t", "W"))
+    assert ctx.plan.defaults["predicted_damage"] <= uniform + 1e-9
+    assert ctx.plan.defaults["used_bytes"] <= ctx.plan.defaults["budget_bytes"]
