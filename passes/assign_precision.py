@@ -16,7 +16,7 @@ from q4c.quant.candidates import Candidate, candidate
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import SensitivityTable, measure
-from q4c.quant.weights import FLOAT32_SCALE_ROLES, WeightSlot, element_count, find_weight_slots
+from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, float32_scales
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class AssignPrecisionPass(Pass):
             name = slot.tensor.name
             if name in plan.tensors or name in chosen:
                 continue
-            granularity = str(opts.granularity.resolve(float32_scales=slot.role in FLOAT32_SCALE_ROLES))
+            granularity = str(opts.granularity.resolve(float32_scales=float32_scales(slot, opts.kernel_scales)))
             if element_count(slot.tensor) < opts.min_elements:
                 stats["skipped_small"] += 1
                 plan.tensors[name] = TensorPrecision(FLOAT, granularity)
@@ -63,7 +63,7 @@ class AssignPrecisionPass(Pass):
                 chosen[name] = slot
         if opts.bits is not None:
             for name, slot in chosen.items():
-                gran = str(opts.granularity.resolve(float32_scales=slot.role in FLOAT32_SCALE_ROLES))
+                gran = str(opts.granularity.resolve(float32_scales=float32_scales(slot, opts.kernel_scales)))
                 plan.tensors[name] = TensorPrecision(opts.bits, gran)
             plan.defaults = {"mode": "uniform", "bits": opts.bits, "granularity": str(opts.granularity)}
             stats["planned"] = len(chosen)
@@ -214,7 +214,7 @@ def avg_bits_budget(avg: float, chosen: dict[str, WeightSlot], opts: CompileOpti
     total = 0
     for slot in chosen.values():
         n = element_count(slot.tensor)
-        four = candidate(slot, 4, opts.granularity, opset)
+        four = candidate(slot, 4, opts.granularity, opset, kernel_scales=opts.kernel_scales)
         scale_bytes = four.nbytes - math.ceil(n * 4 / 8)
         total += math.floor(n * avg / 8) + scale_bytes
     for group in groups or []:

@@ -36,7 +36,7 @@ class LowerOrtKernelsPass(Pass):
     name = "lower-ort-kernels"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if ctx.options.target is not Target.ORT_CPU:
+        if ctx.options.target is not Target.ORT_CPU or ctx.options.kernels == "fp32-at-load":
             return PassResult(False)
         bits_of = {q["codes"]: q["bits"] for q in ctx.quantized}
         self._packed: dict[str, gs.Constant] = {}  # content hash -> packed initializer, shared

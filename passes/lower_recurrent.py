@@ -71,7 +71,7 @@ class LowerRecurrentPass(Pass):
     name = "lower-recurrent"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if ctx.options.target is not Target.ORT_CPU:
+        if ctx.options.target is not Target.ORT_CPU or ctx.options.kernels == "fp32-at-load":
             return PassResult(False)
         bits_of = {q["codes"]: q["bits"] for q in ctx.quantized if "codes" in q}
         stats: dict[str, int] = defaultdict(int)

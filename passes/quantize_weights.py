@@ -61,7 +61,7 @@ class QuantizeWeightsPass(Pass):
         first = slots[0]
         weight = first.tensor
         values = np.asarray(weight.values, dtype=np.float32)
-        qw = quantize_slot(first, values, bits, gran, scheme)
+        qw = quantize_slot(first, values, bits, gran, scheme, kernel_scales=ctx.options.kernel_scales)
         kind = "tensor" if qw.scale.ndim == 0 else ("block" if qw.block_size else "channel")
         half = qw.scale.dtype == np.float16
         suffix = f"int{storage_bits(bits, ctx.opset)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from q4c import graph as g
@@ -23,7 +25,7 @@ from q4c.config import CompileOptions
 from q4c.errors import ModelLoadError, NumericMismatchError
 from q4c.interp import Interpreter
 from q4c.recurrent.dynamic import dequantized_lstm_copy
-from q4c.pipeline import PassContext, Pipeline
+from q4c.pipeline import Pass, PassContext, Pipeline
 from q4c.quant.packing import INT2_OPSET
 from q4c.quant.plan import FLOAT, PrecisionPlan
 from q4c.quant.tying import share_transposed_tables
@@ -81,8 +83,13 @@ def compile_model(
     # Run up to the kernel lowering, keep that (DequantizeLinear) form, then lower: for
     # kernels="auto" both forms are timed and the faster one is kept.
     split = names.index("lower-ort-kernels") if "lower-ort-kernels" in names else len(names)
+    # Weights are quantized from here on: "auto" may redo it with float16 scales (see below).
+    qsplit = names.index("quantize-weights") if "quantize-weights" in names else split
     common = dict(dump_dir=dump_dir, check_each=check_each, like=converted, progress=progress)
-    Pipeline(pass_objects[:split], **common).run(graph, ctx)
+    Pipeline(pass_objects[:qsplit], **common).run(graph, ctx)
+    auto = options.kernels == "auto" and options.activations == "none" and qsplit < split < len(names)
+    unquantized = g.export_model(graph, like=converted) if auto else None
+    Pipeline(pass_objects[qsplit:split], first_index=qsplit + 1, **common).run(graph, ctx)
     dq_form = g.export_model(graph, like=converted) if split < len(names) else None
     Pipeline(pass_objects[split:], first_index=split + 1, **common).run(graph, ctx)
     out = g.export_model(graph, like=converted)
@@ -90,13 +97,18 @@ def compile_model(
     if "quantize-weights" in names and not ctx.quantized:
         raise ModelLoadError("no float weights large enough to quantize (MatMul, Gemm, Conv, LSTM, GRU, Gather, Einsum)")
     kernel_choice = None
-    if (dq_form is not None and options.kernels == "auto" and options.activations == "none"
-            and "com.microsoft::MatMulNBits" in g.op_histogram(out)):
+    if auto and "com.microsoft::MatMulNBits" in g.op_histogram(out):
         out, kernel_choice = _choose_kernels(out, dq_form, samples[0], ctx)
+        if kernel_choice["chosen"] == "fp32-at-load" and unquantized is not None:
+            # MatMul and embedding weights got float32 scales for kernels that will not run:
+            # quantize again with float16 scales, as --kernels fp32-at-load does. Same bytes
+            # (auto blocks: 32 x float16 = 64 x float32 per weight), half the block: less error.
+            graph, out = _requantize_for_fp32_at_load(unquantized, pass_objects[qsplit:], ctx, common, qsplit)
+            kernel_choice["tied_tables_shared"] = share_transposed_tables(out)
     config, slow_ops = q4ort.needed_session_config(out)
     if options.activations == "int8":
         config, slow_ops = _int8_session_config(out, config, slow_ops, ctx)
-    if kernel_choice is not None and kernel_choice["chosen"] == "fp32-at-load":
+    if options.kernels == "fp32-at-load" or (kernel_choice is not None and kernel_choice["chosen"] == "fp32-at-load"):
         config["session.disable_quant_qdq"] = "1"  # else ORT re-fuses DQ -> MatMul into MatMulNBits
     if slow_ops:
         ctx.warn(f"weights of {', '.join(slow_ops)} have no low-bit kernel in ONNX Runtime: they are stored "
@@ -251,6 +263,25 @@ def _add_sensitivity(ctx: PassContext) -> None:
         measured = table.measure_plan(point["choice"], ctx.options.granularity)
         if measured is not None:
             point["measured"] = measured
+
+
+def _requantize_for_fp32_at_load(unquantized: onnx.ModelProto, passes: list[Pass], ctx: PassContext,
+                                 common: dict[str, Any], first: int) -> tuple[gs.Graph, onnx.ModelProto]:
+    """Run the quantizing passes again on `unquantized` with --kernels fp32-at-load: the plan's
+    bits and schemes stay; weights whose granularity was the auto block for float32 scales take
+    the auto block for float16 ones."""
+    options = dataclasses.replace(ctx.options, kernels="fp32-at-load")
+    graph = g.import_graph(unquantized)
+    ctx.options = options
+    if ctx.plan is not None and options.granularity.kind == "block" and options.granularity.block == 0:
+        wide, narrow = str(options.granularity.resolve(True)), str(options.granularity.resolve(False))
+        ctx.plan = PrecisionPlan({n: dataclasses.replace(tp, granularity=narrow) if tp.granularity == wide else tp
+                                  for n, tp in ctx.plan.tensors.items()}, dict(ctx.plan.defaults))
+    redone = {p.name for p in passes}
+    ctx.records = [r for r in ctx.records if r.name not in redone]
+    ctx.quantized = []
+    Pipeline(passes, first_index=first + 1, **common).run(graph, ctx)
+    return graph, g.export_model(graph, like=unquantized)
 
 
 def _choose_kernels(lowered: onnx.ModelProto, dq_form: onnx.ModelProto, feeds: Feeds,

@@ -59,6 +59,10 @@ class Granularity:
         return self
 
 
+#: --kernels choices (see CompileOptions.kernels)
+KERNELS = ("auto", "low-bit", "fp32-at-load")
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     """Everything `q4c compile` can be told. Defaults give a good result on their own."""
@@ -86,9 +90,17 @@ class CompileOptions:
     calib_samples: int = 32
     #: --load-calib: replay a calibration table instead of calibrating
     calib_table: Path | None = None
-    #: ort-cpu only: "auto" times MatMulNBits against DQ folded to FP32 at load on the sample
-    #: input and keeps the faster; "low-bit" always keeps MatMulNBits (4-bit weights in memory).
+    #: ort-cpu only: "low-bit" keeps MatMulNBits / GatherBlockQuantized (4-bit weights in memory,
+    #: float32 scales); "fp32-at-load" feeds every weight through DequantizeLinear with float16
+    #: scales, which ONNX Runtime folds to FP32 at session load; "auto" builds both, times them on
+    #: the sample input and keeps the faster.
     kernels: str = "auto"
+
+    @property
+    def kernel_scales(self) -> bool:
+        """Do weights ONNX Runtime's low-bit kernels read (MatMul, embeddings) get the float32
+        scales those kernels need? Not when every weight is folded at load."""
+        return self.kernels != "fp32-at-load"
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in SUPPORTED_BITS:
@@ -109,8 +121,8 @@ class CompileOptions:
                               f"not {', '.join(map(str, self.candidates))}")
         if self.sensitivity not in ("kl", "hessian", "mse"):
             raise ConfigError(f"--sensitivity must be kl, hessian or mse, not {self.sensitivity!r}")
-        if self.kernels not in ("auto", "low-bit"):
-            raise ConfigError(f"kernels must be 'auto' or 'low-bit', not {self.kernels!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
         if self.min_elements < 0:
             raise ConfigError(f"min_elements must be >= 0, not {self.min_elements}")
         if self.activations not in ("none", "int8"):

@@ -67,3 +67,39 @@ def test_eight_bit_lstm_lowered_to_dynamic_quantize_lstm_verifies(tmp_path):
     ops = q4c.graph.op_histogram(onnx.load(tmp_path / "e8.onnx"))
     assert ops.get("com.microsoft::DynamicQuantizeLSTM", 0) == 2
     assert report["verification"]["interp_vs_ort_max_abs"] < 1e-3
+
+
+def _scale_dtypes(model: onnx.ModelProto) -> set[int]:
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    return {inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits}
+
+
+def test_fp32_at_load_stores_float16_scales_at_half_the_block_for_the_same_bytes(tmp_path):
+    # The joiner is all MatMul: low-bit kernels need float32 scales (auto block 64); folded at
+    # load, float16 scales at block 32 cost the same bytes and fit the weights more closely.
+    src = MODELS / "rnnt_joiner.onnx"
+    data = MODELS / "rnnt_joiner.npz"
+    low = q4c.compile_file(src, tmp_path / "low.onnx", q4c.CompileOptions(bits=4, kernels="low-bit"), data=data)
+    fold = q4c.compile_file(src, tmp_path / "fold.onnx", q4c.CompileOptions(bits=4, kernels="fp32-at-load"), data=data)
+    model = onnx.load(tmp_path / "fold.onnx")
+    assert not {n.op_type for n in model.graph.node} & {"MatMulNBits", "GatherBlockQuantized"}
+    assert _scale_dtypes(model) == {onnx.TensorProto.FLOAT16}
+    assert fold["session_config"] == {"session.disable_quant_qdq": "1"}
+    assert {t["granularity"] for t in fold["tensors"]} == {"block:32"}
+    assert {t["granularity"] for t in low["tensors"]} == {"block:64"}
+    assert abs(fold["output"]["bytes"] - low["output"]["bytes"]) < 0.01 * low["output"]["bytes"]
+    for a, b in zip(low["tensors"], fold["tensors"], strict=True):
+        assert b["sensitivity"]["weight_sqnr_db"] > a["sensitivity"]["weight_sqnr_db"] + 1.0, a["name"]
+
+
+def test_auto_kernels_that_fold_at_load_requantize_with_float16_scales(tmp_path):
+    # Whatever auto chooses, the written form matches it: MatMulNBits with float32 scales, or
+    # DequantizeLinear only with float16 scales (never float32 scales nothing needs).
+    src = MODELS / "rnnt_joiner.onnx"
+    report = q4c.compile_file(src, tmp_path / "auto.onnx", q4c.CompileOptions(bits=4), data=MODELS / "rnnt_joiner.npz")
+    model = onnx.load(tmp_path / "auto.onnx")
+    if report["kernel_choice"]["chosen"] == "fp32-at-load":
+        assert _scale_dtypes(model) == {onnx.TensorProto.FLOAT16}
+        assert [p["name"] for p in report["passes"]].count("quantize-weights") == 1
+    else:
+        assert any(n.op_type == "MatMulNBits" for n in model.graph.node)

@@ -11,7 +11,7 @@ import click
 
 from q4c.cli.render import emit_json, human_bytes, table
 from q4c.compiler import compile_file
-from q4c.config import CompileOptions, Granularity, Target
+from q4c.config import KERNELS, CompileOptions, Granularity, Target
 
 
 @click.command("compile")
@@ -39,9 +39,11 @@ from q4c.config import CompileOptions, Granularity, Target
 @click.option("--target", type=click.Choice([t.value for t in Target]), default=Target.ORT_CPU.value, show_default=True,
               help="ort-cpu: ONNX Runtime's fast low-bit kernels (MatMulNBits, GatherBlockQuantized); "
                    "onnx: standard DequantizeLinear only.")
-@click.option("--kernels", type=click.Choice(["auto", "low-bit"]), default="auto", show_default=True,
-              help="ort-cpu: 'auto' times MatMulNBits against FP32 MatMul (weights folded at load) on the sample "
-                   "input and keeps the faster; 'low-bit' always keeps 4-bit weights in memory (MatMulNBits).")
+@click.option("--kernels", type=click.Choice(list(KERNELS)), default="auto", show_default=True,
+              help="ort-cpu: 'low-bit' keeps 4-bit weights in memory (MatMulNBits, GatherBlockQuantized; float32 "
+                   "scales); 'fp32-at-load' stores every weight as DequantizeLinear with float16 scales, which ONNX "
+                   "Runtime folds to FP32 when the session loads (same file size, smaller blocks, so more accurate; "
+                   "FP32 memory and speed); 'auto' builds both, times them on the sample input and keeps the faster.")
 @click.option("--passes", "passes", default=None, metavar="LIST",
               help="Comma-separated passes. Bare names replace the pipeline ('--passes fold-constants'); "
                    "'default' is the default pipeline; '+name'/'-name' add/drop; 'module:Class' loads a pass. "

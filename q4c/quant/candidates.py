@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from q4c.config import Granularity
 from q4c.quant.packing import storage_bits
 from q4c.quant.plan import FLOAT
-from q4c.quant.weights import FLOAT32_SCALE_ROLES, WeightSlot, scale_layout
+from q4c.quant.weights import WeightSlot, float32_scales, scale_layout
 
 @dataclass(frozen=True)
 class Candidate:
@@ -26,13 +26,13 @@ class Candidate:
 
 
 def candidate(slot: WeightSlot, bits: int, granularity: Granularity, opset: int,
-              scheme: str = "symmetric") -> Candidate:
+              scheme: str = "symmetric", *, kernel_scales: bool = True) -> Candidate:
     shape = tuple(int(d) for d in slot.tensor.shape)
     n = math.prod(shape)
     if bits == FLOAT:
         return Candidate(FLOAT, str(granularity), "symmetric", 32, 4 * n)
-    float32_scales = slot.role in FLOAT32_SCALE_ROLES
-    gran = granularity.resolve(float32_scales=float32_scales)
+    wide = float32_scales(slot, kernel_scales)
+    gran = granularity.resolve(float32_scales=wide)
     kind, axis, block = scale_layout(shape, slot, gran.kind, gran.block)
     if kind == "tensor":
         groups = 1
@@ -42,4 +42,4 @@ def candidate(slot: WeightSlot, bits: int, granularity: Granularity, opset: int,
         groups = n // shape[axis] * math.ceil(shape[axis] / block)
     stored = storage_bits(bits, opset)
     code_bytes = math.ceil(n * stored / 8)
-    return Candidate(bits, str(gran), scheme, stored, code_bytes + groups * (4 if float32_scales else 2))
+    return Candidate(bits, str(gran), scheme, stored, code_bytes + groups * (4 if wide else 2))

@@ -176,6 +176,7 @@ class SensitivityTable:
     fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> why it fell back to mse
     runner: WeightInputRunner | None = None
     seconds: float = 0.0
+    kernel_scales: bool = True  # see CompileOptions.kernel_scales
 
     def measure_plan(self, choice: Mapping[str, str], granularity: Any) -> float | None:
         """Measured output divergence with every tensor quantized as `choice` (name -> candidate
@@ -190,7 +191,7 @@ class SensitivityTable:
                 continue
             if (name, key) not in cache:
                 cache[name, key] = quantize_slot(self.slots[name], self.runner.weights[name], cand.bits, granularity,
-                                                 cand.scheme).dequantize()
+                                                 cand.scheme, kernel_scales=self.kernel_scales).dequantize()
             changes[name] = cache[name, key]
         return self.runner.divergence(changes)
 
@@ -232,10 +233,12 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     schemes = SCHEMES if opts.sensitivity == "kl" else ("symmetric",)
     weights = {name: np.asarray(s.tensor.values, dtype=np.float32) for name, s in slots.items()}
     for name, slot in slots.items():
-        table.candidates[name] = [candidate(slot, b, opts.granularity, opset, scheme)
+        table.candidates[name] = [candidate(slot, b, opts.granularity, opset, scheme, kernel_scales=opts.kernel_scales)
                                   for b in opts.candidates for scheme in schemes]
         table.candidates[name].append(candidate(slot, FLOAT, opts.granularity, opset))
-    quantized = {name: {c.key: quantize_slot(slots[name], w, c.bits, opts.granularity, c.scheme).dequantize()
+    table.kernel_scales = opts.kernel_scales
+    quantized = {name: {c.key: quantize_slot(slots[name], w, c.bits, opts.granularity, c.scheme,
+                                             kernel_scales=opts.kernel_scales).dequantize()
                         for c in table.candidates[name] if c.bits != FLOAT} for name, w in weights.items()}
     main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
     measured = {n: w for n, w in weights.items() if n in main}

@@ -133,16 +133,22 @@ def scale_layout(slot_shape: tuple[int, ...], slot: WeightSlot, kind: str, block
     return "block", slot.reduce_axis, min(block, max(n, 1)) if n < block else block
 
 
+def float32_scales(slot: WeightSlot, kernel_scales: bool = True) -> bool:
+    """Float32 scales for weights ONNX Runtime's low-bit kernels read (unless no kernel will:
+    `kernel_scales` False, --kernels fp32-at-load); float16 where only DequantizeLinear does."""
+    return kernel_scales and slot.role in FLOAT32_SCALE_ROLES
+
+
 def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: Granularity,
-                  scheme: str = "symmetric") -> QuantizedWeight:
+                  scheme: str = "symmetric", *, kernel_scales: bool = True) -> QuantizedWeight:
     """Quantize a slot's weight as quantize-weights stores it: the granularity resolved for the
-    slot's role, float16 scales where only DequantizeLinear reads them, float32 for kernels;
-    `scheme` "symmetric-absmax" keeps every group's largest weight (no clipping)."""
-    float32_scales = slot.role in FLOAT32_SCALE_ROLES
-    gran = granularity.resolve(float32_scales=float32_scales)
+    slot's role, float16 scales where only DequantizeLinear reads them, float32 for kernels (see
+    `float32_scales`); `scheme` "symmetric-absmax" keeps every group's largest weight (no clipping)."""
+    wide = float32_scales(slot, kernel_scales)
+    gran = granularity.resolve(float32_scales=wide)
     kind, axis, block = scale_layout(values.shape, slot, gran.kind, gran.block)
     return quantize(values, bits, granularity=kind, axis=axis, block_size=block,
-                    scale_dtype=np.float32 if float32_scales else np.float16,
+                    scale_dtype=np.float32 if wide else np.float16,
                     clip_ratios=(1.0,) if scheme == "symmetric-absmax" else CLIP_RATIOS)
 
 
