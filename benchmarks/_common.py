@@ -9,9 +9,65 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 RESULTS = REPO / "benchmarks" / "results"
+DATA = MODELS / "data"
+
+
+def variants(feeds: dict[str, np.ndarray], seeds: range) -> list[dict[str, np.ndarray]]:
+    """Input variants of one sample: float inputs rolled in time and jittered, integer inputs
+    (token ids) redrawn within their observed range."""
+    out = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        sample = {}
+        for name, x in feeds.items():
+            if np.issubdtype(x.dtype, np.floating):
+                y = np.roll(x, int(rng.integers(0, x.shape[1])), axis=1) if x.ndim >= 3 else x
+                sample[name] = (y + 0.1 * np.std(x) * rng.standard_normal(x.shape)).astype(x.dtype)
+            else:
+                sample[name] = rng.integers(x.min(), x.max() + 1, size=x.shape).astype(x.dtype)
+        out.append(sample)
+    return out
+
+
+def _test_samples(name: str, count: int) -> list[dict[str, np.ndarray]] | None:
+    """The first `count` samples of a trained model's test set (what its task metric scores)."""
+    if name == "bilstm_am" and (DATA / "bilstm_am_test.npz").exists():
+        with np.load(DATA / "bilstm_am_test.npz") as z:
+            return [{"features": z[k].astype(np.float32)[None]} for k in sorted(z.files)[:count]]
+    if name == "lstm_lm" and (DATA / "lstm_lm_test.npz").exists():
+        with np.load(DATA / "lstm_lm_test.npz") as z:
+            stream = z["tokens"].astype(np.int64)
+        seq, batch = 64, 4
+        return [{"tokens": stream[i * seq * batch : (i + 1) * seq * batch].reshape(batch, seq)} for i in range(count)]
+    return None
+
+
+def bench_data(name: str, tmp: Path, calib: int = 16, held_out: int = 16) -> tuple[Path, list[dict[str, np.ndarray]], str]:
+    """(calibration directory, held-out feed dicts, a phrase saying where both came from).
+
+    A trained model calibrates on its committed calibration set (models/data/<name>_calib:
+    training text or dev utterances) and is measured on its test set; every other model on
+    `calib` variants of its sample input (seeds 0..) and `held_out` other variants (seeds 100..).
+    Sixteen held-out inputs, not four: with four, run-to-run noise decided some comparisons."""
+    directory = tmp / f"{name}_calib"
+    directory.mkdir()
+    committed, test = DATA / f"{name}_calib", _test_samples(name, held_out)
+    with np.load(MODELS / f"{name}.npz") as npz:
+        sample = {k: npz[k] for k in npz.files}
+    if committed.is_dir() and test is not None:
+        files = sorted(committed.glob("*.npz"))[:calib]
+        for i, path in enumerate(files):  # in the model's input dtypes (ORT's calibrator does not cast)
+            with np.load(path) as z:
+                np.savez(directory / f"{i:03d}.npz", **{k: z[k].astype(sample[k].dtype) for k in z.files})
+        return directory, test, f"{len(files)} calibration samples from models/data/{name}_calib, {len(test)} test samples"
+    for i, feeds in enumerate(variants(sample, range(calib))):
+        np.savez(directory / f"{i:03d}.npz", **feeds)
+    return directory, variants(sample, range(100, 100 + held_out)), f"{calib} calibration and {held_out} held-out variants"
 
 
 def bundled_models() -> list[str]:

@@ -34,8 +34,7 @@ from q4c.compiler import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, bundled_models, run  # noqa: E402
-from bench_mixed import variants  # noqa: E402
+from _common import MODELS, bench_data, bundled_models, run  # noqa: E402
 
 TASKS = {"bilstm_am": ("eval_asr", "wer"), "lstm_lm": ("eval_lm", "perplexity")}
 
@@ -158,11 +157,7 @@ def measure(name: str, tmp: Path, iters: int) -> list[dict]:
     feeds_path = MODELS / f"{name}.npz"
     with np.load(feeds_path) as npz:
         sample = {k: npz[k] for k in npz.files}
-    calib = tmp / f"{name}_calib"
-    calib.mkdir()
-    for i, feeds in enumerate(variants(sample, range(8))):
-        np.savez(calib / f"{i:03d}.npz", **feeds)
-    held_out = variants(sample, range(100, 104))
+    calib, held_out, _ = bench_data(name, tmp)
     rows = [{"model": name, "method": "FP32", "ok": True, "size_ratio": 1.0, "sqnr_db": float("inf"), "kl": 0.0,
              "task": _task_metric(name, src), "latency_ratio": 1.0, "peak_rss_mib": _mib(peak_rss_kib(src, feeds_path))}]
     for label, build in CONTENDERS:
@@ -194,8 +189,9 @@ def render(rows: list[dict], iters: int) -> str:
         "## q4c vs ONNX Runtime's quantizers",
         "",
         f"Produced by `python benchmarks/bench_compare.py --write` ({time.strftime('%Y-%m-%d')}), all rows in one run. "
-        "Calibration: 8 variants of each model's sample input; accuracy on 4 held-out variants (SQNR and KL of the "
-        "outputs vs FP32); task metric on the model's test set (bilstm_am: word error rate as a fraction, lstm_lm: perplexity). Latency: ONNX "
+        "Calibration and held-out inputs as in the mixed-precision section (trained models: committed calibration "
+        "sets, test sets; others: 16 + 16 variants of the sample input); accuracy = SQNR and KL of the "
+        "outputs vs FP32 on the held-out inputs; task metric on the model's test set (bilstm_am: word error rate as a fraction, lstm_lm: perplexity). Latency: ONNX "
         f"Runtime CPU, 1 thread, FP32 and the row's model interleaved, median of {iters}. Peak RSS: fresh process that "
         "loads the model and runs it once.",
         "",

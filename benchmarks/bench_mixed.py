@@ -1,7 +1,9 @@
 """Sensitivity-guided mixed precision vs uniform INT4 at equal weight bytes, on held-out inputs.
 
-For every bundled model: calibration inputs (4 variants of the model's sample) drive the
-sensitivity analysis; the error is measured on 4 *other* variants (held out). Configurations:
+For every bundled model: calibration inputs drive the sensitivity analysis and the error is
+measured on other, held-out inputs (benchmarks/_common.py `bench_data`: the trained models'
+committed calibration sets and their test sets; 16 + 16 variants of the sample input for the
+others). Configurations:
 uniform INT4 (`--bits 4`), and the budgeted plan at the same bytes (`--avg-bits 4`) and at 3.5
 and 3 average bits, with each measure (kl, hessian, mse). Error: mean KL divergence of the
 output distribution where the output is (log-)probabilities, else output SQNR.
@@ -25,27 +27,10 @@ from q4c.compiler import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, bundled_models, run  # noqa: E402
+from _common import MODELS, bench_data, bundled_models, run  # noqa: E402
 
 MEASURES = ("kl", "hessian", "mse")
 BUDGETS = (4.0, 3.5, 3.0)
-
-
-def variants(feeds: dict[str, np.ndarray], seeds: range) -> list[dict[str, np.ndarray]]:
-    """Input variants of one sample: float inputs rolled in time and jittered, integer inputs
-    (token ids) redrawn within their observed range."""
-    out = []
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        sample = {}
-        for name, x in feeds.items():
-            if np.issubdtype(x.dtype, np.floating):
-                y = np.roll(x, int(rng.integers(0, x.shape[1])), axis=1) if x.ndim >= 3 else x
-                sample[name] = (y + 0.1 * np.std(x) * rng.standard_normal(x.shape)).astype(x.dtype)
-            else:
-                sample[name] = rng.integers(x.min(), x.max() + 1, size=x.shape).astype(x.dtype)
-        out.append(sample)
-    return out
 
 
 def error(fp32: onnx.ModelProto, quant: Path, held_out: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -65,13 +50,7 @@ def error(fp32: onnx.ModelProto, quant: Path, held_out: list[dict[str, np.ndarra
 
 def measure(name: str, tmp: Path) -> list[dict]:
     src = MODELS / f"{name}.onnx"
-    with np.load(MODELS / f"{name}.npz") as npz:
-        sample = {k: npz[k] for k in npz.files}
-    calib_dir = tmp / f"{name}_calib"
-    calib_dir.mkdir()
-    for i, feeds in enumerate(variants(sample, range(4))):
-        np.savez(calib_dir / f"{i:03d}.npz", **feeds)
-    held_out = variants(sample, range(100, 104))
+    calib_dir, held_out, data = bench_data(name, tmp)
     fp32 = onnx.load(src)
     rows = []
     configs = [("uniform int4", q4c.CompileOptions(bits=4, kernels="low-bit"))]
@@ -83,7 +62,7 @@ def measure(name: str, tmp: Path) -> list[dict]:
         start = time.perf_counter()
         report = q4c.compile_file(src, out, options, data=calib_dir, verify=False)
         seconds = time.perf_counter() - start
-        rows.append({"model": name, "config": label, "bytes": report["output"]["bytes"],
+        rows.append({"model": name, "config": label, "data": data, "bytes": report["output"]["bytes"],
                      "avg_weight_bits": report["avg_weight_bits"], "compile_s": round(seconds, 2),
                      "sensitivity_s": report.get("sensitivity", {}).get("seconds"),
                      **error(fp32, out, held_out)})
@@ -96,8 +75,10 @@ def render(rows: list[dict]) -> str:
         "<!-- mixed:begin -->",
         "## Mixed precision vs uniform INT4 at equal bytes (held-out inputs)",
         "",
-        f"Produced by `python benchmarks/bench_mixed.py --write` ({time.strftime('%Y-%m-%d')}). Sensitivity measured on 4 "
-        "calibration variants of each model's sample input; error measured on 4 different (held-out) variants, ONNX "
+        f"Produced by `python benchmarks/bench_mixed.py --write` ({time.strftime('%Y-%m-%d')}). Sensitivity measured on "
+        "calibration inputs, error on different (held-out) inputs: bilstm_am and lstm_lm calibrate on their committed "
+        "calibration sets (dev utterances, training text) and are measured on their test sets; the random-weight models "
+        "on 16 variants of the sample input and 16 other variants. ONNX "
         "Runtime CPU, MatMulNBits kept (`--kernels low-bit`). `kl @ 4.0` = sensitivity-guided plan with the bytes of "
         "uniform 4-bit; `@ 3.5`, `@ 3.0` = smaller budgets. KL: mean output KL divergence (log-prob outputs); "
         "lower is better. SQNR: higher is better.",

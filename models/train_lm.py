@@ -150,12 +150,34 @@ def export(model, vocab, test_ids) -> dict:
     return info
 
 
+#: Calibration set: 8 samples of 4 training windows each (q4c compile --calib models/data/lstm_lm_calib).
+CALIB_SAMPLES, CALIB_BATCH = 8, 4
+
+
+def export_calib(vocab, train_ids) -> Path:
+    """models/data/lstm_lm_calib/NNN.npz: `tokens` [4, SEQ] windows drawn (seeded) from the
+    *training* text, so calibrating never sees the test text. The vocabulary must be the
+    committed one (the ids would mean other words otherwise)."""
+    committed = json.loads((DATA / "lstm_lm_vocab.json").read_text())["vocab"] if (DATA / "lstm_lm_vocab.json").exists() else vocab
+    if committed != vocab:
+        raise SystemExit("the rebuilt vocabulary differs from models/data/lstm_lm_vocab.json: retrain instead")
+    rng = np.random.default_rng([SEED, 1])
+    w = windows(train_ids, SEQ)
+    picked = w[rng.choice(len(w), CALIB_SAMPLES * CALIB_BATCH, replace=False)]
+    out = DATA / "lstm_lm_calib"
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(CALIB_SAMPLES):
+        np.savez_compressed(out / f"{i:03d}.npz", tokens=picked[i * CALIB_BATCH : (i + 1) * CALIB_BATCH].astype(np.int16))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/q4c-build/lm"))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--calib-only", action="store_true", help="only (re)write models/data/lstm_lm_calib")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
@@ -164,8 +186,12 @@ def main(argv=None) -> int:
     vocab, train_ids, test_ids = build_corpus()
     print(f"train {len(train_ids):,d} tokens, test {len(test_ids):,d} tokens, "
           f"unk {np.mean(train_ids == 0):.3f} / {np.mean(test_ids == 0):.3f}", flush=True)  # fmt: skip
+    if args.calib_only:
+        print(export_calib(vocab, train_ids))
+        return 0
     model = train(train_ids, test_ids, args.work, args.epochs, args.batch, args.lr)
     info = export(model, vocab, test_ids)
+    export_calib(vocab, train_ids)
     from eval_lm import evaluate
 
     print(json.dumps({"params": info["params"], "bytes": info["bytes"], "test": evaluate(MODELS / "lstm_lm.onnx")}), flush=True)

@@ -146,3 +146,25 @@ def test_log_mel_features_by_hand():
     band = int(np.argmax(fb[:, round(1000 / 16000 * 512)]))  # the filter that peaks nearest 1 kHz
     raw = np.log(np.abs(np.fft.rfft(np.sin(2 * np.pi * 1000 * t[:400]) * np.hanning(400), 512)) ** 2 @ fb.T + 1e-6)
     assert abs(int(np.argmax(raw)) - band) <= 1
+
+
+@pytest.mark.parametrize("name", ["bilstm_am", "lstm_lm"])
+def test_trained_models_calibration_sets_are_valid_inputs_and_not_test_data(name):
+    """models/data/<name>_calib feeds `q4c compile --calib` as-is, and none of it is test data."""
+    from q4c.calib.readers import open_reader
+
+    model = onnx.load(str(MODELS / f"{name}.onnx"))
+    samples = list(open_reader(model, MODELS / "data" / f"{name}_calib"))  # validates keys, ranks, dtypes, finiteness
+    assert len(samples) >= 8
+    if name == "bilstm_am":
+        doc, feats = _models_module("eval_asr").load_test_set()
+        test = {f.astype(np.float32).tobytes() for f in feats}
+        assert all(s["features"].ndim == 3 and s["features"][0].tobytes() not in test for s in samples)
+    else:
+        with np.load(MODELS / "data" / "lstm_lm_test.npz") as z:
+            text = z["tokens"].astype(np.int64)
+        grams = {tuple(text[i : i + 12]) for i in range(len(text) - 12)}
+        windows = [w for s in samples for w in s["tokens"]]
+        assert all(w.min() >= 0 and w.max() <= 2000 for w in windows)
+        # training windows, not test text: no 12-token run of a window occurs in the test text
+        assert sum(tuple(w[i : i + 12]) in grams for w in windows for i in range(0, 52, 13)) == 0
