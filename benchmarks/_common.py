@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import tempfile
@@ -15,6 +16,27 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 RESULTS = REPO / "benchmarks" / "results"
 DATA = MODELS / "data"
+
+
+#: trained models: (evaluation module in models/, its headline metric)
+TASKS = {"bilstm_am": ("eval_asr", "wer"), "lstm_lm": ("eval_lm", "perplexity")}
+
+
+def task_eval(name: str, model_path: Path) -> dict | None:
+    """The model's task evaluation (models/eval_asr.py: WER/CER; models/eval_lm.py: perplexity)
+    on its test set, or None for models without a task or a built test set."""
+    if name not in TASKS:
+        return None
+    module_name = TASKS[name][0]
+    spec = importlib.util.spec_from_file_location(module_name, MODELS / f"{module_name}.py")
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.evaluate(str(model_path))
+    except FileNotFoundError:  # the model's test set is not built (yet)
+        return None
 
 
 def variants(feeds: dict[str, np.ndarray], seeds: range) -> list[dict[str, np.ndarray]]:

@@ -17,7 +17,6 @@ ORT's quantization tools need `onnx-ir` and `sympy` (the `bench` extra):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import subprocess
 import sys
@@ -34,24 +33,11 @@ from q4c.compiler import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MODELS, bench_data, bundled_models, run  # noqa: E402
-
-TASKS = {"bilstm_am": ("eval_asr", "wer"), "lstm_lm": ("eval_lm", "perplexity")}
-
+from _common import MODELS, TASKS, bench_data, bundled_models, run, task_eval  # noqa: E402
 
 def _task_metric(name: str, model_path: Path) -> float | None:
-    if name not in TASKS:
-        return None
-    module_name, key = TASKS[name]
-    spec = importlib.util.spec_from_file_location(module_name, MODELS / f"{module_name}.py")
-    if spec is None or spec.loader is None or not (MODELS / f"{module_name}.py").exists():
-        return None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        return float(module.evaluate(str(model_path))[key])
-    except FileNotFoundError:  # the model's test set is not built (yet)
-        return None
+    result = task_eval(name, model_path)
+    return None if result is None else float(result[TASKS[name][1]])
 
 
 # -- the contenders ---------------------------------------------------------------------------
