@@ -16,6 +16,8 @@ from q4c.quant.candidates import Candidate, candidate
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import SensitivityTable, measure
+from q4c.quant.gptq import activation_of
+from q4c.quant.tying import tied_groups
 from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, float32_scales
 
 logger = logging.getLogger(__name__)
@@ -62,10 +64,13 @@ class AssignPrecisionPass(Pass):
             else:
                 chosen[name] = slot
         if opts.bits is not None:
+            gptq_ok = _gptq_eligible(graph, chosen) if opts.scheme == "gptq" else set()
             for name, slot in chosen.items():
                 gran = str(opts.granularity.resolve(float32_scales=float32_scales(slot, opts.kernel_scales)))
-                plan.tensors[name] = TensorPrecision(opts.bits, gran)
-            plan.defaults = {"mode": "uniform", "bits": opts.bits, "granularity": str(opts.granularity)}
+                scheme = opts.scheme if opts.scheme != "gptq" or name in gptq_ok else "symmetric"
+                plan.tensors[name] = TensorPrecision(opts.bits, gran, scheme)
+            plan.defaults = {"mode": "uniform", "bits": opts.bits, "granularity": str(opts.granularity),
+                             "scheme": opts.scheme}
             stats["planned"] = len(chosen)
         elif chosen:
             stats.update(self._budgeted(graph, plan, chosen, ctx))
@@ -81,7 +86,7 @@ class AssignPrecisionPass(Pass):
             table = measure(graph, dataclasses.replace(opts, sensitivity="mse"), ctx.opset, ctx.samples)
             ctx.warn("assign-precision: no sensitivity measurement for every tensor; used the data-free mse proxy")
         names = sorted(chosen)
-        groups = _tied_groups(chosen)
+        groups = tied_groups(chosen)
         items = [_group_options(group, table) for group in groups]
         budget = budget_bytes(opts, chosen, ctx.opset, groups)
         uniform = _uniform_choice(groups, table)
@@ -136,6 +141,14 @@ class AssignPrecisionPass(Pass):
         return PrecisionPlan({n: tp for n, tp in plan.tensors.items() if n in known}, dict(plan.defaults))
 
 
+def _gptq_eligible(graph: gs.Graph, chosen: dict[str, WeightSlot]) -> set[str]:
+    """Weights gptq can round: main-graph MatMul/Gemm/LSTM/GRU weights with block-wise scales,
+    not a tied output projection (it shares the embedding's codes)."""
+    main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    tied = {n for group in tied_groups(chosen) if len(group) > 1 for n in group}
+    return {n for n, s in chosen.items() if n in main and n not in tied and activation_of(s) is not None}
+
+
 def _uniform_choice(groups: list[list[str]], table: SensitivityTable) -> tuple[int, ...] | None:
     """Per knapsack item, the index of its symmetric 4-bit candidate (None if some item has none)."""
     picks = []
@@ -154,29 +167,6 @@ def _cost(items: list[list[Option]], picks: tuple[int, ...]) -> int:
 
 def _options(cands: list[Candidate], scores: dict[str, float]) -> list[Option]:
     return [Option(c.nbytes, 0.0 if c.bits == FLOAT else max(scores[c.key], 0.0)) for c in cands]
-
-
-def _tied_groups(chosen: dict[str, WeightSlot]) -> list[list[str]]:
-    """Knapsack items: single tensors, and a tied embedding with the MatMul weight that is its
-    transpose (an LM's output projection). Tied tensors take the same candidate, so their codes
-    are identical and stored once (one packed table for GatherBlockQuantized and MatMulNBits,
-    or shared DequantizeLinear codes)."""
-    embeddings = {n: s for n, s in chosen.items() if s.role == "embedding"}
-    tied: dict[str, str] = {}
-    for name, slot in sorted(chosen.items()):
-        if slot.role != "matmul_b" or name in tied:
-            continue
-        w = np.asarray(slot.tensor.values)
-        for e_name, e_slot in sorted(embeddings.items()):
-            if e_name in tied.values() or tuple(e_slot.tensor.shape) != tuple(w.shape[::-1]):
-                continue
-            if np.array_equal(np.asarray(e_slot.tensor.values), w.T):
-                tied[name] = e_name
-                break
-    grouped = set(tied) | set(tied.values())
-    groups = [[n] for n in sorted(chosen) if n not in grouped]
-    groups += [sorted([w, e]) for w, e in sorted(tied.items())]
-    return groups
 
 
 def _group_options(group: list[str], table: SensitivityTable) -> list[Option]:

@@ -11,6 +11,8 @@ from onnx import TensorProto
 
 from q4c import graph as g
 from q4c.config import Granularity
+from q4c.errors import ConfigError
+from q4c.quant.gptq import input_hessians
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.packing import onnx_codes, storage_bits
 from q4c.quant.plan import FLOAT
@@ -47,21 +49,41 @@ class QuantizeWeightsPass(Pass):
                 by_tensor[slot.tensor.name].append(slot)
             else:
                 stats[slot[1]] += 1
+        hessians = self._hessians(graph, by_tensor, ctx)
         for name, slots in by_tensor.items():
             precision = plan.tensors.get(name)
             if precision is None or precision.bits == FLOAT:
                 continue
-            self._quantize(graph, slots, precision.bits, Granularity.parse(precision.granularity), precision.scheme, ctx)
+            self._quantize(graph, slots, precision.bits, Granularity.parse(precision.granularity), precision.scheme, ctx,
+                           hessians.get(name))
             stats["quantized"] += 1
         return PassResult(stats["quantized"] > 0, dict(stats))
 
     @staticmethod
+    def _hessians(graph: gs.Graph, by_tensor: dict[str, list[WeightSlot]], ctx: PassContext) -> dict[str, list[np.ndarray]]:
+        """gptq's input statistics: measure-sensitivity's, else (a replayed plan) from the samples."""
+        plan = ctx.require_plan()
+        gptq = {n for n, tp in plan.tensors.items() if tp.scheme == "gptq" and tp.bits != FLOAT and n in by_tensor}
+        known = dict(getattr(ctx.sensitivity, "hessians", None) or {})
+        missing = gptq - set(known)
+        if missing:
+            if not ctx.samples:
+                raise ConfigError(f"the plan rounds {sorted(missing)[0]} with gptq, which needs calibration data (--calib)")
+            main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+            known.update(input_hessians(g.export_model(graph.copy()), {n: by_tensor[n][0] for n in missing},
+                                        ctx.samples, main))
+        unmet = sorted(missing - set(known))
+        if unmet:
+            raise ConfigError(f"{unmet[0]}: gptq needs a MatMul/Gemm/LSTM/GRU weight of the main graph")
+        return known
+
+    @staticmethod
     def _quantize(root: gs.Graph, slots: list[WeightSlot], bits: int, gran: Granularity, scheme: str,
-                  ctx: PassContext) -> None:
+                  ctx: PassContext, hessians: list[np.ndarray] | None = None) -> None:
         first = slots[0]
         weight = first.tensor
         values = np.asarray(weight.values, dtype=np.float32)
-        qw = quantize_slot(first, values, bits, gran, scheme, kernel_scales=ctx.options.kernel_scales)
+        qw = quantize_slot(first, values, bits, gran, scheme, kernel_scales=ctx.options.kernel_scales, hessians=hessians)
         kind = "tensor" if qw.scale.ndim == 0 else ("block" if qw.block_size else "channel")
         half = qw.scale.dtype == np.float16
         suffix = f"int{storage_bits(bits, ctx.opset)}"

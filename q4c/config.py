@@ -95,6 +95,11 @@ class CompileOptions:
     #: scales, which ONNX Runtime folds to FP32 at session load; "auto" builds both, times them on
     #: the sample input and keeps the faster.
     kernels: str = "auto"
+    #: rounding scheme of a uniform (--bits) plan: "symmetric" (nearest level, MSE-chosen
+    #: clipping), "symmetric-absmax" (no clipping) or "gptq" (error-compensating rounding against
+    #: the calibration inputs; weights it cannot serve, embeddings and convolutions, stay
+    #: "symmetric"). Budgeted plans choose each tensor's scheme by measurement (kl).
+    scheme: str = "symmetric"
 
     @property
     def kernel_scales(self) -> bool:
@@ -121,6 +126,8 @@ class CompileOptions:
                               f"not {', '.join(map(str, self.candidates))}")
         if self.sensitivity not in ("kl", "hessian", "mse"):
             raise ConfigError(f"--sensitivity must be kl, hessian or mse, not {self.sensitivity!r}")
+        if self.scheme not in ("symmetric", "symmetric-absmax", "gptq"):
+            raise ConfigError(f"scheme must be symmetric, symmetric-absmax or gptq, not {self.scheme!r}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
         if self.min_elements < 0:

@@ -27,6 +27,11 @@ from q4c.config import KERNELS, CompileOptions, Granularity, Target
 @click.option("--size-budget", type=int, default=None, metavar="BYTES",
               help="Budget: bytes for the quantizable weights (codes + scales).")
 @click.option("--ratio", type=float, default=None, help="Budget: this fraction of the weights' FP32 bytes.")
+@click.option("--scheme", type=click.Choice(["symmetric", "symmetric-absmax", "gptq"]), default="symmetric",
+              show_default=True,
+              help="Rounding for --bits: nearest level with MSE-chosen clipping; no clipping; or gptq, which "
+                   "rounds each weight column so the layer's output error on the --calib inputs is least (MatMul, "
+                   "Gemm, LSTM, GRU weights; others stay symmetric). Budgeted plans pick per tensor by measurement.")
 @click.option("--candidates", default="2,3,4,8", show_default=True,
               help="Bit widths the allocation may choose from (keeping FP32 is always a choice).")
 @click.option("--sensitivity", type=click.Choice(["kl", "hessian", "mse"]), default="kl", show_default=True,
@@ -87,7 +92,7 @@ from q4c.config import KERNELS, CompileOptions, Granularity, Target
               help="Check the output: ONNX checker, ONNX Runtime loads it, interpreter agrees with ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: float | None, size_budget: int | None,
-                ratio: float | None, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
+                ratio: float | None, scheme: str, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
                 passes: str | None,
                 data: Path | None, calib_reader: str | None, calib_samples: int, activations: str, observer: str,
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
@@ -110,6 +115,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         avg_bits=avg_bits,
         size_budget=size_budget,
         ratio=ratio,
+        scheme=scheme,
         candidates=_parse_candidates(candidates),
         sensitivity=sensitivity,
         granularity=Granularity.parse(granularity),

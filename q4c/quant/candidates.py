@@ -22,7 +22,8 @@ class Candidate:
     @property
     def key(self) -> str:
         """Stable name in reports: "4", "4:absmax", "32" (float)."""
-        return f"{self.bits}:absmax" if self.scheme == "symmetric-absmax" else str(self.bits)
+        suffix = {"symmetric-absmax": ":absmax", "gptq": ":gptq"}.get(self.scheme, "")
+        return f"{self.bits}{suffix}"
 
 
 def candidate(slot: WeightSlot, bits: int, granularity: Granularity, opset: int,

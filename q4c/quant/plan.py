@@ -16,8 +16,10 @@ PLAN_SCHEMA = "q4c.plan/1"
 FLOAT = 32
 #: Rounding schemes: "symmetric" picks each group's scale (and clipping) by least squared weight
 #: error; "symmetric-absmax" never clips (the group's largest weight is kept exactly), which
-#: protects outlier weights that matter more to the output than the weight error says.
-SCHEMES = ("symmetric", "symmetric-absmax")
+#: protects outlier weights that matter more to the output than the weight error says; "gptq"
+#: keeps symmetric's scales but rounds with error compensation against the layer's calibration
+#: inputs (q4c.quant.gptq), so it needs calibration data.
+SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.config import CompileOptions
 from q4c.quant.candidates import Candidate, candidate
+from q4c.quant.gptq import input_hessians
+from q4c.quant.tying import tied_groups
 from q4c.quant.plan import FLOAT, SCHEMES
 from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, quantize_slot
 
@@ -177,6 +179,7 @@ class SensitivityTable:
     runner: WeightInputRunner | None = None
     seconds: float = 0.0
     kernel_scales: bool = True  # see CompileOptions.kernel_scales
+    hessians: dict[str, list[np.ndarray]] = field(default_factory=dict)  # gptq's input statistics
 
     def measure_plan(self, choice: Mapping[str, str], granularity: Any) -> float | None:
         """Measured output divergence with every tensor quantized as `choice` (name -> candidate
@@ -191,7 +194,8 @@ class SensitivityTable:
                 continue
             if (name, key) not in cache:
                 cache[name, key] = quantize_slot(self.slots[name], self.runner.weights[name], cand.bits, granularity,
-                                                 cand.scheme, kernel_scales=self.kernel_scales).dequantize()
+                                                 cand.scheme, kernel_scales=self.kernel_scales,
+                                                 hessians=self.hessians.get(name)).dequantize()
             changes[name] = cache[name, key]
         return self.runner.divergence(changes)
 
@@ -230,24 +234,34 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     table = SensitivityTable(opts.sensitivity, slots=slots)
     # Rounding schemes are candidates too when the output decides (kl): the knapsack then picks
     # each tensor's quantizer as well as its width. Weight-error measures always prefer "symmetric".
-    schemes = SCHEMES if opts.sensitivity == "kl" else ("symmetric",)
+    # "gptq" needs the weight's calibration inputs, and only pays below 8 bits.
     weights = {name: np.asarray(s.tensor.values, dtype=np.float32) for name, s in slots.items()}
-    for name, slot in slots.items():
-        table.candidates[name] = [candidate(slot, b, opts.granularity, opset, scheme, kernel_scales=opts.kernel_scales)
-                                  for b in opts.candidates for scheme in schemes]
-        table.candidates[name].append(candidate(slot, FLOAT, opts.granularity, opset))
-    table.kernel_scales = opts.kernel_scales
-    quantized = {name: {c.key: quantize_slot(slots[name], w, c.bits, opts.granularity, c.scheme,
-                                             kernel_scales=opts.kernel_scales).dequantize()
-                        for c in table.candidates[name] if c.bits != FLOAT} for name, w in weights.items()}
     main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
     measured = {n: w for n, w in weights.items() if n in main}
     for name in set(weights) - set(measured):
         table.fallbacks[name] = "weight lives in a subgraph"
-    if measured and samples:
+    model = g.export_model(graph.copy()) if measured and samples else None
+    if model is not None and opts.sensitivity == "kl" and opts.granularity.kind == "block":
+        # A tied output projection shares the embedding's codes: rounding it differently would not.
+        tied = {n for group in tied_groups(slots) if len(group) > 1 for n in group}
+        table.hessians = input_hessians(model, {n: s for n, s in slots.items() if n not in tied}, samples,
+                                        set(measured))
+    table.kernel_scales = opts.kernel_scales
+    for name, slot in slots.items():
+        schemes = [s for s in SCHEMES if s != "gptq"] if opts.sensitivity == "kl" else ["symmetric"]
+        table.candidates[name] = [candidate(slot, b, opts.granularity, opset, scheme, kernel_scales=opts.kernel_scales)
+                                  for b in opts.candidates for scheme in schemes]
+        if name in table.hessians:
+            table.candidates[name] += [candidate(slot, b, opts.granularity, opset, "gptq", kernel_scales=opts.kernel_scales)
+                                       for b in opts.candidates if b <= 4]
+        table.candidates[name].append(candidate(slot, FLOAT, opts.granularity, opset))
+    quantized = {name: {c.key: quantize_slot(slots[name], w, c.bits, opts.granularity, c.scheme,
+                                             kernel_scales=opts.kernel_scales,
+                                             hessians=table.hessians.get(name)).dequantize()
+                        for c in table.candidates[name] if c.bits != FLOAT} for name, w in weights.items()}
+    if model is not None:
         # mse scores without data, but the runner still measures whole plans (the uniform-4-bit
         # guard in assign-precision, the report's measured Pareto curve).
-        model = g.export_model(graph.copy())
         table.runner = WeightInputRunner(model, measured, samples[:PLAN_SAMPLES])
     rng = np.random.default_rng(opts.seed)
     for name, w in weights.items():

@@ -14,6 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from q4c import graph as g
+from q4c.quant.weights import WeightSlot
 
 
 def share_transposed_tables(model: onnx.ModelProto) -> int:
@@ -61,3 +62,26 @@ def _drop_unused(graph: onnx.GraphProto, names: set[str]) -> None:
     keep = [t for t in graph.initializer if t.name not in names or t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+def tied_groups(chosen: dict[str, WeightSlot]) -> list[list[str]]:
+    """Knapsack items: single tensors, and a tied embedding with the MatMul weight that is its
+    transpose (an LM's output projection). Tied tensors take the same candidate, so their codes
+    are identical and stored once (one packed table for GatherBlockQuantized and MatMulNBits,
+    or shared DequantizeLinear codes)."""
+    embeddings = {n: s for n, s in chosen.items() if s.role == "embedding"}
+    tied: dict[str, str] = {}
+    for name, slot in sorted(chosen.items()):
+        if slot.role != "matmul_b" or name in tied:
+            continue
+        w = np.asarray(slot.tensor.values)
+        for e_name, e_slot in sorted(embeddings.items()):
+            if e_name in tied.values() or tuple(e_slot.tensor.shape) != tuple(w.shape[::-1]):
+                continue
+            if np.array_equal(np.asarray(e_slot.tensor.values), w.T):
+                tied[name] = e_name
+                break
+    grouped = set(tied) | set(tied.values())
+    groups = [[n] for n in sorted(chosen) if n not in grouped]
+    groups += [sorted([w, e]) for w, e in sorted(tied.items())]
+    return groups

@@ -10,6 +10,8 @@ import onnx_graphsurgeon as gs
 
 from q4c import graph as g
 from q4c.config import Granularity
+from q4c.errors import ConfigError
+from q4c.quant.gptq import gptq_quantize
 from q4c.quant.qparams import CLIP_RATIOS, QuantizedWeight, quantize
 
 
@@ -140,13 +142,20 @@ def float32_scales(slot: WeightSlot, kernel_scales: bool = True) -> bool:
 
 
 def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: Granularity,
-                  scheme: str = "symmetric", *, kernel_scales: bool = True) -> QuantizedWeight:
+                  scheme: str = "symmetric", *, kernel_scales: bool = True,
+                  hessians: list[np.ndarray] | None = None) -> QuantizedWeight:
     """Quantize a slot's weight as quantize-weights stores it: the granularity resolved for the
     slot's role, float16 scales where only DequantizeLinear reads them, float32 for kernels (see
-    `float32_scales`); `scheme` "symmetric-absmax" keeps every group's largest weight (no clipping)."""
+    `float32_scales`); `scheme` "symmetric-absmax" keeps every group's largest weight (no clipping),
+    "gptq" rounds with error compensation against `hessians` (block-wise granularity only)."""
     wide = float32_scales(slot, kernel_scales)
     gran = granularity.resolve(float32_scales=wide)
     kind, axis, block = scale_layout(values.shape, slot, gran.kind, gran.block)
+    if scheme == "gptq":
+        if hessians is None or kind != "block":
+            raise ConfigError(f"{slot.tensor.name}: the gptq scheme needs calibration inputs and block-wise scales")
+        return gptq_quantize(values, hessians, bits, axis=axis, block_size=block, clip_ratios=CLIP_RATIOS,
+                             scale_dtype=np.float32 if wide else np.float16)
     return quantize(values, bits, granularity=kind, axis=axis, block_size=block,
                     scale_dtype=np.float32 if wide else np.float16,
                     clip_ratios=(1.0,) if scheme == "symmetric-absmax" else CLIP_RATIOS)

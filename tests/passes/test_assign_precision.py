@@ -72,7 +72,8 @@ def test_report_carries_scores_budget_and_a_measured_pareto_curve(rng, tmp_path)
     report = q4c.compile_file(path, tmp_path / "o.onnx", CompileOptions(avg_bits=3.5, sensitivity="kl"))
     assert report["sensitivity"]["measure"] == "kl" and report["sensitivity"]["forward_runs"] > 0
     assert {t["name"] for t in report["tensors"]} == {"A", "B", "C"}
-    keys = {"2", "3", "4", "8", "2:absmax", "3:absmax", "4:absmax", "8:absmax"}  # widths x rounding schemes
+    # widths x rounding schemes; gptq (which needs calibration inputs) below 8 bits only
+    keys = {"2", "3", "4", "8", "2:absmax", "3:absmax", "4:absmax", "8:absmax", "2:gptq", "3:gptq", "4:gptq"}
     assert all(set(t["sensitivity"]["kl"]) == keys for t in report["tensors"])
     points = report["pareto"]
     assert [p["avg_bits"] for p in points] == sorted(p["avg_bits"] for p in points)

@@ -1,0 +1,142 @@
+"""Error-compensating rounding (GPTQ: Frantar et al., 2023) with q4c's scales and storage.
+
+Rounding each weight to its nearest level (what the "symmetric" scheme does) minimizes the
+weight error; what matters is the error of the layer's output, W x over the inputs the layer
+actually sees. With H = E[x x^T] over calibration inputs (the "Hessian" of that squared output
+error), GPTQ quantizes the reduction axis one column at a time and pushes each column's rounding
+error onto the columns not yet quantized, in proportion to how the inputs correlate
+(the rows of the inverse Hessian's Cholesky factor). Codes, scales and block layout are exactly
+those of `qparams.quantize`, so the stored form and the ONNX graph do not change; each block's
+scale is chosen (MSE clipping, signed scales) from the already-updated weights when the column
+loop reaches the block.
+
+Input statistics per weight role (`input_hessians`): MatMul B and Gemm B: the other operand;
+LSTM/GRU W: the sequence input X; LSTM/GRU R: the layer's own hidden-state sequence Y, one
+Hessian per direction. Weights inside subgraphs, convolutions and embeddings get no Hessian and
+so no "gptq" candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from q4c import ort as q4ort
+from q4c.quant.qparams import QuantizedWeight, _quantize_groups, qrange
+
+#: Dampening added to H's diagonal, relative to its mean: keeps the inverse well conditioned
+#: where inputs are nearly collinear (the GPTQ paper's 1 %).
+DAMP = 0.01
+#: Calibration calls whose activations enter the Hessians.
+MAX_SAMPLES = 8
+
+
+def gptq_rows(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, clip_ratios: tuple[float, ...],
+              scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize w [rows, k] along k (blocks of `block` columns, one scale per row and block).
+    Returns (codes int8 [rows, k], scales [rows, ceil(k / block)] in `scale_dtype`)."""
+    w = np.array(w, dtype=np.float64)
+    rows, k = w.shape
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += DAMP * float(np.mean(np.diag(h)))
+    # Upper Cholesky factor of H^-1: row j holds how column j's error spreads to later columns.
+    inv = np.linalg.inv(h)
+    u = np.linalg.cholesky((inv + inv.T) / 2).T
+    qmin, qmax = qrange(bits)
+    nb = -(-k // block)
+    codes = np.zeros((rows, k), np.int8)
+    scales = np.zeros((rows, nb), np.float32)
+    for b in range(nb):
+        lo, hi = b * block, min((b + 1) * block, k)
+        group = np.zeros((rows, block), np.float32)
+        group[:, : hi - lo] = w[:, lo:hi]
+        _, scale = _quantize_groups(group, bits, clip_ratios, scale_dtype)
+        s = scale.astype(np.float64)
+        scales[:, b] = scale.astype(np.float32)
+        for j in range(lo, hi):
+            q = np.clip(np.rint(w[:, j] / s), qmin, qmax)
+            codes[:, j] = q
+            err = (w[:, j] - q * s) / u[j, j]
+            w[:, j + 1 :] -= np.outer(err, u[j, j + 1 :])
+    return codes, scales.astype(scale_dtype)
+
+
+def gptq_quantize(w: np.ndarray, hessians: Sequence[np.ndarray], bits: int, *, axis: int, block_size: int,
+                  clip_ratios: tuple[float, ...], scale_dtype: type) -> QuantizedWeight:
+    """Block-wise quantization of `w` along `axis` (the reduction axis) with GPTQ rounding.
+
+    `hessians` holds one [k, k] matrix, or one per index of w's first axis (LSTM directions)."""
+    w = np.asarray(w, dtype=np.float32)
+    axis %= w.ndim
+    moved = np.moveaxis(w, axis, -1)
+    k = moved.shape[-1]
+    lead = moved.reshape((moved.shape[0], -1, k)) if len(hessians) > 1 else moved.reshape((1, -1, k))
+    if len(hessians) not in (1, lead.shape[0]):
+        raise ValueError(f"{len(hessians)} Hessians for a weight with {lead.shape[0]} leading slices")
+    codes, scales = [], []
+    for i in range(lead.shape[0]):
+        c, s = gptq_rows(lead[i], hessians[i if len(hessians) > 1 else 0], bits, block_size, clip_ratios, scale_dtype)
+        codes.append(c)
+        scales.append(s)
+    q = np.moveaxis(np.stack(codes).reshape(moved.shape), -1, axis)
+    nb = -(-k // block_size)
+    scale = np.moveaxis(np.stack(scales).reshape(moved.shape[:-1] + (nb,)), -1, axis)
+    return QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale), bits, axis, block_size)
+
+
+# -- input statistics -------------------------------------------------------------------------
+
+def activation_of(slot) -> tuple[str, str] | None:  # noqa: ANN001 - WeightSlot (avoids an import cycle)
+    """(tensor name, how to read it) of the inputs `slot`'s weight multiplies, or None."""
+    node = slot.node
+    if slot.role in ("matmul_b", "gemm_b"):
+        if slot.role == "gemm_b" and int(node.attrs.get("transA", 0)):
+            return None
+        return node.inputs[0].name, "rows"
+    if slot.role in ("lstm_w", "gru_w") and int(node.attrs.get("layout", 0)) == 0:
+        return node.inputs[0].name, "rows"
+    if slot.role in ("lstm_r", "gru_r") and int(node.attrs.get("layout", 0)) == 0:
+        if node.outputs and node.outputs[0].name:
+            return node.outputs[0].name, "directions"  # Y [T, D, B, H]
+    return None
+
+
+def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object], samples: Sequence[Mapping[str, np.ndarray]],
+                   main_graph_tensors: set[str]) -> dict[str, list[np.ndarray]]:
+    """H = mean of x x^T over the calibration inputs of each slot's weight (by weight name),
+    from one ONNX Runtime session with the activations as extra outputs."""
+    wanted: dict[str, tuple[str, str]] = {}
+    for name, slot in slots.items():
+        found = activation_of(slot)
+        if found is not None and name in main_graph_tensors and slot.graph is not None:
+            wanted[name] = found
+    if not wanted or not samples:
+        return {}
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    outputs = {o.name for o in extended.graph.output}
+    for tensor, _ in set(wanted.values()):
+        if tensor not in outputs:
+            extended.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    session = q4ort.make_session(extended, threads=1)
+    sums: dict[str, list[np.ndarray]] = {}
+    counts: dict[str, int] = {}
+    for feeds in samples[:MAX_SAMPLES]:
+        values = q4ort.run(session, feeds)
+        for tensor, how in {(t, h) for t, h in wanted.values()}:
+            x = np.asarray(values[tensor], dtype=np.float64)
+            if how == "rows":
+                parts = [x.reshape(-1, x.shape[-1])]
+            else:
+                parts = [np.moveaxis(x, 1, 0)[d].reshape(-1, x.shape[-1]) for d in range(x.shape[1])]
+            key = f"{tensor}|{how}"
+            acc = [p.T @ p for p in parts]
+            sums[key] = acc if key not in sums else [a + b for a, b in zip(sums[key], acc, strict=True)]
+            counts[key] = counts.get(key, 0) + parts[0].shape[0]
+    return {name: [s / counts[f"{t}|{h}"] for s in sums[f"{t}|{h}"]] for name, (t, h) in wanted.items()}
