@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import os
@@ -183,6 +184,26 @@ def check(model: onnx.ModelProto) -> None:
     onnx.checker.check_model(model, full_check=True)
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` (with the permissions
+    a plain open() would give it, not mkstemp's owner-only 0600), on failure it is removed, so a
+    failed write never leaves a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
 def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     """Write atomically: a temporary file beside `path`, then rename. Returns bytes written.
 
@@ -190,10 +211,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    with atomic_write(path) as tmp_path:
         if model.ByteSize() > _PROTOBUF_LIMIT:
             data_name = path.name + ".data"
             onnx.save_model(model, str(tmp_path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -201,10 +219,6 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
         else:
             with open(tmp_path, "wb") as f:
                 f.write(model.SerializeToString())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
     return path.stat().st_size
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from q4c.errors import ConfigError
+from q4c.graph import atomic_write
 
 #: where identical tensors (infinite SQNR) are drawn, above the highest finite value
 _INF_HEADROOM_DB = 10.0
@@ -48,14 +48,8 @@ def plot_diff(doc: Mapping[str, Any], path: str | os.PathLike[str], title: str =
     if title:
         fig.suptitle(title, fontsize=12)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
+    with atomic_write(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plot_tensors(ax: Any, doc: Mapping[str, Any]) -> None:

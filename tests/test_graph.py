@@ -98,3 +98,14 @@ def test_unique_name_avoids_names_in_subgraphs():
     graph = g.import_graph(model)
     assert g.unique_name(graph, "w_int4") == "w_int4_1"
     assert g.op_histogram(graph) == {"Identity": 2, "If": 1}
+
+
+def test_saved_model_gets_umask_permissions_not_owner_only(tmp_path):
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    old = os.umask(0o022)
+    try:
+        g.save(model, tmp_path / "m.onnx")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary left behind

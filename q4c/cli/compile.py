@@ -182,7 +182,8 @@ class _SampleBar:
 
 
 def _key(t: dict) -> str:
-    return f"{t['bits']}:absmax" if t.get("scheme") == "symmetric-absmax" else str(t["bits"])
+    suffix = {"symmetric-absmax": ":absmax", "gptq": ":gptq"}.get(t.get("scheme", ""), "")
+    return f"{t['bits']}{suffix}"
 
 
 def _parse_candidates(text: str) -> tuple[int, ...]:

@@ -56,14 +56,7 @@ def run_cmd(model: Path, data: Path, output: Path | None, backend: str, threads:
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Atomic: write beside, then rename, so a failed run leaves no partial file."""
-    import os
-    import tempfile
+    from q4c.graph import atomic_write
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
-    os.close(fd)
-    try:
+    with atomic_write(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
