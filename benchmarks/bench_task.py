@@ -2,7 +2,8 @@
 error rate (bilstm_am) and perplexity (lstm_lm), not just to output SQNR.
 
 For each trained model: FP32; q4c uniform 4, 3 and 2 bits (`--bits N`; 3-bit codes are stored
-in 4-bit containers, so uniform 3-bit has the bytes of uniform 4-bit); q4c's sensitivity-guided
+in 4-bit containers, so uniform 3-bit has the bytes of uniform 4-bit), with nearest rounding and,
+for 3 and 2 bits, with GPTQ rounding (`--scheme gptq`); q4c's sensitivity-guided
 plans at the default budget (the bytes of uniform 4-bit) and at 3.5 and 3 average bits, with the
 kl measure (the default) and hessian. Calibration: the model's committed calibration set
 (models/data/<name>_calib: dev utterances, training text); metric: its test set. Default kernels
@@ -27,6 +28,8 @@ CONFIGS: list[tuple[str, dict]] = [
     ("uniform 4-bit", {"bits": 4}),
     ("uniform 3-bit", {"bits": 3}),
     ("uniform 2-bit", {"bits": 2}),
+    ("uniform 3-bit gptq", {"bits": 3, "scheme": "gptq"}),
+    ("uniform 2-bit gptq", {"bits": 2, "scheme": "gptq"}),
     ("q4c default (kl, bytes of 4-bit)", {}),
     ("q4c kl @ 3.5 bits", {"avg_bits": 3.5}),
     ("q4c kl @ 3 bits", {"avg_bits": 3.0}),
@@ -100,13 +103,14 @@ def _verdicts(rows: list[dict]) -> list[str]:
         key = TASKS[model][1]
         fmt = (lambda v: f"{100 * v:.2f} %") if key == "wer" else (lambda v: f"{v:.2f}")  # noqa: E731
         fp32, default = by["FP32"], by["q4c default (kl, bytes of 4-bit)"]
-        u4, u3 = by["uniform 4-bit"], by["uniform 3-bit"]
+        u4, u3, g3 = by["uniform 4-bit"], by["uniform 3-bit"], by["uniform 3-bit gptq"]
         m35, m3 = by["q4c kl @ 3.5 bits"], by["q4c kl @ 3 bits"]
         out.append(f"- {model}: default {fmt(default[key])} vs FP32 {fmt(fp32[key])} at {default['size_ratio']:.3f} of "
                    f"its size; kl @ 3.5 bits {fmt(m35[key])} vs uniform 4-bit {fmt(u4[key])} "
                    f"({'no worse' if m35[key] <= u4[key] else 'WORSE'}, {m35['bytes'] / u4['bytes']:.2f} of its bytes); "
                    f"kl @ 3 bits {fmt(m3[key])} vs uniform 3-bit {fmt(u3[key])} "
-                   f"({'better' if m3[key] < u3[key] else 'NOT better'}, {m3['bytes'] / u3['bytes']:.2f} of its bytes)")
+                   f"({'better' if m3[key] < u3[key] else 'NOT better'}, {m3['bytes'] / u3['bytes']:.2f} of its bytes; "
+                   f"uniform 3-bit with gptq rounding {fmt(g3[key])})")
     return out
 
 
