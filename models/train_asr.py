@@ -1,7 +1,7 @@
 """Train the bundled speech recognizer ``bilstm_am`` (3 x BiLSTM + CTC over characters).
 
     apt-get install espeak-ng sox fortunes      # build-time only
-    python models/train_asr.py                  # data (~10 min, 2 processes) + training (~38 CPU min) + export
+    python models/train_asr.py                  # data (~10 min, 2 processes) + training (~90 CPU min) + export
     python models/eval_asr.py models/bilstm_am.onnx
 
 Stages, each cached in --work (default /tmp/q4c-build/asr) so a crash loses little:
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/q4c-build/asr"))
     parser.add_argument("--train-utts", type=int, default=7000)
-    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--max-frames", type=int, default=6400, help="padded frames per batch")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
