@@ -89,7 +89,7 @@ class AssignPrecisionPass(Pass):
         groups = tied_groups(chosen)
         items = [_group_options(group, table) for group in groups]
         budget = budget_bytes(opts, chosen, ctx.opset, groups)
-        uniform = _uniform_choice(groups, table)
+        uniform = _uniform_choice(groups, items, table)
         if uniform is not None and _cost(items, uniform) > budget:
             uniform = None
         solution = solve(items, budget, incumbent=uniform)
@@ -149,14 +149,16 @@ def _gptq_eligible(graph: gs.Graph, chosen: dict[str, WeightSlot]) -> set[str]:
     return {n for n, s in chosen.items() if n in main and n not in tied and activation_of(s) is not None}
 
 
-def _uniform_choice(groups: list[list[str]], table: SensitivityTable) -> tuple[int, ...] | None:
-    """Per knapsack item, the index of its symmetric 4-bit candidate (None if some item has none)."""
+def _uniform_choice(groups: list[list[str]], items: list[list[Option]],
+                    table: SensitivityTable) -> tuple[int, ...] | None:
+    """Per knapsack item, the index of its 4-bit candidate with the least predicted damage (every
+    4-bit scheme costs the same bytes), None if some item has no 4-bit candidate."""
     picks = []
-    for group in groups:
-        k = next((i for i, c in enumerate(table.candidates[group[0]]) if c.bits == 4 and c.scheme == "symmetric"), None)
-        if k is None:
+    for group, options in zip(groups, items, strict=True):
+        fours = [i for i, c in enumerate(table.candidates[group[0]]) if c.bits == 4]
+        if not fours:
             return None
-        picks.append(k)
+        picks.append(min(fours, key=lambda i: (options[i].score, table.candidates[group[0]][i].scheme != "symmetric")))
     return tuple(picks)
 
 
