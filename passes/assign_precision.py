@@ -7,16 +7,15 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from q4c.config import CompileOptions
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
+from q4c.quant.gptq import activation_of
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import SensitivityTable, measure
-from q4c.quant.gptq import activation_of
 from q4c.quant.tying import tied_groups
 from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, float32_scales
 
@@ -224,7 +223,7 @@ def _pareto(groups: list[list[str]], items: list[list[Option]], chosen: dict[str
         budget = avg_bits_budget(avg, chosen, ctx.options, ctx.opset, groups)
         try:
             sol = solve(items, budget)
-        except Exception:  # noqa: BLE001 - below the smallest size: no point on the curve
+        except Exception:
             continue
         picks = _expand(groups, sol.choice)
         points.append({"avg_bits": avg, "budget_bytes": budget, "used_bytes": sol.cost, "predicted": sol.score,

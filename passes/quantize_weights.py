@@ -12,8 +12,8 @@ from onnx import TensorProto
 from q4c import graph as g
 from q4c.config import Granularity
 from q4c.errors import ConfigError
-from q4c.quant.gptq import input_hessians
 from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.quant.gptq import input_hessians
 from q4c.quant.packing import onnx_codes, storage_bits
 from q4c.quant.plan import FLOAT
 from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot

@@ -24,12 +24,12 @@ from q4c.calib.runner import Progress, materialize
 from q4c.config import CompileOptions
 from q4c.errors import ModelLoadError, NumericMismatchError
 from q4c.interp import Interpreter
-from q4c.recurrent.dynamic import dequantized_lstm_copy
 from q4c.pipeline import Pass, PassContext, Pipeline
 from q4c.quant.packing import INT2_OPSET
 from q4c.quant.plan import FLOAT, PrecisionPlan
 from q4c.quant.tying import share_transposed_tables
 from q4c.quant.weights import WeightSlot, find_weight_slots
+from q4c.recurrent.dynamic import dequantized_lstm_copy
 from q4c.registry import find_pass, resolve_pipeline
 
 logger = logging.getLogger(__name__)

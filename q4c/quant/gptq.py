@@ -92,7 +92,7 @@ def gptq_quantize(w: np.ndarray, hessians: Sequence[np.ndarray], bits: int, *, a
 
 # -- input statistics -------------------------------------------------------------------------
 
-def activation_of(slot) -> tuple[str, str] | None:  # noqa: ANN001 - WeightSlot (avoids an import cycle)
+def activation_of(slot) -> tuple[str, str] | None:
     """(tensor name, how to read it) of the inputs `slot`'s weight multiplies, or None."""
     node = slot.node
     if slot.role in ("matmul_b", "gemm_b"):
@@ -101,9 +101,8 @@ def activation_of(slot) -> tuple[str, str] | None:  # noqa: ANN001 - WeightSlot 
         return node.inputs[0].name, "rows"
     if slot.role in ("lstm_w", "gru_w") and int(node.attrs.get("layout", 0)) == 0:
         return node.inputs[0].name, "rows"
-    if slot.role in ("lstm_r", "gru_r") and int(node.attrs.get("layout", 0)) == 0:
-        if node.outputs and node.outputs[0].name:
-            return node.outputs[0].name, "directions"  # Y [T, D, B, H]
+    if slot.role in ("lstm_r", "gru_r") and int(node.attrs.get("layout", 0)) == 0 and node.outputs and node.outputs[0].name:
+        return node.outputs[0].name, "directions"  # Y [T, D, B, H]
     return None
 
 

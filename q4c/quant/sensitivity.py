@@ -24,8 +24,8 @@ from q4c import ort as q4ort
 from q4c.config import CompileOptions
 from q4c.quant.candidates import Candidate, candidate
 from q4c.quant.gptq import input_hessians
-from q4c.quant.tying import tied_groups
 from q4c.quant.plan import FLOAT, SCHEMES
+from q4c.quant.tying import tied_groups
 from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, quantize_slot
 
 logger = logging.getLogger(__name__)

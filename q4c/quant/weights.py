@@ -14,7 +14,6 @@ from q4c.errors import ConfigError
 from q4c.quant.gptq import gptq_quantize
 from q4c.quant.qparams import CLIP_RATIOS, QuantizedWeight, quantize
 
-
 #: Roles whose weights ONNX Runtime computes in low bits; its kernels need float32 scales.
 FLOAT32_SCALE_ROLES = frozenset({"matmul_b", "matmul_a", "gemm_b", "embedding"})
 

@@ -55,7 +55,8 @@ def test_per_direction_hessians_are_applied_to_their_own_slice(rng):
     # Two "directions" [2, rows, k]: quantizing them together with one Hessian each equals
     # quantizing each alone.
     w = heavy_tailed(rng, (2, 16, 64))
-    hs = [(lambda x: x.T @ x / 300)(_correlated_inputs(rng, 300, 64)) for _ in range(2)]
+    xs = [_correlated_inputs(rng, 300, 64) for _ in range(2)]
+    hs = [x.T @ x / len(x) for x in xs]
     both = gptq_quantize(w, hs, 3, axis=2, block_size=32, clip_ratios=CLIP_RATIOS, scale_dtype=np.float16)
     for d in range(2):
         codes, scales = gptq_rows(w[d], hs[d], 3, 32, CLIP_RATIOS, np.float16)
