@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,12 @@ class CompileOptions:
     #: the calibration inputs; weights it cannot serve, embeddings and convolutions, stay
     #: "symmetric"). Budgeted plans choose each tensor's scheme by measurement (kl).
     scheme: str = "symmetric"
+    #: threads that score tensors in measure-sensitivity (0: one per CPU, at most 4)
+    workers: int = 0
+
+    @property
+    def resolved_workers(self) -> int:
+        return self.workers if self.workers > 0 else min(os.cpu_count() or 1, 4)
 
     @property
     def kernel_scales(self) -> bool:
@@ -126,6 +133,8 @@ class CompileOptions:
                               f"not {', '.join(map(str, self.candidates))}")
         if self.sensitivity not in ("kl", "hessian", "mse"):
             raise ConfigError(f"--sensitivity must be kl, hessian or mse, not {self.sensitivity!r}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0 (0 = one per CPU), not {self.workers}")
         if self.scheme not in ("symmetric", "symmetric-absmax", "gptq"):
             raise ConfigError(f"scheme must be symmetric, symmetric-absmax or gptq, not {self.scheme!r}")
         if self.kernels not in KERNELS:

@@ -32,6 +32,8 @@ from q4c.config import KERNELS, CompileOptions, Granularity, Target
               help="Rounding for --bits: nearest level with MSE-chosen clipping; no clipping; or gptq, which "
                    "rounds each weight column so the layer's output error on the --calib inputs is least (MatMul, "
                    "Gemm, LSTM, GRU weights; others stay symmetric). Budgeted plans pick per tensor by measurement.")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Threads that measure sensitivity in parallel (0: one per CPU, at most 4).")
 @click.option("--candidates", default="2,3,4,8", show_default=True,
               help="Bit widths the allocation may choose from (keeping FP32 is always a choice).")
 @click.option("--sensitivity", type=click.Choice(["kl", "hessian", "mse"]), default="kl", show_default=True,
@@ -92,7 +94,7 @@ from q4c.config import KERNELS, CompileOptions, Granularity, Target
               help="Check the output: ONNX checker, ONNX Runtime loads it, interpreter agrees with ONNX Runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: float | None, size_budget: int | None,
-                ratio: float | None, scheme: str, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
+                ratio: float | None, scheme: str, workers: int, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
                 passes: str | None,
                 data: Path | None, calib_reader: str | None, calib_samples: int, activations: str, observer: str,
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
@@ -116,6 +118,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         size_budget=size_budget,
         ratio=ratio,
         scheme=scheme,
+        workers=workers,
         candidates=_parse_candidates(candidates),
         sensitivity=sensitivity,
         granularity=Granularity.parse(granularity),

@@ -9,7 +9,9 @@ inputs instead of initializers, so a single session serves every tensor and ever
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +80,7 @@ class WeightInputRunner:
     runs: int = 0
     seconds: float = 0.0
     kinds: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self._session = q4ort.make_session(_weights_as_inputs(self.model, self.weights), threads=1)
@@ -87,9 +90,10 @@ class WeightInputRunner:
     def _run(self, sample: Feeds, changes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         feeds = {**sample, **self.weights, **changes}
-        out = q4ort.run(self._session, feeds)
-        self.runs += 1
-        self.seconds += time.perf_counter() - start
+        out = q4ort.run(self._session, feeds)  # ORT sessions take concurrent runs
+        with self._lock:
+            self.runs += 1
+            self.seconds += time.perf_counter() - start
         return out
 
     def divergence(self, changes: Mapping[str, np.ndarray], limit: int | None = None) -> float:
@@ -179,6 +183,7 @@ class SensitivityTable:
     runner: WeightInputRunner | None = None
     seconds: float = 0.0
     kernel_scales: bool = True  # see CompileOptions.kernel_scales
+    workers: int = 1  # threads that scored tensors
     hessians: dict[str, list[np.ndarray]] = field(default_factory=dict)  # gptq's input statistics
 
     def measure_plan(self, choice: Mapping[str, str], granularity: Any) -> float | None:
@@ -200,7 +205,8 @@ class SensitivityTable:
         return self.runner.divergence(changes)
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"measure": self.measure, "seconds": round(self.seconds, 3), "tensors": len(self.scores)}
+        out: dict[str, Any] = {"measure": self.measure, "seconds": round(self.seconds, 3), "tensors": len(self.scores),
+                               "workers": self.workers}
         if self.runner is not None:
             out["forward_runs"] = self.runner.runs
             out["output_kinds"] = dict(self.runner.kinds)
@@ -263,20 +269,28 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
         # mse scores without data, but the runner still measures whole plans (the uniform-4-bit
         # guard in assign-precision, the report's measured Pareto curve).
         table.runner = WeightInputRunner(model, measured, samples[:PLAN_SAMPLES])
-    rng = np.random.default_rng(opts.seed)
-    for name, w in weights.items():
+    def score(index: int, name: str) -> dict[str, float]:
+        w = weights[name]
         errors = {k: float(np.sum(np.square(d - w, dtype=np.float64))) for k, d in quantized[name].items()}
         if table.runner is None or name not in measured or opts.sensitivity == "mse":
-            table.scores[name] = errors
-        elif opts.sensitivity == "kl":
-            table.scores[name] = {k: table.runner.divergence({name: d}, MAX_SAMPLES) for k, d in quantized[name].items()}
-        else:  # hessian
-            rms = float(np.sqrt(np.mean(np.square(w)))) or 1.0
-            step = HESSIAN_STEP * rms
-            trace, sem, probes = hutchinson_trace(lambda x, n=name: table.runner.divergence({n: x}, MAX_SAMPLES), w, rng,
-                                                  step=step)
-            table.trace[name] = {"trace": trace, "stderr": sem, "probes": probes, "step": step}
-            table.scores[name] = {k: max(trace, 0.0) / w.size * e for k, e in errors.items()}
-        logger.debug("%s: %s", name, {k: f"{s:.3g}" for k, s in table.scores[name].items()})
+            return errors
+        if opts.sensitivity == "kl":
+            return {k: table.runner.divergence({name: d}, MAX_SAMPLES) for k, d in quantized[name].items()}
+        rms = float(np.sqrt(np.mean(np.square(w)))) or 1.0  # hessian
+        step = HESSIAN_STEP * rms
+        rng = np.random.default_rng([opts.seed, index])  # per tensor: the same draws in any thread
+        trace, sem, probes = hutchinson_trace(lambda x: table.runner.divergence({name: x}, MAX_SAMPLES), w, rng,
+                                              step=step)
+        table.trace[name] = {"trace": trace, "stderr": sem, "probes": probes, "step": step}
+        return {k: max(trace, 0.0) / w.size * e for k, e in errors.items()}
+
+    # Tensors are scored in parallel threads: ONNX Runtime (one intra-op thread per run) and
+    # numpy release the GIL, so `workers` threads keep that many cores busy on one session.
+    names = list(weights)
+    with ThreadPoolExecutor(max_workers=max(1, opts.resolved_workers)) as pool:
+        for name, scores in zip(names, pool.map(score, range(len(names)), names), strict=True):
+            table.scores[name] = scores
+            logger.debug("%s: %s", name, {k: f"{s:.3g}" for k, s in scores.items()})
+    table.workers = opts.resolved_workers
     table.seconds = time.perf_counter() - start
     return table

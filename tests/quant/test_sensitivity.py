@@ -53,3 +53,27 @@ def test_hutchinson_is_unbiased_with_correlated_inputs(rng):
     trace, stderr, _ = hutchinson_trace(lambda v: runner.divergence({"W": v}), w, rng, step=0.05,
                                         min_probes=8, max_probes=8)
     assert abs(trace - exact) <= 3 * stderr + 1e-3 * exact
+
+
+@pytest.mark.parametrize("measure_name", ["kl", "hessian"])
+def test_parallel_scoring_gives_the_same_scores_as_one_thread(rng, measure_name):
+    import dataclasses
+
+    import onnx_graphsurgeon as gs
+
+    from q4c.config import CompileOptions
+    from q4c.quant.sensitivity import measure
+    from q4c.testing import heavy_tailed
+
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "A"], ["a"]), helper.make_node("MatMul", ["a", "B"], ["b"]),
+         helper.make_node("MatMul", ["b", "C"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])],
+        {"A": heavy_tailed(rng, (64, 64)), "B": heavy_tailed(rng, (64, 64)), "C": heavy_tailed(rng, (64, 32))}, opset=21)
+    samples = [{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(3)]
+    opts = CompileOptions(sensitivity=measure_name, candidates=(2, 4))
+    one = measure(gs.import_onnx(model), dataclasses.replace(opts, workers=1), 21, samples)
+    two = measure(gs.import_onnx(model), dataclasses.replace(opts, workers=3), 21, samples)
+    assert one.scores == two.scores and two.workers == 3
+    assert one.runner.runs == two.runner.runs  # the same forward passes, spread over threads
