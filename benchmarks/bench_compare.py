@@ -192,8 +192,35 @@ def render(rows: list[dict], iters: int) -> str:
         task = "-" if r.get("task") is None else f"{r['task']:.3g}"
         lines.append(f"| {r['model']} | {r['method']} | {r['size_ratio']:.3f} | {r['sqnr_db']:.2f} | {kl} | {task} | "
                      f"{r['latency_ratio']:.2f} | {r['peak_rss_mib']} |")
-    lines.append("<!-- compare:end -->")
+    lines += ["", *_verdicts(rows), "<!-- compare:end -->"]
     return "\n".join(lines)
+
+
+def _better(a: dict, b: dict) -> bool:
+    """Is row a at least as accurate as row b? KL where the output is a distribution, else SQNR."""
+    if a.get("kl") is not None and b.get("kl") is not None:
+        return a["kl"] <= b["kl"]
+    return a["sqnr_db"] >= b["sqnr_db"]
+
+
+def _verdicts(rows: list[dict]) -> list[str]:
+    """Per model: is q4c's default row at least as small as every ONNX Runtime row that ran, and
+    more accurate? Rows that are not are named, with their size."""
+    out = ["q4c default against every ONNX Runtime row that ran (accuracy: KL where the output is a "
+           "distribution, else SQNR):", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = next((r for r in rows if r["model"] == model and r["method"].startswith("q4c default") and r["ok"]), None)
+        theirs = [r for r in rows if r["model"] == model and r["method"].startswith("ORT") and r["ok"]]
+        if mine is None or not theirs:
+            continue
+        larger = [r for r in theirs if r["size_ratio"] < mine["size_ratio"]]
+        better = [r for r in theirs if not _better(mine, r)]
+        size = (f"smaller than all {len(theirs)} ORT rows" if not larger else
+                "LARGER than " + ", ".join(f"{r['method']} ({r['size_ratio']:.3f})" for r in larger))
+        acc = ("more accurate than all" if not better else "less accurate than " + ", ".join(
+            f"{r['method']} (at {r['size_ratio']:.3f} of FP32)" for r in better))
+        out.append(f"- {model}: q4c default at {mine['size_ratio']:.3f} of FP32 is {size}; {acc}")
+    return out
 
 
 def main() -> int:
