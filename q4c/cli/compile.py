@@ -41,8 +41,9 @@ from q4c.config import KERNELS, CompileOptions, Granularity, Target
                    "divergence x weight error; mse: weight error only (data-free, fastest).")
 @click.option("--granularity", default="block", show_default=True,
               help="Scale sharing: 'channel' (one scale per output channel), 'block:N' (N in 16..256, "
-                   "along the reduction axis), 'tensor', or 'block' (auto: 32 for LSTM/GRU/Conv weights, whose "
-                   "scales are float16; 64 for MatMul/embedding weights, whose kernels need float32 scales).")
+                   "along the reduction axis), 'tensor', or 'block' (auto: 32 where scales are float16: LSTM/GRU/Conv "
+                   "weights, and all weights folded to FP32 at load; 64 for weights MatMulNBits or "
+                   "GatherBlockQuantized read, which need float32 scales: 0.5 bit per weight either way).")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default=Target.ORT_CPU.value, show_default=True,
               help="ort-cpu: ONNX Runtime's fast low-bit kernels (MatMulNBits, GatherBlockQuantized); "
                    "onnx: standard DequantizeLinear only.")
