@@ -12,10 +12,9 @@ import onnx_graphsurgeon as gs
 from q4c.config import CompileOptions
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
-from q4c.quant.gptq import activation_of
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
-from q4c.quant.sensitivity import SensitivityTable, measure
+from q4c.quant.sensitivity import SensitivityTable, gptq_eligible, measure
 from q4c.quant.tying import tied_groups
 from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, float32_scales
 
@@ -63,7 +62,7 @@ class AssignPrecisionPass(Pass):
             else:
                 chosen[name] = slot
         if opts.bits is not None:
-            gptq_ok = _gptq_eligible(graph, chosen) if opts.scheme == "gptq" else set()
+            gptq_ok = set(gptq_eligible(graph, chosen)) if opts.scheme == "gptq" else set()
             for name, slot in chosen.items():
                 gran = str(opts.granularity.resolve(float32_scales=float32_scales(slot, opts.kernel_scales)))
                 scheme = opts.scheme if opts.scheme != "gptq" or name in gptq_ok else "symmetric"
@@ -138,14 +137,6 @@ class AssignPrecisionPass(Pass):
         if unknown:
             ctx.warn(f"plan names {len(unknown)} tensor(s) not in this model, ignored: {', '.join(unknown[:5])}")
         return PrecisionPlan({n: tp for n, tp in plan.tensors.items() if n in known}, dict(plan.defaults))
-
-
-def _gptq_eligible(graph: gs.Graph, chosen: dict[str, WeightSlot]) -> set[str]:
-    """Weights gptq can round: main-graph MatMul/Gemm/LSTM/GRU weights with block-wise scales,
-    not a tied output projection (it shares the embedding's codes)."""
-    main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-    tied = {n for group in tied_groups(chosen) if len(group) > 1 for n in group}
-    return {n for n, s in chosen.items() if n in main and n not in tied and activation_of(s) is not None}
 
 
 def _uniform_choice(groups: list[list[str]], items: list[list[Option]],

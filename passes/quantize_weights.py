@@ -14,6 +14,7 @@ from q4c.config import Granularity
 from q4c.errors import ConfigError
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.gptq import input_hessians
+from q4c.quant.sensitivity import gptq_eligible
 from q4c.quant.packing import onnx_codes, storage_bits
 from q4c.quant.plan import FLOAT
 from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
@@ -69,9 +70,8 @@ class QuantizeWeightsPass(Pass):
         if missing:
             if not ctx.samples:
                 raise ConfigError(f"the plan rounds {sorted(missing)[0]} with gptq, which needs calibration data (--calib)")
-            main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-            known.update(input_hessians(g.export_model(graph.copy()), {n: by_tensor[n][0] for n in missing},
-                                        ctx.samples, main))
+            eligible = gptq_eligible(graph, {n: by_tensor[n][0] for n in missing})
+            known.update(input_hessians(g.export_model(graph.copy()), eligible, ctx.samples))
         unmet = sorted(missing - set(known))
         if unmet:
             raise ConfigError(f"{unmet[0]}: gptq needs a MatMul/Gemm/LSTM/GRU weight of the main graph")

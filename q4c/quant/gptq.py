@@ -106,15 +106,12 @@ def activation_of(slot) -> tuple[str, str] | None:
     return None
 
 
-def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object], samples: Sequence[Mapping[str, np.ndarray]],
-                   main_graph_tensors: set[str]) -> dict[str, list[np.ndarray]]:
+def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
+                   samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
     """H = mean of x x^T over the calibration inputs of each slot's weight (by weight name),
-    from one ONNX Runtime session with the activations as extra outputs."""
-    wanted: dict[str, tuple[str, str]] = {}
-    for name, slot in slots.items():
-        found = activation_of(slot)
-        if found is not None and name in main_graph_tensors and slot.graph is not None:
-            wanted[name] = found
+    from one ONNX Runtime session with the activations as extra outputs. `slots` are main-graph
+    weights (see sensitivity.gptq_eligible); those with no known activation are left out."""
+    wanted = {name: found for name, slot in slots.items() if (found := activation_of(slot)) is not None}
     if not wanted or not samples:
         return {}
     extended = onnx.ModelProto()

@@ -25,7 +25,7 @@ from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.config import CompileOptions
 from q4c.quant.candidates import Candidate, candidate
-from q4c.quant.gptq import input_hessians
+from q4c.quant.gptq import activation_of, input_hessians
 from q4c.quant.plan import FLOAT, SCHEMES
 from q4c.quant.tying import tied_groups
 from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, quantize_slot
@@ -217,6 +217,20 @@ class SensitivityTable:
         return out
 
 
+def main_constants(graph: gs.Graph) -> set[str]:
+    """Names of the main graph's constants (weights that live in subgraphs are not among them)."""
+    return {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+
+
+def gptq_eligible(graph: gs.Graph, slots: Mapping[str, WeightSlot], main: set[str] | None = None) -> dict[str, WeightSlot]:
+    """The weights gptq can round: main-graph MatMul/Gemm/LSTM/GRU weights whose inputs can be
+    observed, not a tied output projection (it shares the embedding's codes: rounding it
+    differently would not)."""
+    main = main_constants(graph) if main is None else main
+    tied = {n for group in tied_groups(dict(slots)) if len(group) > 1 for n in group}
+    return {n: s for n, s in slots.items() if n in main and n not in tied and activation_of(s) is not None}
+
+
 def candidate_slots(graph: gs.Graph, opts: CompileOptions) -> dict[str, WeightSlot]:
     """The weights a budgeted plan chooses for: one slot per tensor name, large enough and not
     kept in float by the user."""
@@ -242,16 +256,13 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     # each tensor's quantizer as well as its width. Weight-error measures always prefer "symmetric".
     # "gptq" needs the weight's calibration inputs, and only pays below 8 bits.
     weights = {name: np.asarray(s.tensor.values, dtype=np.float32) for name, s in slots.items()}
-    main = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    main = main_constants(graph)
     measured = {n: w for n, w in weights.items() if n in main}
     for name in set(weights) - set(measured):
         table.fallbacks[name] = "weight lives in a subgraph"
     model = g.export_model(graph.copy()) if measured and samples else None
     if model is not None and opts.sensitivity == "kl" and opts.granularity.kind == "block":
-        # A tied output projection shares the embedding's codes: rounding it differently would not.
-        tied = {n for group in tied_groups(slots) if len(group) > 1 for n in group}
-        table.hessians = input_hessians(model, {n: s for n, s in slots.items() if n not in tied}, samples,
-                                        set(measured))
+        table.hessians = input_hessians(model, gptq_eligible(graph, slots, main), samples)
     table.kernel_scales = opts.kernel_scales
     for name, slot in slots.items():
         schemes = [s for s in SCHEMES if s != "gptq"] if opts.sensitivity == "kl" else ["symmetric"]

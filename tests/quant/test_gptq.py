@@ -83,7 +83,7 @@ def test_input_hessians_are_the_mean_outer_products_of_what_each_weight_multipli
     graph = gs.import_onnx(model)
     slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
     samples = [{"x": rng.standard_normal((10, 1, 48)).astype(np.float32)} for _ in range(3)]
-    hs = input_hessians(model, slots, samples, set(slots))
+    hs = input_hessians(model, slots, samples)
     xs = np.concatenate([s["x"].reshape(-1, 48) for s in samples]).astype(np.float64)
     np.testing.assert_allclose(hs["M"][0], xs.T @ xs / len(xs), rtol=1e-5)
     m = np.concatenate([(s["x"] @ model_weight(model, "M")).reshape(-1, 32) for s in samples]).astype(np.float64)
