@@ -74,7 +74,7 @@ class QuantizeWeightsPass(Pass):
             known.update(input_hessians(g.export_model(graph.copy()), eligible, ctx.samples))
         unmet = sorted(missing - set(known))
         if unmet:
-            raise ConfigError(f"{unmet[0]}: gptq needs a MatMul/Gemm/LSTM/GRU weight of the main graph")
+            raise ConfigError(f"{unmet[0]}: gptq needs a MatMul/Gemm/LSTM/GRU/RNN weight of the main graph")
         return known
 
     @staticmethod

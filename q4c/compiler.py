@@ -95,7 +95,7 @@ def compile_model(
     out = g.export_model(graph, like=converted)
 
     if "quantize-weights" in names and not ctx.quantized:
-        raise ModelLoadError("no float weights large enough to quantize (MatMul, Gemm, Conv, LSTM, GRU, Gather, Einsum)")
+        raise ModelLoadError(_nothing_quantized(graph, options))
     kernel_choice = None
     if auto and "com.microsoft::MatMulNBits" in g.op_histogram(out):
         out, kernel_choice = _choose_kernels(out, dq_form, samples[0], ctx)
@@ -241,6 +241,26 @@ def _target_opset(options: CompileOptions) -> int:
     elif options.plan_path is not None:
         two_bit = any(tp.bits == 2 for tp in PrecisionPlan.load(options.plan_path).tensors.values())
     return INT2_OPSET if two_bit else g.TARGET_OPSET
+
+
+def _nothing_quantized(graph: gs.Graph, options: CompileOptions) -> str:
+    """Why no weight was quantized, in one line: the largest weights and their sizes when all
+    are under `min_elements`."""
+    sizes: dict[str, tuple[list[int], int]] = {}
+    for slot in find_weight_slots(graph):
+        if isinstance(slot, WeightSlot) and g.is_float_constant(slot.tensor):
+            shape = [int(d) for d in slot.tensor.shape]
+            sizes[slot.tensor.name] = (shape, int(np.prod(shape)))
+    if not sizes:
+        return "no float weights to quantize (MatMul, Gemm, Conv, LSTM, GRU, RNN, Gather, Einsum)"
+    largest = sorted(sizes.items(), key=lambda kv: -kv[1][1])
+    if largest[0][1][1] >= options.min_elements:
+        return (f"no weight was quantized: all {len(sizes)} quantizable weights are kept in float "
+                f"(--keep-fp32 or the plan)")
+    shown = ", ".join(f"{name} [{','.join(map(str, shape))}] ({n})" for name, (shape, n) in largest[:3])
+    more = f" and {len(largest) - 3} smaller" if len(largest) > 3 else ""
+    return (f"no weight has >= {options.min_elements} elements (smaller ones stay float): largest are "
+            f"{shown}{more}; {sum(n for _, n in sizes.values())} weights in all, nothing worth quantizing")
 
 
 def _add_sensitivity(ctx: PassContext) -> None:

@@ -11,8 +11,8 @@ scale is chosen (MSE clipping, signed scales) from the already-updated weights w
 loop reaches the block.
 
 Input statistics per weight role (`input_hessians`): MatMul B and Gemm B: the other operand;
-LSTM/GRU W: the sequence input X; LSTM/GRU R: the layer's own hidden-state sequence Y, one
-Hessian per direction. Weights inside subgraphs, convolutions and embeddings get no Hessian and
+LSTM/GRU/RNN W: the sequence input X; LSTM/GRU/RNN R: the layer's own hidden-state sequence Y,
+one Hessian per direction. Weights inside subgraphs, convolutions and embeddings get no Hessian and
 so no "gptq" candidate.
 """
 
@@ -99,9 +99,9 @@ def activation_of(slot) -> tuple[str, str] | None:
         if slot.role == "gemm_b" and int(node.attrs.get("transA", 0)):
             return None
         return node.inputs[0].name, "rows"
-    if slot.role in ("lstm_w", "gru_w") and int(node.attrs.get("layout", 0)) == 0:
+    if slot.role in ("lstm_w", "gru_w", "rnn_w") and int(node.attrs.get("layout", 0)) == 0:
         return node.inputs[0].name, "rows"
-    if slot.role in ("lstm_r", "gru_r") and int(node.attrs.get("layout", 0)) == 0 and node.outputs and node.outputs[0].name:
+    if slot.role in ("lstm_r", "gru_r", "rnn_r") and int(node.attrs.get("layout", 0)) == 0 and node.outputs and node.outputs[0].name:
         return node.outputs[0].name, "directions"  # Y [T, D, B, H]
     return None
 

@@ -223,7 +223,7 @@ def main_constants(graph: gs.Graph) -> set[str]:
 
 
 def gptq_eligible(graph: gs.Graph, slots: Mapping[str, WeightSlot], main: set[str] | None = None) -> dict[str, WeightSlot]:
-    """The weights gptq can round: main-graph MatMul/Gemm/LSTM/GRU weights whose inputs can be
+    """The weights gptq can round: main-graph MatMul/Gemm/LSTM/GRU/RNN weights whose inputs can be
     observed, not a tied output projection (it shares the embedding's codes: rounding it
     differently would not)."""
     main = main_constants(graph) if main is None else main

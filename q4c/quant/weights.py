@@ -23,9 +23,9 @@ class WeightSlot:
     """A float constant feeding input `index` of `node` in `graph`.
 
     `channel_axis` indexes the output channels (one scale each per channel); `reduce_axis` is the
-    axis summed over by the op, along which blocks of scales are taken. For LSTM/GRU the 4H/3H
-    axis is the channel axis, so no scale ever spans two gates, and leading direction axes keep
-    their own scales.
+    axis summed over by the op, along which blocks of scales are taken. For LSTM/GRU/RNN the
+    4H/3H/H axis is the channel axis, so no scale ever spans two gates, and leading direction
+    axes keep their own scales.
     """
 
     graph: gs.Graph
@@ -83,7 +83,8 @@ def _slots(graph: gs.Graph, node: gs.Node) -> Iterator[WeightSlot | tuple[gs.Nod
     elif op == "ConvTranspose":
         if _const(node, 1) is not None:
             yield WeightSlot(graph, node, 1, "conv_transpose", channel_axis=1, reduce_axis=0)
-    elif op in ("LSTM", "GRU"):
+    elif op in ("LSTM", "GRU", "RNN"):
+        # W [dirs, gates*H, I], R [dirs, gates*H, H]: ONNX RNN is the one-gate case.
         prefix = op.lower()
         for index, part in ((1, "w"), (2, "r")):
             if _const(node, index) is not None:
