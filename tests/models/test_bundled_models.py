@@ -148,6 +148,24 @@ def test_log_mel_features_by_hand():
     assert abs(int(np.argmax(raw)) - band) <= 1
 
 
+def _asr_leaks(calib: list[np.ndarray], test: list[np.ndarray]) -> list[int]:
+    """Indices of calibration feature arrays ([time, 80], any float dtype) that are test utterances.
+
+    Compared in one dtype (both cast to float16, what the committed files store, so a float32 copy
+    of a test utterance is caught too), keyed by shape and bytes.
+    """
+    seen = {(f.shape, f.astype(np.float16).tobytes()) for f in test}
+    return [i for i, f in enumerate(calib) if (f.shape, f.astype(np.float16).tobytes()) in seen]
+
+
+def _lm_leaks(windows: list[np.ndarray], text: np.ndarray, n: int = 12) -> int:
+    """How many n-token runs (every n-th offset) of the calibration windows occur in the test text."""
+    text = np.asarray(text, dtype=np.int64)
+    grams = {tuple(text[i : i + n]) for i in range(len(text) - n + 1)}
+    return sum(tuple(np.asarray(w, dtype=np.int64)[i : i + n]) in grams
+               for w in windows for i in range(0, len(w) - n + 1, n + 1))
+
+
 @pytest.mark.parametrize("name", ["bilstm_am", "lstm_lm"])
 def test_trained_models_calibration_sets_are_valid_inputs_and_not_test_data(name):
     """models/data/<name>_calib feeds `q4c compile --calib` as-is, and none of it is test data."""
@@ -157,14 +175,36 @@ def test_trained_models_calibration_sets_are_valid_inputs_and_not_test_data(name
     samples = list(open_reader(model, MODELS / "data" / f"{name}_calib"))  # validates keys, ranks, dtypes, finiteness
     assert len(samples) >= 8
     if name == "bilstm_am":
-        doc, feats = _models_module("eval_asr").load_test_set()
-        test = {f.astype(np.float32).tobytes() for f in feats}
-        assert all(s["features"].ndim == 3 and s["features"][0].tobytes() not in test for s in samples)
+        _, feats = _models_module("eval_asr").load_test_set()
+        assert all(s["features"].ndim == 3 for s in samples)
+        assert _asr_leaks([s["features"][0] for s in samples], feats) == []
     else:
         with np.load(MODELS / "data" / "lstm_lm_test.npz") as z:
             text = z["tokens"].astype(np.int64)
-        grams = {tuple(text[i : i + 12]) for i in range(len(text) - 12)}
         windows = [w for s in samples for w in s["tokens"]]
         assert all(w.min() >= 0 and w.max() <= 2000 for w in windows)
         # training windows, not test text: no 12-token run of a window occurs in the test text
-        assert sum(tuple(w[i : i + 12]) in grams for w in windows for i in range(0, 52, 13)) == 0
+        assert _lm_leaks(windows, text) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_asr_leak_check_catches_a_planted_test_utterance(tmp_path, dtype):
+    """A test utterance copied into a calibration directory (as stored, or as float32) is caught."""
+    from q4c.calib.readers import open_reader
+
+    model = onnx.load(str(MODELS / "bilstm_am.onnx"))
+    _, feats = _models_module("eval_asr").load_test_set()
+    for i, path in enumerate(sorted((MODELS / "data" / "bilstm_am_calib").glob("*.npz"))[:3]):
+        with np.load(path) as z:
+            np.savez(tmp_path / f"{i:03d}.npz", features=z["features"])
+    np.savez(tmp_path / "003.npz", features=feats[7].astype(dtype)[None])
+    samples = list(open_reader(model, tmp_path))
+    assert _asr_leaks([s["features"][0] for s in samples], feats) == [3]
+
+
+def test_lm_leak_check_catches_a_planted_test_window():
+    with np.load(MODELS / "data" / "lstm_lm_test.npz") as z:
+        text = z["tokens"].astype(np.int64)
+    clean = [np.arange(64) % 5]  # not English: no 12-token run of it is in the test text
+    assert _lm_leaks(clean, text) == 0
+    assert _lm_leaks([*clean, text[1000:1064].astype(np.int16)], text) > 0
