@@ -14,12 +14,14 @@ from q4c.passes.lower_pointwise_conv import LowerPointwiseConvPass
 from q4c.passes.lower_recurrent import LowerRecurrentPass
 from q4c.passes.measure_sensitivity import MeasureSensitivityPass
 from q4c.passes.quantize_weights import QuantizeWeightsPass
+from q4c.passes.synthesize_constants import SynthesizeConstantsPass
 
 BUILTIN_PASSES = {
     cls.name: cls
     for cls in (
         FoldConstantsPass,
         FuseLstmGatesPass,
+        SynthesizeConstantsPass,
         LowerGemmPass,
         LowerPointwiseConvPass,
         DedupeWeightsPass,
@@ -40,6 +42,7 @@ BUILTIN_PASSES = {
 DEFAULT_PIPELINE = (
     "fold-constants",
     "fuse-lstm-gates",
+    "synthesize-constants",
     "lower-gemm",
     "lower-pointwise-conv",
     "dedupe-weights",

@@ -19,6 +19,7 @@ from q4c import graph as g
 from q4c.errors import Q4cError
 from q4c.interp import Interpreter
 from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.quant.closed_form import is_generator
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class FoldConstantsPass(Pass):
     @staticmethod
     def _foldable(node: gs.Node, graph_outputs: set[str]) -> bool:
         if node.op in _NEVER_FOLD or node.domain not in ("", "ai.onnx", None):
+            return False
+        if is_generator(node.name):  # synthesize-constants computes this weight in-graph on purpose
             return False
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             return False
