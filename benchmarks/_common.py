@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import importlib.util
 import json
+import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -16,6 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 RESULTS = REPO / "benchmarks" / "results"
 DATA = MODELS / "data"
+REAL_CACHE = Path.home() / ".cache" / "q4c" / "real"  # models/real/fetch.py's cache (sha256-pinned there)
+STAMP_HASH_CHARS = 12
+_STAMP = re.compile(r"<!-- stamp (\{.*?\}) -->")
 
 
 #: trained models: (evaluation module in models/, its headline metric)
@@ -112,14 +119,108 @@ def merged(key: str, rows: list[dict], names: list[str]) -> list[dict]:
     saved = RESULTS / f"{key}.json"
     if not saved.exists():
         return rows
-    kept = [r for r in json.loads(saved.read_text()) if r["model"] not in names]
+    # rows saved before stamps existed: their model's hash at measurement time is unknown
+    kept = [{"model_sha256": None, **r} for r in json.loads(saved.read_text()) if r["model"] not in names]
     return sorted(kept + rows, key=lambda r: r["model"])  # stable: each model's rows keep their order
 
 
-def publish(key: str, rows: list[dict], section: str) -> None:
+def sha256_prefix(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:STAMP_HASH_CHARS]
+
+
+def model_file(name: str) -> Path | None:
+    """The ONNX file a row's `model` name refers to: models/<name>.onnx, else the real-model cache."""
+    for path in (MODELS / f"{name}.onnx", REAL_CACHE / f"{name}.onnx"):
+        if path.exists():
+            return path
+    return None
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return "~/" + str(path.resolve().relative_to(Path.home())) if path.is_relative_to(Path.home()) else str(path)
+
+
+def stamp(key: str, rows: list[dict], command: str | None = None) -> tuple[str, dict]:
+    """The line a published section carries: the command, the date, the sha256 prefix of every
+    model whose rows it shows (rows kept by `--merge` from an earlier run keep their own stamp
+    fields, so a merged section names each model's hash and date as measured)."""
+    today = datetime.date.today().isoformat()
+    command = command or "python " + " ".join(shlex.quote(a) for a in [_display(Path(sys.argv[0])), *sys.argv[1:]])
+    models: dict[str, str] = {}
+    unknown: list[str] = []
+    dates: set[str] = {today}
+    for row in rows:
+        name = row.get("model")
+        if name is None:
+            continue
+        if row.get("model_sha256"):
+            models.setdefault(row.get("model_file", name), row["model_sha256"])
+            dates.add(row.get("date", today))
+        elif name not in unknown:
+            unknown.append(name)
+    doc = {"key": key, "command": command, "date": today, "measured": sorted(dates), "models": models,
+           "unstamped": unknown}
+    shown = ", ".join(f"`{path}` {digest}" for path, digest in models.items()) or "none recorded"
+    missing = f"; rows without a recorded model hash (measured earlier): {', '.join(unknown)}" if unknown else ""
+    line = (f"_Stamp: `{command}`, written {today} (rows measured {', '.join(sorted(dates))}); sha256 prefixes "
+            f"of the models used: {shown}{missing}._\n<!-- stamp {json.dumps(doc, sort_keys=True)} -->")
+    return line, doc
+
+
+def stamped_rows(rows: list[dict]) -> list[dict]:
+    """Rows with the stamp fields of their model file (path, sha256 prefix, date) added."""
+    today, cache = datetime.date.today().isoformat(), {}
+    out = []
+    for row in rows:
+        name = row.get("model")
+        if name is not None and "model_sha256" not in row:
+            if name not in cache:
+                path = model_file(name)
+                cache[name] = None if path is None else (_display(path), sha256_prefix(path))
+            if cache[name] is not None:
+                row = {**row, "model_file": cache[name][0], "model_sha256": cache[name][1], "date": today}
+        out.append(row)
+    return out
+
+
+def with_stamp(section: str, line: str) -> str:
+    """`section` with `line` after its heading (the first `## ` line), replacing an older stamp."""
+    lines = [x for x in section.split("\n") if not x.startswith("_Stamp: ") and not _STAMP.fullmatch(x.strip())]
+    at = next((i + 1 for i, x in enumerate(lines) if x.startswith("## ")), 1)
+    return "\n".join([*lines[:at], "", line, *lines[at:]]).replace("\n\n\n", "\n\n")
+
+
+def stale_stamps(text: str, root: Path = REPO) -> list[str]:
+    """Every stamped model (a file inside the repository) whose sha256 prefix no longer matches
+    the file: 'key: path stamped abc, file is def (or missing)'. Cached models (outside the
+    repository, pinned by models/real/fetch.py) are not checked here."""
+    problems = []
+    for match in _STAMP.finditer(text):
+        doc = json.loads(match.group(1))
+        for path, digest in doc["models"].items():
+            if path.startswith(("~", "/")):
+                continue
+            file = root / path
+            actual = sha256_prefix(file) if file.exists() else "missing"
+            if actual != digest:
+                problems.append(f"{doc['key']}: {path} stamped {digest}, file is {actual}")
+    return problems
+
+
+def stamped_sections(text: str) -> list[str]:
+    return [json.loads(m.group(1))["key"] for m in _STAMP.finditer(text)]
+
+
+def publish(key: str, rows: list[dict], section: str, command: str | None = None) -> None:
+    """Write the rows (benchmarks/results/<key>.json) and the section of BENCHMARKS.md, stamped."""
+    rows = stamped_rows(rows)
+    line, _ = stamp(key, rows, command)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{key}.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    write_section(REPO / "BENCHMARKS.md", section, key)
+    write_section(REPO / "BENCHMARKS.md", with_stamp(section, line), key)
 
 
 def run(key: str, names: list[str], measure: Callable[[str, Path], list[dict]], render: Callable[[list[dict]], str],
@@ -131,9 +232,10 @@ def run(key: str, names: list[str], measure: Callable[[str, Path], list[dict]], 
         for name in names:
             print(f"bench: {name}", file=sys.stderr)
             rows.extend(measure(name, Path(tmp)))
+    rows = stamped_rows(rows)
     if merge:
         rows = merged(key, rows, names)
     section = render(rows)
-    print(section)
+    print(with_stamp(section, stamp(key, rows)[0]))
     if write:
         publish(key, rows, section)
