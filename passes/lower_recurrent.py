@@ -1,6 +1,6 @@
-"""Lower LSTM/GRU layers with quantized weights to the form ONNX Runtime runs fastest.
+"""Lower LSTM/GRU/RNN layers with quantized weights to the form ONNX Runtime runs fastest.
 
-quantize-weights feeds LSTM/GRU W and R through DequantizeLinear, which ONNX Runtime either
+quantize-weights feeds LSTM/GRU/RNN W and R through DequantizeLinear, which ONNX Runtime either
 re-runs on every call (1.3-36x slower than FP32) or, with session.disable_quant_qdq, folds to
 FP32 at load (FP32 speed, FP32 weights in memory). This pass picks, per layer, one of:
 
@@ -9,7 +9,7 @@ FP32 at load (FP32 speed, FP32 weights in memory). This pass picks, per layer, o
   stay at their planned 2/3/4/8 bits in memory.
 - ``dynamic_quantize_lstm``: com.microsoft DynamicQuantizeLSTM, for LSTMs whose W and R are both
   planned at 8 bits (block-wise INT8 codes are re-quantized per channel, what the op takes).
-- ``kept_dq``: leave DequantizeLinear -> LSTM/GRU, folded to FP32 at load.
+- ``kept_dq``: leave DequantizeLinear -> LSTM/GRU/RNN, folded to FP32 at load.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class LowerRecurrentPass(Pass):
         bits_of = {q["codes"]: q["bits"] for q in ctx.quantized if "codes" in q}
         stats: dict[str, int] = defaultdict(int)
         for sub in list(g.iter_graphs(graph)):
-            for node in [n for n in sub.nodes if n.op in ("LSTM", "GRU") and n.domain in ("", "ai.onnx", None)]:
+            for node in [n for n in sub.nodes if n.op in ("LSTM", "GRU", "RNN") and n.domain in ("", "ai.onnx", None)]:
                 layer = match_layer(sub, node, bits_of)
                 if isinstance(layer, NoMatch):
                     logger.debug("%s: %s %s", node.name, layer.code, layer.detail)

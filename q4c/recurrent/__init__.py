@@ -1,6 +1,6 @@
-"""Fast low-bit forms of ONNX LSTM/GRU layers for ONNX Runtime (used by the lower-recurrent pass).
+"""Fast low-bit forms of ONNX LSTM/GRU/RNN layers for ONNX Runtime (used by the lower-recurrent pass).
 
-- `layer`: read an LSTM/GRU node and the (DequantizeLinear) weights feeding it.
+- `layer`: read an LSTM/GRU/RNN node and the (DequantizeLinear) weights feeding it.
 - `scan`: hoisted MatMulNBits input projection + Scan whose body runs the cell (INT2/3/4/8).
 - `dynamic`: com.microsoft DynamicQuantizeLSTM (INT8 per-channel weights).
 """

@@ -1,4 +1,4 @@
-"""Read an ONNX LSTM/GRU node and the weights feeding it (float, or DequantizeLinear of codes).
+"""Read an ONNX LSTM/GRU/RNN node and the weights feeding it (float, or DequantizeLinear of codes).
 
 `match_layer` returns a `RecurrentLayer` (everything the lowerings need, as numpy arrays and
 graph tensors) or a `NoMatch` whose `code` is a stable stats key (STYLE.md §4).
@@ -15,12 +15,20 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from q4c import graph as g
 
-#: The activations q4c's lowerings implement: the ops' defaults (ONNX LSTM f, g, h; GRU f, g).
-DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
+#: The activations q4c's lowerings implement for LSTM/GRU: the ops' defaults (ONNX LSTM f, g, h;
+#: GRU f, g). RNN takes any of RNN_ACTIVATIONS.
+DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"), "RNN": ("tanh",)}
+#: ONNX recurrent activation functions (lowercase) -> (alphas taken, betas taken, default alpha,
+#: default beta); activation_alpha/beta are consumed in order by the functions that take them.
+RNN_ACTIVATIONS = {
+    "tanh": (0, 0, 0.0, 0.0), "sigmoid": (0, 0, 0.0, 0.0), "relu": (0, 0, 0.0, 0.0), "affine": (1, 1, 1.0, 0.0),
+    "leakyrelu": (1, 0, 0.01, 0.0), "thresholdedrelu": (1, 0, 1.0, 0.0), "scaledtanh": (1, 1, 1.0, 1.0),
+    "hardsigmoid": (1, 1, 0.2, 0.5), "elu": (1, 0, 1.0, 0.0), "softsign": (0, 0, 0.0, 0.0), "softplus": (0, 0, 0.0, 0.0),
+}
 #: Signed code storage types quantize-weights emits, and the bits they hold at most.
 _CODE_BITS = {"int2": 2, "int4": 4, "int8": 8}
-#: gates per op: LSTM W stacks i, o, f, c; GRU W stacks z, r, h.
-GATES = {"LSTM": 4, "GRU": 3}
+#: gates per op: LSTM W stacks i, o, f, c; GRU W stacks z, r, h; RNN has one (h' = f(x·Wᵀ + h·Rᵀ + b)).
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 @dataclass(frozen=True)
@@ -64,11 +72,11 @@ class Weight:
 
 @dataclass
 class RecurrentLayer:
-    """An LSTM or GRU node, its attributes and its weights split per direction."""
+    """An LSTM, GRU or RNN node, its attributes and its weights split per direction."""
 
     graph: gs.Graph
     node: gs.Node
-    op: str  # "LSTM" | "GRU"
+    op: str  # "LSTM" | "GRU" | "RNN"
     hidden: int
     input_size: int
     reverse: list[bool]  # per direction: processed back to front
@@ -82,6 +90,8 @@ class RecurrentLayer:
     initial_h: gs.Tensor | None = None
     initial_c: gs.Tensor | None = None
     outputs: list[gs.Variable | None] = field(default_factory=list)  # Y, Y_h(, Y_c): None if unused
+    activations: list[tuple[str, float, float]] = field(default_factory=list)  # RNN: (name, alpha, beta) per direction
+    clip: float | None = None  # RNN: pre-activation clipped to [-clip, clip]
 
     @property
     def nd(self) -> int:
@@ -173,9 +183,15 @@ def match_layer(graph: gs.Graph, node: gs.Node, bits_of: dict[str, int]) -> Recu
     reverse = [False, True] if direction == "bidirectional" else [direction == "reverse"]
     nd = len(reverse)
     names = [str(a).lower() for a in attrs.get("activations", None) or []]
-    if names and names != list(DEFAULT_ACTIVATIONS[op]) * (nd if len(names) > len(DEFAULT_ACTIVATIONS[op]) else 1):
+    activations: list[tuple[str, float, float]] = []
+    if op == "RNN":
+        found = _rnn_activations(names, attrs, nd)
+        if isinstance(found, NoMatch):
+            return found
+        activations = found
+    elif names and names != list(DEFAULT_ACTIVATIONS[op]) * (nd if len(names) > len(DEFAULT_ACTIVATIONS[op]) else 1):
         return NoMatch("skipped_activations", ",".join(names))
-    if attrs.get("clip") is not None:
+    if attrs.get("clip") is not None and op != "RNN":
         return NoMatch("skipped_clip", str(attrs["clip"]))
     if int(attrs.get("input_forget", 0)):
         return NoMatch("skipped_input_forget")
@@ -220,5 +236,29 @@ def match_layer(graph: gs.Graph, node: gs.Node, bits_of: dict[str, int]) -> Recu
         reverse=reverse, layout=int(attrs.get("layout", 0)), w=w, r=r, bias=bias,
         linear_before_reset=int(attrs.get("linear_before_reset", 0)), x=x,
         sequence_lens=_input(node, 4), initial_h=_input(node, 5), initial_c=_input(node, 6) if op == "LSTM" else None,
-        outputs=outputs,
+        outputs=outputs, activations=activations,
+        clip=float(attrs["clip"]) if attrs.get("clip") is not None else None,
     )
+
+
+def _rnn_activations(names: list[str], attrs: dict, nd: int) -> list[tuple[str, float, float]] | NoMatch:
+    """(name, alpha, beta) per direction of an ONNX RNN (default Tanh; one name for two
+    directions serves both, each direction consuming its own alpha/beta)."""
+    names = names or ["tanh"] * nd
+    if len(names) == 1 and nd == 2:
+        names = names * 2
+    if len(names) != nd:
+        return NoMatch("skipped_activations", f"{len(names)} activations for {nd} direction(s)")
+    alphas = [float(a) for a in attrs.get("activation_alpha", None) or []]
+    betas = [float(b) for b in attrs.get("activation_beta", None) or []]
+    out = []
+    for name in names:
+        if name not in RNN_ACTIVATIONS:
+            return NoMatch("skipped_activations", name)
+        n_alpha, n_beta, alpha, beta = RNN_ACTIVATIONS[name]
+        if n_alpha and alphas:
+            alpha = alphas.pop(0)
+        if n_beta and betas:
+            beta = betas.pop(0)
+        out.append((name, alpha, beta))
+    return out

@@ -1,4 +1,4 @@
-"""LSTM/GRU as one hoisted input projection plus a Scan over time whose body runs the cell.
+"""LSTM/GRU/RNN as one hoisted input projection plus a Scan over time whose body runs the cell.
 
 Emitted form (per direction d; all directions share one Scan, so a bidirectional layer pays
 the per-step Scan overhead once):
@@ -11,7 +11,7 @@ the per-step Scan overhead once):
 A reverse direction runs through Scan's scan_input_directions / scan_output_directions. With
 `sequence_lens`, a reverse direction's projection is reversed within each sequence's length
 (ReverseSequence), every direction then runs forward with a [T, B, 1] mask (state held and
-zeros emitted past a sequence's end, as ONNX LSTM/GRU specify), and the outputs are reversed back.
+zeros emitted past a sequence's end, as ONNX LSTM/GRU/RNN specify), and the outputs are reversed back.
 One deviation: a batch entry with sequence length 0 returns its initial state as Y_h/Y_c where
 ONNX Runtime returns zeros.
 """
@@ -103,6 +103,8 @@ def lower_to_scan(layer: RecurrentLayer, e: Emitter) -> None:
         if is_lstm:
             h_new, c_new = _lstm_cell(e, body, layer, d, h, c, scan_in[d])
             new = [h_new, c_new]
+        elif layer.op == "RNN":
+            new = [_rnn_cell(e, body, layer, d, h, scan_in[d])]
         else:
             new = [_gru_cell(e, body, layer, d, h, scan_in[d], biases[d][1])]
         if mask_t is not None:
@@ -193,3 +195,33 @@ def _gru_cell(e: Emitter, body: gs.Graph, layer: RecurrentLayer, d: int, h: gs.T
         pre = e.one(body, "Add", [x_n, h_n])
     n = e.one(body, "Tanh", [pre])
     return e.one(body, "Add", [n, e.one(body, "Mul", [z, e.one(body, "Sub", [h, n])])])
+
+
+def _rnn_cell(e: Emitter, body: gs.Graph, layer: RecurrentLayer, d: int, h: gs.Tensor, xw_t: gs.Tensor) -> gs.Variable:
+    """ONNX RNN: h' = f(clip(x·Wᵀ + h·Rᵀ + Wb + Rb)), f this direction's activation."""
+    pre = e.one(body, "Add", [xw_t, e.matmul(body, h, layer.r[d], None, f"R{d}")])
+    if layer.clip is not None:
+        pre = e.one(body, "Clip", [pre, e.const("clip_lo", np.array(-layer.clip, np.float32)),
+                                   e.const("clip_hi", np.array(layer.clip, np.float32))])
+    name, alpha, beta = layer.activations[d] if layer.activations else ("tanh", 0.0, 0.0)
+    return _activation(e, body, pre, name, alpha, beta)
+
+
+#: ONNX recurrent activation names whose ONNX op of the same meaning takes no alpha/beta.
+_PLAIN_OPS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu", "softsign": "Softsign", "softplus": "Softplus"}
+
+
+def _activation(e: Emitter, body: gs.Graph, x: gs.Tensor, name: str, alpha: float, beta: float) -> gs.Variable:
+    """One ONNX recurrent activation function (RNN spec's list) as standard ops."""
+    if name in _PLAIN_OPS:
+        return e.one(body, _PLAIN_OPS[name], [x])
+    if name in ("leakyrelu", "thresholdedrelu", "elu"):
+        op = {"leakyrelu": "LeakyRelu", "thresholdedrelu": "ThresholdedRelu", "elu": "Elu"}[name]
+        return e.one(body, op, [x], attrs={"alpha": float(alpha)})
+    if name == "hardsigmoid":
+        return e.one(body, "HardSigmoid", [x], attrs={"alpha": float(alpha), "beta": float(beta)})
+    a, b = e.const("alpha", np.array(alpha, np.float32)), e.const("beta", np.array(beta, np.float32))
+    if name == "affine":  # alpha * x + beta
+        return e.one(body, "Add", [e.one(body, "Mul", [x, a]), b])
+    assert name == "scaledtanh", name  # alpha * tanh(beta * x); match_layer admits nothing else
+    return e.one(body, "Mul", [e.one(body, "Tanh", [e.one(body, "Mul", [x, b])]), a])
