@@ -103,6 +103,9 @@ class CompileOptions:
     scheme: str = "symmetric"
     #: threads that score tensors in measure-sensitivity (0: one per CPU, at most 4)
     workers: int = 0
+    #: compile a model whose weights hold NaN or infinite values (refused otherwise); those
+    #: weights stay float, with a warning
+    allow_nonfinite: bool = False
 
     @property
     def resolved_workers(self) -> int:
@@ -145,5 +148,7 @@ class CompileOptions:
             raise ConfigError(f"--activations must be 'none' or 'int8', not {self.activations!r}")
         if self.observer not in ("minmax", "percentile", "entropy", "mse"):
             raise ConfigError(f"--observer must be minmax, percentile, entropy or mse, not {self.observer!r}")
+        if not isinstance(self.allow_nonfinite, bool):
+            raise ConfigError(f"allow_nonfinite must be True or False, not {self.allow_nonfinite!r}")
         if self.calib_samples < 1:
             raise ConfigError(f"calib_samples must be >= 1, not {self.calib_samples}")

@@ -15,6 +15,21 @@ class ModelLoadError(Q4cError):
     """The model file is missing, not ONNX, truncated, too old, or has nothing to quantize."""
 
 
+class NonFiniteWeightError(ModelLoadError):
+    """A weight holds NaN or infinite values (a broken export); --allow-nonfinite lets it through."""
+
+
+class QualityLostError(Q4cError):
+    """--strict and the compile's own verification measured an output below a quality threshold.
+    The CLI exits 4 (not 1); `report` is the compile report, nothing was written."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class DataError(Q4cError):
     """Input data (.npz samples, readers) does not match the model's input signature."""
 

@@ -11,6 +11,7 @@ has that input. The sequence export gets the same [576]-sample rows stacked as o
     probs(run, audio, export, sr=16000)   speech probability per chunk
     session_runner(path)                  `run` over an ORT session (1 thread, q4c session config)
     calib_<export>()                      `q4c compile --calib-reader models/real/silero.py:calib_<export>`
+    to_8k(audio16k)                       the 8 kHz version the readers and the judge use
 
     python models/real/silero.py EXPORT MODEL.onnx [--against FP32.onnx]
 
@@ -127,7 +128,7 @@ def session_runner(path: str | Path, threads: int = 1) -> Run:
 
 # --- calibration readers ------------------------------------------------------------------------
 
-def _downsample_2(audio: np.ndarray) -> np.ndarray:
+def to_8k(audio: np.ndarray) -> np.ndarray:
     """16 kHz -> 8 kHz: a 63-tap Hann-windowed sinc low-pass at 4 kHz, then every other sample."""
     n = np.arange(-31, 32)
     taps = 0.5 * np.sinc(n / 2) * np.hanning(65)[1:-1]
@@ -146,7 +147,7 @@ def _calib_samples(export: str) -> list[list[Feeds]]:
     for i, (_, wave) in enumerate(audio_data.load("calib", 16000)):
         rates = [(16000, wave)]
         if 8000 in ex.rates and i % 2 == 0:
-            rates.append((8000, _downsample_2(wave)))
+            rates.append((8000, to_8k(wave)))
         for sr, x in rates:
             steps = calls(x, ex, sr)
             steps[0] = {**steps[0], **initial_state(ex)}
@@ -188,7 +189,7 @@ def compare(model: str | Path, reference: str | Path, export: str, split: str = 
         ref_all, act_all, ref_segs, act_segs = [], [], [], []
         offset = 0
         for _, wave in utterances:
-            x = wave if sr == 16000 else _downsample_2(wave)
+            x = wave if sr == 16000 else to_8k(wave)
             p_ref, p_act = probs(run_ref, x, ex, sr), probs(run_model, x, ex, sr)
             ref_all.append(p_ref)
             act_all.append(p_act)

@@ -12,6 +12,7 @@ import click
 from q4c.cli.render import emit_json, human_bytes, table
 from q4c.compiler import compile_file
 from q4c.config import KERNELS, CompileOptions, Granularity, Target
+from q4c.errors import QualityLostError
 
 
 @click.command("compile")
@@ -93,13 +94,21 @@ from q4c.config import KERNELS, CompileOptions, Granularity, Target
 @click.option("--check/--no-check", default=False, help="Run the full ONNX checker after every pass.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the output: ONNX checker, ONNX Runtime loads it, interpreter agrees with ONNX Runtime.")
+@click.option("--strict", is_flag=True,
+              help="Exit 4 and write no output file when the verification measures lost quality: an output "
+                   "below 20 dB SQNR vs the FP32 model, or NaN/inf where FP32 has none (without --strict: a "
+                   "warning). --report and --json still carry the report, with its 'quality' section.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Compile a model whose weights hold NaN or infinite values (refused by default: a broken "
+                   "export); those weights stay float, with a warning.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: float | None, size_budget: int | None,
                 ratio: float | None, scheme: str, workers: int, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
                 passes: str | None,
                 data: Path | None, calib_reader: str | None, calib_samples: int, activations: str, observer: str,
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
-                plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, as_json: bool) -> None:
+                plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, strict: bool,
+                allow_nonfinite: bool, as_json: bool) -> None:
     """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
 
     \b
@@ -112,6 +121,9 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
 
     The input file is never modified. The output records the ONNX Runtime session settings it
     needs in its metadata ('q4c.ort_session_config'); 'q4c run' applies them.
+
+    Exit codes: 0 ok (quality warnings, if any, on stderr), 1 error (nothing written),
+    2 bad usage, 4 --strict and the verification measured lost quality (nothing written).
     """
     options = CompileOptions(
         bits=int(bits) if bits else None,
@@ -131,6 +143,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         observer=observer,
         calib_samples=calib_samples,
         calib_table=load_calib,
+        allow_nonfinite=allow_nonfinite,
     )
     total = [0]
 
@@ -138,10 +151,20 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         total[0] += 1
         click.echo(f"q4c: [{total[0]}] {name}", err=True)
 
-    with _SampleBar() as bar:
-        report = compile_file(model, output, options, passes=passes, data=data, reader=calib_reader,
-                              dump_dir=dump_dir, check_each=check, verify=verify, progress=progress,
-                              sample_progress=bar.update, save_plan=save_plan, save_calib=save_calib)
+    try:
+        with _SampleBar() as bar:
+            report = compile_file(model, output, options, passes=passes, data=data, reader=calib_reader,
+                                  dump_dir=dump_dir, check_each=check, verify=verify, progress=progress,
+                                  sample_progress=bar.update, save_plan=save_plan, save_calib=save_calib,
+                                  strict=strict)
+    except QualityLostError as e:
+        # The report says what was measured even though nothing was written.
+        if e.report is not None and report_path is not None:
+            report_path.write_text(json.dumps(e.report, indent=2, sort_keys=True, default=str) + "\n")
+        if e.report is not None and as_json:
+            emit_json(e.report)
+        click.echo(f"Error: {e}", err=True)
+        raise click.exceptions.Exit(e.exit_code) from e
     if plot_pareto is not None:
         from q4c.quant.pareto import plot_pareto as draw
 
@@ -223,3 +246,8 @@ def _print_summary(report: dict) -> None:
         if "output_sqnr_db" in verification:
             line += "; output SQNR vs FP32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in verification["output_sqnr_db"].items())
         click.echo(line)
+    quality = report.get("quality")
+    if quality and not quality["ok"]:
+        # The warnings went to stderr as they happened; the table says it once more beside the figures.
+        click.echo(f"quality: {len(quality['lost'])} output figure(s) below the thresholds (see warnings; "
+                   f"--strict makes this exit 4)")

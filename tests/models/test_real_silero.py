@@ -172,3 +172,16 @@ def test_calibration_reader_feeds_q4c_as_the_driver_runs(silero, tmp_path, monke
     only_16k = PythonReader(f"{SILERO_PY}:calib_silero_vad_16k_sequence")
     assert only_16k.state_pairs == {"hn": "h", "cn": "c"}
     assert [s[0]["input"].shape for s in only_16k] == [(3, 576), (2, 576), (2, 576)]
+
+
+def test_to_8k_keeps_the_speech_band_and_removes_what_would_alias(silero):
+    t = np.arange(16000) / 16000
+
+    def amplitude(freq):
+        y = silero.to_8k(np.sin(2 * np.pi * freq * t).astype(np.float32))
+        assert y.shape == (8000,)
+        return np.sqrt(2 * np.mean(y[100:-100].astype(np.float64) ** 2))
+
+    assert amplitude(1000) == pytest.approx(1.0, abs=0.01)
+    assert amplitude(3000) == pytest.approx(1.0, abs=0.01)
+    assert amplitude(6000) < 0.01  # would alias to 2 kHz

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.compiler import _float_accuracy_copy
+from q4c.verify import _float_accuracy_copy
 from q4c.config import CompileOptions, Target
 from q4c.passes.assign_precision import AssignPrecisionPass
 from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
