@@ -115,11 +115,20 @@ class QuantizeWeightsPass(Pass):
             "role": first.role,
             "shape": list(values.shape),
             "bits": bits,
-            "granularity": "tensor" if kind == "tensor" else ("channel" if kind == "channel" else f"block:{qw.block_size}"),
+            "granularity": _granularity(kind, qw.block_size, int(qw.axis), first.reduce_axis),
+            "block_axis": int(qw.axis) if kind == "block" else None,
             "stored_bits": storage_bits(bits, ctx.opset),
             "scheme": scheme,
             "sensitivity": {"weight_sqnr_db": _sqnr_db(values, error)},
         })
+
+
+def _granularity(kind: str, block_size: int, axis: int, reduce_axis: int) -> str:
+    """"block:32", or "block:32@axis2" when the blocks run along another axis than the op's
+    reduction axis (a Conv kernel axis, see weights.conv_block_layout)."""
+    if kind != "block":
+        return kind
+    return f"block:{block_size}" if axis == reduce_axis else f"block:{block_size}@axis{axis}"
 
 
 def _sqnr_db(signal: np.ndarray, error: np.ndarray) -> float:

@@ -131,8 +131,27 @@ def scale_layout(slot_shape: tuple[int, ...], slot: WeightSlot, kind: str, block
         if slot.channel_axis != 0 and len(slot_shape) > 2:
             return "block", slot.reduce_axis, int(slot_shape[slot.reduce_axis])
         return "channel", slot.channel_axis, 0
+    if slot.role == "conv" and len(slot_shape) >= 3:
+        return conv_block_layout(slot_shape, block)
     n = int(slot_shape[slot.reduce_axis])
     return "block", slot.reduce_axis, min(block, max(n, 1)) if n < block else block
+
+
+def conv_block_layout(shape: tuple[int, ...], block: int) -> tuple[str, int, int]:
+    """Block axis of a Conv weight [O, I, K...]: I when I >= block; else the longest kernel axis
+    when it is >= block (DequantizeLinear blocks along one axis); else one scale per output channel.
+
+    Never a block shorter than asked: a block of n < `block` along an axis costs block/n times the
+    scale bytes the requested size budgets (n = 1, Silero's [258, 1, 256] STFT basis along I, was
+    a float16 scale per weight), while per-channel never costs more, and for [C, 1, K] with
+    K < block it is exactly the grouping a block of K would give (one scale per channel).
+    """
+    if int(shape[1]) >= block:
+        return "block", 1, block
+    kernel = max(range(2, len(shape)), key=lambda a: (int(shape[a]), -a))
+    if int(shape[kernel]) >= block:
+        return "block", kernel, block
+    return "channel", 0, 0
 
 
 def float32_scales(slot: WeightSlot, kernel_scales: bool = True) -> bool:

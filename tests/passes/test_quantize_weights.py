@@ -89,7 +89,7 @@ def test_gemm_conv_lstm_gru_gather_einsum_weights_are_all_quantized(rng):
     scales = {t.name: list(t.dims) for t in packed.graph.initializer if t.name.endswith("_scale")}
     assert scales["lw_scale"] == [2, 128, 2]  # per direction, per gate row, blocks along I
     assert scales["lr_scale"] == [2, 128, 1]  # H=32: one block per row
-    assert scales["cw_scale"] == [16, 1, 3]  # Conv [M, C, k]: blocks along C
+    assert scales["cw_scale"] == [16]  # Conv [M, C=8, k=3]: C, k < 32, one scale per channel (conv_block_layout)
     assert scales["emb_scale"] == [100, 1]  # embedding rows, blocks of 64 along D
     assert scales["gemm_w_scale"] == [32, 1]  # transB=1: [N, K], blocks along K
     assert {t.name: t.data_type for t in packed.graph.initializer}["lw_scale"] == TensorProto.FLOAT16
