@@ -146,7 +146,8 @@ def _best(fits: list[ClosedForm | NearMiss]) -> ClosedForm | NearMiss | None:
 
 def _judge(cf: ClosedForm, values: np.ndarray) -> ClosedForm | NearMiss | None:
     original = values.astype(np.float64)
-    error = float(np.max(np.abs(reference(cf) - original)))
+    # Compared in the tensor's own precision: a float16 basis is the formula rounded to float16.
+    error = float(np.max(np.abs(reference(cf).astype(values.dtype).astype(np.float64) - original)))
     peak = float(np.max(np.abs(original))) or 1.0
     if error <= TOLERANCE:
         return ClosedForm(**{**cf.__dict__, "fit_error": error})
