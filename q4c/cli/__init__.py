@@ -58,7 +58,8 @@ def main(verbose: int) -> None:
       q4c run model.q4.onnx --data x.npz -o y.npz
 
     Results go to stdout (a table, or JSON with --json); progress and logs to stderr.
-    Exit codes: 0 ok, 1 error (one line on stderr), 2 bad usage, 3 'diff' over --tolerance.
+    Exit codes: 0 ok, 1 error (one line on stderr), 2 bad usage, 3 'diff' over --tolerance,
+    4 'compile --strict' measured lost quality.
     """
     configure_logging(verbose)
 
