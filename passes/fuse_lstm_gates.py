@@ -1,10 +1,11 @@
-"""Recognize LSTM (and GRU) cells exported as separate ops, unrolled over time or in a
-Scan/Loop body, and replace each recurrence by one ONNX LSTM (GRU).
+"""Recognize LSTM (and GRU, plain RNN) cells exported as separate ops, unrolled over time or in a
+Scan/Loop body, and replace each recurrence by one ONNX LSTM (GRU, RNN).
 
 Exporters write an LSTMCell loop as MatMul/Gemm + Split/Slice + Sigmoid/Tanh + Mul/Add per time
 step (or as a Scan body). As one LSTM op the recurrence is one node ONNX Runtime runs with a
 fused kernel, its W/R are two weight tensors the quantizer treats per gate, and the unrolled
-graphs shrink 50-70x. Match -> check -> rewrite: q4c.rewrite.lstm_match / gru_match find cells,
+graphs shrink 50-70x. Match -> check -> rewrite: q4c.rewrite.lstm_match / gru_match / rnn_match
+find cells (h' = tanh/relu/sigmoid(x·Wᵀ + h·Rᵀ + b) for RNN),
 q4c.rewrite.rnn_plan chains them and checks one op can stand for them, and
 q4c.rewrite.rnn_emit writes the op with adapters back to the tensors the graph reads.
 """
@@ -31,11 +32,11 @@ MIN_OPSET = 13
 
 
 class FuseLstmGatesPass(Pass):
-    """Replace decomposed LSTM/GRU cells (unrolled chains, Scan/Loop bodies) by ONNX LSTM/GRU ops.
+    """Replace decomposed LSTM/GRU/RNN cells (unrolled chains, Scan/Loop bodies) by ONNX LSTM/GRU/RNN ops.
 
     Requires: default-domain opset >= 13 (q4c converts to 21 on load).
     Ensures: every matched chain is one op; tensors the graph reads keep their names.
-    Stats: fused (ops emitted), fused_gru (of which GRU), fused_cells (decomposed steps
+    Stats: fused (ops emitted), fused_gru / fused_rnn (of which GRU / RNN), fused_cells (decomposed steps
     absorbed), fused_loops (Scan/Loop nodes replaced), skipped_<code> per declined candidate
     (cell_structure, nonstandard_activation, peephole, cell_clip, gate_projection, gate_shape,
     bias_shape, unknown_bounds, unknown_width, intermediate_used, extra_inputs, rank, dtype,
@@ -83,8 +84,8 @@ class FuseLstmGatesPass(Pass):
         for plan, kind in plans:
             emit_rnn(names, plan, f"fused_{plan.op.lower()}")
             stats["fused"] += 1
-            if plan.op == "GRU":
-                stats["fused_gru"] += 1
+            if plan.op in ("GRU", "RNN"):
+                stats[f"fused_{plan.op.lower()}"] += 1
             if kind == "loop":
                 stats["fused_loops"] += 1
                 stats["fused_cells"] += 1

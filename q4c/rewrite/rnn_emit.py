@@ -1,4 +1,4 @@
-"""Emit one ONNX LSTM or GRU for a matched recurrence and re-produce the tensors the graph used.
+"""Emit one ONNX LSTM, GRU or RNN for a matched recurrence and re-produce the tensors the graph used.
 
 The op works in its own layout (X [T, B, I], Y [T, 1, B, H], Y_h/Y_c [1, B, H]; ONNX Runtime
 has no batch-major `layout=1` kernel), so thin adapters (Transpose, Squeeze, Gather) map it back
@@ -33,11 +33,11 @@ class SeqInput:
 
 @dataclass
 class RnnPlan:
-    """Everything one ONNX LSTM (or GRU) needs and everything it must produce."""
+    """Everything one ONNX LSTM (or GRU, RNN) needs and everything it must produce."""
 
     graph: gs.Graph
     hidden: int
-    w: np.ndarray  # [4H, I], LSTM gates i, o, f, c ([3H, I], GRU gates z, r, h)
+    w: np.ndarray  # [4H, I], LSTM gates i, o, f, c ([3H, I], GRU gates z, r, h; [H, I], RNN)
     r: np.ndarray  # [4H, H]
     wb: np.ndarray  # [4H]
     rb: np.ndarray  # [4H]
@@ -46,6 +46,7 @@ class RnnPlan:
     initial_c: gs.Tensor | None = None
     op: str = "LSTM"
     linear_before_reset: int = 0  # GRU only
+    activation: str = "Tanh"  # RNN only: its ONNX activation
     steps: int | None = None  # T when static
     stacks: list[tuple[gs.Tensor, int]] = field(default_factory=list)  # (tensor, axis of T in [B, H])
     step_h: list[tuple[gs.Tensor, int]] = field(default_factory=list)  # (tensor, t) per-step h read elsewhere
@@ -126,7 +127,7 @@ class _Emitter:
 
 
 def emit_rnn(names: Names, plan: RnnPlan, name: str) -> gs.Node:
-    """Append the LSTM/GRU and its adapters to `plan.graph`; returns the new op."""
+    """Append the LSTM/GRU/RNN and its adapters to `plan.graph`; returns the new op."""
     e = _Emitter(names, plan, names(name))
     x = _sequence(e, plan.x)
     hidden = plan.hidden
@@ -141,7 +142,11 @@ def emit_rnn(names: Names, plan: RnnPlan, name: str) -> gs.Node:
     while inputs[-1].is_empty():
         inputs.pop()
     y, y_h, y_c = e.var("Y"), e.var("Y_h"), e.var("Y_c")
-    attrs = {"hidden_size": hidden} if lstm else {"hidden_size": hidden, "linear_before_reset": plan.linear_before_reset}
+    attrs: dict = {"hidden_size": hidden}
+    if plan.op == "GRU":
+        attrs["linear_before_reset"] = plan.linear_before_reset
+    elif plan.op == "RNN" and plan.activation != "Tanh":
+        attrs["activations"] = [plan.activation]
     rnn = gs.Node(plan.op, e.name, attrs=attrs, inputs=inputs, outputs=[y, y_h, y_c] if lstm else [y, y_h])
     e.sub.nodes.append(rnn)
 

@@ -1,8 +1,10 @@
-"""From matched LSTM/GRU cells to plans for one ONNX op each: chain unrolled steps, cut chains
+"""From matched LSTM/GRU/RNN cells to plans for one ONNX op each: chain unrolled steps, cut chains
 where one op cannot stand for them, and turn Scan/Loop nodes whose body is one cell into a plan.
 
 A chain links cell t+1 to cell t when t+1's recurrent input is t's h' (and, for an LSTM, its
-c_prev is t's c'). A chain is cut where the weights change, where an intermediate LSTM c' is
+c_prev is t's c'; for a plain RNN, t and t+1 share a weight, which tells a layer's own previous
+step from the layer below in a stack). Plain RNN cells are only candidates (rnn_match): an
+unrolled chain of fewer than two of them is left alone. A chain is cut where the weights change, where an intermediate LSTM c' is
 read by anything but the next step (the LSTM op exposes only its last c), where a state fans out
 to two cells, and where a step input depends on an earlier step (autoregressive feedback:
 stacking the inputs up front would make a cycle).
@@ -22,9 +24,10 @@ from q4c.rewrite.affine import NoMatch
 from q4c.rewrite.gru_match import GruCell, match_gru_cell
 from q4c.rewrite.lstm_match import LstmCell, match_lstm_cell
 from q4c.rewrite.rnn_emit import RnnPlan, SeqInput, stacked_input
+from q4c.rewrite.rnn_match import RnnCell, match_rnn_cell
 from q4c.rewrite.view import DataflowView
 
-Cell = LstmCell | GruCell
+Cell = LstmCell | GruCell | RnnCell
 
 
 @dataclass
@@ -39,21 +42,33 @@ class _Step:
     def x_tensor(self) -> gs.Tensor:
         return self.cell.x if isinstance(self.cell, GruCell) else self.cell.operands[self.x]
 
-    def params(self) -> tuple[str, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(op, linear_before_reset, W, R, Wb, Rb) in ONNX layout."""
+    def params(self) -> tuple[str, int | str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(op, variant, W, R, Wb, Rb) in ONNX layout; variant: GRU linear_before_reset, RNN
+        activation, LSTM 0."""
         c = self.cell
         if isinstance(c, GruCell):
             return "GRU", c.linear_before_reset, c.w, c.r, c.wb, c.rb
-        r = c.weights[self.h] if self.h is not None else np.zeros((4 * c.hidden, c.hidden), np.float32)
-        return "LSTM", 0, c.weights[self.x], r, c.bias_for({self.x, None}), c.bias_for({self.h} if self.h else set())
+        op, variant, gates = ("RNN", c.activation, 1) if isinstance(c, RnnCell) else ("LSTM", 0, 4)
+        r = c.weights[self.h] if self.h is not None else np.zeros((gates * c.hidden, c.hidden), np.float32)
+        return op, variant, c.weights[self.x], r, c.bias_for({self.x, None}), c.bias_for({self.h} if self.h else set())
 
     def same_params(self, other: _Step) -> bool:
         a, b = self.params(), other.params()
         return a[:2] == b[:2] and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a[2:], b[2:]))
 
+    def zero_state_head_of(self, other: _Step) -> bool:
+        """Whether this RNN step without a recurrent term (its state zero and folded away,
+        Rb folded into its bias) computes `other`'s step from a zero state."""
+        if not isinstance(self.cell, RnnCell) or self.h is not None or other.h is None:
+            return False
+        a, b = self.params(), other.params()
+        return (a[:2] == b[:2] and a[2].shape == b[2].shape and np.array_equal(a[2], b[2])
+                and np.allclose(a[4] + a[5], b[4] + b[5], rtol=1e-6, atol=0))
+
 
 def match_cells(view: DataflowView) -> tuple[list[Cell], list[NoMatch]]:
-    """Every LSTM/GRU cell candidate of one graph level, matched or declined."""
+    """Every LSTM/GRU cell candidate of one graph level, matched or declined, and the plain RNN
+    cell candidates outside them."""
     cells: list[Cell] = []
     declined: list[NoMatch] = []
     for node in view.graph.nodes:
@@ -65,6 +80,12 @@ def match_cells(view: DataflowView) -> tuple[list[Cell], list[NoMatch]]:
                 declined.append(result)
             if result is not None:
                 break
+    taken = set().union(*(c.nodes for c in cells)) if cells else set()
+    for node in view.graph.nodes:
+        if view.key(node) not in taken:
+            rnn = match_rnn_cell(view, node)
+            if rnn is not None and not rnn.nodes & taken:
+                cells.append(rnn)
     return cells, declined
 
 
@@ -82,16 +103,18 @@ def unrolled_plans(view: DataflowView, cells: list[Cell]) -> tuple[list[RnnPlan]
     fused = 0
     for path in _paths(usable):
         for segment in _segments(view, path):
+            if isinstance(segment[0].cell, RnnCell) and len(segment) < 2:
+                continue  # one Tanh/Relu layer: an MLP as much as an RNN step
             plans.append(_segment_plan(view, segment))
             fused += len(segment)
     return plans, declined, fused
 
 
 def _cell_problem(view: DataflowView, cell: Cell) -> NoMatch | None:
-    if isinstance(cell, LstmCell) and (len(cell.operands) > 2 or (len(cell.operands) == 2 and all(
+    if isinstance(cell, (LstmCell, RnnCell)) and (len(cell.operands) > 2 or (len(cell.operands) == 2 and all(
             w.shape[1] != cell.hidden for w in cell.weights.values()))):
         return NoMatch("extra_inputs", f"{cell.h_out.name}: gates read {sorted(cell.operands)}, not one x and one h")
-    operands = cell.operands.values() if isinstance(cell, LstmCell) else (cell.x, cell.h_prev)
+    operands = (cell.x, cell.h_prev) if isinstance(cell, GruCell) else cell.operands.values()
     for tensor in operands:
         shape = view.shape(tensor, infer=False)
         if shape is not None and len(shape) != 2:
@@ -100,6 +123,15 @@ def _cell_problem(view: DataflowView, cell: Cell) -> NoMatch | None:
 
 
 def _predecessor(cell: Cell, by_h: dict[str, int], by_c: dict[str, int], cells: list[Cell]) -> int | None:
+    if isinstance(cell, RnnCell):
+        if len(cell.operands) != 2:
+            return None
+        # The previous step of the same layer shares W (and R, once it has an h) with this one;
+        # the layer below in a stack, whose h' is this cell's x, shares neither.
+        mine = list(cell.weights.values())
+        found = [p for name in cell.operands if (p := by_h.get(name)) is not None and isinstance(cells[p], RnnCell)
+                 and any(w.shape == v.shape and np.array_equal(w, v) for w in cells[p].weights.values() for v in mine)]
+        return found[0] if len(found) == 1 else None
     if isinstance(cell, GruCell):
         p = by_h.get(cell.h_prev.name)
         return p if p is not None and isinstance(cells[p], GruCell) else None
@@ -137,16 +169,18 @@ def _segments(view: DataflowView, path: list[Cell]) -> list[list[_Step]]:
     for prev, cell in itertools.pairwise(path):
         if isinstance(cell, GruCell):
             steps.append(_Step(cell, cell.x.name, cell.h_prev.name))
-        else:
+        else:  # LSTM or RNN: the operand that is not the previous step's h' is x
             h = prev.h_out.name
             steps.append(_Step(cell, next(n for n in cell.operands if n != h), h))
     segments: list[list[_Step]] = [[steps[0]]]
     inside = set(steps[0].cell.nodes)
     for prev, step in itertools.pairwise(steps):
-        internal_c = isinstance(prev.cell, GruCell) or not view.escapes(prev.cell.c_out, prev.cell.nodes | step.cell.nodes)
+        internal_c = not isinstance(prev.cell, LstmCell) or not view.escapes(prev.cell.c_out, prev.cell.nodes | step.cell.nodes)
         x_name = step.x_tensor.name
         feedback = bool(inside & nx.ancestors(view.dag, x_name)) if x_name in view.dag else False
-        if internal_c and not feedback and step.same_params(segments[-1][0]):
+        head = segments[-1][0]
+        if internal_c and not feedback and (step.same_params(_reference(segments[-1])) or
+                                            (len(segments[-1]) == 1 and head.zero_state_head_of(step))):
             segments[-1].append(step)
             inside |= step.cell.nodes
         else:
@@ -155,8 +189,13 @@ def _segments(view: DataflowView, path: list[Cell]) -> list[list[_Step]]:
     return segments
 
 
+def _reference(segment: list[_Step]) -> _Step:
+    """The step whose parameters stand for the segment: past a zero-state RNN head, the next."""
+    return segment[1] if len(segment) > 1 and segment[0].zero_state_head_of(segment[1]) else segment[0]
+
+
 def _head_step(view: DataflowView, cell: Cell, nxt: Cell | None) -> _Step:
-    """Which operand of a chain's first LSTM cell is h. Any choice computes the same first step;
+    """Which operand of a chain's first LSTM (or RNN) cell is h. Any choice computes the same first step;
     a wrong one only makes the weights differ from the next step's, which cuts the chain there."""
     if isinstance(cell, GruCell):
         return _Step(cell, cell.x.name, cell.h_prev.name)
@@ -165,7 +204,7 @@ def _head_step(view: DataflowView, cell: Cell, nxt: Cell | None) -> _Step:
         return _Step(cell, names[0], None)
     fits = [n for n in names if cell.weights[n].shape[1] == cell.hidden]
     h = fits[0] if len(fits) == 1 else None
-    if h is None and isinstance(nxt, LstmCell) and cell.h_out.name in nxt.operands:
+    if h is None and type(nxt) is type(cell) and cell.h_out.name in nxt.operands:
         r_next = nxt.weights[cell.h_out.name]
         same = [n for n in fits if cell.weights[n].shape == r_next.shape and np.array_equal(cell.weights[n], r_next)]
         h = same[0] if len(same) == 1 else None
@@ -177,14 +216,14 @@ def _head_step(view: DataflowView, cell: Cell, nxt: Cell | None) -> _Step:
 
 def _segment_plan(view: DataflowView, segment: list[_Step]) -> RnnPlan:
     head, last = segment[0], segment[-1]
-    op, lbr, w, r, wb, rb = head.params()
+    op, variant, w, r, wb, rb = _reference(segment).params()
     if isinstance(head.cell, GruCell):
         initial_h, initial_c = head.cell.h_prev, None
     else:
         initial_h = head.cell.operands[head.h] if head.h is not None else None
-        initial_c = head.cell.c_prev
+        initial_c = head.cell.c_prev if isinstance(head.cell, LstmCell) else None
     plan = RnnPlan(
-        graph=view.graph, hidden=head.cell.hidden, w=w, r=r, wb=wb, rb=rb, op=op, linear_before_reset=lbr,
+        graph=view.graph, hidden=head.cell.hidden, w=w, r=r, wb=wb, rb=rb, op=op, **_variant(op, variant),
         x=stacked_input(view, [s.x_tensor for s in segment]),
         initial_h=None if initial_h is None or view.is_zero(initial_h) else initial_h,
         initial_c=None if initial_c is None or view.is_zero(initial_c) else initial_c, steps=len(segment),
@@ -238,9 +277,14 @@ def _stack_axis(view: DataflowView, concat: gs.Node, hs: list[str]) -> int | Non
 # -- Scan / Loop bodies --------------------------------------------------------------------
 
 def loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView) -> RnnPlan | NoMatch | None:
-    """A plan replacing a Scan/Loop whose body is one LSTM/GRU cell by one op; None when the
+    """A plan replacing a Scan/Loop whose body is one LSTM/GRU/RNN cell by one op; None when the
     body holds no cell candidate."""
     cells, declined = match_cells(body_view)
+    if any(not isinstance(c, RnnCell) for c in cells):
+        cells = [c for c in cells if not isinstance(c, RnnCell)]
+    else:  # plain RNN candidates count only when one of their operands is a carried state
+        states = {t.name for t in body_view.graph.inputs}
+        cells = [c for c in cells if states & set(c.operands)]
     if not cells and not declined:
         return None
     if declined:
@@ -261,6 +305,12 @@ def _roles(cell: Cell, states: list[gs.Tensor], is_x: Callable[[str], bool]) -> 
         if cell.h_prev.name not in names or not is_x(cell.x.name):
             return NoMatch("loop_state", "the GRU's h is not the carried state or x is not the step input")
         return names.index(cell.h_prev.name), None, cell.x.name
+    if isinstance(cell, RnnCell):
+        h_names = [n for n in cell.operands if n in names]
+        x_names = [n for n in cell.operands if n not in names]
+        if len(h_names) != 1 or len(x_names) != 1 or not is_x(x_names[0]):
+            return NoMatch("loop_state", f"RNN operands {sorted(cell.operands)} are not one state h and one step input")
+        return names.index(h_names[0]), None, x_names[0]
     if cell.c_prev.name not in names:
         return NoMatch("loop_state", f"c_prev {cell.c_prev.name} is not a loop-carried state")
     c_index = names.index(cell.c_prev.name)
@@ -358,10 +408,10 @@ def _state_plan(view: DataflowView, node: gs.Node, cell: Cell, x_name: str, h_na
                 h_i: int, c_i: int | None, first_state: int | None) -> RnnPlan:
     """The plan of a loop node: initial states are its state inputs, final states its outputs."""
     offset = first_state or 0
-    op, lbr, w, r, wb, rb = _Step(cell, x_name, h_name).params()
+    op, variant, w, r, wb, rb = _Step(cell, x_name, h_name).params()
     h0 = node.inputs[offset + h_i]
     c0 = node.inputs[offset + c_i] if c_i is not None else None
-    plan = RnnPlan(graph=view.graph, hidden=cell.hidden, w=w, r=r, wb=wb, rb=rb, x=x, op=op, linear_before_reset=lbr,
+    plan = RnnPlan(graph=view.graph, hidden=cell.hidden, w=w, r=r, wb=wb, rb=rb, x=x, op=op, **_variant(op, variant),
                    initial_h=None if view.is_zero(h0) else h0,
                    initial_c=None if c0 is None or view.is_zero(c0) else c0)
     plan.last_h.append(node.outputs[h_i])
@@ -373,3 +423,8 @@ def _state_plan(view: DataflowView, node: gs.Node, cell: Cell, x_name: str, h_na
 def _true(view: DataflowView, tensor: gs.Tensor) -> bool:
     value = view.constant(tensor)
     return value is not None and value.size == 1 and bool(value.reshape(()))
+
+
+def _variant(op: str, variant: int | str) -> dict[str, int | str]:
+    """RnnPlan fields for a params() variant."""
+    return {"activation": str(variant)} if op == "RNN" else {"linear_before_reset": int(variant)}

@@ -1,4 +1,5 @@
-"""ONNX RNN (the one-gate tanh/relu/... recurrence) through quantize-weights, gptq and lower-recurrent.
+"""ONNX RNN (the one-gate tanh/relu/... recurrence) through fuse-lstm-gates, quantize-weights, gptq
+and lower-recurrent.
 
 Quantized RNNs are checked against independent sources: ONNX Runtime and the interpreter on the
 same graph (float32 noise), the FP32 model (an SQNR budget), and, for the Scan lowering, the
@@ -18,6 +19,7 @@ from q4c.config import CompileOptions, Granularity
 from q4c.errors import ModelLoadError
 from q4c.metrics import sqnr_db
 from q4c.passes.assign_precision import AssignPrecisionPass
+from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
 from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
 from q4c.passes.quantize_weights import QuantizeWeightsPass
 from q4c.pipeline import PassContext
@@ -281,3 +283,155 @@ def test_declines_unknown_activation(rng):
     graph = g.import_graph(model)
     layer = match_layer(graph, graph.nodes[0], {})
     assert layer.code == "skipped_activations"
+
+
+# -- fusion of decomposed cells ---------------------------------------------------------------
+
+def _numpy_rnn(x, w, r, b, h0, act=np.tanh):
+    """The reference: h_t = act(x_t W^T + h_{t-1} R^T + b), x [T, B, I]."""
+    h, hs = h0, []
+    for t in range(x.shape[0]):
+        h = act(x[t] @ w.T + h @ r.T + b)
+        hs.append(h)
+    return np.stack(hs), h
+
+
+def _unrolled_layer(rng, nodes, inits, x_steps, h0, prefix, i, h, act="Tanh"):
+    """torch RNNCell unrolled: Gemm(x_t, W_ih^T, b_ih) + Gemm(h, W_hh^T, b_hh) -> Tanh per step;
+    h0 None: the first step has no recurrent term (a zero state, folded away)."""
+    for name, shape in ((f"{prefix}_wih", (h, i)), (f"{prefix}_whh", (h, h))):
+        inits[name] = (rng.standard_normal(shape) * 0.3).astype(np.float32)
+    for name in (f"{prefix}_bih", f"{prefix}_bhh"):
+        inits[name] = (rng.standard_normal(h) * 0.1).astype(np.float32)
+    hs, state = [], h0
+    for t, x_t in enumerate(x_steps):
+        pre_x = f"{prefix}_px{t}"
+        nodes.append(helper.make_node("Gemm", [x_t, f"{prefix}_wih", f"{prefix}_bih"], [pre_x], transB=1))
+        if state is None:  # Gemm(zeros, W_hh, b_hh) folded to b_hh
+            nodes.append(helper.make_node("Add", [pre_x, f"{prefix}_bhh"], [f"{prefix}_pre{t}"]))
+            pre = f"{prefix}_pre{t}"
+        else:
+            nodes.append(helper.make_node("Gemm", [state, f"{prefix}_whh", f"{prefix}_bhh"], [f"{prefix}_ph{t}"], transB=1))
+            nodes.append(helper.make_node("Add", [pre_x, f"{prefix}_ph{t}"], [f"{prefix}_pre{t}"]))
+            pre = f"{prefix}_pre{t}"
+        state = f"{prefix}_h{t}"
+        nodes.append(helper.make_node(act, [pre], [state]))
+        hs.append(state)
+    return hs
+
+
+def _steps_of(nodes, inits, x, steps):
+    out = []
+    for t in range(steps):
+        inits[f"t{t}"] = np.array(t, np.int64)
+        nodes.append(helper.make_node("Gather", [x, f"t{t}"], [f"x{t}"], axis=0))
+        out.append(f"x{t}")
+    return out
+
+
+def _stack(nodes, inits, hs, name):
+    inits["axis0"] = np.array([0], np.int64)
+    for k, h in enumerate(hs):
+        nodes.append(helper.make_node("Unsqueeze", [h, "axis0"], [f"{name}_u{k}"]))
+    nodes.append(helper.make_node("Concat", [f"{name}_u{k}" for k in range(len(hs))], [name], axis=0))
+
+
+@pytest.mark.parametrize("act", ["Tanh", "Relu"])
+def test_fuses_unrolled_rnn_cells_into_one_rnn(rng, act):
+    steps, b, i, h = 6, 2, 5, 8
+    nodes, inits = [], {}
+    xs = _steps_of(nodes, inits, "X", steps)
+    hs = _unrolled_layer(rng, nodes, inits, xs, "h0", "l0", i, h, act)
+    _stack(nodes, inits, hs, "Y")
+    model = make_model(nodes, [_info("X", steps, b, i), _info("h0", b, h)], [_info("Y", steps, b, h), _info(hs[-1], b, h)],
+                       inits, opset=21)
+    feeds = {"X": rng.standard_normal((steps, b, i)).astype(np.float32),
+             "h0": rng.standard_normal((b, h)).astype(np.float32)}
+    out, result = run_pass(FuseLstmGatesPass(), model)
+    assert result.stats == {"fused": 1, "fused_rnn": 1, "fused_cells": steps}
+    assert op_histogram(out).get("RNN") == 1 and act not in op_histogram(out)
+    _check_semantics(model, out, feeds)
+    act_fn = np.tanh if act == "Tanh" else (lambda v: np.maximum(v, 0))
+    y, _ = _numpy_rnn(feeds["X"], inits["l0_wih"], inits["l0_whh"], inits["l0_bih"] + inits["l0_bhh"], feeds["h0"], act_fn)
+    np.testing.assert_allclose(run_ort(out, feeds)["Y"], y, rtol=1e-5, atol=1e-5)
+
+
+def test_fuses_each_layer_of_a_stacked_unrolled_rnn(rng):
+    # layer 1 reads layer 0's h_t and its own h_{t-1}, both Tanh outputs of the same width:
+    # the shared weights tell which one is its own previous step.
+    steps, b, h = 5, 1, 8
+    nodes, inits = [], {}
+    xs = _steps_of(nodes, inits, "X", steps)
+    h0 = _unrolled_layer(rng, nodes, inits, xs, None, "l0", h, h)
+    h1 = _unrolled_layer(rng, nodes, inits, h0, None, "l1", h, h)
+    _stack(nodes, inits, h1, "Y")
+    model = make_model(nodes, [_info("X", steps, b, h)], [_info("Y", steps, b, h)], inits, opset=21)
+    feeds = {"X": rng.standard_normal((steps, b, h)).astype(np.float32)}
+    out, result = run_pass(FuseLstmGatesPass(), model)
+    assert result.stats == {"fused": 2, "fused_rnn": 2, "fused_cells": 2 * steps}
+    assert op_histogram(out).get("RNN") == 2 and "Tanh" not in op_histogram(out)
+    _check_semantics(model, out, feeds)
+
+
+def test_fuses_scan_whose_body_is_an_rnn_cell(rng):
+    b, i, h = 2, 5, 8
+    w, r = (rng.standard_normal((i, h)) * 0.3).astype(np.float32), (rng.standard_normal((h, h)) * 0.3).astype(np.float32)
+    bias = (rng.standard_normal(h) * 0.1).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "w"], ["px"]), helper.make_node("MatMul", ["h", "r"], ["ph"]),
+         helper.make_node("Add", ["px", "ph"], ["s"]), helper.make_node("Add", ["s", "bias"], ["pre"]),
+         helper.make_node("Tanh", ["pre"], ["h_new"]), helper.make_node("Identity", ["h_new"], ["y_t"])],
+        "body", [_info("h", b, h), _info("x_t", b, i)], [_info("h_new", b, h), _info("y_t", b, h)],
+        [onnx.numpy_helper.from_array(v, n) for n, v in (("w", w), ("r", r), ("bias", bias))])
+    scan = helper.make_node("Scan", ["h0", "X"], ["h_last", "Y"], body=body, num_scan_inputs=1)
+    model = make_model([scan], [_info("h0", b, h), _info("X", 7, b, i)], [_info("h_last", b, h), _info("Y", 7, b, h)],
+                       {}, opset=21)
+    feeds = {"X": rng.standard_normal((7, b, i)).astype(np.float32), "h0": rng.standard_normal((b, h)).astype(np.float32)}
+    out, result = run_pass(FuseLstmGatesPass(), model)
+    assert result.stats == {"fused": 1, "fused_rnn": 1, "fused_cells": 1, "fused_loops": 1}
+    assert op_histogram(out).get("RNN") == 1 and "Scan" not in op_histogram(out)
+    _check_semantics(model, out, feeds)
+    y, h_last = _numpy_rnn(feeds["X"], w.T, r.T, bias, feeds["h0"])
+    got = run_ort(out, feeds)
+    np.testing.assert_allclose(got["Y"], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["h_last"], h_last, rtol=1e-5, atol=1e-5)
+
+
+def test_leaves_a_tanh_mlp_alone(rng):
+    # Tanh(x W1 + b) -> Tanh(. W2 + x W3): one- and two-operand Tanh layers that are no recurrence
+    inits = {n: (rng.standard_normal(s) * 0.3).astype(np.float32)
+             for n, s in (("w1", (8, 8)), ("b1", (8,)), ("w2", (8, 8)), ("w3", (8, 8)))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["p1"]), helper.make_node("Add", ["p1", "b1"], ["q1"]),
+             helper.make_node("Tanh", ["q1"], ["a1"]), helper.make_node("MatMul", ["a1", "w2"], ["p2"]),
+             helper.make_node("MatMul", ["x", "w3"], ["p3"]), helper.make_node("Add", ["p2", "p3"], ["q2"]),
+             helper.make_node("Tanh", ["q2"], ["y"])]
+    model = make_model(nodes, [_info("x", 2, 8)], [_info("y", 2, 8)], inits, opset=21)
+    _, result = run_pass(FuseLstmGatesPass(), model)
+    assert not result.modified and result.stats == {}
+
+
+def test_decomposed_rnn_compiles_to_a_quantized_rnn(rng):
+    steps, b, i, h = 6, 1, 64, 64
+    nodes, inits = [], {}
+    xs = _steps_of(nodes, inits, "X", steps)
+    hs = _unrolled_layer(rng, nodes, inits, xs, None, "l0", i, h)
+    _stack(nodes, inits, hs, "Y")
+    model = make_model(nodes, [_info("X", steps, b, i)], [_info("Y", steps, b, h)], inits, opset=21)
+    out, report = compile_model(model, CompileOptions(bits=4), samples=[{"X": rng.standard_normal((steps, b, i)).astype(np.float32)}])
+    assert op_histogram(out).get("RNN") == 1
+    assert {q["role"] for q in report["tensors"]} == {"rnn_w", "rnn_r"}
+
+
+def _info(name, *dims):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
+
+
+def _check_semantics(model, out, feeds):
+    """Checker, idempotence, ORT before == ORT after == interpreter (float32 noise)."""
+    g.check(out)
+    assert not run_pass(FuseLstmGatesPass(), out)[1].modified
+    before, after = run_ort(model, feeds), run_ort(out, feeds)
+    interp = run_interp(out, feeds)
+    for name, want in before.items():
+        np.testing.assert_allclose(after[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(interp[name], after[name], rtol=1e-5, atol=1e-5, err_msg=name)
