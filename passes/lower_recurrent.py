@@ -48,7 +48,9 @@ class LowerRecurrentPass(Pass):
       bidirectional H=80 model 1.15-1.40, where the folded form (1.0) is kept.
     - otherwise, hidden >= SCAN_MIN_HIDDEN and every quantized weight's blocks fit a MatMulNBits
       block (16-256, or one block spanning K <= 256): the Scan form. Measured 0.52-0.56 at H=384,
-      0.36-0.39 at 512, 0.22-0.31 at 1024, GRU 0.40-0.42 at 512, in every call pattern. Below, the
+      0.36-0.39 at 512, 0.22-0.31 at 1024, GRU 0.40-0.42 at 512, in every call pattern; plain
+      RNN 0.50-0.72 at 384, 0.44-0.57 at 512, 0.28-0.32 at 1024 but 0.66-0.97 at 256 (one-off
+      measurement, same method, not in bench_recurrent.py), so the same threshold. Below, the
       Scan's per-step cost (~5-10 us) dominates: 0.82 / 1.02 / 1.37 at H=256, 1.6 / 2.0 / 2.8 at
       H=128, 3.2-4.9 on the H=80 BiLSTM.
     - otherwise keep DequantizeLinear -> LSTM/GRU, folded at load (0.95-1.02). Without folding
