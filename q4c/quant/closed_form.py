@@ -126,14 +126,15 @@ def _dft_parts(n: int, frequencies: int, parts: tuple[str, ...]) -> np.ndarray:
 def recognise(values: np.ndarray) -> ClosedForm | NearMiss | None:
     """The closed form `values` is (within TOLERANCE of the float64 formula), a NearMiss, or None."""
     values = np.asarray(values)
-    if values.dtype not in (np.float32, np.float64, np.float16) or values.size == 0 or not np.all(np.isfinite(values)):
+    if values.dtype not in (np.float32, np.float64, np.float16):
         return None
-    dims = [d for d in values.shape if d != 1]
-    if len(dims) == 1 and dims[0] >= MIN_WINDOW:
-        return _recognise_window(values)
-    if len(dims) == 2 and min(dims) >= MIN_DFT // 2:
-        return _recognise_dft(values)
-    return None
+    dims = [int(d) for d in values.shape if d != 1]
+    window_like = len(dims) == 1 and dims[0] >= MIN_WINDOW
+    dft_like = len(dims) == 2 and any(n >= MIN_DFT and f in (n // 2 + 1, 2 * (n // 2 + 1))
+                                      for f, n in (dims, dims[::-1]))
+    if not (window_like or dft_like) or not np.all(np.isfinite(values)):  # shape first: cheap
+        return None
+    return _recognise_window(values) if window_like else _recognise_dft(values)
 
 
 def _best(fits: list[ClosedForm | NearMiss]) -> ClosedForm | NearMiss | None:
