@@ -1,94 +1,73 @@
-"""q4c against ONNX Runtime's own quantizers, side by side in one run, on every bundled model.
+"""q4c against the best peers it has here, side by side in one run, on every bundled model.
 
-Rows per model: FP32; q4c default (sensitivity-guided, bytes of uniform 4-bit); q4c uniform
-INT4; q4c at 3 average bits; ORT quantize_dynamic (INT8); ORT quantize_static (QDQ, INT4
-weights, per channel, MinMax calibration); ORT MatMulNBitsQuantizer (INT4, block 32). For each:
-success or the exact error, file size ratio vs FP32, output SQNR and KL vs FP32 on held-out
-inputs, WER / perplexity where the model has a task (models/eval_asr.py, models/eval_lm.py),
-ORT latency ratio vs FP32 (1 thread, interleaved, median) and peak memory (RSS high-water mark
-of a fresh process that loads the model and runs it once).
+Rows per model: FP32; q4c fused FP32 (q4c's rewrites, no quantization: the speed baseline for
+fusion); q4c default (sensitivity-guided, bytes of uniform 4-bit), q4c uniform INT4, q4c at 3
+average bits, q4c uniform INT8; then every contender of benchmarks/contenders.py at its best
+documented settings (ONNX Runtime's quantizers after `quant_pre_process`, per channel; every
+MatMulNBitsQuantizer algorithm; NNCF `compress_weights`). For each: success or the exact error,
+file size ratio vs FP32, whether it changed the model, output SQNR and KL vs FP32 on held-out
+inputs, WER / perplexity where the model has a task (models/eval_asr.py, models/eval_lm.py) with
+a paired bootstrap 95 % interval of the difference from FP32 (benchmarks/stats.py), ONNX Runtime
+latency vs FP32 and vs fused FP32 (1 thread, interleaved, median process-CPU time: q4c.timing)
+and peak memory (RSS high-water mark of a fresh process that loads the model and runs it once).
 
-ORT's quantization tools need `onnx-ir` and `sympy` (the `bench` extra):
+Verdicts (below the table) count only contenders that changed the model (file under 0.98 of FP32
+or a quantization op in its graph) and compare accuracy at matched size: each contender against
+the q4c row of the largest size not above the contender's (the contender has the nearest
+larger-or-equal size), by the task metric's paired bootstrap interval where the model has a task,
+else by the per-input KL (distributions) or SQNR, also with a paired bootstrap interval over the
+held-out inputs. "more/less accurate" only when the interval excludes 0; otherwise "within noise".
 
-    pip install -e ".[bench]"
-    python benchmarks/bench_compare.py [--models a,b] [--iters 20] [--write]
+ORT's quantization tools need `onnx-ir` and `sympy` (the `bench` extra); NNCF rows need `nncf`:
+
+    pip install -e ".[bench]" nncf
+    python benchmarks/bench_compare.py [--models a,b] [--iters 20] [--merge] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-import q4c
+from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.compiler import sqnr_db
+from q4c.metrics import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
+from q4c.timing import CLOCK, interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stats  # noqa: E402
 from _common import MODELS, TASKS, bench_data, bundled_models, run, task_eval  # noqa: E402
+from contenders import ALL_CONTENDERS, FUSED_FP32, SETTINGS_ALL, Build, Calibration, q4c_with  # noqa: E402
 
-def _task_metric(name: str, model_path: Path) -> float | None:
-    result = task_eval(name, model_path)
-    return None if result is None else float(result[TASKS[name][1]])
-
-
-# -- the contenders ---------------------------------------------------------------------------
-
-def q4c_with(**options: object) -> Callable[[Path, Path, Path], None]:
-    def build(src: Path, dst: Path, calib: Path) -> None:
-        q4c.compile_file(src, dst, q4c.CompileOptions(**options), data=calib, verify=False)
-    return build
-
-
-def ort_dynamic(src: Path, dst: Path, calib: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-
-
-def ort_static_int4(src: Path, dst: Path, calib: Path) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter([dict(np.load(p)) for p in sorted(calib.glob("*.npz"))])
-
-        def get_next(self) -> dict | None:
-            return next(self._it, None)
-
-    # INT4 weights need opset 21: convert properly first (q4c.graph.convert_opset).
-    converted = q4c.graph.convert_opset(onnx.load(src))
-    tmp = dst.with_suffix(".opset21.onnx")
-    onnx.save(converted, tmp)
-    quantize_static(str(tmp), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt4, activation_type=QuantType.QUInt8)
-    tmp.unlink()
-
-
-def ort_matmul_nbits(src: Path, dst: Path, calib: Path) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=32, is_symmetric=True)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst))
-
-
-CONTENDERS: list[tuple[str, Callable[[Path, Path, Path], None]]] = [
+Q4C_ROWS: list[tuple[str, Build]] = [
+    FUSED_FP32,
     ("q4c default (avg 4 bits)", q4c_with()),
     ("q4c uniform INT4", q4c_with(bits=4)),
     ("q4c avg 3 bits", q4c_with(avg_bits=3.0)),
-    ("ORT quantize_dynamic INT8", ort_dynamic),
-    ("ORT quantize_static QDQ INT4", ort_static_int4),
-    ("ORT MatMulNBitsQuantizer INT4/32", ort_matmul_nbits),
+    ("q4c uniform INT8", q4c_with(bits=8)),
 ]
+CONTENDERS: list[tuple[str, Build]] = [*Q4C_ROWS, *ALL_CONTENDERS]
+
+#: op types whose presence means a row quantized something (any domain prefix is stripped)
+QUANT_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "MatMulNBits",
+                       "GatherBlockQuantized", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "QLinearMatMul",
+                       "QLinearConv", "QLinearAdd", "QLinearMul", "ConvInteger", "MatMulIntegerToFloat", "QGemm"})
+CHANGED_SIZE = 0.98
+
+
+def _task(name: str, model_path: Path) -> dict:
+    result = task_eval(name, model_path)
+    if result is None:
+        return {"task": None}
+    return {"task": float(result[TASKS[name][1]]), "task_items": result.get("items"),
+            **({"cer": float(result["cer"])} if "cer" in result else {})}
 
 
 # -- measurements -----------------------------------------------------------------------------
@@ -99,7 +78,6 @@ from q4c import ort as q4ort
 import onnx
 def hwm():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
-base = hwm()
 s = q4ort.make_session(onnx.load(sys.argv[1]), threads=1)
 with np.load(sys.argv[2]) as z:
     s.run(None, {k: z[k] for k in z.files})
@@ -112,30 +90,37 @@ def peak_rss_kib(model: Path, feeds_path: Path) -> int | None:
     return int(out.stdout.strip()) if out.returncode == 0 else None
 
 
-def latency_ratio(fp32: Path, other: Path, feeds: dict, iters: int) -> tuple[float, float]:
-    a, b = q4ort.make_session(onnx.load(fp32), threads=1), q4ort.make_session(onnx.load(other), threads=1)
-    ta, tb = [], []
-    for _ in range(3):
-        a.run(None, feeds), b.run(None, feeds)
-    for _ in range(iters):
-        for session, times in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-    return statistics.median(tb) / statistics.median(ta), 1e3 * statistics.median(tb)
+def latency(paths: dict[str, Path], feeds: dict, iters: int) -> dict[str, float]:
+    """Median process-CPU ms of each model, all interleaved (q4c.timing)."""
+    sessions = {k: q4ort.make_session(onnx.load(p), threads=1) for k, p in paths.items()}
+    timing = interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, rounds=iters, warmup=3)
+    return timing.medians_ms()
 
 
-def accuracy(fp32: Path, other: Path, held_out: list[dict]) -> dict[str, float | None]:
+def accuracy(fp32: Path, other: Path, held_out: list[dict]) -> dict:
+    """Mean SQNR and KL over the held-out inputs, and the per-input values (for intervals)."""
     ref_s, out_s = q4ort.make_session(onnx.load(fp32)), q4ort.make_session(onnx.load(other))
     sq, kl = [], []
     for feeds in held_out:
         ref, out = q4ort.run(ref_s, feeds), q4ort.run(out_s, feeds)
+        s_item, k_item = [], []
         for name, r in ref.items():
             if np.issubdtype(r.dtype, np.floating):
-                sq.append(sqnr_db(r, out[name]))
+                s_item.append(min(sqnr_db(r, out[name]), 200.0))  # identical outputs: inf, capped to average
                 if output_kind(r) != "real":
-                    kl.append(divergence(r, out[name], output_kind(r)))
-    return {"sqnr_db": float(np.mean(sq)), "kl": float(np.mean(kl)) if kl else None}
+                    k_item.append(divergence(r, out[name], output_kind(r)))
+        sq.append(float(np.mean(s_item)))
+        if k_item:
+            kl.append(float(np.mean(k_item)))
+    return {"sqnr_db": float(np.mean(sq)), "kl": float(np.mean(kl)) if kl else None, "sqnr_items": sq,
+            "kl_items": kl or None}
+
+
+def quantized(fp32_ops: dict[str, int], row_ops: dict[str, int], size_ratio: float) -> bool:
+    """Did the row change the model: smaller file, or quantization ops FP32 does not have."""
+    def q(ops: dict[str, int]) -> set[str]:
+        return {op.split("::")[-1] for op in ops} & QUANT_OPS
+    return size_ratio < CHANGED_SIZE or bool(q(row_ops) - q(fp32_ops))
 
 
 def measure(name: str, tmp: Path, iters: int) -> list[dict]:
@@ -144,24 +129,36 @@ def measure(name: str, tmp: Path, iters: int) -> list[dict]:
     with np.load(feeds_path) as npz:
         sample = {k: npz[k] for k in npz.files}
     calib, held_out, _ = bench_data(name, tmp)
-    rows = [{"model": name, "method": "FP32", "ok": True, "size_ratio": 1.0, "sqnr_db": float("inf"), "kl": 0.0,
-             "task": _task_metric(name, src), "latency_ratio": 1.0, "peak_rss_mib": _mib(peak_rss_kib(src, feeds_path))}]
+    calib_feeds = [dict(np.load(p)) for p in sorted(calib.glob("*.npz"))]
+    calibration = Calibration(feeds=lambda: [dict(f) for f in calib_feeds], data=calib)
+    fp32_ops = g.op_histogram(onnx.load(src))
+    fp32_acc = accuracy(src, src, held_out)
+    rows = [{"model": name, "method": "FP32", "ok": True, "changed": False, "size_ratio": 1.0, "sqnr_db": float("inf"),
+             "kl": 0.0, **{k: v for k, v in fp32_acc.items() if k.endswith("_items")}, **_task(name, src),
+             "latency_ratio": 1.0, "vs_fused": None, "peak_rss_mib": _mib(peak_rss_kib(src, feeds_path))}]
+    fused_path = tmp / f"{name}_fused.onnx"
     for label, build in CONTENDERS:
-        dst = tmp / f"{name}_{len(rows)}.onnx"
+        dst = fused_path if label == FUSED_FP32[0] else tmp / f"{name}_{len(rows)}.onnx"
         row: dict = {"model": name, "method": label}
         try:  # building, loading and running: any failure is the row's result
-            build(src, dst, calib)
-            ratio, ms = latency_ratio(src, dst, sample, iters)
-            row.update(ok=True, size_ratio=dst.stat().st_size / src.stat().st_size, **accuracy(src, dst, held_out),
-                       task=_task_metric(name, dst), latency_ratio=ratio, ms=ms,
+            start = time.perf_counter()
+            build(src, dst, calibration)
+            build_s = round(time.perf_counter() - start, 1)
+            paths = {"fp32": src, "row": dst, **({"fused": fused_path} if fused_path.exists() and dst != fused_path else {})}
+            ms = latency(paths, sample, iters)
+            size = dst.stat().st_size / src.stat().st_size
+            ops = g.op_histogram(onnx.load(dst))
+            row.update(ok=True, size_ratio=size, changed=quantized(fp32_ops, ops, size), **accuracy(src, dst, held_out),
+                       **_task(name, dst), latency_ratio=ms["row"] / ms["fp32"], ms=ms["row"],
+                       vs_fused=ms["row"] / ms["fused"] if "fused" in ms else None, build_s=build_s,
                        peak_rss_mib=_mib(peak_rss_kib(dst, feeds_path)))
         except Exception as e:  # noqa: BLE001 - the exact failure is the result
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            row.update(ok=False, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
             rows.append(row)
             print(f"  {label}: FAILED {row['error']}", file=sys.stderr)
             continue
         rows.append(row)
-        print(f"  {label}: {row}", file=sys.stderr)
+        print(f"  {label}: " + ", ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_items")), file=sys.stderr)
     return rows
 
 
@@ -169,57 +166,123 @@ def _mib(kib: int | None) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
 
 
+# -- rendering --------------------------------------------------------------------------------
+
+def _is_q4c(row: dict) -> bool:
+    return row["method"].startswith("q4c") and row["method"] != FUSED_FP32[0]
+
+
+def _task_interval(model: str, ref: dict, row: dict) -> stats.Interval | None:
+    if model not in TASKS or not ref.get("task_items") or not row.get("task_items"):
+        return None
+    return stats.task_difference(TASKS[model][1], ref["task_items"], row["task_items"])
+
+
+def _task_cell(model: str, fp32: dict, row: dict) -> str:
+    if row.get("task") is None:
+        return "-"
+    metric = TASKS[model][1]
+    scale, unit = (100.0, " %") if metric == "wer" else (1.0, "")
+    iv = _task_interval(model, fp32, row) if row is not fp32 else None
+    shown = f"{scale * row['task']:.2f}{unit}"
+    return shown if iv is None else f"{shown} ({scale * iv.estimate:+.2f} [{scale * iv.low:+.2f}, {scale * iv.high:+.2f}])"
+
+
 def render(rows: list[dict], iters: int) -> str:
     lines = [
         "<!-- compare:begin -->",
-        "## q4c vs ONNX Runtime's quantizers",
+        "## q4c vs the best peers: ONNX Runtime's quantizers and NNCF",
         "",
         f"Produced by `python benchmarks/bench_compare.py --write` ({time.strftime('%Y-%m-%d')}), all rows in one run. "
         "Calibration and held-out inputs as in the mixed-precision section (trained models: committed calibration "
-        "sets, test sets; others: 16 + 16 variants of the sample input); accuracy = SQNR and KL of the "
-        "outputs vs FP32 on the held-out inputs; task metric on the model's test set (bilstm_am: word error rate as a fraction, lstm_lm: perplexity). Latency: ONNX "
-        f"Runtime CPU, 1 thread, FP32 and the row's model interleaved, median of {iters}. Peak RSS: fresh process that "
-        "loads the model and runs it once.",
+        "sets, test sets; others: 16 + 16 variants of the sample input); accuracy = SQNR and KL of the outputs vs "
+        "FP32 on the held-out inputs (mean over inputs); task metric on the model's test set (bilstm_am: WER, "
+        "lstm_lm: perplexity) with, in brackets, the difference from FP32 and its paired bootstrap 95 % interval "
+        f"over utterances / text windows. Latency: ONNX Runtime CPU, 1 thread, FP32, q4c fused FP32 and the row's "
+        f"model interleaved, median of {iters} ({CLOCK}); `vs fused` divides by q4c's rewrites without quantization, "
+        "so fusion is not credited to low-bit weights. Peak RSS: fresh process that loads the model and runs it "
+        "once. `changed`: the row's file is under 0.98 of FP32 or its graph has quantization ops FP32 lacks; rows "
+        "that did not change the model take no part in the verdicts.",
         "",
-        "| model | method | size ratio | SQNR dB | KL | task | latency ratio | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        SETTINGS_ALL,
+        "",
+        "| model | method | size ratio | changed | SQNR dB | KL | task (vs FP32 [95 % CI]) | latency ratio | vs fused "
+        "| peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fp32_of = {r["model"]: r for r in rows if r["method"] == "FP32"}
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['model']} | {r['method']} | failed: `{r['error']}` | | | | | |")
+            lines.append(f"| {r['model']} | {r['method']} | failed: `{r['error']}` | | | | | | | |")
             continue
-        kl = "-" if r.get("kl") is None else f"{r['kl']:.4f}"
-        task = "-" if r.get("task") is None else f"{r['task']:.3g}"
-        lines.append(f"| {r['model']} | {r['method']} | {r['size_ratio']:.3f} | {r['sqnr_db']:.2f} | {kl} | {task} | "
-                     f"{r['latency_ratio']:.2f} | {r['peak_rss_mib']} |")
+        kl = "-" if r.get("kl") is None else f"{max(r['kl'], 0.0):.4f}"
+        vs_fused = "-" if r.get("vs_fused") is None else f"{r['vs_fused']:.2f}"
+        changed = "earlier run" if "changed" not in r else "yes" if r["changed"] else "no"
+        lines.append(f"| {r['model']} | {r['method']} | {r['size_ratio']:.3f} | {changed} | {r['sqnr_db']:.2f} | {kl} | "
+                     f"{_task_cell(r['model'], fp32_of.get(r['model'], r), r)} | {r['latency_ratio']:.2f} | "
+                     f"{vs_fused} | {r['peak_rss_mib']} |")
     lines += ["", *_verdicts(rows), "<!-- compare:end -->"]
     return "\n".join(lines)
 
 
-def _better(a: dict, b: dict) -> bool:
-    """Is row a at least as accurate as row b? KL where the output is a distribution, else SQNR."""
-    if a.get("kl") is not None and b.get("kl") is not None:
-        return a["kl"] <= b["kl"]
-    return a["sqnr_db"] >= b["sqnr_db"]
+def _compare(model: str, mine: dict, theirs: dict) -> tuple[str, str]:
+    """(verdict, evidence) of `mine` against `theirs` on accuracy: task interval, else KL, else SQNR."""
+    iv = _task_interval(model, theirs, mine)
+    if iv is not None:
+        metric = TASKS[model][1]
+        scale, unit = (100.0, " points") if metric == "wer" else (1.0, "")
+        words = {"better": "more accurate", "worse": "less accurate"}
+        return (words.get(iv.verdict(), "within noise"),
+                f"{metric} mine - theirs {iv.describe(scale, unit)}")
+    if mine.get("kl_items") and theirs.get("kl_items"):
+        iv = stats.mean_difference(theirs["kl_items"], mine["kl_items"])  # mine - theirs: below 0, mine is better
+        verdict = {"better": "more accurate", "worse": "less accurate"}.get(iv.verdict(), "within noise")
+        what, digits = "KL mine - theirs", 4
+    else:
+        iv = stats.mean_difference(theirs["sqnr_items"], mine["sqnr_items"])  # mine - theirs: above 0, mine is better
+        verdict = {"worse": "more accurate", "better": "less accurate"}.get(iv.verdict(), "within noise")
+        what, digits = "SQNR dB mine - theirs", 2
+    return verdict, f"{what} {iv.describe(1.0, digits=digits)}"
 
 
 def _verdicts(rows: list[dict]) -> list[str]:
-    """Per model: is q4c's default row at least as small as every ONNX Runtime row that ran, and
-    more accurate? Rows that are not are named, with their size."""
-    out = ["q4c default against every ONNX Runtime row that ran (accuracy: KL where the output is a "
-           "distribution, else SQNR):", ""]
+    """Per model and contender that changed the model: q4c at the nearest size not above it."""
+    out = ["Verdicts: each peer row that changed the model, against the q4c row (default, uniform INT4, avg 3 "
+           "bits, uniform INT8) of the largest size not above the peer's (the peer is at the nearest larger-or-equal "
+           "size); accuracy by the task metric's paired bootstrap interval where the model has one, else by the "
+           "per-input KL (distributions) or SQNR interval over the held-out inputs; `within noise` when the interval "
+           "contains 0. Peers that failed or did not change the model are listed, not counted.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        mine = next((r for r in rows if r["model"] == model and r["method"].startswith("q4c default") and r["ok"]), None)
-        theirs = [r for r in rows if r["model"] == model and r["method"].startswith("ORT") and r["ok"]]
-        if mine is None or not theirs:
+        if any(r["ok"] and "sqnr_items" not in r for r in rows if r["model"] == model):
+            out.append(f"- {model}: rows from an earlier run under the old settings (not rerun): no verdict")
             continue
-        larger = [r for r in theirs if r["size_ratio"] < mine["size_ratio"]]
-        better = [r for r in theirs if not _better(mine, r)]
-        size = (f"smaller than all {len(theirs)} ORT rows" if not larger else
-                "LARGER than " + ", ".join(f"{r['method']} ({r['size_ratio']:.3f})" for r in larger))
-        acc = ("more accurate than all" if not better else "less accurate than " + ", ".join(
-            f"{r['method']} (at {r['size_ratio']:.3f} of FP32)" for r in better))
-        out.append(f"- {model}: q4c default at {mine['size_ratio']:.3f} of FP32 is {size}; {acc}")
+        # by size; at equal size the default row last, so it is the one a peer meets
+        ours = sorted((r for r in rows if r["model"] == model and _is_q4c(r) and r["ok"]),
+                      key=lambda r: (round(r["size_ratio"], 3), r["method"].startswith("q4c default")))
+        peers = [r for r in rows if r["model"] == model and not r["method"].startswith(("q4c", "FP32"))]
+        counted = [r for r in peers if r["ok"] and r.get("changed")]
+        if not ours or not counted:
+            continue
+        tally: dict[str, list[str]] = {"more accurate": [], "within noise": [], "less accurate": [], "no q4c row": []}
+        for peer in counted:
+            match = [r for r in ours if r["size_ratio"] <= peer["size_ratio"]]
+            if not match:
+                tally["no q4c row"].append(f"{peer['method']} ({peer['size_ratio']:.3f})")
+                continue
+            mine = match[-1]
+            verdict, evidence = _compare(model, mine, peer)
+            tally[verdict].append(f"{peer['method']} ({peer['size_ratio']:.3f}) vs {mine['method']} "
+                                  f"({mine['size_ratio']:.3f}): {evidence}")
+        skipped = [f"{r['method']} ({'failed' if not r['ok'] else 'unchanged'})" for r in peers if r not in counted]
+        out.append(f"- **{model}**: q4c more accurate at matched size than {len(tally['more accurate'])} of "
+                   f"{len(counted)} peer rows that changed the model, within noise of {len(tally['within noise'])}, "
+                   f"less accurate than {len(tally['less accurate'])}"
+                   + (f"; {len(tally['no q4c row'])} peer rows smaller than every q4c row" if tally["no q4c row"] else ""))
+        for verdict in ("less accurate", "within noise", "no q4c row"):
+            for item in tally[verdict]:
+                out.append(f"  - {verdict}: {item}")
+        if skipped:
+            out.append(f"  - not counted: {', '.join(skipped)}")
     return out
 
 
@@ -232,7 +295,8 @@ def main() -> int:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else bundled_models()
-    run("compare", names, lambda name, tmp: measure(name, tmp, args.iters), lambda rows: render(rows, args.iters), merge=args.merge, write=args.write)
+    run("compare", names, lambda name, tmp: measure(name, tmp, args.iters), lambda rows: render(rows, args.iters),
+        merge=args.merge, write=args.write)
     return 0
 
 

@@ -48,9 +48,9 @@ class Interval:
             return "no worse"
         return "within noise"
 
-    def describe(self, scale: float = 1.0, unit: str = "") -> str:
-        return (f"{scale * self.estimate:+.2f}{unit} [{scale * self.low:+.2f}, {scale * self.high:+.2f}] "
-                f"95 % CI over {self.items} items")
+    def describe(self, scale: float = 1.0, unit: str = "", digits: int = 2) -> str:
+        e, lo, hi = (scale * v for v in (self.estimate, self.low, self.high))
+        return f"{e:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}] 95 % CI over {self.items} items"
 
 
 def _indices(items: int, resamples: int, seed: int) -> np.ndarray:
@@ -102,4 +102,21 @@ def mean_difference(a: Sequence[float], b: Sequence[float], *, resamples: int = 
     return Interval(float(d.mean()), float(low), float(high), len(d))
 
 
-__all__ = ["Interval", "rate_difference", "perplexity_difference", "mean_difference", "RESAMPLES"]
+def task_difference(metric: str, items_a: Sequence[Sequence[float]], items_b: Sequence[Sequence[float]], *,
+                    resamples: int = RESAMPLES, seed: int = SEED) -> Interval:
+    """B - A of a task metric from the per-item lists models/eval_asr.py and eval_lm.py return
+    (`items`): "wer" and "cer" from [word errors, words, char errors, chars] per utterance,
+    "perplexity" from [NLL, tokens] per window."""
+    a, b = np.asarray(items_a, dtype=np.float64), np.asarray(items_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"the two systems were scored on different items: {a.shape} vs {b.shape}")
+    if metric == "wer":
+        return rate_difference(a[:, 0], b[:, 0], a[:, 1], resamples=resamples, seed=seed)
+    if metric == "cer":
+        return rate_difference(a[:, 2], b[:, 2], a[:, 3], resamples=resamples, seed=seed)
+    if metric == "perplexity":
+        return perplexity_difference(a[:, 0], b[:, 0], a[:, 1], resamples=resamples, seed=seed)
+    raise ValueError(f"unknown task metric {metric!r}: wer, cer or perplexity")
+
+
+__all__ = ["task_difference", "Interval", "rate_difference", "perplexity_difference", "mean_difference", "RESAMPLES"]

@@ -84,6 +84,9 @@ def evaluate(model_path, threads: int = 1, *, limit: int | None = None) -> dict:
             sub = error_rates([refs[i] for i in sel], [hyps[i] for i in sel])
             result[key] = {"wer": sub["wer"], "cer": sub["cer"], "utterances": sub["utterances"]}
     result["examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]
+    # per utterance [word errors, words, char errors, chars]: paired bootstrap intervals (benchmarks/stats.py)
+    result["items"] = [[edit_distance(r.split(), h.split()), len(r.split()), edit_distance(r, h), len(r)]
+                       for r, h in zip(refs, hyps)]
     return result
 
 

@@ -49,14 +49,16 @@ def evaluate(model_path, threads: int = 1, *, limit: int | None = None) -> dict:
     windows = test_windows()[:limit]
     sess = _session(model_path, threads)
     name = sess.get_inputs()[0].name
-    nll = 0.0
+    per_window: list[float] = []  # NLL of each window: paired bootstrap intervals (benchmarks/stats.py)
     for i in range(0, len(windows), BATCH):
         x = windows[i : i + BATCH]
         (lp,) = sess.run(None, {name: x})
         picked = np.take_along_axis(lp[:, :-1].astype(np.float64), x[:, 1:, None], axis=-1)
-        nll -= float(picked.sum())
+        per_window.extend(float(-v) for v in picked.sum(axis=(1, 2)))
+    nll = sum(per_window)
     scored = windows[:, 1:]
-    return {"perplexity": math.exp(nll / scored.size), "tokens": int(scored.size), "windows": len(windows), "unk_rate": float(np.mean(scored == 0))}
+    return {"perplexity": math.exp(nll / scored.size), "tokens": int(scored.size), "windows": len(windows),
+            "unk_rate": float(np.mean(scored == 0)), "items": [[v, scored.shape[1]] for v in per_window]}
 
 
 def main(argv=None) -> int:

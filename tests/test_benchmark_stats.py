@@ -64,3 +64,13 @@ def test_mean_difference_of_a_shift(rng):
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError):
         stats.rate_difference([1, 2], [1, 2, 3], [5, 5])
+
+
+def test_task_difference_reads_the_eval_items_by_hand():
+    # [word errors, words, char errors, chars]: B makes 1 more word error in 20 words, 2 fewer char errors in 100
+    a = [[2, 10, 5, 50], [3, 10, 5, 50]]
+    b = [[3, 10, 4, 50], [3, 10, 4, 50]]
+    assert stats.task_difference("wer", a, b, resamples=50).estimate == pytest.approx(1 / 20)
+    assert stats.task_difference("cer", a, b, resamples=50).estimate == pytest.approx(-2 / 100)
+    ppl = stats.task_difference("perplexity", [[10.0, 5], [10.0, 5]], [[10.0, 5], [10.0, 5]], resamples=50)
+    assert ppl.estimate == 0 and ppl.verdict() == "no worse"
