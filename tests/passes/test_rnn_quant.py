@@ -11,6 +11,10 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
+from q4c.passes.assign_precision import AssignPrecisionPass
+from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
+from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
+from q4c.passes.quantize_weights import QuantizeWeightsPass
 
 from q4c import graph as g
 from q4c import ort as q4ort
@@ -18,10 +22,6 @@ from q4c.compiler import compile_model
 from q4c.config import CompileOptions, Granularity
 from q4c.errors import ModelLoadError
 from q4c.metrics import sqnr_db
-from q4c.passes.assign_precision import AssignPrecisionPass
-from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
-from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
-from q4c.passes.quantize_weights import QuantizeWeightsPass
 from q4c.pipeline import PassContext
 from q4c.quant.gptq import input_hessians
 from q4c.quant.sensitivity import gptq_eligible
@@ -395,6 +395,31 @@ def test_fuses_scan_whose_body_is_an_rnn_cell(rng):
     got = run_ort(out, feeds)
     np.testing.assert_allclose(got["Y"], y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got["h_last"], h_last, rtol=1e-5, atol=1e-5)
+
+
+def test_fuses_loop_whose_body_is_a_relu_rnn_cell(rng):
+    b, i, h = 2, 5, 8
+    w, r = (rng.standard_normal((h, i)) * 0.3).astype(np.float32), (rng.standard_normal((h, h)) * 0.3).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["x", "iter"], ["x_t"], axis=1),  # x [B, T, I], batch first
+         helper.make_node("Gemm", ["x_t", "w"], ["px"], transB=1), helper.make_node("Gemm", ["h", "r"], ["ph"], transB=1),
+         helper.make_node("Add", ["px", "ph"], ["pre"]), helper.make_node("Relu", ["pre"], ["h_new"]),
+         helper.make_node("Identity", ["h_new"], ["y_t"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []), _info("h", b, h)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _info("h_new", b, h), _info("y_t", b, h)],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(r, "r")])
+    loop = helper.make_node("Loop", ["trips", "", "h0"], ["h_last", "Y"], body=body)
+    model = make_model([loop], [_info("x", b, 6, i), helper.make_tensor_value_info("trips", TensorProto.INT64, []),
+                                _info("h0", b, h)], [_info("h_last", b, h), _info("Y", None, b, h)], {}, opset=21)
+    feeds = {"x": rng.standard_normal((b, 6, i)).astype(np.float32), "h0": rng.standard_normal((b, h)).astype(np.float32),
+             "trips": np.array(4, np.int64)}  # the first 4 of 6 frames
+    out, result = run_pass(FuseLstmGatesPass(), model)
+    assert result.stats == {"fused": 1, "fused_rnn": 1, "fused_cells": 1, "fused_loops": 1}
+    assert op_histogram(out).get("RNN") == 1 and "Loop" not in op_histogram(out)
+    _check_semantics(model, out, feeds)
+    y, _ = _numpy_rnn(feeds["x"][:, :4].transpose(1, 0, 2), w, r, 0, feeds["h0"], lambda v: np.maximum(v, 0))
+    np.testing.assert_allclose(run_ort(out, feeds)["Y"], y, rtol=1e-5, atol=1e-5)
 
 
 def test_leaves_a_tanh_mlp_alone(rng):
