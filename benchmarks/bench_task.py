@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 
 import q4c
+from q4c.timing import timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stats  # noqa: E402
 from _common import DATA, MODELS, TASKS, run, task_eval  # noqa: E402
 
 CONFIGS: list[tuple[str, dict]] = [
@@ -48,7 +50,9 @@ def _row(name: str, label: str, path: Path, fp32_bytes: int, **extra: object) ->
     for part in ("seen_voices", "held_out_voice"):
         if part in result:
             row[f"wer_{part}"] = result[part]["wer"]
-    print(f"  {label}: {row}", file=sys.stderr)
+    if "items" in result:  # per utterance / window: paired bootstrap intervals in the verdicts
+        row["items"] = result["items"]
+    print(f"  {label}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "items"), file=sys.stderr)
     return row
 
 
@@ -59,10 +63,9 @@ def measure(name: str, tmp: Path) -> list[dict]:
     rows = [_row(name, "FP32", src, fp32_bytes)]
     for label, options in CONFIGS:
         out = tmp / f"{name}_{len(rows)}.onnx"
-        start = time.perf_counter()
-        report = q4c.compile_file(src, out, q4c.CompileOptions(**options), data=calib, verify=False)
+        report, wall, _ = timed(lambda: q4c.compile_file(src, out, q4c.CompileOptions(**options), data=calib, verify=False))
         rows.append(_row(name, label, out, fp32_bytes, avg_weight_bits=report["avg_weight_bits"],
-                         avg_stored_bits=report.get("avg_stored_bits"), compile_s=round(time.perf_counter() - start, 1)))
+                         avg_stored_bits=report.get("avg_stored_bits"), compile_s=round(wall, 1)))
     return rows
 
 
@@ -75,7 +78,9 @@ def render(rows: list[dict]) -> str:
         "model's committed calibration set (bilstm_am: 24 dev utterances; lstm_lm: 32 training-text windows), metric "
         "on its test set (bilstm_am: 160 utterances, greedy CTC, `models/eval_asr.py`; lstm_lm: 349 windows of 64 "
         "tokens, `models/eval_lm.py`). Default kernels. `avg bits`: code bits per quantized weight as planned "
-        "(3-bit codes are stored in 4-bit containers: `stored` bits).",
+        "(3-bit codes are stored in 4-bit containers: `stored` bits). Verdicts: paired bootstrap 95 % interval of the "
+        "difference over test utterances / windows (2,000 resamples, benchmarks/stats.py); `better`/`worse` when it "
+        "excludes 0, `no worse` only when its upper end is at or below 0, else `within noise`.",
         "",
         "| model | config | bytes | size ratio | avg bits (stored) | WER % | CER % | WER seen / held-out voice % | perplexity |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -95,8 +100,19 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _versus(key: str, a: dict, b: dict) -> str:
+    """B against A on the task metric: the verdict of the paired bootstrap 95 % interval of B - A
+    (benchmarks/stats.py: "no worse" only when the interval's upper end is at or below 0)."""
+    if "items" not in a or "items" not in b:
+        return "no interval: per-item scores missing"
+    iv = stats.task_difference(key, a["items"], b["items"])
+    scale, unit = (100.0, " points") if key == "wer" else (1.0, "")
+    return f"{iv.verdict()}: {iv.describe(scale, unit)}"
+
+
 def _verdicts(rows: list[dict]) -> list[str]:
-    """The comparisons the issues ask for, stated from the rows above."""
+    """The comparisons the issues ask for, stated from the rows above, each with the paired
+    bootstrap 95 % interval of the difference over utterances / text windows."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["config"]: r for r in rows if r["model"] == model}
@@ -106,11 +122,11 @@ def _verdicts(rows: list[dict]) -> list[str]:
         u4, u3, g3 = by["uniform 4-bit"], by["uniform 3-bit"], by["uniform 3-bit gptq"]
         m35, m3 = by["q4c kl @ 3.5 bits"], by["q4c kl @ 3 bits"]
         out.append(f"- {model}: default {fmt(default[key])} vs FP32 {fmt(fp32[key])} at {default['size_ratio']:.3f} of "
-                   f"its size; kl @ 3.5 bits {fmt(m35[key])} vs uniform 4-bit {fmt(u4[key])} "
-                   f"({'no worse' if m35[key] <= u4[key] else 'WORSE'}, {m35['bytes'] / u4['bytes']:.2f} of its bytes); "
-                   f"kl @ 3 bits {fmt(m3[key])} vs uniform 3-bit {fmt(u3[key])} "
-                   f"({'better' if m3[key] < u3[key] else 'NOT better'}, {m3['bytes'] / u3['bytes']:.2f} of its bytes; "
-                   f"uniform 3-bit with gptq rounding {fmt(g3[key])})")
+                   f"its size ({_versus(key, fp32, default)}); kl @ 3.5 bits {fmt(m35[key])} vs uniform 4-bit "
+                   f"{fmt(u4[key])} at {m35['bytes'] / u4['bytes']:.2f} of its bytes ({_versus(key, u4, m35)}); "
+                   f"kl @ 3 bits {fmt(m3[key])} vs uniform 3-bit {fmt(u3[key])} at {m3['bytes'] / u3['bytes']:.2f} of its "
+                   f"bytes ({_versus(key, u3, m3)}; uniform 3-bit with gptq rounding {fmt(g3[key])}, "
+                   f"{_versus(key, g3, m3)})")
     return out
 
 
