@@ -61,6 +61,7 @@ def test_c_1_k_weight_is_blocked_along_the_kernel_axis_and_runs_in_ort(rng):
     feeds = {"x": rng.standard_normal((1, 1, 300), dtype=np.float32)}
     via_ort = run_ort(packed, feeds)["y"]  # ORT accepts DQ opset 21, block_size on a kernel axis, into Conv
     np.testing.assert_allclose(run_interp(packed, feeds)["y"], via_ort, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_ort(packed, feeds, optimized=True)["y"], via_ort, rtol=1e-5, atol=1e-5)
     assert sqnr_db(run_ort(model, feeds)["y"], via_ort) > 15  # 4-bit, 32 weights a scale
 
 
