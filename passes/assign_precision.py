@@ -81,7 +81,8 @@ class AssignPrecisionPass(Pass):
         table = ctx.sensitivity
         if table is None or set(chosen) - set(table.scores):
             # No (complete) measurement: fall back to the data-free weight-error proxy.
-            table = measure(graph, dataclasses.replace(opts, sensitivity="mse"), ctx.opset, ctx.samples)
+            table = measure(graph, dataclasses.replace(opts, sensitivity="mse"), ctx.opset, ctx.samples,
+                            sequences=ctx.sequences or None, state_pairs=ctx.state_pairs)
             ctx.warn("assign-precision: no sensitivity measurement for every tensor; used the data-free mse proxy")
         names = sorted(chosen)
         groups = tied_groups(chosen)
@@ -96,6 +97,12 @@ class AssignPrecisionPass(Pass):
         if kept_uniform:
             solution = Solution(uniform, _cost(items, uniform), sum(items[i][k].score for i, k in enumerate(uniform)), 1)
         picks = _expand(groups, solution.choice)
+        if table.runner is not None:  # what the plan does to each task output, for the report
+            if kept_uniform and "uniform_4bit" in table.measured:
+                table.measured["plan"] = table.measured["uniform_4bit"]
+            elif "plan" not in table.measured:
+                table.measured["plan"] = table.plan_metrics(
+                    {n: table.candidates[n][k].key for n, k in picks.items()}, opts.granularity) or {}
         choice = [table.candidates[n][picks[n]] for n in names]
         used = solution.cost
         for name, cand in zip(names, choice, strict=True):
@@ -114,7 +121,8 @@ class AssignPrecisionPass(Pass):
                                  table: SensitivityTable, ctx: PassContext) -> bool:
         """The per-tensor scores add up to a prediction; interactions between tensors can make a
         plan worse than uniform 4-bit. With a data-driven runner, measure both plans on the
-        calibration samples (up to PLAN_SAMPLES of them) and say whether uniform 4-bit is better."""
+        calibration samples (up to PLAN_SAMPLES of them; a stateful model's sequences closed loop,
+        as it is scored) and say whether uniform 4-bit is better."""
         if table.runner is None:
             return False
         granularity = ctx.options.granularity
@@ -122,11 +130,15 @@ class AssignPrecisionPass(Pass):
         def keys(picks: tuple[int, ...]) -> dict[str, str]:
             return {n: table.candidates[n][k].key for n, k in _expand(groups, picks).items()}
 
-        mixed = table.measure_plan(keys(choice), granularity)
-        flat = table.measure_plan(keys(uniform), granularity)
+        mixed_metrics = table.plan_metrics(keys(choice), granularity) or {}
+        flat_metrics = table.plan_metrics(keys(uniform), granularity) or {}
+        table.measured = {"plan": mixed_metrics, "uniform_4bit": flat_metrics}
+        mixed = sum(m["damage"] for m in mixed_metrics.values())
+        flat = sum(m["damage"] for m in flat_metrics.values())
+        scoring = "closed loop" if table.runner.closed_loop else "open loop"
         if flat < mixed:
-            ctx.warn(f"assign-precision: the mixed plan measured worse than uniform 4-bit on the calibration data "
-                     f"({mixed:.4g} vs {flat:.4g}); kept uniform 4-bit")
+            ctx.warn(f"assign-precision: the mixed plan measured worse than uniform 4-bit on the calibration data, "
+                     f"{scoring} ({mixed:.4g} vs {flat:.4g}); kept uniform 4-bit")
             return True
         return False
 

@@ -14,8 +14,11 @@ from q4c.quant.sensitivity import measure
 class MeasureSensitivityPass(Pass):
     """Score every (weight tensor, candidate bits) pair with `--sensitivity`:
 
-    - kl: KL divergence of the output distribution (variance-normalized MSE for outputs that
-      are not probabilities) with only that tensor quantized, mean over samples;
+    - kl: the damage of the task outputs with only that tensor quantized: per output, its
+      objective (q4c.objectives: KL for Softmax/LogSoftmax, Bernoulli KL for Sigmoid, relative
+      noise power for other floats, state outputs not counted; `--objective` overrides), summed;
+      for a stateful model's sequences closed loop by default (the quantized model's own state
+      fed back call after call, every call's outputs scored; `--scoring open-loop`: FP32 state);
     - hessian: tr(H)/n * ||Q(w) - w||^2, tr(H) of the same divergence estimated by Hutchinson
       probes with second central differences (forward passes only);
     - mse: ||Q(w) - w||^2, data-free.
@@ -32,9 +35,11 @@ class MeasureSensitivityPass(Pass):
             return PassResult(False, {"skipped_uniform_or_plan": 1})
         if opts.sensitivity != "mse" and not ctx.samples:
             raise PreconditionError(f"--sensitivity {opts.sensitivity} needs input samples; pass --calib DATA")
-        table = measure(graph, opts, ctx.opset, ctx.samples)
+        table = measure(graph, opts, ctx.opset, ctx.samples, sequences=ctx.sequences or None,
+                        state_pairs=ctx.state_pairs)
         ctx.sensitivity = table
         stats = {"tensors": len(table.scores), "fallback_mse": len(table.fallbacks)}
         if table.runner is not None:
             stats["forward_runs"] = table.runner.runs
+            stats["closed_loop"] = int(table.runner.closed_loop)
         return PassResult(False, {k: v for k, v in stats.items() if v})

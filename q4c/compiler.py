@@ -21,6 +21,7 @@ from q4c.calib.readers import CalibrationReader, Feeds, Sample, SamplesReader, o
 from q4c.calib.runner import Progress, materialize
 from q4c.config import CompileOptions
 from q4c.errors import ConfigError, ModelLoadError, NonFiniteWeightError, QualityLostError
+from q4c.objectives import group_sequences
 from q4c.metrics import sqnr_db  # noqa: F401  (re-exported: q4c.testing and the benchmarks import it from here)
 from q4c.pipeline import Pass, PassContext, Pipeline
 from q4c.quant.packing import INT2_OPSET
@@ -75,9 +76,11 @@ def compile_model(
         samples = synthetic_samples(model, count=1, seed=options.seed)
         logger.warning("no --calib data: analysing and verifying on synthetic inputs built from the input signature")
     reader = samples if isinstance(samples, CalibrationReader) else SamplesReader(samples)
-    samples = materialize(converted, SamplesReader(itertools.islice(reader, options.calib_samples), reader.state_pairs))
+    taken = SamplesReader(itertools.islice(reader, options.calib_samples), reader.state_pairs)
+    samples = materialize(converted, taken)
+    state_pairs, sequences = group_sequences(converted, taken, samples)
     ctx = PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET, samples=samples,
-                      sample_progress=sample_progress)
+                      sample_progress=sample_progress, sequences=sequences, state_pairs=state_pairs)
     for f in nonfinite:
         ctx.warn(f"{f.describe()}: kept in float (--allow-nonfinite)")
     # Run up to the kernel lowering, keep that (DequantizeLinear) form, then lower: for

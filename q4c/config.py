@@ -60,6 +60,10 @@ class Granularity:
         return self
 
 
+#: --objective kinds (q4c.objectives.OBJECTIVES) and --scoring modes
+SCORING_OBJECTIVES = ("kl", "bce", "snr", "ignore")
+SCORING_MODES = ("auto", "closed-loop", "open-loop")
+
 #: --kernels choices (see CompileOptions.kernels)
 KERNELS = ("auto", "low-bit", "fp32-at-load")
 
@@ -106,6 +110,15 @@ class CompileOptions:
     #: compile a model whose weights hold NaN or infinite values (refused otherwise); those
     #: weights stay float, with a warning
     allow_nonfinite: bool = False
+    #: --objective OUTPUT=KIND overrides, as (output, kind) pairs; KIND in kl, bce, snr, ignore
+    #: (see q4c.objectives; outputs not named get the objective their graph implies)
+    objectives: tuple[tuple[str, str], ...] = ()
+    #: how sensitivity runs a stateful model's sequences: "closed-loop" (the quantized model's own
+    #: state fed back call after call), "open-loop" (each call gets the FP32 state), "auto"
+    #: (closed loop when the samples are sequences and the model has state pairs)
+    scoring: str = "auto"
+    #: --require quality requirements, e.g. "flips<=0.5%" (see q4c.requirements)
+    requirements: tuple[str, ...] = ()
 
     @property
     def resolved_workers(self) -> int:
@@ -150,5 +163,11 @@ class CompileOptions:
             raise ConfigError(f"--observer must be minmax, percentile, entropy or mse, not {self.observer!r}")
         if not isinstance(self.allow_nonfinite, bool):
             raise ConfigError(f"allow_nonfinite must be True or False, not {self.allow_nonfinite!r}")
+        for output, kind in self.objectives:
+            if kind not in SCORING_OBJECTIVES:
+                raise ConfigError(f"--objective {output}={kind}: the objective must be one of "
+                                  f"{', '.join(SCORING_OBJECTIVES)}")
+        if self.scoring not in SCORING_MODES:
+            raise ConfigError(f"--scoring must be one of {', '.join(SCORING_MODES)}, not {self.scoring!r}")
         if self.calib_samples < 1:
             raise ConfigError(f"calib_samples must be >= 1, not {self.calib_samples}")

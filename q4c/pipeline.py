@@ -52,6 +52,10 @@ class PassContext:
     opset: int = g.TARGET_OPSET
     #: input samples (feed dicts) for analyses: --calib data, or synthetic from the signature
     samples: list[dict[str, Any]] = field(default_factory=list)
+    #: the same calls grouped by sequence (a stateful model's consecutive calls; a stateless
+    #: sample is a sequence of one), and the output -> input state pairs carried between them
+    sequences: list[list[dict[str, Any]]] = field(default_factory=list)
+    state_pairs: dict[str, str] = field(default_factory=dict)
     #: called by passes that loop over samples with (done, total or None): the CLI's progress bar
     sample_progress: Callable[[int, int | None], None] | None = None
     calibration: Any = None

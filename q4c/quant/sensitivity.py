@@ -24,6 +24,8 @@ from onnx import helper
 from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.config import CompileOptions
+from q4c.errors import ConfigError
+from q4c.objectives import Objective, Scorer, detect_objectives
 from q4c.quant.candidates import Candidate, candidate
 from q4c.quant.gptq import activation_of, input_hessians
 from q4c.quant.plan import FLOAT, SCHEMES
@@ -41,7 +43,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def output_kind(y: np.ndarray) -> str:
-    """'logprob' if rows are log-probabilities, 'prob' if probabilities, else 'real'."""
+    """'logprob' if rows are log-probabilities, 'prob' if probabilities, else 'real' (a value
+    heuristic the benchmarks use; sensitivity itself reads the graph: q4c.objectives)."""
     if not np.issubdtype(y.dtype, np.floating) or y.ndim == 0 or y.shape[-1] < 2:
         return "real"
     if np.all(y <= 1e-4) and np.allclose(np.sum(np.exp(y.astype(np.float64)), axis=-1), 1.0, atol=1e-3):
@@ -53,7 +56,7 @@ def output_kind(y: np.ndarray) -> str:
 
 def divergence(reference: np.ndarray, perturbed: np.ndarray, kind: str) -> float:
     """Mean KL(reference || perturbed) per row for distributions; otherwise the MSE normalized by
-    the reference's variance (so outputs of different scales are comparable)."""
+    the reference's variance (kept for the benchmarks; sensitivity scores use q4c.objectives)."""
     ref = reference.astype(np.float64)
     out = perturbed.astype(np.float64)
     if kind == "logprob":
@@ -70,57 +73,114 @@ def divergence(reference: np.ndarray, perturbed: np.ndarray, kind: str) -> float
 class WeightInputRunner:
     """An ORT session over `model` with `weights` turned into graph inputs.
 
-    `divergence(changes, limit)` runs the first `limit` samples (all by default) with the given
-    weights replaced (all others FP32) and returns the mean output divergence from the FP32 outputs.
+    The samples are scored in *units*: `sequences` (lists of consecutive calls of a stateful
+    model, each call's feeds holding the FP32 state the previous call produced), or, without
+    them, each of `samples` on its own. Closed loop (`closed_loop`, with `state_pairs` output ->
+    input), every call after a unit's first is fed the state the *same* weights produced on the
+    call before, as in deployment; open loop, each call gets the FP32 state stored in its feeds.
+    The FP32 reference is the same run with no weight changed.
+
+    `divergence(changes, limit)` runs the first `limit` units (all by default) with the given
+    weights replaced (all others FP32) and returns the damage of the task outputs (the sum over
+    outputs of their objectives, q4c.objectives) against the FP32 outputs, over every call.
     """
 
     model: onnx.ModelProto
     weights: Mapping[str, np.ndarray]
     samples: Sequence[Feeds]
+    sequences: Sequence[Sequence[Feeds]] | None = None
+    state_pairs: Mapping[str, str] = field(default_factory=dict)
+    closed_loop: bool = False
+    objectives: Mapping[str, Objective] | None = None
+    #: at most this many calls of a unit are run (a long recording is cut, not skipped)
+    max_calls: int | None = None
     runs: int = 0
     seconds: float = 0.0
-    kinds: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self._session = q4ort.make_session(_weights_as_inputs(self.model, self.weights), threads=1)
-        self._reference = [self._run(s, {}) for s in self.samples]
-        self.kinds = {k: output_kind(v) for k, v in self._reference[0].items()}
+        units = self.sequences if self.sequences is not None else [[s] for s in self.samples]
+        self.units = [list(u)[: self.max_calls] for u in units if u]
+        if not self.state_pairs:
+            self.closed_loop = False
+        if self.objectives is None:
+            self.objectives = detect_objectives(self.model, self.state_pairs)
+        self._reference = [self._run_unit(u, {}) for u in self.units]
 
-    def _run(self, sample: Feeds, changes: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def kinds(self) -> dict[str, str]:
+        return {n: o.kind for n, o in (self.objectives or {}).items()}
+
+    def _run_unit(self, unit: Sequence[Feeds], changes: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         start = time.perf_counter()
-        feeds = {**sample, **self.weights, **changes}
-        out = q4ort.run(self._session, feeds)  # ORT sessions take concurrent runs
+        outputs: list[dict[str, np.ndarray]] = []
+        state: dict[str, np.ndarray] = {}
+        for call in unit:
+            feeds = {**call, **state, **self.weights, **changes}
+            out = q4ort.run(self._session, feeds)  # ORT sessions take concurrent runs
+            if self.closed_loop:
+                state = {inp: out[o] for o, inp in self.state_pairs.items()}
+            outputs.append(out)
         with self._lock:
-            self.runs += 1
+            self.runs += len(unit)
             self.seconds += time.perf_counter() - start
-        return out
+        return outputs
+
+    def score(self, changes: Mapping[str, np.ndarray], limit: int | None = None, keep: bool = False) -> Scorer:
+        """The per-output tallies of one run of the first `limit` units with `changes`."""
+        assert self.objectives is not None
+        scorer = Scorer(self.objectives, keep=keep)
+        units = self.units[:limit] if limit is not None else self.units
+        for unit, reference in zip(units, self._reference, strict=False):
+            for ref, out in zip(reference, self._run_unit(unit, changes), strict=True):
+                scorer.add(ref, out)
+        return scorer
 
     def divergence(self, changes: Mapping[str, np.ndarray], limit: int | None = None) -> float:
-        total = 0.0
-        samples = self.samples[:limit] if limit is not None else self.samples
-        for sample, reference in zip(samples, self._reference, strict=False):
-            out = self._run(sample, changes)
-            total += sum(divergence(reference[k], out[k], self.kinds[k]) for k in reference
-                         if np.issubdtype(reference[k].dtype, np.floating))
-        return total / len(samples)
+        return self.score(changes, limit).damage()
+
+    def describe(self) -> dict[str, Any]:
+        calls = sum(len(u) for u in self.units)
+        return {"scoring": "closed-loop" if self.closed_loop else "open-loop", "units": len(self.units),
+                "calls": calls, "sequences": self.sequences is not None}
 
 
 def _weights_as_inputs(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of `model` whose initializers named in `weights` are graph inputs instead (the
-    main graph's inputs are visible in subgraphs, so outer-scope references keep working)."""
+    """A copy of `model` whose initializers named in `weights` are main-graph inputs instead. A
+    weight that lives in a subgraph (an If branch, a Loop body) moves out too: the main graph's
+    inputs are visible in subgraphs, so its outer-scope references keep working."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    kept = [t for t in copy.graph.initializer if t.name not in weights]
-    found = {t.name: t for t in copy.graph.initializer if t.name in weights}
+    found: dict[str, onnx.TensorProto] = {}
+    for graph in g.iter_graph_protos(copy.graph):
+        if not any(t.name in weights for t in graph.initializer):
+            continue
+        kept = [t for t in graph.initializer if t.name not in weights]
+        found.update({t.name: t for t in graph.initializer if t.name in weights})
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
     missing = set(weights) - set(found)
     if missing:
-        raise ValueError(f"not main-graph initializers: {sorted(missing)}")
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(kept)
+        raise ValueError(f"not initializers: {sorted(missing)}")
     for name, tensor in found.items():
         copy.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
     return copy
+
+
+def movable_weights(model: onnx.ModelProto) -> set[str]:
+    """Initializers `_weights_as_inputs` can turn into inputs: those of the main graph, and those
+    of subgraphs whose name means one tensor in the whole model (every definition of it is an
+    initializer with the same contents, as when both branches of an If hold the same weight)."""
+    tensors: dict[str, list[bytes]] = {}
+    others: set[str] = set()
+    for graph in g.iter_graph_protos(model.graph):
+        for t in graph.initializer:
+            tensors.setdefault(t.name, []).append(t.SerializeToString())
+        others.update(o for n in graph.node for o in n.output)
+        others.update(i.name for i in graph.input)
+    main = {t.name for t in model.graph.initializer}
+    return {n for n, defs in tensors.items() if n in main or (n not in others and len(set(defs)) == 1)}
 
 
 def hutchinson_trace(
@@ -164,6 +224,9 @@ MAX_SAMPLES = 4
 #: measured Pareto curve). Four samples were too few there: the guard kept plans that four
 #: other inputs then found worse than uniform 4-bit.
 PLAN_SAMPLES = 32
+#: Calls of one sequence that scoring runs: a long recording is cut here (closed-loop error
+#: compounds within a few hundred calls; more only costs time).
+MAX_UNIT_CALLS = 1000
 #: Hessian probe step, relative to the tensor's RMS: the size of 4-bit rounding noise, so the
 #: curvature is measured where quantization actually moves the weights.
 HESSIAN_STEP = 0.1
@@ -185,12 +248,12 @@ class SensitivityTable:
     kernel_scales: bool = True  # see CompileOptions.kernel_scales
     workers: int = 1  # threads that scored tensors
     hessians: dict[str, list[np.ndarray]] = field(default_factory=dict)  # gptq's input statistics
+    #: measured per-output metrics of whole plans ("plan", "uniform_4bit"), filled by assign-precision
+    measured: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
-    def measure_plan(self, choice: Mapping[str, str], granularity: Any) -> float | None:
-        """Measured output divergence with every tensor quantized as `choice` (name -> candidate
-        key) at once, on the calibration samples; None without a data-driven runner."""
-        if self.runner is None:
-            return None
+    def plan_changes(self, choice: Mapping[str, str], granularity: Any) -> dict[str, np.ndarray]:
+        """The dequantized weights of a plan (name -> candidate key), for the runner."""
+        assert self.runner is not None
         cache = self.__dict__.setdefault("_dequantized", {})
         changes = {}
         for name, key in choice.items():
@@ -202,7 +265,21 @@ class SensitivityTable:
                                                  cand.scheme, kernel_scales=self.kernel_scales,
                                                  hessians=self.hessians.get(name)).dequantize()
             changes[name] = cache[name, key]
-        return self.runner.divergence(changes)
+        return changes
+
+    def measure_plan(self, choice: Mapping[str, str], granularity: Any) -> float | None:
+        """Measured output damage with every tensor quantized as `choice` (name -> candidate
+        key) at once, on the calibration samples (closed loop when scoring is); None without a
+        data-driven runner."""
+        if self.runner is None:
+            return None
+        return self.runner.divergence(self.plan_changes(choice, granularity))
+
+    def plan_metrics(self, choice: Mapping[str, str], granularity: Any) -> dict[str, dict[str, Any]] | None:
+        """Per task output: objective, damage, and decision flips (bce) / SQNR of a whole plan."""
+        if self.runner is None:
+            return None
+        return self.runner.score(self.plan_changes(choice, granularity), keep=True).metrics()
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"measure": self.measure, "seconds": round(self.seconds, 3), "tensors": len(self.scores),
@@ -210,8 +287,12 @@ class SensitivityTable:
         if self.runner is not None:
             out["forward_runs"] = self.runner.runs
             out["output_kinds"] = dict(self.runner.kinds)
-            if any(k == "real" for k in self.runner.kinds.values()):
-                out["note"] = "outputs that are not (log-)probabilities are compared by variance-normalized MSE"
+            out["objectives"] = {n: o.to_json() for n, o in (self.runner.objectives or {}).items()}
+            out.update(self.runner.describe())
+            out["note"] = ("damage = sum over task outputs of KL (kl), Bernoulli KL (bce) or half the relative noise "
+                           "power 10^(-SNR/10)/2 (snr), all in nats; state outputs are not scored")
+        if self.measured:
+            out["measured"] = self.measured
         if self.fallbacks:
             out["fallbacks"] = dict(self.fallbacks)
         return out
@@ -246,9 +327,31 @@ def candidate_slots(graph: gs.Graph, opts: CompileOptions) -> dict[str, WeightSl
     return chosen
 
 
-def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence[Feeds]) -> SensitivityTable:
+def closed_loop_wanted(scoring: str, sequences: Sequence[Sequence[Feeds]] | None,
+                       state_pairs: Mapping[str, str] | None) -> bool:
+    """Score closed loop? "auto" (the default): when some sample is a sequence of several calls
+    and the model has state pairs; "closed-loop" needs the same to mean anything."""
+    has_sequences = bool(sequences) and any(len(s) > 1 for s in sequences)  # type: ignore[union-attr]
+    return scoring != "open-loop" and has_sequences and bool(state_pairs)
+
+
+def objectives_for(model: onnx.ModelProto, opts: CompileOptions,
+                   state_pairs: Mapping[str, str] | None) -> dict[str, Objective]:
+    """The graph's objectives with `--objective` overrides (an unknown output is a ConfigError)."""
+    try:
+        return detect_objectives(model, state_pairs or {}, dict(opts.objectives))
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+
+
+def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence[Feeds], *,
+            sequences: Sequence[Sequence[Feeds]] | None = None,
+            state_pairs: Mapping[str, str] | None = None) -> SensitivityTable:
     """Score every (weight tensor, candidate bits) pair with `opts.sensitivity` (see
-    MeasureSensitivityPass); tensors that live only in subgraphs fall back to mse."""
+    MeasureSensitivityPass); tensors that live only in subgraphs fall back to mse.
+
+    `sequences` (the samples' calls grouped by sequence) and `state_pairs` make the scores
+    closed loop (`closed_loop_wanted`); each output counts by its objective (q4c.objectives)."""
     start = time.perf_counter()
     slots = candidate_slots(graph, opts)
     table = SensitivityTable(opts.sensitivity, slots=slots)
@@ -257,10 +360,13 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     # "gptq" needs the weight's calibration inputs, and only pays below 8 bits.
     weights = {name: np.asarray(s.tensor.values, dtype=np.float32) for name, s in slots.items()}
     main = main_constants(graph)
-    measured = {n: w for n, w in weights.items() if n in main}
+    model = g.export_model(graph.copy()) if weights and samples else None
+    movable = movable_weights(model) if model is not None else main
+    measured = {n: w for n, w in weights.items() if n in movable}
     for name in set(weights) - set(measured):
-        table.fallbacks[name] = "weight lives in a subgraph"
-    model = g.export_model(graph.copy()) if measured and samples else None
+        table.fallbacks[name] = "weight lives in a subgraph under a name that means different tensors"
+    if not measured:
+        model = None
     if model is not None and opts.sensitivity == "kl" and opts.granularity.kind == "block":
         table.hessians = input_hessians(model, gptq_eligible(graph, slots, main), samples)
     table.kernel_scales = opts.kernel_scales
@@ -279,7 +385,14 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     if model is not None:
         # mse scores without data, but the runner still measures whole plans (the uniform-4-bit
         # guard in assign-precision, the report's measured Pareto curve).
-        table.runner = WeightInputRunner(model, measured, samples[:PLAN_SAMPLES])
+        closed = closed_loop_wanted(opts.scoring, sequences, state_pairs)
+        if opts.scoring == "closed-loop" and not closed:
+            logger.warning("--scoring closed-loop: the samples are not sequences of a stateful model; scored open loop")
+        units = list(sequences)[:PLAN_SAMPLES] if sequences else None
+        table.runner = WeightInputRunner(model, measured, samples[:PLAN_SAMPLES], sequences=units,
+                                         state_pairs=dict(state_pairs or {}), closed_loop=closed,
+                                         objectives=objectives_for(model, opts, state_pairs),
+                                         max_calls=MAX_UNIT_CALLS)
     def score(index: int, name: str) -> dict[str, float]:
         w = weights[name]
         errors = {k: float(np.sum(np.square(d - w, dtype=np.float64))) for k, d in quantized[name].items()}
