@@ -7,7 +7,7 @@ Rules (all documented in the `q4c bench` help and the README):
   two models, each iteration runs both, alternating which goes first, and the *ratio* of a pair is
   MODEL time / OTHER time for the same input (median and p90 over pairs; below 1 means MODEL is
   faster). In streaming mode the pair is one whole stream (all chunks of a sample). Process CPU
-  time per input (`cpu_p50_ms`, ratio `cpu_p50`) is reported beside wall time: on a shared
+  time per input (`cpu_p50_ms`, ratio `cpu_p50`; q4c.timing) is reported beside wall time: on a shared
   machine it is the steadier of the two.
 - *Audio features*: a float input shaped [batch, T, 80] is T frames of `hop_ms` each per batch
   entry, so the call covers batch * T * hop_ms / 1000 seconds of audio; RTF = latency / that
@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +45,7 @@ import onnx
 from q4c import ort as q4ort
 from q4c.calib.readers import Feeds, InputSpec, input_specs
 from q4c.errors import ConfigError, DataError
+from q4c.timing import timed
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +159,8 @@ def run_stream(run: Callable[[Feeds], dict[str, np.ndarray]], chunks: Sequence[F
     outputs, seconds = [], []
     for piece in chunks:
         feeds = {**piece, **state}
-        start = time.perf_counter()
-        out = run(feeds)
-        seconds.append(time.perf_counter() - start)
+        out, wall, _ = timed(lambda feeds=feeds: run(feeds))
+        seconds.append(wall)
         outputs.append(out)
         state = {name_in: out[name_out] for name_in, name_out in pairs.items()}
     final = {pairs[k]: v for k, v in state.items()}
@@ -200,20 +199,18 @@ class _Subject:
         cpu = [0.0]  # CPU seconds inside session.run only, like the wall-clock times
 
         def call(f: Feeds) -> dict[str, np.ndarray]:
-            start = time.process_time()
             try:
-                return q4ort.run(self.session, f)
+                out, _, cpu_seconds = timed(lambda: q4ort.run(self.session, f))
             except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
                 shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in f.items())
                 raise DataError(f"{self.path}: ONNX Runtime cannot run the model on inputs {shapes}: "
                                 f"{str(e).strip().splitlines()[0]}") from e
-            finally:
-                cpu[0] += time.process_time() - start
+            cpu[0] += cpu_seconds
+            return out
 
         if chunk is None:
-            start = time.perf_counter()
-            call(feeds)
-            seconds = [time.perf_counter() - start]
+            _, wall, _ = timed(lambda: call(feeds))
+            seconds = [wall]
         else:
             seconds = run_stream(call, chunk_feeds(feeds, self.streamed, chunk), self.pairs).seconds
         total = sum(seconds)
