@@ -97,7 +97,7 @@ def unrolled_plans(view: DataflowView, cells: list[Cell]) -> tuple[list[RnnPlan]
         reason = _cell_problem(view, cell)
         if reason is None:
             usable.append(cell)
-        else:
+        elif not isinstance(cell, RnnCell):  # a plain RNN candidate is as likely an MLP layer: not counted
             declined.append(reason)
     plans: list[RnnPlan] = []
     fused = 0

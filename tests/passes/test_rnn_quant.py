@@ -422,15 +422,17 @@ def test_fuses_loop_whose_body_is_a_relu_rnn_cell(rng):
     np.testing.assert_allclose(run_ort(out, feeds)["Y"], y, rtol=1e-5, atol=1e-5)
 
 
-def test_leaves_a_tanh_mlp_alone(rng):
+@pytest.mark.parametrize("dims", [(2, 8), (1, 2, 8)])
+def test_leaves_a_tanh_mlp_alone(rng, dims):
     # Tanh(x W1 + b) -> Tanh(. W2 + x W3): one- and two-operand Tanh layers that are no recurrence
+    # (nor declined cells: rank-3 operands are not counted as skipped_rank)
     inits = {n: (rng.standard_normal(s) * 0.3).astype(np.float32)
              for n, s in (("w1", (8, 8)), ("b1", (8,)), ("w2", (8, 8)), ("w3", (8, 8)))}
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["p1"]), helper.make_node("Add", ["p1", "b1"], ["q1"]),
              helper.make_node("Tanh", ["q1"], ["a1"]), helper.make_node("MatMul", ["a1", "w2"], ["p2"]),
              helper.make_node("MatMul", ["x", "w3"], ["p3"]), helper.make_node("Add", ["p2", "p3"], ["q2"]),
              helper.make_node("Tanh", ["q2"], ["y"])]
-    model = make_model(nodes, [_info("x", 2, 8)], [_info("y", 2, 8)], inits, opset=21)
+    model = make_model(nodes, [_info("x", *dims)], [_info("y", *dims)], inits, opset=21)
     _, result = run_pass(FuseLstmGatesPass(), model)
     assert not result.modified and result.stats == {}
 
