@@ -16,8 +16,8 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from q4c import graph as g
-from q4c.interp import Interpreter
 from q4c.errors import Q4cError
+from q4c.interp import Interpreter
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant import closed_form
 from q4c.quant.closed_form import ClosedForm, NearMiss

@@ -204,7 +204,8 @@ def _fit_dft(values: np.ndarray, f_by_n: np.ndarray, n: int, k: int, parts: tupl
     # The effective window (scale * w[t]) column by column, by least squares over the rows.
     denom = np.sum(basis * basis, axis=0)
     effective = np.divide(np.sum(f_by_n * basis, axis=0), denom, out=np.zeros(n), where=denom > 1e-12)
-    common = dict(shape=tuple(values.shape), dtype=values.dtype, n=n, parts=parts, frequencies=k, transposed=transposed)
+    common = {"shape": tuple(values.shape), "dtype": values.dtype, "n": n, "parts": parts, "frequencies": k,
+              "transposed": transposed}
     fits: list[ClosedForm | NearMiss] = []
     candidates: list[tuple[str | None, np.ndarray]] = [(None, np.ones(n))] + [(w, window(w, n)) for w in WINDOWS]
     for name, base in candidates:
@@ -245,7 +246,7 @@ class _Builder:
         self._count += 1
         return f"{self.tag}.{self._count}"
 
-    def const(self, value: np.ndarray | float | int, dtype: type = np.float64) -> str:
+    def const(self, value: np.ndarray | float, dtype: type = np.float64) -> str:
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.tobytes(), array.shape)
         if key not in self._consts:

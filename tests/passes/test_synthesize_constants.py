@@ -11,10 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-from q4c import graph as g
 from q4c.passes.fold_constants import FoldConstantsPass
 from q4c.passes.synthesize_constants import SynthesizeConstantsPass
+
+from q4c import graph as g
 from q4c.quant.weights import WeightSlot, find_weight_slots
 from q4c.testing import make_model, op_histogram, run_interp, run_ort, run_pass
 
@@ -124,9 +124,10 @@ def test_near_miss_is_left_alone():
 
 
 def test_random_weight_of_basis_shape_is_left_alone(rng):
-    model, _ = _conv_model(rng.standard_normal((258, 256)) * 0.1)
+    model, w = _conv_model(rng.standard_normal((258, 256)) * 0.1)
     out, result = run_pass(SynthesizeConstantsPass(), model)
     assert not result.modified and not result.stats.get("synthesized")
+    np.testing.assert_array_equal(numpy_helper.to_array(out.graph.initializer[0]), w)
 
 
 def test_second_run_and_fold_constants_keep_the_generator():
