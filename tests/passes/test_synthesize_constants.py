@@ -97,6 +97,20 @@ def test_dft_basis_is_regenerated_within_1e6(rng, n, window, layout):
     np.testing.assert_allclose(run_interp(out, feeds)["y"], want, rtol=1e-5, atol=1e-5)
 
 
+def test_basis_with_an_unnamed_window_keeps_only_the_window(rng):
+    n = 256
+    fourier = np.fft.fft(np.eye(n))[: n // 2 + 1]
+    basis = np.vstack([fourier.real, fourier.imag]) * np.sqrt(np.hanning(n + 1)[:-1])  # sqrt-hann: no family
+    model, w = _conv_model(basis)
+    out, result = run_pass(SynthesizeConstantsPass(), model)
+
+    assert result.stats["synthesized"] == 1
+    assert w.nbytes - 2 * 1024 < result.stats["bytes_saved"] < w.nbytes - n * 4  # the window stays stored
+    feeds = _feeds(model, rng)
+    via_interp, via_ort = _tensor(out, _weight_input(out), feeds)
+    assert np.max(np.abs(via_interp - w)) <= 1e-6 and np.max(np.abs(via_ort - w)) <= 1e-6
+
+
 @pytest.mark.parametrize("window", ["hann", "hamming_symmetric", "povey", "vorbis"])
 def test_window_tensor_is_regenerated(rng, window):
     w = (0.8 * _window(window, 400)).astype(np.float32)
