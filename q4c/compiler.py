@@ -65,7 +65,7 @@ def compile_model(
     from q4c.passes import DEFAULT_PIPELINE
 
     options = options or CompileOptions()
-    nonfinite = refuse_nonfinite_weights(model, allow=options.allow_nonfinite)
+    model, nonfinite = refuse_nonfinite_weights(model, allow=options.allow_nonfinite)
     if nonfinite:  # --allow-nonfinite: those weights (and what is computed from them) stay float
         options = dataclasses.replace(options, keep_fp32=options.keep_fp32.union(*(f.reaches for f in nonfinite)))
     names = _with_calibration(resolve_pipeline(passes, DEFAULT_PIPELINE), options, save_calib is not None)

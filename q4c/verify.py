@@ -221,9 +221,11 @@ class NonFinite:
         return f"weight {self.name!r} holds {counts} value{'s' if self.nan + self.inf > 1 else ''}"
 
 
-def find_nonfinite_weights(model: onnx.ModelProto) -> list[NonFinite]:
+def find_nonfinite_weights(model: onnx.ModelProto, *, name_nodes: bool = False) -> list[NonFinite]:
     """Every float initializer and Constant node value (main graph and If/Loop/Scan bodies)
-    holding NaN or infinite values, in graph order."""
+    holding NaN or infinite values, in graph order. `name_nodes`: give the unnamed weight ops
+    they reach a name, in place, so that --keep-fp32 by node name holds them through rewrites
+    that rename their weight (lower-gemm's W -> W_kn)."""
     found: dict[str, tuple[int, int]] = {}
     constants: set[str] = set()
     for graph in g.iter_graph_protos(model.graph):
@@ -251,6 +253,7 @@ def find_nonfinite_weights(model: onnx.ModelProto) -> list[NonFinite]:
     taint: dict[str, set[str]] = {name: {name} for name in found}
     reaches: dict[str, set[str]] = {name: {name} for name in found}
     weight: set[str] = set()
+    node_names = {n.name for graph in g.iter_graph_protos(model.graph) for n in graph.node}
     for graph in g.iter_graph_protos(model.graph):
         for node in graph.node:
             sources = set().union(*(taint.get(i, set()) for i in node.input))
@@ -258,6 +261,10 @@ def find_nonfinite_weights(model: onnx.ModelProto) -> list[NonFinite]:
                 continue
             if node.op_type in _WEIGHT_OPS:
                 weight |= sources
+                if name_nodes and not node.name:
+                    node.name = next(n for k in range(len(node_names) + 1)
+                                     if (n := f"q4c_nonfinite_{node.op_type}_{k}") not in node_names)
+                    node_names.add(node.name)
                 for s in sources:
                     reaches[s].update(n for n in (node.name,) if n)
             elif node.input and all(i in constants for i in node.input if i):
@@ -269,15 +276,21 @@ def find_nonfinite_weights(model: onnx.ModelProto) -> list[NonFinite]:
     return [NonFinite(name, nan, inf, frozenset(reaches[name]), name in weight) for name, (nan, inf) in found.items()]
 
 
-def refuse_nonfinite_weights(model: onnx.ModelProto, allow: bool) -> list[NonFinite]:
-    """Raise NonFiniteWeightError naming the first refused tensor, unless `allow`; returns the
-    refused ones (to keep in float and warn about when allowed)."""
+def refuse_nonfinite_weights(model: onnx.ModelProto, allow: bool) -> tuple[onnx.ModelProto, list[NonFinite]]:
+    """Raise NonFiniteWeightError naming the first refused tensor, unless `allow`. Returns the
+    model (when allowed and something was refused, a copy whose weight ops reached by those
+    tensors all have names: see find_nonfinite_weights) and the refused tensors, to keep in
+    float (their `reaches` into --keep-fp32) and warn about."""
     refused = [f for f in find_nonfinite_weights(model) if f.refused]
-    if refused and not allow:
+    if not refused:
+        return model, []
+    if not allow:
         more = f" (and {len(refused) - 1} more: {', '.join(repr(f.name) for f in refused[1:4])}" \
                f"{', ...' if len(refused) > 4 else ''})" if len(refused) > 1 else ""
         raise NonFiniteWeightError(f"{refused[0].describe()}{more}; fix the export (or pass --allow-nonfinite)")
-    return refused
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy, [f for f in find_nonfinite_weights(copy, name_nodes=True) if f.refused]
 
 
 def _float_accuracy_copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -161,7 +161,7 @@ def test_minus_inf_attention_mask_and_clip_bound_are_not_refused(rng):
         {"W": heavy_tailed(rng, (64, 32)), "neg_inf": np.float32(-np.inf), "zero": np.float32(0),
          "pos_inf": np.float32(np.inf)}, opset=17)
     assert {f.name for f in find_nonfinite_weights(model)} == {"neg_inf", "pos_inf"}
-    assert refuse_nonfinite_weights(model, allow=False) == []
+    assert refuse_nonfinite_weights(model, allow=False) == (model, [])
 
 
 def test_allowed_nonfinite_weight_stays_float_with_a_warning(rng):
@@ -178,3 +178,21 @@ def test_allowed_nonfinite_weight_stays_float_with_a_warning(rng):
     ref, got = run_ort(model, {"x": x})["y"], run_ort(out, {"x": x})["y"]
     assert np.isnan(ref).any()
     np.testing.assert_array_equal(np.isnan(ref), np.isnan(got))
+
+
+def test_allowed_nonfinite_gemm_weight_stays_float_after_lower_gemm_renames_it(rng):
+    # lower-gemm turns Gemm(transB=1) into MatMul on a new tensor W_kn: the unnamed Gemm gets a
+    # name so --keep-fp32 still holds it; the user's model is not touched
+    w = heavy_tailed(rng, (32, 128))
+    w[0, 0] = np.nan
+    model = make_model([helper.make_node("MatMul", ["x", "W1"], ["h"]),
+                        helper.make_node("Gemm", ["h", "W", "b"], ["y"], transB=1)],
+                       [helper.make_tensor_value_info("x", F, [4, 64])], [helper.make_tensor_value_info("y", F, [4, 32])],
+                       {"W1": heavy_tailed(rng, (64, 128)), "W": w, "b": np.zeros(32, np.float32)}, opset=17)
+    before = model.SerializeToString()
+    out, report = q4c.compile_model(model, CompileOptions(bits=4, allow_nonfinite=True))
+    assert model.SerializeToString() == before
+    assert {q["name"]: q["bits"] for q in report["tensors"] if q["bits"] != 32} == {"W1": 4}
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    ref, got = run_ort(model, {"x": x})["y"], run_ort(out, {"x": x})["y"]
+    np.testing.assert_array_equal(np.isnan(ref), np.isnan(got))  # column 0 NaN in both, as FP32 says
