@@ -40,6 +40,16 @@ from q4c.errors import QualityLostError
 @click.option("--sensitivity", type=click.Choice(["kl", "hessian", "mse"]), default="kl", show_default=True,
               help="kl: output KL divergence with one tensor quantized; hessian: Hutchinson trace of that "
                    "divergence x weight error; mse: weight error only (data-free, fastest).")
+@click.option("--objective", "objective", multiple=True, metavar="OUTPUT=KIND",
+              help="How sensitivity scores an output (repeatable): kl (KL divergence of a distribution; logits "
+                   "are log-softmaxed), bce (Bernoulli KL of a probability; decision flips at 0.5 reported), snr "
+                   "(relative noise power), ignore. Default from the graph: Softmax/LogSoftmax -> kl, Sigmoid -> "
+                   "bce, state outputs (fed back as an input) -> ignore, other float outputs -> snr.")
+@click.option("--scoring", type=click.Choice(["auto", "closed-loop", "open-loop"]), default="auto", show_default=True,
+              help="Stateful models whose samples are sequences of calls: closed-loop runs each sequence with the "
+                   "quantized model's own state fed back (as deployed) and scores every call's task outputs; "
+                   "open-loop feeds each call the FP32 state (cheaper to reason about, blind to compounding). "
+                   "auto: closed-loop when the samples are sequences and the model has state pairs.")
 @click.option("--granularity", default="block", show_default=True,
               help="Scale sharing: 'channel' (one scale per output channel), 'block:N' (N in 16..256, "
                    "along the reduction axis), 'tensor', or 'block' (auto: 32 where scales are float16: LSTM/GRU/Conv "
@@ -108,7 +118,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
                 data: Path | None, calib_reader: str | None, calib_samples: int, activations: str, observer: str,
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, strict: bool,
-                allow_nonfinite: bool, as_json: bool) -> None:
+                allow_nonfinite: bool, as_json: bool, objective: tuple[str, ...] = (), scoring: str = "auto") -> None:
     """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
 
     \b
@@ -144,6 +154,8 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         calib_samples=calib_samples,
         calib_table=load_calib,
         allow_nonfinite=allow_nonfinite,
+        objectives=_parse_objectives(objective, model),
+        scoring=scoring,
     )
     total = [0]
 
@@ -213,6 +225,52 @@ def _key(t: dict) -> str:
     return f"{t['bits']}{suffix}"
 
 
+def _parse_objectives(texts: tuple[str, ...], model: Path) -> tuple[tuple[str, str], ...]:
+    """--objective OUTPUT=KIND values, checked against the model's output names (usage errors)."""
+    if not texts:
+        return ()
+    from q4c.objectives import parse_objective
+
+    pairs = []
+    for text in texts:
+        try:
+            pairs.append(parse_objective(text))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--objective") from None
+    try:
+        import onnx
+
+        outputs = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
+    except Exception:  # an unreadable model is compile's error to report
+        return tuple(pairs)
+    unknown = [name for name, _ in pairs if name not in outputs]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(map(repr, unknown))} is not an output of {model.name} "
+                                 f"(outputs: {', '.join(outputs)})", param_hint="--objective")
+    return tuple(pairs)
+
+
+def _print_objectives(report: dict) -> None:
+    """One line on what sensitivity scored, one on what the plan measured (task outputs)."""
+    sens = report.get("sensitivity", {})
+    if "objectives" not in sens:
+        return
+    parts = [f"{n} {o['objective']} ({o['reason']})" for n, o in sens["objectives"].items()]
+    click.echo(f"objectives: {'; '.join(parts)}; scored {sens['scoring']} over {sens['units']} sample(s), "
+               f"{sens['calls']} call(s)")
+    plan = sens.get("measured", {}).get("plan")
+    if plan:
+        figures = []
+        for name, m in plan.items():
+            text = f"{name} {m['objective']} {m['damage']:.4g}"
+            if "flips" in m:
+                text += f", decision flips {100 * m['flips']:.2f} % of {m['values']}"
+            if "sqnr_db" in m:
+                text += f", SQNR {m['sqnr_db']:.1f} dB"
+            figures.append(text)
+        click.echo(f"plan measured on the calibration samples ({sens['scoring']}): {'; '.join(figures)}")
+
+
 def _parse_candidates(text: str) -> tuple[int, ...]:
     try:
         return tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
@@ -235,6 +293,7 @@ def _print_summary(report: dict) -> None:
     if rows:
         click.echo(table(["tensor", "op", "shape", "bits", "granularity", "weight SQNR dB", f"{measure or 'sensitivity'} score"],
                          rows))
+    _print_objectives(report)
     plan = report.get("plan", {}).get("defaults", {})
     if plan.get("mode") == "budgeted":
         click.echo(f"budget: {plan['used_bytes']} of {plan['budget_bytes']} bytes used "
