@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from q4c import ort as q4ort  # noqa: E402
 from q4c.calib.readers import infer_state_pairs, input_specs, open_reader  # noqa: E402
 from q4c.calib.runner import collect  # noqa: E402
 from q4c.compiler import sqnr_db  # noqa: E402
+from q4c.timing import interleaved, timed
 
 OBSERVERS = ("minmax", "percentile", "entropy", "mse")
 #: (model, samples, frames per sample or None for the committed length)
@@ -136,7 +136,7 @@ def _calibrate(tool: str, method: str, model_path: str, data_dir: str) -> dict:
         tmp = tempfile.mkdtemp()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     before = _rss_kib("VmRSS")
-    start = time.perf_counter()
+    start = time.perf_counter()  # wall time of one calibration run (a duration, not a latency comparison)
     if tool == "q4c":
         table = collect(model, samples, observer=method, probes=False)
         ranges = {n: (s.min, s.max) for n, s in table.tensors.items()}
@@ -193,9 +193,8 @@ def observer_matrix(tmp: Path) -> list[dict]:
         row = {"model": name, "seconds": {}}
         for observer in OBSERVERS:
             print(f"bench: {name} {observer}", file=sys.stderr)
-            start = time.perf_counter()
-            table = collect(model, open_reader(model, data_dir), observer=observer)
-            row["seconds"][observer] = round(time.perf_counter() - start, 3)
+            table, seconds, _ = timed(lambda: collect(model, open_reader(model, data_dir), observer=observer))
+            row["seconds"][observer] = round(seconds, 3)
             row.update(tensors=sum(s.source == "ort" for s in table.tensors.values()),
                        probes=sum(s.source == "probe" for s in table.tensors.values()), calls=table.calls)
         rows.append(row)
@@ -220,16 +219,9 @@ def ort_optimized_ops(path: Path, tmp: Path) -> dict[str, int]:
 
 def latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], iters: int) -> dict[str, float]:
     sessions = {k: q4ort.make_session(onnx.load(p), threads=1) for k, p in paths.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(5):
-        for s in sessions.values():
-            s.run(None, feeds)
-    for _ in range(iters):  # interleaved: machine noise hits every form alike
-        for key, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    # interleaved: machine noise hits every form alike; process-CPU time (q4c.timing says why)
+    timing = interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, rounds=iters, warmup=5)
+    return {k: timing.median(k) * 1e3 for k in sessions}
 
 
 def held_out_sqnr(fp32: Path, quant: Path, samples: list[dict[str, np.ndarray]]) -> float:

@@ -11,7 +11,6 @@ to benchmarks/results/compile.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import onnx
 import q4c
 from q4c import ort as q4ort
 from q4c.compiler import sqnr_db
+from q4c.timing import interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MODELS, bundled_models, run, write_section  # noqa: E402,F401 (re-exported)
@@ -40,14 +40,9 @@ def measure(name: str, iters: int, out_dir: Path) -> dict:
     quant = q4ort.make_session(onnx.load(dst), threads=1)
     ref, out = q4ort.run(fp32, feeds), q4ort.run(quant, feeds)
     sqnr = {k: sqnr_db(v, out[k]) for k, v in ref.items() if np.issubdtype(v.dtype, np.floating)}
-    times: dict[str, list[float]] = {"fp32": [], "q4c": []}
-    for _ in range(3):  # warm-up
-        q4ort.run(fp32, feeds), q4ort.run(quant, feeds)
-    for _ in range(iters):  # interleaved, so machine noise hits both alike
-        for key, session in (("fp32", fp32), ("q4c", quant)):
-            start = time.thread_time()  # ORT at 1 thread computes in this thread; CPU time is steadier
-            session.run(None, feeds)
-            times[key].append(time.thread_time() - start)
+    # interleaved, so machine noise hits both alike; process-CPU time (q4c.timing says why)
+    timing = interleaved({"fp32": lambda: fp32.run(None, feeds), "q4c": lambda: quant.run(None, feeds)},
+                         rounds=iters, warmup=3)
     ops = set(q4c.graph.op_histogram(onnx.load(src)))
     return {
         "model": name,
@@ -57,9 +52,9 @@ def measure(name: str, iters: int, out_dir: Path) -> dict:
         "size_ratio": report["output"]["bytes"] / report["input"]["bytes"],
         "avg_weight_bits": report["avg_weight_bits"],
         "output_sqnr_db": sqnr,
-        "fp32_ms": 1e3 * statistics.median(times["fp32"]),
-        "q4c_ms": 1e3 * statistics.median(times["q4c"]),
-        "latency_ratio": statistics.median(times["q4c"]) / statistics.median(times["fp32"]),
+        "fp32_ms": 1e3 * timing.median("fp32"),
+        "q4c_ms": 1e3 * timing.median("q4c"),
+        "latency_ratio": timing.ratio("q4c", "fp32"),
         "session_config": report["session_config"],
         "interp_vs_ort_max_abs": report["verification"]["interp_vs_ort_max_abs"],
     }
@@ -73,7 +68,7 @@ def render(rows: list[dict], iters: int) -> str:
         f"Produced by `python benchmarks/bench_compile.py --write` ({time.strftime('%Y-%m-%d')}): each model compiled "
         "with defaults (4-bit weights, auto block size, target ort-cpu), run on its committed sample input "
         f"(`models/<name>.npz`). Latency: ONNX Runtime {_ort_version()}, CPU provider, 1 intra-op thread, FP32 and "
-        f"q4c sessions interleaved, median of {iters} calls each (calling-thread CPU time). SQNR: q4c output vs FP32 output.",
+        f"q4c sessions interleaved, median of {iters} calls each (process-CPU time, q4c.timing). SQNR: q4c output vs FP32 output.",
         "",
         "| model | FP32 | q4c | size ratio | avg bits | output SQNR (dB) | FP32 ms | q4c ms | latency ratio | session config |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from q4c import ort as q4ort
 from q4c.config import CompileOptions
 from q4c.interp import Interpreter
 from q4c.pipeline import PassContext, Pipeline
+from q4c.timing import interleaved
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -64,15 +64,8 @@ def measure(name: str, iters: int) -> dict | None:
     ort_after = q4ort.run(q4ort.make_session(fused, level=exact), feeds)
     interp_before, interp_after = Interpreter(model).run(feeds), Interpreter(fused).run(feeds)
     sessions = {"original": q4ort.make_session(model, threads=1), "fused": q4ort.make_session(fused, threads=1)}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for session in sessions.values():
-        for _ in range(3):
-            session.run(None, feeds)
-    for _ in range(iters):  # interleaved, so machine noise hits both alike
-        for key, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times[key].append(time.perf_counter() - start)
+    # interleaved, so machine noise hits both alike; process-CPU time (q4c.timing says why)
+    timing = interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, rounds=iters, warmup=3)
     nodes = {k: sum(g.op_histogram(m).values()) for k, m in (("original", model), ("folded", folded), ("fused", fused))}
     return {
         "model": name,
@@ -85,9 +78,9 @@ def measure(name: str, iters: int) -> dict | None:
         "max_abs_interp": max_abs(interp_before, interp_after),
         "max_abs_torch": max_abs(torch_ref, ort_after),
         "max_abs_torch_original": max_abs(torch_ref, ort_before),
-        "original_ms": 1e3 * statistics.median(times["original"]),
-        "fused_ms": 1e3 * statistics.median(times["fused"]),
-        "latency_ratio": statistics.median(times["fused"]) / statistics.median(times["original"]),
+        "original_ms": 1e3 * timing.median("original"),
+        "fused_ms": 1e3 * timing.median("fused"),
+        "latency_ratio": timing.ratio("fused", "original"),
         "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
     }
 

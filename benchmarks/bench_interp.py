@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads OpenBLA
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from q4c.timing import interleaved  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [REPO / "models" / "bilstm_am.onnx", REPO / "models" / "conformer.onnx"]
@@ -129,22 +130,16 @@ def bench(name: str, model: onnx.ModelProto, feeds: dict[str, np.ndarray], reps:
     worst = max(
         float(np.max(np.abs(ours[o.name] - r))) for o, r in zip(model.graph.output, ref_out)
     )
-    wall = {"interp": [], "reference": []}
-    cpu = {"interp": [], "reference": []}
-    runners = {"interp": lambda: interp.run(feeds), "reference": lambda: reference.run(None, feeds)}
-    for _ in range(reps):  # interleaved, so drift on a shared machine hits both alike
-        for key, run in runners.items():
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            cpu[key].append(time.process_time() - start_cpu)
-            wall[key].append(time.perf_counter() - start_wall)
+    # interleaved, so drift on a shared machine hits both alike (q4c.timing: process-CPU time)
+    timing = interleaved({"interp": lambda: interp.run(feeds), "reference": lambda: reference.run(None, feeds)},
+                         rounds=reps, warmup=0)
     return {
         "model": name,
         "nodes": len(model.graph.node),
-        "interp_ms": _median_ms(cpu["interp"]),
-        "reference_ms": _median_ms(cpu["reference"]),
-        "speedup": statistics.median(cpu["reference"]) / statistics.median(cpu["interp"]),
-        "wall_speedup": statistics.median(wall["reference"]) / statistics.median(wall["interp"]),
+        "interp_ms": _median_ms(timing.cpu["interp"]),
+        "reference_ms": _median_ms(timing.cpu["reference"]),
+        "speedup": timing.ratio("reference", "interp"),
+        "wall_speedup": timing.ratio("reference", "interp", wall=True),
         "max_abs_diff": worst,
     }
 

@@ -25,6 +25,7 @@ import q4c
 from q4c import ort as q4ort
 from q4c.compiler import sqnr_db
 from q4c.quant.sensitivity import divergence, output_kind
+from q4c.timing import timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MODELS, bench_data, bundled_models, run  # noqa: E402
@@ -59,9 +60,7 @@ def measure(name: str, tmp: Path) -> list[dict]:
             configs.append((f"{m} @ {avg}", q4c.CompileOptions(avg_bits=avg, sensitivity=m, kernels="low-bit")))
     for label, options in configs:
         out = tmp / f"{name}_{label.replace(' ', '_').replace('@', 'at')}.onnx"
-        start = time.perf_counter()
-        report = q4c.compile_file(src, out, options, data=calib_dir, verify=False)
-        seconds = time.perf_counter() - start
+        report, seconds, _ = timed(lambda: q4c.compile_file(src, out, options, data=calib_dir, verify=False))
         rows.append({"model": name, "config": label, "data": data, "bytes": report["output"]["bytes"],
                      "avg_weight_bits": report["avg_weight_bits"], "compile_s": round(seconds, 2),
                      "sensitivity_s": report.get("sensitivity", {}).get("seconds"),

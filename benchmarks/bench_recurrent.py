@@ -46,6 +46,7 @@ from onnx import TensorProto, helper
 
 from q4c import graph as g
 from q4c import ort as q4ort
+from q4c.timing import interleaved
 from q4c.compiler import compile_model, sqnr_db
 from q4c.config import CompileOptions
 from q4c.passes.lower_recurrent import LowerRecurrentPass
@@ -265,37 +266,26 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 def time_pattern(sessions: dict[str, ort.InferenceSession], pattern: Pattern, seconds: float,
                  rng: np.random.Generator) -> tuple[dict[str, float], dict[str, float]]:
-    """Median (CPU, wall) seconds per call, forms interleaved call by call in a shuffled order each
-    round, each carrying its own state.
+    """Median (CPU, wall) seconds per call, forms interleaved call by call (q4c.timing: order
+    alternating each round), each carrying its own state; at least 15 and at most 500 rounds,
+    stopping after `seconds`. `rng` is kept for the callers' signature (the order is no longer
+    shuffled).
 
-    With one intra-op thread ONNX Runtime computes in the calling thread, so the thread's CPU time
-    is the call's compute time without the time other processes held the core: on a shared,
-    loaded machine it is the steadier estimate of unloaded latency. Wall-clock medians are kept
-    in the JSON too.
+    CPU time is process-CPU time (q4c.timing says why): at one intra-op thread ONNX Runtime
+    computes in the calling thread, so it is the call's compute time without the time other
+    processes held the core, the steadier estimate of unloaded latency on a shared machine.
+    Wall-clock medians are kept in the JSON too.
     """
     feeds = {k: dict(pattern.feeds) for k in sessions}
-    cpu: dict[str, list[float]] = {k: [] for k in sessions}
-    wall: dict[str, list[float]] = {k: [] for k in sessions}
-    keys = list(sessions)
 
     def call(key: str) -> None:
-        start, start_cpu = time.perf_counter(), time.thread_time()
         out = q4ort.run(sessions[key], feeds[key])
-        cpu[key].append(time.thread_time() - start_cpu)
-        wall[key].append(time.perf_counter() - start)
         for src, dst in pattern.state.items():
             feeds[key][dst] = out[src]
 
-    for key in keys:  # warm-up
-        call(key)
-    for series in (cpu, wall):
-        for v in series.values():
-            v.clear()
-    deadline = time.perf_counter() + seconds
-    while len(cpu["fp32"]) < 15 or (len(cpu["fp32"]) < 500 and time.perf_counter() < deadline):
-        for key in rng.permutation(keys):
-            call(str(key))
-    return ({k: float(np.median(v)) for k, v in cpu.items()}, {k: float(np.median(v)) for k, v in wall.items()})
+    timing = interleaved({k: (lambda k=k: call(k)) for k in sessions}, rounds=500, warmup=1, min_rounds=15,
+                         max_seconds=seconds)
+    return ({k: timing.median(k) for k in sessions}, {k: timing.median(k, wall=True) for k in sessions})
 
 
 _PROBE = r"""
@@ -406,8 +396,8 @@ def render(rows: list[dict], seconds: float, date: str | None = None) -> str:
         "",
         f"Produced by `python benchmarks/bench_recurrent.py --write` ({date or time.strftime('%Y-%m-%d')}, ONNX Runtime "
         f"{ort.__version__}, {platform.machine()}, {os.cpu_count()} vCPU): ONNX Runtime CPU provider, **1 intra-op "
-        f"thread**, all forms interleaved call by call (shuffled each round) for ~{seconds:g} s per pattern, median "
-        "per form of the calling thread's CPU time (ONNX Runtime computes in the calling thread at 1 thread; this "
+        f"thread**, all forms interleaved call by call (order alternating each round) for ~{seconds:g} s per pattern, "
+        "median per form of process-CPU time (q4c.timing; ONNX Runtime computes in the calling thread at 1 thread; this "
         "machine is shared and loaded, so CPU time is the steadier estimate; wall-clock ratios are in the JSON), "
         "as a ratio of the FP32 model. `step`: one time step per call with the state carried to the next call; `chunk`: 8 steps "
         "per call with state (bidirectional models: 16 frames, no state); `utterance`: the whole sample (synthetic "
