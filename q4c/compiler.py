@@ -325,38 +325,48 @@ def _requantize_for_fp32_at_load(unquantized: onnx.ModelProto, passes: list[Pass
 
 def _choose_kernels(lowered: onnx.ModelProto, dq_form: onnx.ModelProto, feeds: Feeds,
                     ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Time both ORT forms on `feeds` (1 thread, interleaved, median) and keep the faster.
+    """Keep the faster ORT form: the decision cached for this machine, model and input shape
+    (q4c.kernel_cache), else measured now (1 thread, interleaved, median process-CPU time:
+    q4c.timing) and cached, so the same command on the same machine writes the same bytes.
 
     MatMulNBits keeps weights 4-bit in memory and wins where few rows go through a large weight
     per call (streaming, big layers); on small layers with many rows per call, quantizing the
     activations costs more than it saves, and DequantizeLinear folded to FP32 at load is faster.
     """
-    fold = {"session.disable_quant_qdq": "1"}
+    from q4c import kernel_cache
+    from q4c.timing import interleaved
+
     # Folded at load anyway, so a tied output projection can read the embedding's codes.
     tied = share_transposed_tables(dq_form)
-    sessions = {"low-bit": q4ort.make_session(lowered, threads=1, config=q4ort.needed_session_config(lowered)[0]),
-                "fp32-at-load": q4ort.make_session(dq_form, threads=1, config=fold)}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for session in sessions.values():  # warm-up
-        session.run(None, feeds)
-    deadline = time.perf_counter() + KERNEL_TIMING_SECONDS
-    while len(times["low-bit"]) < 5 or (len(times["low-bit"]) < 25 and time.perf_counter() < deadline):
-        for key, session in sessions.items():
-            # Thread CPU time: at 1 intra-op thread ORT computes in the calling thread, and CPU
-            # time is far steadier than wall time on a shared machine.
-            start = time.thread_time()
-            session.run(None, feeds)
-            times[key].append(time.thread_time() - start)
-    median = {k: float(np.median(v)) for k, v in times.items()}
-    chosen = "fp32-at-load" if median["fp32-at-load"] < 0.95 * median["low-bit"] else "low-bit"
+    cache_key = kernel_cache.key([lowered, dq_form], feeds)
+    cached = kernel_cache.lookup(cache_key)
+    if cached is not None:
+        median = {"low-bit": cached["low_bit_ms"] / 1e3, "fp32-at-load": cached["fp32_at_load_ms"] / 1e3}
+        chosen, runs, source, stored = cached["chosen"], cached["runs"], "cache", True
+        measured_on = cached.get("measured_on")
+    else:
+        fold = {"session.disable_quant_qdq": "1"}
+        sessions = {"low-bit": q4ort.make_session(lowered, threads=1, config=q4ort.needed_session_config(lowered)[0]),
+                    "fp32-at-load": q4ort.make_session(dq_form, threads=1, config=fold)}
+        timing = interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, rounds=25, warmup=1,
+                             min_rounds=5, max_seconds=KERNEL_TIMING_SECONDS)
+        median = {k: timing.median(k) for k in sessions}
+        chosen = "fp32-at-load" if median["fp32-at-load"] < 0.95 * median["low-bit"] else "low-bit"
+        runs, source, measured_on = timing.rounds, "measured", time.strftime("%Y-%m-%d")
+        stored = kernel_cache.record(cache_key, {
+            "chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
+            "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs, "measured_on": measured_on,
+            "machine": kernel_cache.machine()})
     if chosen == "fp32-at-load":
         ctx.warn(f"MatMulNBits was slower than FP32 MatMul for this model's input shape "
-                 f"({1e3 * median['low-bit']:.2f} vs {1e3 * median['fp32-at-load']:.2f} ms): MatMul weights stay "
-                 f"low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
+                 f"({1e3 * median['low-bit']:.2f} vs {1e3 * median['fp32-at-load']:.2f} ms, {source}): MatMul weights "
+                 f"stay low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
                  f"in memory, or --data with inputs shaped like your deployment")
     result = {"chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
-              "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": len(times["low-bit"]),
-              "tied_tables_shared": tied}
+              "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs,
+              "tied_tables_shared": tied, "source": source, "measured_on": measured_on,
+              "clock": "process-CPU time", "cache": str(kernel_cache.cache_path()), "cache_key": cache_key,
+              "cached": stored}
     return (dq_form if chosen == "fp32-at-load" else lowered), result
 
 
