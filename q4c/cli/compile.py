@@ -62,7 +62,8 @@ from q4c.errors import QualityLostError
               help="ort-cpu: 'low-bit' keeps 4-bit weights in memory (MatMulNBits, GatherBlockQuantized; float32 "
                    "scales); 'fp32-at-load' stores every weight as DequantizeLinear with float16 scales, which ONNX "
                    "Runtime folds to FP32 when the session loads (same file size, smaller blocks, so more accurate; "
-                   "FP32 memory and speed); 'auto' builds both, times them on the sample input and keeps the faster.")
+                   "FP32 memory and speed); 'auto' builds both, times them on the sample input and keeps the faster "
+                   "(once per machine, model and input shape: cached in ~/.cache/q4c/kernels.json).")
 @click.option("--passes", "passes", default=None, metavar="LIST",
               help="Comma-separated passes. Bare names replace the pipeline ('--passes fold-constants'); "
                    "'default' is the default pipeline; '+name'/'-name' add/drop; 'module:Class' loads a pass. "
