@@ -27,6 +27,7 @@ ORT's quantization tools need `onnx-ir` and `sympy` (the `bench` extra); NNCF ro
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ from q4c.timing import CLOCK, interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402
-from _common import MODELS, TASKS, bench_data, bundled_models, run, task_eval  # noqa: E402
+from _common import MODELS, RESULTS, TASKS, bench_data, bundled_models, publish, run, task_eval  # noqa: E402
 from contenders import ALL_CONTENDERS, FUSED_FP32, SETTINGS_ALL, Build, Calibration, q4c_with  # noqa: E402
 
 Q4C_ROWS: list[tuple[str, Build]] = [
@@ -293,7 +294,17 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other models' rows from benchmarks/results/%s.json" % "compare")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--render-only", metavar="COMMAND", default=None,
+                        help="re-render benchmarks/results/compare.json without measuring; COMMAND is what the stamp "
+                             "names as the command that measured the rows (e.g. one run per model with --merge)")
     args = parser.parse_args()
+    if args.render_only is not None:
+        rows = json.loads((RESULTS / "compare.json").read_text())
+        section = render(rows, args.iters)
+        print(section)
+        if args.write:
+            publish("compare", rows, section, command=args.render_only)
+        return 0
     names = args.models.split(",") if args.models else bundled_models()
     run("compare", names, lambda name, tmp: measure(name, tmp, args.iters), lambda rows: render(rows, args.iters),
         merge=args.merge, write=args.write)
