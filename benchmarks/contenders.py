@@ -31,7 +31,9 @@ The wider field (`ORT_EXTRA`, `NNCF_CONTENDERS`, `FUSED_FP32`; `ALL_CONTENDERS` 
 - NNCF `compress_weights` on the ONNX model (pre-processed, opset 21): INT4 symmetric and
   asymmetric, group 32 and 128, all layers or NNCF's default (first/last layers INT8, its backup
   mode), ratio-based mixed precision (80 % of weights INT4 by its Hessian-input sensitivity, the rest
-  INT8), and data-aware AWQ + scale estimation where its ONNX backend accepts them.
+  INT8), and data-aware AWQ + scale estimation where its ONNX backend accepts them; layers whose
+  width the group size does not divide get the largest group that does, down to 16 (NNCF's
+  `GroupSizeFallbackMode.ADJUST`), instead of failing the model.
 - Fused FP32: q4c's graph rewrites (the default pipeline's passes before any analysis or
   quantization) and nothing else, so speed that comes from fusion is not credited to 4-bit weights.
 """
@@ -214,9 +216,16 @@ def nncf_weights(mode: str, group_size: int, *, ratio: float = 1.0, all_layers: 
         with tempfile.TemporaryDirectory() as tmp:
             model = onnx.load(_opset21(src, Path(tmp)))
             dataset = nncf.Dataset(calib.feeds()) if (data or awq or scale_estimation or ratio < 1.0) else None
+            from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+            # a layer whose input width the group does not divide (80 features, a 48-wide projection) gets the
+            # largest group that divides it, down to 16, as NNCF documents, instead of failing the whole model
+            advanced = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST,
+                                                     min_adjusted_group_size=16)
             out = nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, mode), group_size=group_size,
                                         ratio=ratio, all_layers=all_layers, dataset=dataset,
-                                        awq=awq or None, scale_estimation=scale_estimation or None)
+                                        awq=awq or None, scale_estimation=scale_estimation or None,
+                                        advanced_parameters=advanced)
             onnx.save(out, dst)
     return build
 
@@ -262,6 +271,7 @@ SETTINGS_ALL = (SETTINGS + " INT4 rows (static QDQ INT4, every MatMulNBits algor
                 "MatMulNBits algorithms DEFAULT, RTN, k-quant, HQQ, GPTQ at block 32, 4 bits, accuracy_level 4 set on "
                 "every MatMulNBits node; GPTQ calibrated on the same calls. NNCF compress_weights (ONNX backend): "
                 "INT4 sym/asym, group 32/128, all layers or its default (first/last layer INT8), ratio 0.8 with the "
-                "rest INT8, AWQ + scale estimation; calibrated rows use the same calibration calls. `q4c fused "
+                "rest INT8, AWQ + scale estimation, group-size fallback ADJUST (min 16); calibrated rows use the same "
+                "calibration calls. `q4c fused "
                 "FP32`: q4c's rewrite passes (" + ", ".join(REWRITE_PASSES) + ") without quantization, the speed "
                 "baseline for fusion.")
