@@ -170,7 +170,8 @@ def _cost(items: list[list[Option]], picks: tuple[int, ...]) -> int:
 
 
 def _options(cands: list[Candidate], scores: dict[str, float]) -> list[Option]:
-    return [Option(c.nbytes, 0.0 if c.bits == FLOAT else max(scores[c.key], 0.0)) for c in cands]
+    # FP32 scores 0 unless measured (closed-loop scores in context give it the context's damage)
+    return [Option(c.nbytes, max(scores.get(c.key, 0.0) if c.bits == FLOAT else scores[c.key], 0.0)) for c in cands]
 
 
 def _group_options(group: list[str], table: SensitivityTable) -> list[Option]:
@@ -181,7 +182,8 @@ def _group_options(group: list[str], table: SensitivityTable) -> list[Option]:
     for a, b in zip(table.candidates[first], table.candidates[second], strict=True):
         assert a.key == b.key, "tied tensors have the same candidate list"
         shared = 0 if a.bits == FLOAT else math.ceil(math.prod(table.slots[first].tensor.shape) * a.storage_bits / 8)
-        score = 0.0 if a.bits == FLOAT else max(table.scores[first][a.key], 0.0) + max(table.scores[second][b.key], 0.0)
+        score = (max(table.scores[first].get(a.key, 0.0), 0.0) + max(table.scores[second].get(b.key, 0.0), 0.0)
+                 if a.bits == FLOAT else max(table.scores[first][a.key], 0.0) + max(table.scores[second][b.key], 0.0))
         options.append(Option(a.nbytes + b.nbytes - shared, score))
     return options
 

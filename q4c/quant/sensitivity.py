@@ -227,6 +227,8 @@ PLAN_SAMPLES = 32
 #: Calls of one sequence that scoring runs: a long recording is cut here (closed-loop error
 #: compounds within a few hundred calls; more only costs time).
 MAX_UNIT_CALLS = 1000
+#: Score closed-loop candidates in the context of uniform 4-bit (see measure)
+CLOSED_LOOP_CONTEXT = True
 #: Hessian probe step, relative to the tensor's RMS: the size of 4-bit rounding noise, so the
 #: curvature is measured where quantization actually moves the weights.
 HESSIAN_STEP = 0.1
@@ -248,6 +250,8 @@ class SensitivityTable:
     kernel_scales: bool = True  # see CompileOptions.kernel_scales
     workers: int = 1  # threads that scored tensors
     hessians: dict[str, list[np.ndarray]] = field(default_factory=dict)  # gptq's input statistics
+    #: the plan closed-loop kl scores are taken in (see measure), and its damage
+    context: dict[str, Any] = field(default_factory=dict)
     #: measured per-output metrics of whole plans ("plan", "uniform_4bit"), filled by assign-precision
     measured: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
@@ -291,6 +295,8 @@ class SensitivityTable:
             out.update(self.runner.describe())
             out["note"] = ("damage = sum over task outputs of KL (kl), Bernoulli KL (bce) or half the relative noise "
                            "power 10^(-SNR/10)/2 (snr), all in nats; state outputs are not scored")
+        if self.context:
+            out["context"] = self.context
         if self.measured:
             out["measured"] = self.measured
         if self.fallbacks:
@@ -393,11 +399,25 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
                                          state_pairs=dict(state_pairs or {}), closed_loop=closed,
                                          objectives=objectives_for(model, opts, state_pairs),
                                          max_calls=MAX_UNIT_CALLS)
+    # Closed loop, errors compound: one tensor at 2 bits among FP32 ones says little about it
+    # among 4-bit ones. So closed-loop kl scores are taken in the context of uniform 4-bit (every
+    # other measured tensor at its 4-bit candidate): score = damage of that plan with this one
+    # tensor changed (FP32 included), which the knapsack sums to rank plans near its budget.
+    context: dict[str, np.ndarray] = {}
+    if table.runner is not None and table.runner.closed_loop and opts.sensitivity == "kl" and CLOSED_LOOP_CONTEXT:
+        context = {n: quantized[n]["4"] for n in measured if "4" in quantized[n]}
+        table.context = {"plan": "uniform 4-bit", "damage": table.runner.divergence(context, MAX_SAMPLES)}
+
     def score(index: int, name: str) -> dict[str, float]:
         w = weights[name]
         errors = {k: float(np.sum(np.square(d - w, dtype=np.float64))) for k, d in quantized[name].items()}
         if table.runner is None or name not in measured or opts.sensitivity == "mse":
             return errors
+        if opts.sensitivity == "kl" and context:
+            others = {n: d for n, d in context.items() if n != name}
+            scores = {k: table.runner.divergence({**others, name: d}, MAX_SAMPLES) for k, d in quantized[name].items()}
+            scores[str(FLOAT)] = table.runner.divergence(others, MAX_SAMPLES)
+            return scores
         if opts.sensitivity == "kl":
             return {k: table.runner.divergence({name: d}, MAX_SAMPLES) for k, d in quantized[name].items()}
         rms = float(np.sqrt(np.mean(np.square(w)))) or 1.0  # hessian
