@@ -73,6 +73,8 @@ TEXTS = {
             "The soup needs a little more pepper.", "How long does the battery last?",
             "Our neighbours are painting their house blue.", "I will call you back in ten minutes.",
             "The children built a castle out of sand.", "Thank you very much.",
+            "Okay.", "Hello?", "Not yet.", "Right, let's go.",
+            "When the rain finally stopped, we packed the tent, loaded the car and drove home slowly.",
         ],
         "de": [
             "Guten Morgen, wie geht es dir?", "Der Zug hat heute zehn Minuten Verspätung.",
@@ -105,6 +107,9 @@ TEXTS = {
             "She ordered a cup of tea with lemon.", "We need more chairs for the guests.",
             "The museum has a new exhibition about ancient ships.", "Is this seat taken?",
             "Keep the receipt in case you need to return it.", "The alarm rang twice before anyone woke up.",
+            "Sure.", "Wait a second.", "Maybe later.", "Hi there.", "Excuse me?", "All right.",
+            "If you follow the path past the old mill, you will find the lake on your left after an hour.",
+            "The engineers tested the new pump for three days before they were happy with the results.",
         ],
         "fr": [
             "Bonjour, je voudrais un café, s'il vous plaît.", "Le musée est fermé le lundi.",
@@ -158,16 +163,12 @@ def mix_at_snr(
     speech = np.asarray(speech, dtype=np.float64)
     noise = np.asarray(noise, dtype=np.float64)
     if speech.shape != noise.shape:
-        raise ValueError(
-            f"speech {speech.shape} and noise {noise.shape} differ in shape"
-        )
+        raise ValueError(f"speech {speech.shape} and noise {noise.shape} differ in shape")
     sel = np.ones(speech.shape, bool) if active is None else np.asarray(active, bool)
     p_speech = np.mean(speech[sel] ** 2)
     p_noise = np.mean(noise[sel] ** 2)
     if p_speech <= 0 or p_noise <= 0:
-        raise ValueError(
-            "mix_at_snr needs non-zero speech and noise power over the active samples"
-        )
+        raise ValueError("mix_at_snr needs non-zero speech and noise power over the active samples")
     gain = np.sqrt(p_speech / (p_noise * 10.0 ** (snr_db / 10.0)))
     scaled = gain * noise
     return speech + scaled, scaled
@@ -192,9 +193,7 @@ def colored_noise(
     return x / np.sqrt(np.mean(x**2))
 
 
-def mains_hum(
-    n: int, f0: float, n_harmonics: int, rng: np.random.Generator, sr: int = BASE_SR
-) -> np.ndarray:
+def mains_hum(n: int, f0: float, n_harmonics: int, rng: np.random.Generator, sr: int = BASE_SR) -> np.ndarray:
     """Mains hum: f0 and its harmonics up to n_harmonics (odd ones stronger, random phases), unit RMS."""
     t = np.arange(n) / sr
     x = np.zeros(n)
@@ -224,21 +223,15 @@ def _need_tools() -> None:
 _RAW = ["-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1"]
 
 
-def _sox(
-    args_in: list[str], effects: list[str], data: bytes | None, sr_out: int
-) -> np.ndarray:
+def _sox(args_in: list[str], effects: list[str], data: bytes | None, sr_out: int) -> np.ndarray:
     cmd = ["sox", "-R", "-V1", *args_in, *_RAW, "-r", str(sr_out), "-", *effects]
     p = subprocess.run(cmd, input=data, capture_output=True, check=False)
     if p.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(cmd)} failed: {p.stderr.decode(errors='replace').strip()}"
-        )
+        raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.decode(errors='replace').strip()}")
     return np.frombuffer(p.stdout, np.float32).astype(np.float64)
 
 
-def _sox_float(
-    x: np.ndarray, sr_in: int, sr_out: int, effects: list[str]
-) -> np.ndarray:
+def _sox_float(x: np.ndarray, sr_in: int, sr_out: int, effects: list[str]) -> np.ndarray:
     return _sox(
         [*_RAW, "-r", str(sr_in), "-"],
         effects,
@@ -265,9 +258,7 @@ def _espeak(voice: str, rate: int, pitch: int, text: str) -> np.ndarray:
     ]
     p = subprocess.run(cmd, capture_output=True, check=False)
     if p.returncode != 0 or len(p.stdout) < 100:
-        raise RuntimeError(
-            f"espeak-ng {voice!r} failed: {p.stderr.decode(errors='replace').strip()}"
-        )
+        raise RuntimeError(f"espeak-ng {voice!r} failed: {p.stderr.decode(errors='replace').strip()}")
     x = _sox(["-t", "wav", "-"], ["rate", "-v"], p.stdout, BASE_SR)
     x = x / np.max(np.abs(x))
     loud = np.flatnonzero(np.abs(x) > 10 ** (-40 / 20))
@@ -279,18 +270,12 @@ def _espeak(voice: str, rate: int, pitch: int, text: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- manifest
 def _voices(split: str) -> list[tuple[str, str]]:
-    return [
-        (f"{lang}+{var}", tl)
-        for lang, tl in LANGUAGES[split].items()
-        for var in VARIANTS[split]
-    ]
+    return [(f"{lang}+{var}", tl) for lang, tl in LANGUAGES[split].items() for var in VARIANTS[split]]
 
 
 def _pick_text(rng: np.random.Generator, split: str, text_lang: str) -> str:
     pool = TEXTS[split]
-    lang = (
-        text_lang if text_lang == "en" or rng.random() < 0.75 else "en"
-    )  # some accented English
+    lang = text_lang if text_lang == "en" or rng.random() < 0.75 else "en"  # some accented English
     return str(rng.choice(pool[lang]))
 
 
@@ -299,24 +284,45 @@ def _stratified(rng: np.random.Generator, n: int, lo: float, hi: float) -> list[
     return [round(float(lo + (hi - lo) * p), 1) for p in pos]
 
 
+def _layout(
+    rng: np.random.Generator, speech_s: float, n_utt: int, lo: float, hi: float
+) -> tuple[float, float, list[float]] | None:
+    """(total, lead, pauses) for a clip of lo..hi s, about 38-68 % speech; pauses 0.2-2 s, lead/trail 0.15-2.5 s.
+
+    None when the utterances cannot fit.
+    """
+    p_lo, p_hi, e_lo, e_hi = 0.2, 2.0, 0.15, 2.5
+    t_min = max(lo, speech_s + (n_utt - 1) * p_lo + 2 * e_lo)
+    t_max = min(hi, speech_s + (n_utt - 1) * p_hi + 2 * e_hi)
+    if t_min > t_max:
+        return None
+    total = speech_s / rng.uniform(0.38, 0.68)
+    if total > t_max:  # too much speech for the clip: draw other utterances
+        return None
+    total = round(max(total, t_min), 2)
+    pauses = rng.uniform(p_lo, p_hi, n_utt - 1)
+    edges = rng.uniform(e_lo, 1.5, 2)
+    excess = float(np.sum(pauses - p_lo) + np.sum(edges - e_lo))
+    want = total - speech_s - (n_utt - 1) * p_lo - 2 * e_lo
+    if want < 0:
+        return None
+    factor = want / excess
+    pauses = np.minimum(p_lo + (pauses - p_lo) * factor, p_hi)
+    rest = total - speech_s - float(np.sum(pauses))  # lead + trail
+    lead = e_lo + (rest - 2 * e_lo) * (edges[0] - e_lo) / float(np.sum(edges - e_lo))
+    if not (e_lo <= lead <= e_hi and e_lo <= rest - lead <= e_hi):
+        return None
+    return total, round(float(lead), 3), [round(float(x), 3) for x in pauses]
+
+
 def _make_clip(
-    rng: np.random.Generator,
-    split: str,
-    cid: str,
-    seed: int,
-    kind: str,
-    snr: float | None,
+    rng: np.random.Generator, split: str, cid: str, seed: int, kind: str, snr: float | None, n_utt: int
 ) -> dict:
     lo, hi = PLAN[split][1]
     voices = _voices(split)
-    for _ in range(500):
-        n_utt = int(rng.choice([2, 3, 4], p=[0.45, 0.4, 0.15]))
-        speakers = [
-            voices[i]
-            for i in rng.choice(
-                len(voices), size=int(rng.integers(1, 3)), replace=False
-            )
-        ]
+    for _ in range(5000):
+        picks = rng.choice(len(voices), size=int(rng.integers(1, 3)), replace=False)
+        speakers = [voices[i] for i in picks]
         utts = []
         for u in range(n_utt):
             voice, tl = speakers[u % len(speakers)]
@@ -328,33 +334,24 @@ def _make_clip(
                 "text": text,
                 "gain_db": round(float(rng.uniform(-6, 0)), 1),
             }
-            utt["dur_s"] = round(
-                len(_espeak(utt["voice"], utt["rate"], utt["pitch"], text)) / BASE_SR, 3
-            )
+            utt["dur_s"] = round(len(_espeak(utt["voice"], utt["rate"], utt["pitch"], text)) / BASE_SR, 3)
             utts.append(utt)
-        pauses = [round(float(rng.uniform(0.2, 2.0)), 3) for _ in range(n_utt - 1)]
-        total = round(float(rng.uniform(lo, hi)), 2)
-        slack = total - sum(u["dur_s"] for u in utts) - sum(pauses)
-        if slack < 0.4 or slack > 4.0:
+        fit = _layout(rng, sum(u["dur_s"] for u in utts), n_utt, lo, hi)
+        if fit is None:
             continue
-        lead = round(float(0.15 + (slack - 0.3) * rng.uniform(0.2, 0.8)), 3)
+        total, lead, pauses = fit
         t = lead
-        for u, pause in zip(utts, [*pauses, 0.0]):
+        for u, pause in zip(utts, [*pauses, 0.0], strict=True):
             u["start_s"] = round(t, 3)
             t += u["dur_s"] + pause
         break
     else:
-        raise RuntimeError(f"{cid}: could not fit utterances into {lo}-{hi} s")
+        raise RuntimeError(f"{cid}: could not fit {n_utt} utterances into {lo}-{hi} s")
     noise: dict = {"kind": kind, "snr_db": snr}
     if kind == "hum":
         noise.update(f0=int(rng.choice([50, 60])), n_harmonics=int(rng.integers(3, 13)))
     elif kind == "babble":
-        talkers = [
-            voices[i]
-            for i in rng.choice(
-                len(voices), size=int(rng.integers(3, 7)), replace=False
-            )
-        ]
+        talkers = [voices[i] for i in rng.choice(len(voices), size=int(rng.integers(3, 7)), replace=False)]
         noise["talkers"] = [
             {
                 "voice": v,
@@ -396,9 +393,7 @@ def _make_clip(
 def write_manifest(path: Path = MANIFEST) -> dict:
     """Draw every clip (seeded) and write the manifest. Needs espeak-ng to measure utterance lengths."""
     _need_tools()
-    for split in (
-        SPLITS
-    ):  # an unknown variant silently falls back to the default voice: refuse it
+    for split in SPLITS:  # an unknown variant silently falls back to the default voice: refuse it
         for var in VARIANTS[split]:
             lang = next(iter(LANGUAGES[split]))
             if np.array_equal(
@@ -411,22 +406,13 @@ def write_manifest(path: Path = MANIFEST) -> dict:
         n, _ = PLAN[split]
         rng = np.random.default_rng(1000 + s)
         kinds = [NOISE_KINDS[i % len(NOISE_KINDS)] for i in rng.permutation(n)]
-        snrs = {
-            k: iter(_stratified(rng, kinds.count(k), *SNR_RANGE[k])) for k in SNR_RANGE
-        }
+        n_utts = [(2, 3, 3, 4, 2)[i % 5] for i in rng.permutation(n)]  # 2: 40 %, 3: 40 %, 4: 20 %
+        snrs = {k: iter(_stratified(rng, kinds.count(k), *SNR_RANGE[k])) for k in SNR_RANGE}
         for i, kind in enumerate(kinds):
             seed = 100000 * (s + 1) + i
             snr = next(snrs[kind]) if kind in snrs else None
-            clips.append(
-                _make_clip(
-                    np.random.default_rng(seed),
-                    split,
-                    f"{split}_{i:03d}",
-                    seed,
-                    kind,
-                    snr,
-                )
-            )
+            cid = f"{split}_{i:03d}"
+            clips.append(_make_clip(np.random.default_rng(seed), split, cid, seed, kind, snr, n_utts[i]))
     manifest = {
         "version": 1,
         "base_sr": BASE_SR,
@@ -434,9 +420,7 @@ def write_manifest(path: Path = MANIFEST) -> dict:
         "note": "generated by models/real/audio.py --write-manifest; render with python models/real/audio.py",
         "clips": clips,
     }
-    path.write_text(
-        json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -448,9 +432,7 @@ def manifest() -> dict:
 def clips(split: str) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    return sorted(
-        (c for c in manifest()["clips"] if c["split"] == split), key=lambda c: c["id"]
-    )
+    return sorted((c for c in manifest()["clips"] if c["split"] == split), key=lambda c: c["id"])
 
 
 def _entry(clip_id: str) -> dict:
@@ -461,10 +443,7 @@ def _entry(clip_id: str) -> dict:
 
 
 def _key(entry: dict) -> str:
-    blob = (
-        json.dumps(entry, sort_keys=True, ensure_ascii=False)
-        + f"|render{RENDER_VERSION}"
-    )
+    blob = json.dumps(entry, sort_keys=True, ensure_ascii=False) + f"|render{RENDER_VERSION}"
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -551,9 +530,7 @@ def render_clip(entry: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     speech = np.zeros(n)
     segments = []
     for u in entry["utterances"]:
-        x = _espeak(u["voice"], u["rate"], u["pitch"], u["text"]) * 10 ** (
-            u["gain_db"] / 20
-        )
+        x = _espeak(u["voice"], u["rate"], u["pitch"], u["text"]) * 10 ** (u["gain_db"] / 20)
         i = round(u["start_s"] * BASE_SR)
         x = x[: max(n - i, 0)]
         speech[i : i + len(x)] += x
@@ -580,9 +557,7 @@ def render_clip(entry: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     if entry["noise"]["kind"] == "silence":
         mix = speech * entry["peak"] / np.max(np.abs(speech)) + dither(n, rng)
     else:
-        mix, _ = mix_at_snr(
-            speech, _noise(entry, n, rng), entry["noise"]["snr_db"], active
-        )
+        mix, _ = mix_at_snr(speech, _noise(entry, n, rng), entry["noise"]["snr_db"], active)
         mix *= entry["peak"] / np.max(np.abs(mix))
     seg = np.asarray(segments, np.int64).reshape(-1, 2)
     out = {BASE_SR: (np.clip(mix, -1, 1).astype(np.float32), seg)}
@@ -618,15 +593,11 @@ def _render_and_save(entry: dict) -> None:
         path = _path(entry["id"], sr)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(
-            tmp, audio=audio, segments=seg, key=np.array(_key(entry)), sr=np.array(sr)
-        )
+        np.savez(tmp, audio=audio, segments=seg, key=np.array(_key(entry)), sr=np.array(sr))
         os.replace(tmp, path)
 
 
-def render(
-    entries: list[dict] | None = None, jobs: int = 2, force: bool = False
-) -> int:
+def render(entries: list[dict] | None = None, jobs: int = 2, force: bool = False) -> int:
     """Render the entries (default: every clip) whose cache files are missing or stale; return how many."""
     entries = manifest()["clips"] if entries is None else entries
     todo = [e for e in entries if force or not all(_cached(e, sr) for sr in RATES)]
@@ -689,11 +660,7 @@ def summary() -> str:
         )
         for kind in NOISE_KINDS:
             snrs = [c["noise"]["snr_db"] for c in cs if c["noise"]["kind"] == kind]
-            rng_txt = (
-                f" SNR {min(snrs):.1f}..{max(snrs):.1f} dB"
-                if snrs and snrs[0] is not None
-                else ""
-            )
+            rng_txt = f" SNR {min(snrs):.1f}..{max(snrs):.1f} dB" if snrs and snrs[0] is not None else ""
             lines.append(f"  {kind:8s} {len(snrs):3d}{rng_txt}")
     return "\n".join(lines)
 
@@ -706,9 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         help="rewrite audio_manifest.json (needs espeak-ng)",
     )
     ap.add_argument("--jobs", type=int, default=2, help="clips rendered in parallel")
-    ap.add_argument(
-        "--force", action="store_true", help="re-render clips already in the cache"
-    )
+    ap.add_argument("--force", action="store_true", help="re-render clips already in the cache")
     args = ap.parse_args(argv)
     if args.write_manifest:
         write_manifest()
@@ -716,9 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {MANIFEST}")
     t0 = time.perf_counter()
     n = render(jobs=args.jobs, force=args.force)
-    print(
-        f"rendered {n} clips in {time.perf_counter() - t0:.1f} s into {CACHE}/{{{','.join(map(str, RATES))}}}/"
-    )
+    print(f"rendered {n} clips in {time.perf_counter() - t0:.1f} s into {CACHE}/{{{','.join(map(str, RATES))}}}/")
     print(summary())
     return 0
 

@@ -33,21 +33,15 @@ def test_mix_at_snr_hits_the_requested_snr_over_the_speech_samples(rng, snr):
     active = np.zeros(n, bool)
     active[3000:7000] = active[9000:14000] = True
     speech = np.where(active, np.sin(2 * np.pi * 220 * np.arange(n) / 16000) * 0.3, 0.0)
-    noise = rng.standard_normal(n) * np.linspace(
-        0.5, 2.0, n
-    )  # non-stationary: the mask matters
+    noise = rng.standard_normal(n) * np.linspace(0.5, 2.0, n)  # non-stationary: the mask matters
 
     mix, scaled = audio.mix_at_snr(speech, noise, snr, active)
 
     assert _snr_db(speech[active], scaled[active]) == pytest.approx(snr, abs=1e-9)
-    assert (
-        abs(_snr_db(speech, scaled) - snr) > 0.1
-    )  # not the same as the whole-clip figure
+    assert abs(_snr_db(speech, scaled) - snr) > 0.1  # not the same as the whole-clip figure
     np.testing.assert_allclose(mix, speech + scaled, rtol=0, atol=1e-15)
     ratio = scaled / noise
-    np.testing.assert_allclose(
-        ratio, ratio[0], rtol=1e-12
-    )  # one gain, shape of the noise kept
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-12)  # one gain, shape of the noise kept
 
 
 def test_mix_at_snr_without_mask_uses_every_sample(rng):
@@ -92,12 +86,8 @@ def test_dither_is_triangular_within_one_lsb():
     lsb = 1 / 32768
     x = audio.dither(200_000, np.random.default_rng(3))
     assert np.abs(x).max() < lsb
-    assert np.var(x) == pytest.approx(
-        lsb**2 / 6, rel=0.02
-    )  # two uniform(-lsb/2, lsb/2): 2 * lsb**2/12
-    assert np.mean(np.abs(x) < lsb / 2) == pytest.approx(
-        0.75, abs=0.01
-    )  # triangle: 3/4 of mass inside
+    assert np.var(x) == pytest.approx(lsb**2 / 6, rel=0.02)  # two uniform(-lsb/2, lsb/2): 2 * lsb**2/12
+    assert np.mean(np.abs(x) < lsb / 2) == pytest.approx(0.75, abs=0.01)  # triangle: 3/4 of mass inside
 
 
 def _voices_and_texts(split: str) -> tuple[set[str], set[str]]:
@@ -119,9 +109,7 @@ def test_manifest_splits_share_no_voice_and_no_sentence():
     test_voices, test_texts = _voices_and_texts("test")
     assert calib_voices and test_voices and calib_texts and test_texts
     assert not calib_voices & test_voices
-    assert not {v.split("+")[1] for v in calib_voices} & {
-        v.split("+")[1] for v in test_voices
-    }
+    assert not {v.split("+")[1] for v in calib_voices} & {v.split("+")[1] for v in test_voices}
     assert not calib_texts & test_texts
 
 
@@ -136,15 +124,10 @@ def test_manifest_clips_are_scenes_as_specified():
         utts = c["utterances"]
         assert 2 <= len(utts) <= 4 and c["layout"]["n_utterances"] == len(utts)
         assert utts[0]["start_s"] == c["layout"]["lead_s"] > 0.1
-        gaps = [
-            b["start_s"] - (a["start_s"] + a["dur_s"])
-            for a, b in itertools.pairwise(utts)
-        ]
+        gaps = [b["start_s"] - (a["start_s"] + a["dur_s"]) for a, b in itertools.pairwise(utts)]
         np.testing.assert_allclose(gaps, c["layout"]["pauses_s"], atol=2e-3)
         assert all(0.2 - 2e-3 <= g <= 2.0 + 2e-3 for g in gaps), c["id"]
-        assert (
-            c["duration_s"] - (utts[-1]["start_s"] + utts[-1]["dur_s"]) > 0.1
-        )  # trailing non-speech
+        assert c["duration_s"] - (utts[-1]["start_s"] + utts[-1]["dur_s"]) > 0.1  # trailing non-speech
         kind, snr = c["noise"]["kind"], c["noise"]["snr_db"]
         kinds.add(kind)
         assert (snr is None) == (kind == "silence")
@@ -152,6 +135,4 @@ def test_manifest_clips_are_scenes_as_specified():
         assert 0.2 <= c["peak"] <= 0.95
     assert counts == {"calib": 24, "test": 64}
     assert kinds == {"white", "pink", "brown", "hum", "babble", "music", "silence"}
-    assert len({c["id"] for c in CLIPS}) == len(CLIPS) and len(
-        {c["seed"] for c in CLIPS}
-    ) == len(CLIPS)
+    assert len({c["id"] for c in CLIPS}) == len(CLIPS) and len({c["seed"] for c in CLIPS}) == len(CLIPS)
