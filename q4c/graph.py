@@ -98,7 +98,44 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.M
         model.metadata_props.extend(like.metadata_props)
         model.producer_name = like.producer_name or model.producer_name
     _ensure_domains(model)
+    hoist_shared_initializers(model)
     return model
+
+
+def hoist_shared_initializers(model: onnx.ModelProto) -> int:
+    """Store once, in the main graph, an initializer that several subgraphs hold identically.
+
+    graph-surgeon exports a constant used by nested graphs (the If branches real exports use to
+    switch on batch size or sample rate) as an initializer of every one of them, so the same
+    weight codes would be written several times. Subgraphs read main-graph initializers as outer-
+    scope values, so one copy serves all. Returns the number of subgraph copies removed."""
+    main = model.graph
+    main_names = {t.name for t in main.initializer} | {v.name for v in main.input}
+    main_names |= {o for n in main.node for o in n.output}
+    held: dict[str, list[tuple[onnx.GraphProto, int]]] = {}
+    for sub in list(iter_graph_protos(main))[1:]:
+        for i, t in enumerate(sub.initializer):
+            held.setdefault(t.name, []).append((sub, i))
+    removed: dict[int, set[int]] = {}
+    owners: dict[int, onnx.GraphProto] = {}
+    for name, places in held.items():
+        if len(places) < 2 or name in main_names:
+            continue
+        first = places[0][0].initializer[places[0][1]]
+        key = first.SerializeToString()
+        if any(sub.initializer[i].SerializeToString() != key for sub, i in places[1:]):
+            continue  # same name, different values: leave them where they are
+        hoisted = main.initializer.add()
+        hoisted.CopyFrom(first)
+        for sub, i in places:
+            removed.setdefault(id(sub), set()).add(i)
+            owners[id(sub)] = sub
+    for key, indices in removed.items():
+        sub = owners[key]
+        kept = [t for i, t in enumerate(sub.initializer) if i not in indices]
+        del sub.initializer[:]
+        sub.initializer.extend(kept)
+    return sum(len(v) for v in removed.values())
 
 
 def _ensure_domains(model: onnx.ModelProto) -> None:

@@ -109,3 +109,40 @@ def test_saved_model_gets_umask_permissions_not_owner_only(tmp_path):
         os.umask(old)
     assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary left behind
+
+
+def _if_model_sharing_a_weight(w: np.ndarray) -> onnx.ModelProto:
+    """y = x @ W in both branches of an If: the export holds W once per branch, as real
+    exports that switch on batch size or sample rate do."""
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], [f"{name}_mm"]),
+             helper.make_node("Mul", [f"{name}_mm", f"{name}_s"], [f"{name}_y"])],
+            name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [2, 64])],
+            [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(np.float32(scale), f"{name}_s")])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0))
+    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+                               helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], opset=21)
+
+
+def test_export_stores_a_weight_shared_by_if_branches_once(rng):
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    model = _if_model_sharing_a_weight(w)
+    exported = g.export_model(g.import_graph(model), like=model)
+
+    holders = [sub.name for sub in g.iter_graph_protos(exported.graph) if any(t.name == "W" for t in sub.initializer)]
+    assert holders == [exported.graph.name]  # hoisted to the main graph, gone from both branches
+    onnx.checker.check_model(exported, full_check=True)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    for c, scale in ((True, 1.0), (False, 2.0)):
+        got = run_ort(exported, {"x": x, "c": np.array(c)})["y"]
+        np.testing.assert_allclose(got, scale * (x @ w), rtol=1e-5, atol=1e-5)
+
+
+def test_export_keeps_same_named_initializers_that_differ(rng):
+    model = _if_model_sharing_a_weight(rng.standard_normal((64, 64)).astype(np.float32))
+    else_w = model.graph.node[0].attribute[1].g.initializer[0]
+    else_w.CopyFrom(onnx.numpy_helper.from_array(np.zeros((64, 64), np.float32), "W"))
+    assert g.hoist_shared_initializers(model) == 0
+    assert all(any(t.name == "W" for t in a.g.initializer) for a in model.graph.node[0].attribute)
