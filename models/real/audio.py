@@ -13,9 +13,9 @@ voices, rate, pitch, texts, noise kind and parameters, SNR, layout, peak and see
 voice) and no sentence, babble included.
 
 Rendering: each clip is rendered once at 48 kHz; the 16 kHz version is the same mixture resampled
-by `sox rate -v`. Files go to ~/.cache/q4c/audio/<sr>/<clip id>.npz (float32 `audio` in [-1, 1],
-int64 `segments` [n, 2] = speech regions in samples, `key` = hash of the manifest entry, so an edited
-entry is re-rendered). Generating audio needs the `espeak-ng` and `sox` programs
+by `sox rate -v`. Files go to ~/.cache/q4c/audio/<sr>/<clip id>-<key>.npz (float32 `audio` in [-1, 1],
+int64 `segments` [n, 2] = speech regions in samples), <key> = a hash of the manifest entry, so an edited
+entry is re-rendered and processes holding different manifest versions do not overwrite each other. Generating audio needs the `espeak-ng` and `sox` programs
 (Debian: `apt-get install -y espeak-ng sox`); running q4c does not, and neither do the tests.
 
     python models/real/audio.py                   # render missing clips (both rates), print a summary
@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -424,8 +425,13 @@ def write_manifest(path: Path = MANIFEST) -> dict:
     return manifest
 
 
-@lru_cache(maxsize=1)
 def manifest() -> dict:
+    """The committed manifest (re-read when the file changes)."""
+    return _read_manifest(MANIFEST.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=1)
+def _read_manifest(mtime_ns: int) -> dict:
     return json.loads(MANIFEST.read_text(encoding="utf-8"))
 
 
@@ -573,28 +579,32 @@ def render_clip(entry: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _path(clip_id: str, sr: int) -> Path:
-    return CACHE / str(sr) / f"{clip_id}.npz"
+def _path(entry: dict, sr: int) -> Path:
+    """Cache file of a manifest entry: the entry's hash is in the name, so processes holding different
+    manifest versions never overwrite each other's files."""
+    return CACHE / str(sr) / f"{entry['id']}-{_key(entry)}.npz"
 
 
 def _cached(entry: dict, sr: int) -> bool:
-    path = _path(entry["id"], sr)
-    if not path.exists():
-        return False
-    try:
-        with np.load(path) as z:
-            return str(z["key"]) == _key(entry)
-    except (OSError, ValueError, KeyError):
-        return False
+    return _path(entry, sr).exists()
 
 
 def _render_and_save(entry: dict) -> None:
     for sr, (audio, seg) in render_clip(entry).items():
-        path = _path(entry["id"], sr)
+        path = _path(entry, sr)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, audio=audio, segments=seg, key=np.array(_key(entry)), sr=np.array(sr))
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}.npz")
+        np.savez(tmp, audio=audio, segments=seg, sr=np.array(sr))
         os.replace(tmp, path)
+
+
+def prune() -> int:
+    """Delete cache files that belong to no entry of the current manifest; return how many."""
+    keep = {_path(e, sr).name for e in manifest()["clips"] for sr in RATES}
+    stale = [p for sr in RATES for p in (CACHE / str(sr)).glob("*.npz") if p.name not in keep]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def render(entries: list[dict] | None = None, jobs: int = 2, force: bool = False) -> int:
@@ -620,7 +630,7 @@ def load(split: str, sr: int) -> list[tuple[str, np.ndarray]]:
     render([e for e in entries if not _cached(e, sr)])
     out = []
     for e in entries:
-        with np.load(_path(e["id"], sr)) as z:
+        with np.load(_path(e, sr)) as z:
             out.append((e["id"], z["audio"]))
     return out
 
@@ -631,7 +641,7 @@ def speech_segments(clip_id: str, sr: int) -> np.ndarray:
     entry = _entry(clip_id)
     if not _cached(entry, sr):
         render([entry])
-    with np.load(_path(clip_id, sr)) as z:
+    with np.load(_path(entry, sr)) as z:
         return z["segments"]
 
 
@@ -677,11 +687,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.write_manifest:
         write_manifest()
-        manifest.cache_clear()
         print(f"wrote {MANIFEST}")
     t0 = time.perf_counter()
     n = render(jobs=args.jobs, force=args.force)
-    print(f"rendered {n} clips in {time.perf_counter() - t0:.1f} s into {CACHE}/{{{','.join(map(str, RATES))}}}/")
+    took = time.perf_counter() - t0
+    pruned = prune()
+    print(
+        f"rendered {n} clips in {took:.1f} s into {CACHE}/{{{','.join(map(str, RATES))}}}/ ({pruned} stale files removed)"
+    )
     print(summary())
     return 0
 
