@@ -363,16 +363,40 @@ def pesq_wb(reference: np.ndarray, degraded: np.ndarray) -> float | None:
         return float("nan")
 
 
-def clip_metrics(fp32_enhanced: np.ndarray, enhanced: np.ndarray,
-                 clean: np.ndarray | None = None) -> dict[str, float | None]:
+def nonspeech(speech_mask: np.ndarray, margin: int = SR // 5) -> np.ndarray:
+    """Samples at least `margin` (200 ms: reverb tails, filter look-ahead) away from any speech."""
+    count = np.concatenate([[0], np.cumsum(np.asarray(speech_mask, np.int64))])
+    i = np.arange(len(speech_mask))
+    lo, hi = np.maximum(i - margin, 0), np.minimum(i + margin + 1, len(speech_mask))
+    return count[hi] - count[lo] == 0  # no speech sample within i - margin .. i + margin
+
+
+def noise_drop_db(noisy: np.ndarray, enhanced: np.ndarray, noise_only: np.ndarray) -> float | None:
+    """Energy removed from the noise-only samples, 10 log10(E_noisy / E_enhanced) in dB; None when
+    there is under 0.1 s of them or their level is below -90 dBFS (e.g. 16-bit dither)."""
+    n = min(len(noisy), len(enhanced), len(noise_only))
+    sel = noise_only[:n]
+    e_in = float(np.sum(np.square(noisy[:n][sel], dtype=np.float64)))
+    if sel.sum() < SR // 10 or e_in < 1e-9 * sel.sum():
+        return None
+    return round(10 * np.log10(e_in / max(float(np.sum(np.square(enhanced[:n][sel], dtype=np.float64))), 1e-30)), 2)
+
+
+def clip_metrics(fp32_enhanced: np.ndarray, enhanced: np.ndarray, clean: np.ndarray | None = None,
+                 noisy: np.ndarray | None = None, noise_only: np.ndarray | None = None) -> dict[str, float | None]:
     """sqnr_db of `enhanced` vs the FP32 system's output; STOI / PESQ of both against `clean`
-    when given (keys stoi_fp32, stoi, pesq_fp32, pesq), else of `enhanced` against the FP32 output."""
+    when given (keys stoi_fp32, stoi, pesq_fp32, pesq), else of `enhanced` against the FP32 output;
+    with `noisy` and a `noise_only` sample mask, the noise energy each removed (noise_drop_fp32,
+    noise_drop, dB)."""
     out: dict[str, float | None] = {"sqnr_db": sqnr_db(fp32_enhanced, enhanced)}
     if clean is None:
         out.update(stoi=stoi(fp32_enhanced, enhanced), pesq=pesq_wb(fp32_enhanced, enhanced))
     else:
         out.update(stoi_fp32=stoi(clean, fp32_enhanced), stoi=stoi(clean, enhanced),
                    pesq_fp32=pesq_wb(clean, fp32_enhanced), pesq=pesq_wb(clean, enhanced))
+    if noisy is not None and noise_only is not None:
+        out.update(noise_drop_fp32=noise_drop_db(noisy, fp32_enhanced, noise_only),
+                   noise_drop=noise_drop_db(noisy, enhanced, noise_only))
     return out
 
 
@@ -382,6 +406,12 @@ def _clean_reference(split: str) -> dict[str, np.ndarray] | None:
 
     load_clean = getattr(audio, "load_clean", None)
     return dict(load_clean(split, SR)) if load_clean is not None else None
+
+
+def _speech_mask(name: str) -> np.ndarray:
+    import audio
+
+    return audio.speech_mask(name, SR)
 
 
 def evaluate(graphs: Mapping[str, Run], fp32: Mapping[str, Run], split: str = "test") -> dict:
@@ -397,7 +427,8 @@ def evaluate(graphs: Mapping[str, Run], fp32: Mapping[str, Run], split: str = "t
         seconds += time.perf_counter() - t1
         fp32_seconds += t1 - t0
         audio_seconds += len(clip) / SR
-        rows.append({"clip": name, **clip_metrics(ref, out, None if clean is None else clean.get(name))})
+        rows.append({"clip": name, **clip_metrics(ref, out, None if clean is None else clean.get(name),
+                                                  clip, nonspeech(_speech_mask(name)))})
     mean = {}
     for key in (k for k in (rows[0] if rows else {}) if k != "clip"):
         values = [r[key] for r in rows if r[key] is not None]

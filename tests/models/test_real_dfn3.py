@@ -198,3 +198,16 @@ def test_calibration_readers_feed_the_decoders_the_fp32_encoder_outputs(tmp_path
 def test_resolve_paths_refuses_a_wrong_count(tmp_path):
     with pytest.raises(dfn3.ConfigError, match="three files"):
         dfn3.resolve_paths([tmp_path / "a.onnx", tmp_path / "b.onnx"])
+
+
+def test_noise_drop_measures_only_samples_far_from_speech():
+    speech = np.zeros(48000, bool)
+    speech[20000:30000] = True
+    noise_only = dfn3.nonspeech(speech)  # 200 ms = 9600 samples of margin
+    assert noise_only[10399] and not noise_only[10400] and not noise_only[39599] and noise_only[39600]
+
+    noisy = np.full(48000, 0.1, np.float32)
+    enhanced = np.full(48000, 0.01, np.float32)
+    enhanced[speech] = 5.0  # speech energy must not count
+    assert dfn3.noise_drop_db(noisy, enhanced, noise_only) == 20.0
+    assert dfn3.noise_drop_db(noisy * 1e-5, enhanced, noise_only) is None  # -120 dBFS: nothing to remove
