@@ -10,9 +10,10 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from q4c import graph as g
-from q4c.config import Granularity
+from q4c.config import CODEBOOK_SCHEMES, Granularity
 from q4c.errors import ConfigError
 from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.quant.codebook import CodebookWeight, emit_decoder
 from q4c.quant.gptq import input_hessians
 from q4c.quant.sensitivity import gptq_eligible
 from q4c.quant.packing import onnx_codes, storage_bits
@@ -32,6 +33,10 @@ class QuantizeWeightsPass(Pass):
     Conv, Einsum), followed by a Cast to float: half the scale bytes, 0.05 % scale error. One DQ
     per graph level that consumes the weight; consumers that are not weight slots keep the float
     tensor.
+
+    Codebook schemes (mulaw, kmeans, nf4) store packed indices and float16 centroid tables
+    instead, decoded by a Gather chain of standard ops from initializers only
+    (q4c.quant.codebook.emit_decoder), which ONNX Runtime folds at session load.
     Requires: ctx.plan.  Ensures: no planned weight feeds a slot in float.
     Stats: quantized, declined reasons (skipped_*).
     """
@@ -55,17 +60,28 @@ class QuantizeWeightsPass(Pass):
             precision = plan.tensors.get(name)
             if precision is None or precision.bits == FLOAT:
                 continue
-            self._quantize(graph, slots, precision.bits, Granularity.parse(precision.granularity), precision.scheme, ctx,
-                           hessians.get(name))
+            if precision.scheme in CODEBOOK_SCHEMES:
+                self._codebook(graph, slots, precision.bits, precision.granularity, precision.scheme, ctx,
+                               hessians.get(name))
+            else:
+                self._quantize(graph, slots, precision.bits, Granularity.parse(precision.granularity),
+                               precision.scheme, ctx, hessians.get(name))
             stats["quantized"] += 1
         return PassResult(stats["quantized"] > 0, dict(stats))
 
     @staticmethod
     def _hessians(graph: gs.Graph, by_tensor: dict[str, list[WeightSlot]], ctx: PassContext) -> dict[str, list[np.ndarray]]:
-        """gptq's input statistics: measure-sensitivity's, else (a replayed plan) from the samples."""
+        """gptq's input statistics: measure-sensitivity's, else (a replayed plan) from the samples.
+        Codebooks use them where they exist (GPTQ-style index assignment), the same ones the
+        sensitivity scores were measured with; without a measurement, from the samples."""
         plan = ctx.require_plan()
         gptq = {n for n, tp in plan.tensors.items() if tp.scheme == "gptq" and tp.bits != FLOAT and n in by_tensor}
         known = dict(getattr(ctx.sensitivity, "hessians", None) or {})
+        books = {n for n, tp in plan.tensors.items() if tp.scheme in CODEBOOK_SCHEMES and tp.bits != FLOAT
+                 and n in by_tensor and n not in known}
+        if books and ctx.sensitivity is None and ctx.samples:
+            eligible = gptq_eligible(graph, {n: by_tensor[n][0] for n in books})
+            known.update(input_hessians(g.export_model(graph.copy()), eligible, ctx.samples))
         missing = gptq - set(known)
         if missing:
             if not ctx.samples:
@@ -76,6 +92,25 @@ class QuantizeWeightsPass(Pass):
         if unmet:
             raise ConfigError(f"{unmet[0]}: gptq needs a MatMul/Gemm/LSTM/GRU/RNN weight of the main graph")
         return known
+
+    @staticmethod
+    def _codebook(root: gs.Graph, slots: list[WeightSlot], bits: int, granularity: str, scheme: str,
+                  ctx: PassContext, hessians: list[np.ndarray] | None = None) -> None:
+        """Indices + centroid tables decoded in-graph, one decoder per graph level (see
+        q4c.quant.codebook)."""
+        first = slots[0]
+        weight = first.tensor
+        values = np.asarray(weight.values, dtype=np.float32)
+        cw = quantize_slot(first, values, bits, granularity, scheme, hessians=hessians)
+        assert isinstance(cw, CodebookWeight)
+        decoded: dict[int, tuple[gs.Variable, str]] = {}
+        for slot in slots:
+            key = id(slot.graph)
+            if key not in decoded:
+                decoded[key] = emit_decoder(root, slot.graph, weight.name, cw)
+            slot.node.inputs[slot.index] = decoded[key][0]
+        codes = decoded[id(first.graph)][1]
+        ctx.quantized.append(_codebook_entry(weight.name, codes, first, values, cw, cw.dequantize() - values))
 
     @staticmethod
     def _quantize(root: gs.Graph, slots: list[WeightSlot], bits: int, gran: Granularity, scheme: str,
@@ -121,6 +156,25 @@ class QuantizeWeightsPass(Pass):
             "scheme": scheme,
             "sensitivity": {"weight_sqnr_db": _sqnr_db(values, error)},
         })
+
+
+def _codebook_entry(name: str, codes: str, first: WeightSlot, values: np.ndarray, cw: CodebookWeight,
+                    error: np.ndarray) -> dict:
+    return {
+        "name": name,
+        "codes": codes,
+        "op": first.node.op,
+        "role": first.role,
+        "shape": list(values.shape),
+        "bits": cw.bits,
+        "granularity": cw.granularity,
+        "block_axis": None,
+        "stored_bits": cw.bits,
+        "scheme": cw.scheme,
+        "codebook": {"index_bytes": cw.index_bytes, "table_bytes": cw.table_bytes, "scale_bytes": cw.scale_bytes,
+                     "tables": int(cw.table.shape[0]), "mu": cw.mu},
+        "sensitivity": {"weight_sqnr_db": _sqnr_db(values, error)},
+    }
 
 
 def _granularity(kind: str, block_size: int, axis: int, reduce_axis: int) -> str:

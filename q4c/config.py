@@ -11,6 +11,12 @@ from q4c.errors import ConfigError
 
 #: Bit widths with an ONNX storage type q4c emits (3 is stored in 4 bits, counted as 3).
 SUPPORTED_BITS = (2, 3, 4, 8)
+#: Rounding schemes with uniform levels (scale x integer code) and non-uniform codebooks (an index
+#: into a small table of centroids: q4c.quant.codebook); codebooks also store 1-bit indices.
+UNIFORM_SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
+CODEBOOK_SCHEMES = ("mulaw", "kmeans", "nf4")
+CODEBOOK_BITS = (1, 2, 3, 4)
+
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -105,6 +111,10 @@ class CompileOptions:
     #: the calibration inputs; weights it cannot serve, embeddings and convolutions, stay
     #: "symmetric"). Budgeted plans choose each tensor's scheme by measurement (kl).
     scheme: str = "symmetric"
+    #: --schemes: the rounding schemes a budgeted plan may choose from, per tensor by measurement
+    #: (uniform and codebook ones; () = all that apply)
+    schemes: tuple[str, ...] = ()
+
     #: threads that score tensors in measure-sensitivity (0: one per CPU, at most 4)
     workers: int = 0
     #: compile a model whose weights hold NaN or infinite values (refused otherwise); those
@@ -131,8 +141,19 @@ class CompileOptions:
         return self.kernels != "fp32-at-load"
 
     def __post_init__(self) -> None:
-        if self.bits is not None and self.bits not in SUPPORTED_BITS:
-            raise ConfigError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, not {self.bits}")
+        if self.bits is not None and self.bits not in SUPPORTED_BITS and not (
+                self.scheme in CODEBOOK_SCHEMES and self.bits in CODEBOOK_BITS):
+            raise ConfigError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))} "
+                              f"(1-4 with a codebook --scheme), not {self.bits}")
+        if self.bits is not None and self.scheme in CODEBOOK_SCHEMES and self.bits not in CODEBOOK_BITS:
+            raise ConfigError(f"--scheme {self.scheme} stores 1-4 bit indices (nf4: 2-4), not --bits {self.bits}")
+        if self.bits == 1 and self.scheme == "nf4":
+            raise ConfigError("--scheme nf4 stores 2-4 bit indices, not --bits 1")
+        unknown = [s for s in self.schemes if s not in (*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES)]
+        if unknown:
+            raise ConfigError(f"--schemes: {unknown[0]!r} is not a scheme (one of "
+                              f"{', '.join((*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES))})")
+
         if self.avg_bits is not None and not 1.0 <= self.avg_bits <= 16.0:
             raise ConfigError(f"--avg-bits must be between 1 and 16, not {self.avg_bits}")
         budgets = [b for b in (self.avg_bits, self.size_budget, self.ratio) if b is not None]
@@ -144,15 +165,20 @@ class CompileOptions:
             raise ConfigError(f"--size-budget must be a positive number of bytes, not {self.size_budget}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise ConfigError(f"--ratio must be in (0, 1], not {self.ratio}")
-        if not self.candidates or any(b not in SUPPORTED_BITS for b in self.candidates):
+        codebooks = not self.schemes or any(s in CODEBOOK_SCHEMES for s in self.schemes)
+        if not self.candidates or any(b not in SUPPORTED_BITS and not (codebooks and b in CODEBOOK_BITS)
+                                      for b in self.candidates):
+
             raise ConfigError(f"--candidates must be a non-empty subset of {', '.join(map(str, SUPPORTED_BITS))}, "
                               f"not {', '.join(map(str, self.candidates))}")
         if self.sensitivity not in ("kl", "hessian", "mse"):
             raise ConfigError(f"--sensitivity must be kl, hessian or mse, not {self.sensitivity!r}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0 (0 = one per CPU), not {self.workers}")
-        if self.scheme not in ("symmetric", "symmetric-absmax", "gptq"):
-            raise ConfigError(f"scheme must be symmetric, symmetric-absmax or gptq, not {self.scheme!r}")
+        if self.scheme not in (*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES):
+            raise ConfigError(f"scheme must be one of {', '.join((*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES))}, "
+                              f"not {self.scheme!r}")
+
         if self.kernels not in KERNELS:
             raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
         if self.min_elements < 0:

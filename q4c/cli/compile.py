@@ -11,7 +11,8 @@ import click
 
 from q4c.cli.render import emit_json, human_bytes, table
 from q4c.compiler import compile_file
-from q4c.config import KERNELS, CompileOptions, Granularity, Target
+from q4c.config import CODEBOOK_SCHEMES, KERNELS, UNIFORM_SCHEMES, CompileOptions, Granularity, Target
+
 from q4c.errors import QualityLostError
 
 
@@ -19,20 +20,29 @@ from q4c.errors import QualityLostError
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file. Default: MODEL with .q4.onnx beside it. Replaced only when the compile succeeds.")
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+@click.option("--bits", type=click.Choice(["1", "2", "3", "4", "8"]), default=None,
               help="Uniform weight precision instead of the sensitivity-guided default. "
-                   "(3-bit codes are stored in 4-bit containers; 2-bit ones as ONNX INT2, opset 25.)")
+                   "(3-bit codes are stored in 4-bit containers; 2-bit ones as ONNX INT2, opset 25; codebook "
+                   "schemes store 1-4 bit indices packed at their width.)")
+
 @click.option("--avg-bits", type=float, default=None,
               help="Budget: average bits per weight (plus scale overhead). Default: 4, i.e. the bytes of uniform "
                    "4-bit, spent where the sensitivity analysis says they matter most.")
 @click.option("--size-budget", type=int, default=None, metavar="BYTES",
               help="Budget: bytes for the quantizable weights (codes + scales).")
 @click.option("--ratio", type=float, default=None, help="Budget: this fraction of the weights' FP32 bytes.")
-@click.option("--scheme", type=click.Choice(["symmetric", "symmetric-absmax", "gptq"]), default="symmetric",
+@click.option("--scheme", type=click.Choice([*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES]), default="symmetric",
               show_default=True,
               help="Rounding for --bits: nearest level with MSE-chosen clipping; no clipping; or gptq, which "
                    "rounds each weight column so the layer's output error on the --calib inputs is least (MatMul, "
-                   "Gemm, LSTM, GRU weights; others stay symmetric). Budgeted plans pick per tensor by measurement.")
+                   "Gemm, LSTM, GRU weights; others stay symmetric). Codebooks store an index into a float16 "
+                   "table of centroids per group of output channels: mulaw (k-means in mu-law-companded space), "
+                   "kmeans (linear space), nf4 (NormalFloat levels x a scale per 64 weights); indices assigned "
+                   "GPTQ-style where the layer has calibration inputs. Budgeted plans pick per tensor by measurement.")
+@click.option("--schemes", "schemes", default=None, metavar="LIST",
+              help="Schemes a budgeted plan may choose from per tensor (comma-separated; symmetric always "
+                   "stays). Default: all (symmetric-absmax, gptq, mulaw, kmeans, nf4 where they apply).")
+
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Threads that measure sensitivity in parallel (0: one per CPU, at most 4).")
 @click.option("--candidates", default="2,3,4,8", show_default=True,
@@ -119,7 +129,9 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
                 data: Path | None, calib_reader: str | None, calib_samples: int, activations: str, observer: str,
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, strict: bool,
-                allow_nonfinite: bool, as_json: bool, objective: tuple[str, ...] = (), scoring: str = "auto") -> None:
+                allow_nonfinite: bool, as_json: bool, objective: tuple[str, ...] = (), scoring: str = "auto",
+                schemes: str | None = None
+) -> None:
     """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
 
     \b
@@ -157,6 +169,8 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         allow_nonfinite=allow_nonfinite,
         objectives=_parse_objectives(objective, model),
         scoring=scoring,
+        schemes=_parse_schemes(schemes),
+
     )
     total = [0]
 
@@ -222,8 +236,21 @@ class _SampleBar:
 
 
 def _key(t: dict) -> str:
-    suffix = {"symmetric-absmax": ":absmax", "gptq": ":gptq"}.get(t.get("scheme", ""), "")
-    return f"{t['bits']}{suffix}"
+    from q4c.quant.candidates import scheme_key
+
+    return scheme_key(t["bits"], t.get("scheme", ""))
+
+
+def _parse_schemes(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    known = (*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES)
+    unknown = [s for s in names if s not in known]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]!r} is not a scheme (one of {', '.join(known)})", param_hint="--schemes")
+    return names
+
 
 
 def _parse_objectives(texts: tuple[str, ...], model: Path) -> tuple[tuple[str, str], ...]:

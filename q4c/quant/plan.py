@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from q4c.config import SUPPORTED_BITS, Granularity
+from q4c.config import CODEBOOK_BITS, CODEBOOK_SCHEMES, SUPPORTED_BITS, UNIFORM_SCHEMES, Granularity
 from q4c.errors import ConfigError
 
 PLAN_SCHEMA = "q4c.plan/1"
@@ -18,8 +18,10 @@ FLOAT = 32
 #: error; "symmetric-absmax" never clips (the group's largest weight is kept exactly), which
 #: protects outlier weights that matter more to the output than the weight error says; "gptq"
 #: keeps symmetric's scales but rounds with error compensation against the layer's calibration
-#: inputs (q4c.quant.gptq), so it needs calibration data.
-SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
+#: inputs (q4c.quant.gptq), so it needs calibration data. Codebook schemes ("mulaw", "kmeans",
+#: "nf4": q4c.quant.codebook) store an index into a float16 table of centroids instead; their
+#: granularity names the tables ("tensor", "channel", "channels:G") or nf4's scale blocks.
+SCHEMES = (*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,19 @@ class TensorPrecision:
     scheme: str = "symmetric"
 
     def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme {self.scheme!r} is not supported (one of {', '.join(SCHEMES)})")
+        if self.scheme in CODEBOOK_SCHEMES and self.bits != FLOAT:
+            from q4c.quant.codebook import scheme_bits, validate_granularity
+
+            if self.bits not in scheme_bits(self.scheme):
+                raise ConfigError(f"the {self.scheme} scheme stores {', '.join(map(str, scheme_bits(self.scheme)))}-bit "
+                                  f"indices, not {self.bits}")
+            validate_granularity(self.granularity)
+            return
         if self.bits not in (*SUPPORTED_BITS, FLOAT):
             raise ConfigError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} or {FLOAT} (float), not {self.bits}")
         Granularity.parse(self.granularity)
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"scheme {self.scheme!r} is not supported (one of {', '.join(SCHEMES)})")
 
 
 @dataclass

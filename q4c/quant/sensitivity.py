@@ -26,7 +26,8 @@ from q4c import ort as q4ort
 from q4c.config import CompileOptions
 from q4c.errors import ConfigError
 from q4c.objectives import Objective, Scorer, detect_objectives
-from q4c.quant.candidates import Candidate, candidate
+from q4c.quant.candidates import Candidate, candidate, candidate_list
+
 from q4c.quant.gptq import activation_of, input_hessians
 from q4c.quant.plan import FLOAT, SCHEMES
 from q4c.quant.tying import tied_groups
@@ -376,14 +377,10 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     if model is not None and opts.sensitivity == "kl" and opts.granularity.kind == "block":
         table.hessians = input_hessians(model, gptq_eligible(graph, slots, main), samples)
     table.kernel_scales = opts.kernel_scales
+    tied = {n for group in tied_groups(dict(slots)) if len(group) > 1 for n in group}
     for name, slot in slots.items():
-        schemes = [s for s in SCHEMES if s != "gptq"] if opts.sensitivity == "kl" else ["symmetric"]
-        table.candidates[name] = [candidate(slot, b, opts.granularity, opset, scheme, kernel_scales=opts.kernel_scales)
-                                  for b in opts.candidates for scheme in schemes]
-        if name in table.hessians:
-            table.candidates[name] += [candidate(slot, b, opts.granularity, opset, "gptq", kernel_scales=opts.kernel_scales)
-                                       for b in opts.candidates if b <= 4]
-        table.candidates[name].append(candidate(slot, FLOAT, opts.granularity, opset))
+        table.candidates[name] = candidate_list(slot, opts, opset, gptq=name in table.hessians, tied=name in tied)
+
     quantized = {name: {c.key: quantize_slot(slots[name], w, c.bits, opts.granularity, c.scheme,
                                              kernel_scales=opts.kernel_scales,
                                              hessians=table.hessians.get(name)).dequantize()

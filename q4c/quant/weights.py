@@ -9,8 +9,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from q4c import graph as g
-from q4c.config import Granularity
+from q4c.config import CODEBOOK_SCHEMES, Granularity
 from q4c.errors import ConfigError
+from q4c.quant.codebook import CodebookWeight, quantize_codebook
 from q4c.quant.gptq import gptq_quantize
 from q4c.quant.qparams import CLIP_RATIOS, QuantizedWeight, quantize
 
@@ -160,13 +161,22 @@ def float32_scales(slot: WeightSlot, kernel_scales: bool = True) -> bool:
     return kernel_scales and slot.role in FLOAT32_SCALE_ROLES
 
 
-def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: Granularity,
+def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: Granularity | str,
                   scheme: str = "symmetric", *, kernel_scales: bool = True,
-                  hessians: list[np.ndarray] | None = None) -> QuantizedWeight:
+                  hessians: list[np.ndarray] | None = None) -> QuantizedWeight | CodebookWeight:
     """Quantize a slot's weight as quantize-weights stores it: the granularity resolved for the
     slot's role, float16 scales where only DequantizeLinear reads them, float32 for kernels (see
     `float32_scales`); `scheme` "symmetric-absmax" keeps every group's largest weight (no clipping),
-    "gptq" rounds with error compensation against `hessians` (block-wise granularity only)."""
+    "gptq" rounds with error compensation against `hessians` (block-wise granularity only).
+
+    Codebook schemes ("mulaw", "kmeans", "nf4") return a CodebookWeight: tables per group of output
+    channels (or nf4's scale blocks) as the granularity text names them, indices assigned
+    GPTQ-style when `hessians` are given (q4c.quant.codebook)."""
+    if scheme in CODEBOOK_SCHEMES:
+        return quantize_codebook(values, bits, scheme, channel_axis=slot.channel_axis, reduce_axis=slot.reduce_axis,
+                                 granularity=str(granularity), hessians=hessians)
+    if isinstance(granularity, str):
+        granularity = Granularity.parse(granularity)
     wide = float32_scales(slot, kernel_scales)
     gran = granularity.resolve(float32_scales=wide)
     kind, axis, block = scale_layout(values.shape, slot, gran.kind, gran.block)
