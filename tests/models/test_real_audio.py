@@ -136,3 +136,22 @@ def test_manifest_clips_are_scenes_as_specified():
     assert counts == {"calib": 24, "test": 64}
     assert kinds == {"white", "pink", "brown", "hum", "babble", "music", "silence"}
     assert len({c["id"] for c in CLIPS}) == len(CLIPS) and len({c["seed"] for c in CLIPS}) == len(CLIPS)
+
+
+@pytest.mark.parametrize("n_utt", [2, 3, 4])
+def test_layout_fits_the_utterances_with_pauses_and_edges_in_range(n_utt):
+    rng = np.random.default_rng(n_utt)
+    fitted = 0
+    for speech_s in np.linspace(0.8, 7.0, 60):
+        fit = audio._layout(rng, float(speech_s), n_utt, 5.0, 8.0)
+        if fit is None:
+            continue
+        fitted += 1
+        total, lead, pauses = fit
+        trail = total - speech_s - lead - sum(pauses)
+        assert 5.0 <= total <= 8.0 and len(pauses) == n_utt - 1
+        assert all(0.2 - 1e-3 <= p <= 2.0 + 1e-3 for p in pauses)
+        assert 0.15 - 1e-3 <= lead <= 2.5 + 1e-3 and 0.15 - 2e-3 <= trail <= 2.5 + 2e-3
+        assert speech_s / total <= 0.68 + 1e-2
+    assert fitted >= 10
+    assert audio._layout(rng, 7.9, n_utt, 5.0, 8.0) is None  # no room for the pauses and edges
