@@ -10,7 +10,6 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions
-
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
 from q4c.quant.knapsack import Option, Solution, solve
@@ -69,7 +68,6 @@ class AssignPrecisionPass(Pass):
                 scheme = opts.scheme if opts.scheme != "gptq" or name in gptq_ok else "symmetric"
                 if scheme in CODEBOOK_SCHEMES:  # tables per channel group (nf4: scale blocks), auto by default
                     gran = str(opts.granularity)
-
                 plan.tensors[name] = TensorPrecision(opts.bits, gran, scheme)
             plan.defaults = {"mode": "uniform", "bits": opts.bits, "granularity": str(opts.granularity),
                              "scheme": opts.scheme}
@@ -162,7 +160,6 @@ def _uniform_choice(groups: list[list[str]], items: list[list[Option]],
     picks = []
     for group, options in zip(groups, items, strict=True):
         fours = [i for i, c in enumerate(table.candidates[group[0]]) if c.bits == 4 and c.scheme not in CODEBOOK_SCHEMES]
-
         if not fours:
             return None
         picks.append(min(fours, key=lambda i: (options[i].score, table.candidates[group[0]][i].scheme != "symmetric")))

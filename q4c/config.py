@@ -16,7 +16,6 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 UNIFORM_SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
 CODEBOOK_SCHEMES = ("mulaw", "kmeans", "nf4")
 CODEBOOK_BITS = (1, 2, 3, 4)
-
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -114,7 +113,6 @@ class CompileOptions:
     #: --schemes: the rounding schemes a budgeted plan may choose from, per tensor by measurement
     #: (uniform and codebook ones; () = all that apply)
     schemes: tuple[str, ...] = ()
-
     #: threads that score tensors in measure-sensitivity (0: one per CPU, at most 4)
     workers: int = 0
     #: compile a model whose weights hold NaN or infinite values (refused otherwise); those
@@ -153,7 +151,6 @@ class CompileOptions:
         if unknown:
             raise ConfigError(f"--schemes: {unknown[0]!r} is not a scheme (one of "
                               f"{', '.join((*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES))})")
-
         if self.avg_bits is not None and not 1.0 <= self.avg_bits <= 16.0:
             raise ConfigError(f"--avg-bits must be between 1 and 16, not {self.avg_bits}")
         budgets = [b for b in (self.avg_bits, self.size_budget, self.ratio) if b is not None]
@@ -168,7 +165,6 @@ class CompileOptions:
         codebooks = not self.schemes or any(s in CODEBOOK_SCHEMES for s in self.schemes)
         if not self.candidates or any(b not in SUPPORTED_BITS and not (codebooks and b in CODEBOOK_BITS)
                                       for b in self.candidates):
-
             raise ConfigError(f"--candidates must be a non-empty subset of {', '.join(map(str, SUPPORTED_BITS))}, "
                               f"not {', '.join(map(str, self.candidates))}")
         if self.sensitivity not in ("kl", "hessian", "mse"):
@@ -178,7 +174,6 @@ class CompileOptions:
         if self.scheme not in (*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES):
             raise ConfigError(f"scheme must be one of {', '.join((*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES))}, "
                               f"not {self.scheme!r}")
-
         if self.kernels not in KERNELS:
             raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
         if self.min_elements < 0:

@@ -12,7 +12,6 @@ import click
 from q4c.cli.render import emit_json, human_bytes, table
 from q4c.compiler import compile_file
 from q4c.config import CODEBOOK_SCHEMES, KERNELS, UNIFORM_SCHEMES, CompileOptions, Granularity, Target
-
 from q4c.errors import QualityLostError
 
 
@@ -24,7 +23,6 @@ from q4c.errors import QualityLostError
               help="Uniform weight precision instead of the sensitivity-guided default. "
                    "(3-bit codes are stored in 4-bit containers; 2-bit ones as ONNX INT2, opset 25; codebook "
                    "schemes store 1-4 bit indices packed at their width.)")
-
 @click.option("--avg-bits", type=float, default=None,
               help="Budget: average bits per weight (plus scale overhead). Default: 4, i.e. the bytes of uniform "
                    "4-bit, spent where the sensitivity analysis says they matter most.")
@@ -42,7 +40,6 @@ from q4c.errors import QualityLostError
 @click.option("--schemes", "schemes", default=None, metavar="LIST",
               help="Schemes a budgeted plan may choose from per tensor (comma-separated; symmetric always "
                    "stays). Default: all (symmetric-absmax, gptq, mulaw, kmeans, nf4 where they apply).")
-
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Threads that measure sensitivity in parallel (0: one per CPU, at most 4).")
 @click.option("--candidates", default="2,3,4,8", show_default=True,
@@ -130,8 +127,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, strict: bool,
                 allow_nonfinite: bool, as_json: bool, objective: tuple[str, ...] = (), scoring: str = "auto",
-                schemes: str | None = None
-) -> None:
+                schemes: str | None = None) -> None:
     """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
 
     \b
@@ -170,7 +166,6 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         objectives=_parse_objectives(objective, model),
         scoring=scoring,
         schemes=_parse_schemes(schemes),
-
     )
     total = [0]
 
@@ -250,7 +245,6 @@ def _parse_schemes(text: str | None) -> tuple[str, ...]:
     if unknown:
         raise click.BadParameter(f"{unknown[0]!r} is not a scheme (one of {', '.join(known)})", param_hint="--schemes")
     return names
-
 
 
 def _parse_objectives(texts: tuple[str, ...], model: Path) -> tuple[tuple[str, str], ...]:

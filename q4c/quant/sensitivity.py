@@ -27,7 +27,6 @@ from q4c.config import CompileOptions
 from q4c.errors import ConfigError
 from q4c.objectives import Objective, Scorer, detect_objectives
 from q4c.quant.candidates import Candidate, candidate, candidate_list
-
 from q4c.quant.gptq import activation_of, input_hessians
 from q4c.quant.plan import FLOAT, SCHEMES
 from q4c.quant.tying import tied_groups
@@ -380,7 +379,6 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     tied = {n for group in tied_groups(dict(slots)) if len(group) > 1 for n in group}
     for name, slot in slots.items():
         table.candidates[name] = candidate_list(slot, opts, opset, gptq=name in table.hessians, tied=name in tied)
-
     quantized = {name: {c.key: quantize_slot(slots[name], w, c.bits, opts.granularity, c.scheme,
                                              kernel_scales=opts.kernel_scales,
                                              hessians=table.hessians.get(name)).dequantize()
