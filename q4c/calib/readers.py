@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from q4c.errors import ConfigError, DataError
+from q4c.errors import ConfigError, DataError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,11 @@ def output_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def _spec(value: onnx.ValueInfoProto) -> InputSpec:
     tensor_type = value.type.tensor_type
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    except (KeyError, TypeError) as e:  # elem_type 0 (UNDEFINED) or a number onnx does not know
+        raise ModelLoadError(f"graph input/output {value.name!r} has element type {tensor_type.elem_type}, "
+                             f"which is not a tensor type ONNX defines") from e
     shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
     return InputSpec(value.name, dtype, shape)
 
