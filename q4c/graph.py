@@ -57,7 +57,8 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0]
+        # One line: the checker's message may continue over lines (a node dump after "of node:").
+        first = " ".join(str(e).split())[:300]
         raise ModelLoadError(f"{path}: invalid ONNX model: {first}") from e
     return model
 

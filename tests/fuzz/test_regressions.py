@@ -29,3 +29,18 @@ def test_input_with_undefined_element_type_is_a_load_error(tmp_path):
     result = invoke(["inspect", str(path)])
     assert result.exit_code == 1
     assert "'x' has element type 0" in result.error
+
+
+
+def test_checker_message_spanning_lines_is_one_line(tmp_path):
+    """A node dropped: the checker's message continues after 'of node:' on new lines; the error
+    line used to stop at 'of node: ' and lose which node."""
+    model = _matmul_model()
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["r"], name="first"))
+    model.graph.node[1].input[0] = "r"
+    del model.graph.node[0]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = invoke(["inspect", str(path)])
+    assert result.exit_code == 1
+    assert "OpType: MatMul" in result.error and "topologically sorted" in result.error
