@@ -24,7 +24,7 @@ def session_config(model: onnx.ModelProto) -> dict[str, str]:
         if prop.key == SESSION_CONFIG_KEY:
             try:
                 return {str(k): str(v) for k, v in json.loads(prop.value).items()}
-            except (json.JSONDecodeError, AttributeError) as e:
+            except (ValueError, AttributeError) as e:  # JSONDecodeError, and UnicodeDecodeError on bytes
                 raise ModelLoadError(f"metadata {SESSION_CONFIG_KEY} is not a JSON object: {e}") from e
     return {}
 

@@ -44,3 +44,19 @@ def test_checker_message_spanning_lines_is_one_line(tmp_path):
     result = invoke(["inspect", str(path)])
     assert result.exit_code == 1
     assert "OpType: MatMul" in result.error and "topologically sorted" in result.error
+
+
+
+def test_session_config_metadata_not_utf8_is_a_load_error(tmp_path):
+    """diff/run crashed with UnicodeDecodeError on a damaged q4c.ort_session_config value."""
+    model = _matmul_model()
+    prop = model.metadata_props.add()
+    prop.key = "q4c.ort_session_config"
+    prop.value = "{}"
+    data = model.SerializeToString().replace(b'\x02{}', b'\x02\x91}')
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 64), np.float32))
+    result = invoke(["run", str(path), "--data", str(tmp_path / "x.npz")])
+    assert result.exit_code == 1
+    assert "q4c.ort_session_config is not a JSON object" in result.error
