@@ -60,3 +60,13 @@ def test_session_config_metadata_not_utf8_is_a_load_error(tmp_path):
     result = invoke(["run", str(path), "--data", str(tmp_path / "x.npz")])
     assert result.exit_code == 1
     assert "q4c.ort_session_config is not a JSON object" in result.error
+
+
+def test_empty_npz_is_a_data_error(tmp_path):
+    """run --data on a 0-byte file crashed with EOFError inside np.load."""
+    model_path, data = tmp_path / "m.onnx", tmp_path / "x.npz"
+    onnx.save(_matmul_model(), model_path)
+    data.write_bytes(b"")
+    result = invoke(["run", str(model_path), "--data", str(data)])
+    assert result.exit_code == 1
+    assert "not a readable .npz file" in result.error
