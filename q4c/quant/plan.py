@@ -31,6 +31,11 @@ class TensorPrecision:
     scheme: str = "symmetric"
 
     def __post_init__(self) -> None:
+        # A hand-edited plan may hold any JSON value here: check types before using them.
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ConfigError(f"bits must be an integer, not {self.bits!r}")
+        if not isinstance(self.granularity, str) or not isinstance(self.scheme, str):
+            raise ConfigError(f"granularity and scheme must be strings, not {self.granularity!r}, {self.scheme!r}")
         if self.scheme not in SCHEMES:
             raise ConfigError(f"scheme {self.scheme!r} is not supported (one of {', '.join(SCHEMES)})")
         if self.scheme in CODEBOOK_SCHEMES and self.bits != FLOAT:
@@ -67,7 +72,10 @@ class PrecisionPlan:
         tensors = doc.get("tensors")
         if not isinstance(tensors, Mapping):
             raise ConfigError(f"{source}: 'tensors' must be an object of name -> {{bits, granularity, scheme}}")
-        plan = cls(defaults=dict(doc.get("defaults") or {}))  # type: ignore[arg-type]
+        defaults = doc.get("defaults") or {}
+        if not isinstance(defaults, Mapping):
+            raise ConfigError(f"{source}: 'defaults' must be an object, not {type(defaults).__name__}")
+        plan = cls(defaults=dict(defaults))
         for name, entry in tensors.items():
             try:
                 plan.tensors[name] = TensorPrecision(**entry)
@@ -84,6 +92,6 @@ class PrecisionPlan:
     def load(cls, path: str | os.PathLike[str]) -> PrecisionPlan:
         try:
             doc = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"{path}: cannot read plan: {e}") from e
         return cls.from_json(doc, source=str(path))

@@ -70,3 +70,48 @@ def test_empty_npz_is_a_data_error(tmp_path):
     result = invoke(["run", str(model_path), "--data", str(data)])
     assert result.exit_code == 1
     assert "not a readable .npz file" in result.error
+
+
+def _plan(tmp_path, doc) -> list[str]:
+    model_path, plan = tmp_path / "m.onnx", tmp_path / "plan.json"
+    onnx.save(_matmul_model(), model_path)
+    plan.write_bytes(doc if isinstance(doc, bytes) else json.dumps(doc).encode())
+    return ["compile", str(model_path), "-o", str(tmp_path / "out.onnx"), "--plan", str(plan)]
+
+
+GOOD_PLAN = {"schema": "q4c.plan/1", "defaults": {"bits": 4}, "tensors": {"W": {"bits": 4, "granularity": "block:32",
+                                                                               "scheme": "symmetric"}}}
+
+
+def test_plan_not_utf8_is_a_config_error(tmp_path):
+    result = invoke(_plan(tmp_path, b'{"schema": "q4c.plan/1", \x91}'))
+    assert result.exit_code == 1 and "cannot read plan" in result.error
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_plan_defaults_not_an_object_is_a_config_error(tmp_path):
+    result = invoke(_plan(tmp_path, {**GOOD_PLAN, "defaults": 1.5}))
+    assert result.exit_code == 1 and "'defaults' must be an object" in result.error
+
+
+def test_plan_granularity_not_a_string_is_a_config_error(tmp_path):
+    """A number or null granularity crashed Granularity.parse with AttributeError."""
+    for value in (0, None, -1e308):
+        doc = json.loads(json.dumps(GOOD_PLAN))
+        doc["tensors"]["W"]["granularity"] = value
+        result = invoke(_plan(tmp_path, doc))
+        assert result.exit_code == 1 and "granularity and scheme must be strings" in result.error
+
+
+def test_plan_bits_not_an_integer_is_a_config_error(tmp_path):
+    for value in (4.0, "4", True):
+        doc = json.loads(json.dumps(GOOD_PLAN))
+        doc["tensors"]["W"]["bits"] = value
+        result = invoke(_plan(tmp_path, doc))
+        assert result.exit_code == 1 and "bits must be an integer" in result.error
+
+
+def test_good_plan_still_replays(tmp_path):
+    result = invoke(_plan(tmp_path, GOOD_PLAN))
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out.onnx").exists()
