@@ -105,7 +105,7 @@ class CalibrationTable:
     def load(cls, path: str | os.PathLike[str]) -> CalibrationTable:
         try:
             doc = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"{path}: cannot read calibration table: {e}") from e
         return cls.from_json(doc, source=str(path))
 

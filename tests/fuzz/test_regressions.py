@@ -115,3 +115,13 @@ def test_good_plan_still_replays(tmp_path):
     result = invoke(_plan(tmp_path, GOOD_PLAN))
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "out.onnx").exists()
+
+
+def test_calibration_table_not_utf8_is_a_config_error(tmp_path):
+    """--load-calib on non-UTF-8 bytes crashed inside the calibrate pass (PassError)."""
+    model_path, table = tmp_path / "m.onnx", tmp_path / "calib.json"
+    onnx.save(_matmul_model(), model_path)
+    table.write_bytes(b'{"schema": "q4c.calib/1", "tensors": {\xa0}}')
+    result = invoke(["compile", str(model_path), "-o", str(tmp_path / "out.onnx"), "--bits", "8", "--load-calib",
+                     str(table)])
+    assert result.exit_code == 1 and "cannot read calibration table" in result.error
