@@ -18,7 +18,7 @@ from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.calib.qdq import activation_quantizers, check_activation_quantizers, strip_activation_qdq
 from q4c.calib.readers import Feeds
-from q4c.errors import NonFiniteWeightError, NumericMismatchError
+from q4c.errors import ModelLoadError, NonFiniteWeightError, NumericMismatchError
 from q4c.interp import Interpreter
 from q4c.metrics import sqnr_db
 from q4c.recurrent.dynamic import dequantized_lstm_copy
@@ -146,8 +146,14 @@ def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.M
     `output_sqnr_db` {output: dB}."""
     try:
         g.check(model)
-    except onnx.checker.ValidationError as e:
-        raise NumericMismatchError(f"emitted graph fails onnx.checker: {str(e).splitlines()[0]}") from e
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = " ".join(str(e).split())[:300]
+        if reference is not None and not _passes_full_check(reference):
+            # e.g. an input declared [-1, 4, 16] whose output is declared [1, 4, 16]: q4c's
+            # output keeps the declared shapes, so the input is what needs fixing.
+            raise ModelLoadError(f"the input model fails the full ONNX checker (strict shape inference): {first}; "
+                                 f"fix the declared input/output shapes") from e
+        raise NumericMismatchError(f"emitted graph fails onnx.checker: {first}") from e
     result: dict[str, Any] = {"checker": True}
     session = q4ort.make_session(model)
     result["ort_loads"] = True
@@ -303,3 +309,11 @@ def _float_accuracy_copy(model: onnx.ModelProto) -> onnx.ModelProto:
                     if attr.name == "accuracy_level":
                         attr.i = 0
     return copy
+
+
+def _passes_full_check(model: onnx.ModelProto) -> bool:
+    try:
+        g.check(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return False
+    return True

@@ -125,3 +125,17 @@ def test_calibration_table_not_utf8_is_a_config_error(tmp_path):
     result = invoke(["compile", str(model_path), "-o", str(tmp_path / "out.onnx"), "--bits", "8", "--load-calib",
                      str(table)])
     assert result.exit_code == 1 and "cannot read calibration table" in result.error
+
+
+def test_input_shape_contradicting_the_output_is_a_load_error(tmp_path):
+    """Input declared [-1, 64] with the output declared [2, 32]: the compiled model failed the
+    full checker's strict shape inference and the InferenceError escaped as an internal error.
+    The input is at fault (q4c keeps declared shapes), so the error says so."""
+    model = _matmul_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = invoke(["compile", str(path), "-o", str(tmp_path / "out.onnx"), "--bits", "4"])
+    assert result.exit_code == 1
+    assert "the input model fails the full ONNX checker" in result.error
+    assert not (tmp_path / "out.onnx").exists()
