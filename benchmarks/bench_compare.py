@@ -257,12 +257,18 @@ def _verdicts(rows: list[dict]) -> list[str]:
         if any(r["ok"] and "sqnr_items" not in r for r in rows if r["model"] == model):
             out.append(f"- {model}: rows from an earlier run under the old settings (not rerun): no verdict")
             continue
-        # by size; at equal size the default row last, so it is the one a peer meets
+        # by size; sizes equal to 0.01 of FP32 count as equal, and then the default row comes last, so it
+        # is the one a peer meets (uniform INT4 is often a few bytes larger than the default's plan)
         ours = sorted((r for r in rows if r["model"] == model and _is_q4c(r) and r["ok"]),
-                      key=lambda r: (round(r["size_ratio"], 3), r["method"].startswith("q4c default")))
+                      key=lambda r: (round(r["size_ratio"], 2), r["method"].startswith("q4c default"), r["size_ratio"]))
         peers = [r for r in rows if r["model"] == model and not r["method"].startswith(("q4c", "FP32"))]
         counted = [r for r in peers if r["ok"] and r.get("changed")]
+        broken = [f"{r['method']} ({r['error'][:80]})" for r in rows
+                  if r["model"] == model and _is_q4c(r) and not r["ok"]]
         if not ours or not counted:
+            out.append(f"- **{model}**: no verdict: " + ("no q4c row ran" if not ours else
+                       "no peer row changed the model (" + ", ".join(
+                           f"{r['method']} {'failed' if not r['ok'] else 'unchanged'}" for r in peers) + ")"))
             continue
         tally: dict[str, list[str]] = {"more accurate": [], "within noise": [], "less accurate": [], "no q4c row": []}
         for peer in counted:
@@ -284,6 +290,8 @@ def _verdicts(rows: list[dict]) -> list[str]:
                 out.append(f"  - {verdict}: {item}")
         if skipped:
             out.append(f"  - not counted: {', '.join(skipped)}")
+        if broken:
+            out.append(f"  - q4c rows that FAILED (their peers met the next q4c row down): {', '.join(broken)}")
     return out
 
 
