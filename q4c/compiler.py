@@ -19,7 +19,7 @@ from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.calib.readers import CalibrationReader, Feeds, Sample, SamplesReader, open_reader, synthetic_samples
 from q4c.calib.runner import Progress, materialize
-from q4c.config import CompileOptions
+from q4c.config import CODEBOOK_SCHEMES, CompileOptions
 from q4c.errors import ConfigError, ModelLoadError, NonFiniteWeightError, QualityLostError
 from q4c.objectives import group_sequences
 from q4c.metrics import sqnr_db  # noqa: F401  (re-exported: q4c.testing and the benchmarks import it from here)
@@ -314,7 +314,9 @@ def _requantize_for_fp32_at_load(unquantized: onnx.ModelProto, passes: list[Pass
     ctx.options = options
     if ctx.plan is not None and options.granularity.kind == "block" and options.granularity.block == 0:
         wide, narrow = str(options.granularity.resolve(True)), str(options.granularity.resolve(False))
-        ctx.plan = PrecisionPlan({n: dataclasses.replace(tp, granularity=narrow) if tp.granularity == wide else tp
+        # (Codebook granularities name tables or nf4's scale blocks, not kernel scales: kept.)
+        ctx.plan = PrecisionPlan({n: dataclasses.replace(tp, granularity=narrow)
+                                  if tp.granularity == wide and tp.scheme not in CODEBOOK_SCHEMES else tp
                                   for n, tp in ctx.plan.tensors.items()}, dict(ctx.plan.defaults))
     redone = {p.name for p in passes}
     ctx.records = [r for r in ctx.records if r.name not in redone]

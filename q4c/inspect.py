@@ -10,6 +10,7 @@ import onnx
 from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.calib.readers import input_specs
+from q4c.quant.codebook import DECODER_PREFIX
 
 INSPECT_SCHEMA = "q4c.inspect/1"
 _KERNELS = {"MatMulNBits": 1, "GatherBlockQuantized": 0}
@@ -40,6 +41,7 @@ def inspect_model(model: onnx.ModelProto) -> dict[str, Any]:
     initializers = {t.name for t in model.graph.initializer}
     return {
         "schema": INSPECT_SCHEMA,
+        "codebooks": _codebooks(graphs),
         "ir_version": model.ir_version,
         "opsets": {(imp.domain or "ai.onnx"): imp.version for imp in model.opset_import},
         "ops": g.op_histogram(model),
@@ -53,3 +55,25 @@ def inspect_model(model: onnx.ModelProto) -> dict[str, Any]:
                     for o in model.graph.output if o.name not in initializers],
         "session_config": q4ort.session_config(model),
     }
+
+
+def _codebooks(graphs: list[onnx.GraphProto]) -> dict[str, int]:
+    """Bytes of codebook-quantized weights (q4c.quant.codebook): packed indices (uint8), float16
+    centroid tables (read by the decoder's Gather) and nf4 block scales (its Cast to float)."""
+    out = {"tensors": 0, "index_bytes": 0, "table_bytes": 0, "scale_bytes": 0}
+    for graph in graphs:
+        sizes = {t.name: len(t.raw_data) if t.raw_data else t.ByteSize() for t in graph.initializer}
+        kinds = {t.name: t.data_type for t in graph.initializer}
+        for node in graph.node:
+            if not node.name.startswith(DECODER_PREFIX):
+                continue
+            first = node.input[0] if node.input else ""
+            if node.op_type == "Reshape" and kinds.get(first) == onnx.TensorProto.UINT8:
+                out["tensors"] += 1
+                out["index_bytes"] += sizes[first]
+            elif node.op_type == "Gather" and first in sizes:
+                out["table_bytes"] += sizes[first]
+            elif node.op_type == "Cast" and kinds.get(first) == onnx.TensorProto.FLOAT16:
+                out["scale_bytes"] += sizes[first]
+    out["bytes"] = out["index_bytes"] + out["table_bytes"] + out["scale_bytes"]
+    return out

@@ -31,5 +31,10 @@ def inspect_cmd(model: Path, as_json: bool) -> None:
     click.echo(table(["weights", "tensors", "params", "bytes"],
                      [(k, v["tensors"], v["params"], human_bytes(v["bytes"])) for k, v in info["weights"].items()]))
     click.echo(table(["op", "count"], sorted(info["ops"].items(), key=lambda kv: -kv[1])))
+    books = info.get("codebooks", {})
+    if books.get("tensors"):
+        click.echo(f"codebooks: {books['tensors']} weight(s), {human_bytes(books['bytes'])} (indices "
+                   f"{human_bytes(books['index_bytes'])}, tables {human_bytes(books['table_bytes'])}, scales "
+                   f"{human_bytes(books['scale_bytes'])})")
     if info["session_config"]:
         click.echo(f"ONNX Runtime session config: {info['session_config']}")

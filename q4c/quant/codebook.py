@@ -94,13 +94,12 @@ def kmeans_1d(x: np.ndarray, k: int, iters: int = KMEANS_ITERS) -> tuple[np.ndar
     rows, _ = x.shape
     c = np.quantile(x, (np.arange(k) + 0.5) / k, axis=1).T.copy()  # [rows, k]
     codes = np.zeros(x.shape, np.uint8)
+    offsets = (np.arange(rows) * k)[:, None]
     for _ in range(iters):
         codes = nearest(x, c)
-        sums = np.zeros((rows, k))
-        counts = np.zeros((rows, k))
-        row = np.repeat(np.arange(rows), x.shape[1])
-        np.add.at(sums, (row, codes.ravel()), x.ravel())
-        np.add.at(counts, (row, codes.ravel()), 1.0)
+        slots = (codes + offsets).ravel()
+        sums = np.bincount(slots, weights=x.ravel(), minlength=rows * k).reshape(rows, k)
+        counts = np.bincount(slots, minlength=rows * k).reshape(rows, k)
         new = np.where(counts > 0, sums / np.maximum(counts, 1), c)
         new = np.sort(new, axis=1)
         if np.allclose(new, c, rtol=0, atol=1e-12):
@@ -424,19 +423,23 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight)
     t = cw.table.shape[0]
     nodes: list[gs.Node] = []
 
+    # Short names (each is stored, most twice); only the nodes reading constants alone (the
+    # first Reshape, nf4's scale Cast) and the table's Gather carry DECODER_PREFIX: fold-constants
+    # can only start folding at the former, and `q4c inspect` finds the bytes through all three.
     def const(tag: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(g.unique_name(root, f"{name}_{tag}"), np.asarray(value))
+        return gs.Constant(g.unique_name(root, f"{name}.cb.{tag}"), np.asarray(value))
 
     def node(op: str, inputs: list[gs.Tensor], dtype: type, shape: list[int] | None, **attrs: object) -> gs.Variable:
-        out = gs.Variable(g.unique_name(root, f"{name}_cb{len(nodes)}"), dtype=dtype, shape=shape)
-        nodes.append(gs.Node(op, g.unique_name(root, f"{DECODER_PREFIX}{name}/{op}{len(nodes)}"), attrs=dict(attrs),
-                             inputs=inputs, outputs=[out]))
+        out = gs.Variable(g.unique_name(root, f"{name}.cb{len(nodes)}"), dtype=dtype, shape=shape)
+        marked = op == "Gather" or all(isinstance(t, gs.Constant) for t in inputs)
+        label = g.unique_name(root, f"{DECODER_PREFIX}{name}/{op}{len(nodes)}") if marked else ""
+        nodes.append(gs.Node(op, label, attrs=dict(attrs), inputs=inputs, outputs=[out]))
         graph.nodes.append(nodes[-1])
         return out
 
     count = cw.codes.size
     words = -(-count // 8)
-    packed = g.make_constant(g.unique_name(root, f"{name}_idx{cw.bits}"), pack_indices(cw.codes, cw.bits))
+    packed = g.make_constant(g.unique_name(root, f"{name}.idx{cw.bits}"), pack_indices(cw.codes, cw.bits))
     x = node("Reshape", [packed, const("shape_w", np.array([words, cw.bits], np.int64))], np.uint8, [words, cw.bits])
     x = node("Cast", [x], np.int64, [words, cw.bits], to=TensorProto.INT64)
     x = node("Mul", [x, const("byte_w", 256 ** np.arange(cw.bits, dtype=np.int64))], np.int64, [words, cw.bits])
@@ -451,14 +454,14 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight)
     if t > 1:
         offsets = np.arange(t, dtype=np.int64)[:, None] * k  # [T, 1]: 8 bytes a table, beside its 2^b float16s
         x = node("Add", [x, const("offsets", offsets)], np.int64, [t, count // t])
-    table = gs.Constant(g.unique_name(root, f"{name}_table"), np.ascontiguousarray(cw.table.reshape(-1)))
+    table = gs.Constant(g.unique_name(root, f"{name}.table"), np.ascontiguousarray(cw.table.reshape(-1)))
     x = node("Gather", [table, x], np.float16, [t, count // t], axis=0)
     x = node("Cast", [x], np.float32, [t, count // t], to=TensorProto.FLOAT)
     if cw.scale is not None:
         nb = rp // cw.block_size
         x = node("Reshape", [x, const("shape_b", np.array([c, l_, nb, cw.block_size], np.int64))], np.float32,
                  [c, l_, nb, cw.block_size])
-        scale = gs.Constant(g.unique_name(root, f"{name}_scale"), np.ascontiguousarray(cw.scale[..., None]))
+        scale = gs.Constant(g.unique_name(root, f"{name}.scale"), np.ascontiguousarray(cw.scale[..., None]))
         s = node("Cast", [scale], np.float32, [c, l_, nb, 1], to=TensorProto.FLOAT)
         x = node("Mul", [x, s], np.float32, [c, l_, nb, cw.block_size])
     r = cw.reduce_len
