@@ -17,11 +17,14 @@ from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import SensitivityTable, gptq_eligible, measure
 from q4c.quant.tying import tied_groups
 from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, float32_scales
+from q4c.requirements import RequirementError, check_all, parse_requirement, shortfall
 
 logger = logging.getLogger(__name__)
 
 #: Average code bits of the default budget: the bytes of a uniform 4-bit plan.
 DEFAULT_AVG_BITS = 4.0
+#: Bisection steps of the --require search (each: one knapsack solve and one plan measured).
+REQUIRE_STEPS = 12
 #: Budgets (average code bits) of the predicted Pareto curve in the report.
 PARETO_AVG_BITS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 
@@ -91,11 +94,14 @@ class AssignPrecisionPass(Pass):
         items = [_group_options(group, table) for group in groups]
         budget = budget_bytes(opts, chosen, ctx.opset, groups)
         uniform = _uniform_choice(groups, items, table)
-        if uniform is not None and _cost(items, uniform) > budget:
+        if uniform is not None and _cost(items, uniform) > budget and not opts.requirements:
             uniform = None
-        solution = solve(items, budget, incumbent=uniform)
-        kept_uniform = uniform is not None and (
-            solution.choice == uniform or self._uniform_measures_better(groups, solution.choice, uniform, table, ctx))
+        if opts.requirements:
+            solution, kept_uniform = self._smallest_meeting(groups, items, chosen, uniform, table, ctx)
+        else:
+            solution = solve(items, budget, incumbent=uniform)
+            kept_uniform = uniform is not None and (
+                solution.choice == uniform or self._uniform_measures_better(groups, solution.choice, uniform, table, ctx))
         if kept_uniform:
             solution = Solution(uniform, _cost(items, uniform), sum(items[i][k].score for i, k in enumerate(uniform)), 1)
         picks = _expand(groups, solution.choice)
@@ -109,6 +115,8 @@ class AssignPrecisionPass(Pass):
         used = solution.cost
         for name, cand in zip(names, choice, strict=True):
             plan.tensors[name] = TensorPrecision(cand.bits, cand.granularity, cand.scheme)
+        if opts.requirements:
+            budget = solution.cost  # the budget the search settled on
         plan.defaults = {"mode": "budgeted", "sensitivity": table.measure, "budget_bytes": budget,
                          "used_bytes": used, "predicted_damage": solution.score,
                          "kept_uniform_4bit": kept_uniform,
@@ -117,6 +125,75 @@ class AssignPrecisionPass(Pass):
         ctx.pareto = _pareto(groups, items, chosen, table, ctx)
         return {"planned": sum(1 for n in names if plan.tensors[n].bits != FLOAT), "budget_bytes": budget,
                 "used_bytes": used, "kept_uniform_4bit": int(kept_uniform)}
+
+    @staticmethod
+    def _smallest_meeting(groups: list[list[str]], items: list[list[Option]], chosen: dict[str, WeightSlot],
+                          uniform: tuple[int, ...] | None, table: SensitivityTable,
+                          ctx: PassContext) -> tuple[Solution, bool]:
+        """--require: the smallest plan whose measured figures on the held-out calibration samples
+        meet every requirement. Bisection over the byte budget between the cheapest plan and the
+        cap (--avg-bits/--size-budget/--ratio if given, else one byte under FP32), each step an
+        exact knapsack plan measured (closed loop for a stateful model's sequences); uniform
+        4-bit is tried too. Raises RequirementError (best figure and its size) when none meets it."""
+        opts = ctx.options
+        reqs = [parse_requirement(t) for t in opts.requirements]
+        if table.runner is None:
+            raise RequirementError("--require needs input samples to measure plans on; pass --calib DATA")
+        kinds = set(table.runner.kinds.values())
+        needs = {"flips": {"bce"}, "sqnr": {"snr", "bce"}, "kl": {"kl", "bce"}}
+        for req in reqs:
+            if not kinds & needs[req.metric]:
+                raise RequirementError(f"--require {req.text}: no task output has a {req.metric} figure (objectives: "
+                                       f"{', '.join(f'{n} {k}' for n, k in table.runner.kinds.items())}; "
+                                       f"see --objective)")
+        fp32 = sum(max(o.cost for o in options) for options in items)
+        capped = any(b is not None for b in (opts.avg_bits, opts.size_budget, opts.ratio))
+        cap = min(budget_bytes(opts, chosen, ctx.opset, groups), fp32 - 1) if capped else fp32 - 1
+        tried: dict[tuple[int, ...], tuple[int, dict[str, Any], bool, list[str]]] = {}
+
+        def evaluate(choice: tuple[int, ...]) -> tuple[int, dict[str, Any], bool, list[str]]:
+            if choice not in tried:
+                keys = {n: table.candidates[n][k].key for n, k in _expand(groups, choice).items()}
+                metrics = table.plan_metrics(keys, opts.granularity, held_out=True) or {}
+                ok, figures = check_all(reqs, metrics)
+                tried[choice] = (_cost(items, choice), metrics, ok, figures)
+                logger.info("--require: %d bytes -> %s (%s)", tried[choice][0], ", ".join(figures),
+                            "met" if ok else "not met")
+            return tried[choice]
+
+        lowest = sum(min(o.cost for o in options) for options in items)
+        top = solve(items, cap).choice if cap >= lowest else None
+        best: tuple[int, ...] | None = top if top is not None and evaluate(top)[2] else None
+        if best is not None:
+            low, high = lowest, tried[best][0]
+            bottom = solve(items, lowest).choice
+            if evaluate(bottom)[2]:
+                best, high = bottom, lowest
+            for _ in range(REQUIRE_STEPS):
+                if high - low <= max(64, high // 200):
+                    break
+                mid = (low + high) // 2
+                choice = solve(items, mid).choice
+                if evaluate(choice)[2]:
+                    best, high = choice, min(tried[choice][0], mid)
+                else:
+                    low = mid
+        if uniform is not None and _cost(items, uniform) <= cap and evaluate(uniform)[2] and (
+                best is None or tried[uniform][0] < tried[best][0]):
+            best = uniform
+        if best is None:
+            closest = min(tried.items(), key=lambda kv: (shortfall(reqs, kv[1][1]), kv[1][0]))
+            cost, _, _, figures = closest[1]
+            limit = f"the cap of {cap} bytes" if capped else f"the FP32 weights ({fp32} bytes)"
+            raise RequirementError(
+                f"no plan smaller than {limit} meets {', '.join(opts.requirements)} on the held-out calibration "
+                f"samples: the best reached {', '.join(figures)} at {cost} bytes ({len(tried)} plans measured)")
+        cost, metrics, _, figures = tried[best]
+        table.measured["plan"] = metrics
+        table.measured["require"] = {"requirements": list(opts.requirements), "figures": figures, "bytes": cost,
+                                     "fp32_bytes": fp32, "cap_bytes": cap, "plans_measured": len(tried),
+                                     "on": "held-out calibration samples"}
+        return Solution(best, cost, sum(items[i][k].score for i, k in enumerate(best)), 1), best == uniform
 
     @staticmethod
     def _uniform_measures_better(groups: list[list[str]], choice: tuple[int, ...], uniform: tuple[int, ...],

@@ -188,6 +188,16 @@ class CompileOptions:
             if kind not in SCORING_OBJECTIVES:
                 raise ConfigError(f"--objective {output}={kind}: the objective must be one of "
                                   f"{', '.join(SCORING_OBJECTIVES)}")
+        if self.requirements:
+            from q4c.requirements import parse_requirement
+
+            for text in self.requirements:
+                try:
+                    parse_requirement(text)
+                except ValueError as e:
+                    raise ConfigError(f"--require: {e}") from None
+            if self.bits is not None or self.plan_path is not None:
+                raise ConfigError("--require chooses the plan; it excludes --bits and --plan")
         if self.scoring not in SCORING_MODES:
             raise ConfigError(f"--scoring must be one of {', '.join(SCORING_MODES)}, not {self.scoring!r}")
         if self.calib_samples < 1:

@@ -16,14 +16,9 @@ from q4c.errors import QualityLostError
 
 
 @click.command("compile")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path), required=False)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output file. Default: MODEL with .q4.onnx beside it. Replaced only when the compile succeeds. "
-                   "With --system: the output directory.")
-@click.option("--system", "system", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="SPEC",
-              help="Compile a system of several graphs run by a driver (TOML SPEC: [graphs] name = \"file.onnx\", "
-                   "[driver] run = \"driver.py:run\", samples = \"driver.py:samples\") as one: sensitivity on the "
-                   "driver's outputs, one budget over all graphs; writes -o DIR/<name>.onnx and DIR/report.json.")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file. Default: MODEL with .q4.onnx beside it. Replaced only when the compile succeeds.")
 @click.option("--bits", type=click.Choice(["1", "2", "3", "4", "8"]), default=None,
               help="Uniform weight precision instead of the sensitivity-guided default. "
                    "(3-bit codes are stored in 4-bit containers; 2-bit ones as ONNX INT2, opset 25; codebook "
@@ -62,6 +57,13 @@ from q4c.errors import QualityLostError
                    "quantized model's own state fed back (as deployed) and scores every call's task outputs; "
                    "open-loop feeds each call the FP32 state (cheaper to reason about, blind to compounding). "
                    "auto: closed-loop when the samples are sequences and the model has state pairs.")
+@click.option("--require", "require", multiple=True, metavar="REQUIREMENT",
+              help="Find the smallest plan whose measured quality on held-out calibration samples (the last "
+                   "quarter of them) meets this (repeatable; all must hold). Grammar: METRIC OP NUMBER[UNIT] with "
+                   "flips<=N% (decision flips at 0.5 of probability outputs, worst output; or a fraction), "
+                   "sqnr>=N[dB] (lowest output SQNR), kl<=N (KL / Bernoulli KL in nats, highest output); e.g. "
+                   "--require 'flips<=0.5%' --require 'sqnr>=25dB'. --avg-bits/--size-budget/--ratio then cap the "
+                   "size. None met below the cap (or FP32 size): exit 1, nothing written.")
 @click.option("--granularity", default="block", show_default=True,
               help="Scale sharing: 'channel' (one scale per output channel), 'block:N' (N in 16..256, "
                    "along the reduction axis), 'tensor', or 'block' (auto: 32 where scales are float16: LSTM/GRU/Conv "
@@ -132,8 +134,8 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, strict: bool,
                 allow_nonfinite: bool, as_json: bool, objective: tuple[str, ...] = (), scoring: str = "auto",
-                schemes: str | None = None, system: Path | None = None) -> None:
-    """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model (or --system SPEC: several).
+                schemes: str | None = None, require: tuple[str, ...] = ()) -> None:
+    """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
 
     \b
     Examples:
@@ -171,15 +173,8 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         objectives=_parse_objectives(objective, model),
         scoring=scoring,
         schemes=_parse_schemes(schemes),
+        requirements=_parse_requirements(require),
     )
-    if system is not None or model is None:
-        if system is None or model is not None:
-            raise click.UsageError("give MODEL, or --system SPEC, not both")
-        from q4c.cli.system import compile_system_cmd
-
-        compile_system_cmd(system, output, options, verify=verify, save_plan=save_plan, report_path=report_path,
-                           as_json=as_json)
-        return
     total = [0]
 
     def progress(name: str) -> None:
@@ -285,6 +280,17 @@ def _parse_objectives(texts: tuple[str, ...], model: Path) -> tuple[tuple[str, s
     return tuple(pairs)
 
 
+def _parse_requirements(texts: tuple[str, ...]) -> tuple[str, ...]:
+    from q4c.requirements import parse_requirement
+
+    for text in texts:
+        try:
+            parse_requirement(text)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--require") from None
+    return tuple(texts)
+
+
 def _print_objectives(report: dict) -> None:
     """One line on what sensitivity scored, one on what the plan measured (task outputs)."""
     sens = report.get("sensitivity", {})
@@ -303,7 +309,14 @@ def _print_objectives(report: dict) -> None:
             if "sqnr_db" in m:
                 text += f", SQNR {m['sqnr_db']:.1f} dB"
             figures.append(text)
-        click.echo(f"plan measured on the calibration samples ({sens['scoring']}): {'; '.join(figures)}")
+        where = "held-out calibration samples" if "require" in sens.get("measured", {}) else "calibration samples"
+        click.echo(f"plan measured on the {where} ({sens['scoring']}): {'; '.join(figures)}")
+    if "require" in sens.get("measured", {}):
+        req = sens["measured"]["require"]
+        held = sens.get("held_out", {}).get("samples", [])
+        click.echo(f"required {', '.join(req['requirements'])}: met with {', '.join(req['figures'])} at "
+                   f"{req['bytes']} of {req['fp32_bytes']} FP32 weight bytes ({req['plans_measured']} plans measured "
+                   f"on held-out samples {held})")
 
 
 def _parse_candidates(text: str) -> tuple[int, ...]:

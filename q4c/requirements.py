@@ -1,0 +1,121 @@
+"""Quality requirements (`--require`): parse them, read their figure from a plan's measured
+per-output metrics (q4c.objectives.Tally.metrics), and say whether it is met.
+
+Grammar (spaces allowed, case-insensitive)::
+
+    requirement := metric op number [unit]
+    metric      := "flips" | "sqnr" | "kl"
+    op          := "<=" | "<" | ">=" | ">"
+
+- ``flips``: fraction of decision flips at 0.5 of the probability (bce) outputs, worst output;
+  unit ``%`` or none (a fraction): ``flips<=0.5%`` = ``flips<=0.005``. Needs ``<=`` / ``<``.
+- ``sqnr``: SQNR in dB of the task outputs whose objective reports one (snr and bce outputs),
+  the lowest; unit ``dB`` or none. Needs ``>=`` / ``>``.
+- ``kl``: KL divergence in nats of the kl outputs, Bernoulli KL of the bce outputs, the highest;
+  no unit. Needs ``<=`` / ``<``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from q4c.errors import Q4cError
+
+METRICS = ("flips", "sqnr", "kl")
+GRAMMAR = 'METRIC OP NUMBER[UNIT]: "flips<=0.5%", "sqnr>=25dB", "kl<=0.01"'
+_PATTERN = re.compile(r"^\s*([a-z]+)\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(%|db)?\s*$")
+_LOWER = {"flips": True, "kl": True, "sqnr": False}  # is lower better?
+
+
+class RequirementError(Q4cError):
+    """No plan smaller than the FP32 model meets a --require (exit 1, nothing written)."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    metric: str
+    op: str
+    value: float  # flips as a fraction, sqnr in dB, kl in nats
+    text: str
+
+    def figure(self, metrics: Mapping[str, Mapping[str, Any]]) -> float | None:
+        """The worst figure of this metric over the task outputs that have it (None: none has)."""
+        if self.metric == "flips":
+            values = [m["flips"] for m in metrics.values() if "flips" in m]
+        elif self.metric == "sqnr":
+            values = [m["sqnr_db"] for m in metrics.values() if "sqnr_db" in m]
+        else:
+            values = [m["damage"] for m in metrics.values() if m.get("objective") in ("kl", "bce")]
+        if not values:
+            return None
+        return max(values) if _LOWER[self.metric] else min(values)
+
+    def met(self, figure: float | None) -> bool:
+        if figure is None or figure != figure:  # nan
+            return False
+        return {"<=": figure <= self.value, "<": figure < self.value,
+                ">=": figure >= self.value, ">": figure > self.value}[self.op]
+
+    def format(self, figure: float | None) -> str:
+        if figure is None:
+            return f"no {self.metric}"
+        if self.metric == "flips":
+            return f"flips {100 * figure:.3g}%"
+        if self.metric == "sqnr":
+            return f"sqnr {figure:.1f}dB"
+        return f"kl {figure:.3g}"
+
+
+def parse_requirement(text: str) -> Requirement:
+    """One requirement (see the module docstring); ValueError saying what is wrong."""
+    match = _PATTERN.match(text.lower())
+    if match is None:
+        raise ValueError(f"cannot parse requirement {text!r}; expected {GRAMMAR}")
+    metric, op, number, unit = match.groups()
+    if metric not in METRICS:
+        raise ValueError(f"requirement {text!r}: unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
+    if _LOWER[metric] != op.startswith("<"):
+        want = "<= or <" if _LOWER[metric] else ">= or >"
+        raise ValueError(f"requirement {text!r}: {metric} must be bounded with {want}")
+    value = float(number)
+    if metric == "flips":
+        if unit == "db":
+            raise ValueError(f"requirement {text!r}: flips take % or a fraction, not dB")
+        value = value / 100 if unit == "%" else value
+        if not 0 <= value <= 1:
+            raise ValueError(f"requirement {text!r}: flips must be between 0 and 100%")
+    elif metric == "sqnr":
+        if unit == "%":
+            raise ValueError(f"requirement {text!r}: sqnr takes dB, not %")
+    else:
+        if unit is not None:
+            raise ValueError(f"requirement {text!r}: kl is in nats, without a unit")
+        if value < 0:
+            raise ValueError(f"requirement {text!r}: kl cannot be negative")
+    return Requirement(metric, op, value, text.strip())
+
+
+def check_all(requirements: list[Requirement], metrics: Mapping[str, Mapping[str, Any]]) -> tuple[bool, list[str]]:
+    """(all met?, the figures as text)."""
+    figures = [r.figure(metrics) for r in requirements]
+    return all(r.met(f) for r, f in zip(requirements, figures, strict=True)), \
+        [r.format(f) for r, f in zip(requirements, figures, strict=True)]
+
+
+def shortfall(requirements: list[Requirement], metrics: Mapping[str, Mapping[str, Any]]) -> float:
+    """How far a plan is from meeting the requirements, to pick the best of failing plans: the
+    sum over unmet requirements of the relative gap (0 when all are met)."""
+    total = 0.0
+    for r in requirements:
+        f = r.figure(metrics)
+        if f is None or f != f:
+            total += 1e9
+        elif not r.met(f):
+            if r.metric == "sqnr":
+                total += (r.value - f) / 10
+            else:
+                total += (f - r.value) / max(r.value, 1e-9)
+    return total
