@@ -16,9 +16,14 @@ from q4c.errors import QualityLostError
 
 
 @click.command("compile")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output file. Default: MODEL with .q4.onnx beside it. Replaced only when the compile succeeds.")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output file. Default: MODEL with .q4.onnx beside it. Replaced only when the compile succeeds. "
+                   "With --system: the output directory.")
+@click.option("--system", "system", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="SPEC",
+              help="Compile a system of several graphs run by a driver (TOML SPEC: [graphs] name = \"file.onnx\", "
+                   "[driver] run = \"driver.py:run\", samples = \"driver.py:samples\") as one: sensitivity on the "
+                   "driver's outputs, one budget over all graphs; writes -o DIR/<name>.onnx and DIR/report.json.")
 @click.option("--bits", type=click.Choice(["1", "2", "3", "4", "8"]), default=None,
               help="Uniform weight precision instead of the sensitivity-guided default. "
                    "(3-bit codes are stored in 4-bit containers; 2-bit ones as ONNX INT2, opset 25; codebook "
@@ -134,8 +139,8 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, strict: bool,
                 allow_nonfinite: bool, as_json: bool, objective: tuple[str, ...] = (), scoring: str = "auto",
-                schemes: str | None = None, require: tuple[str, ...] = ()) -> None:
-    """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model.
+                schemes: str | None = None, require: tuple[str, ...] = (), system: Path | None = None) -> None:
+    """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model (or --system SPEC: several).
 
     \b
     Examples:
@@ -175,6 +180,14 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         schemes=_parse_schemes(schemes),
         requirements=_parse_requirements(require),
     )
+    if system is not None or model is None:
+        if system is None or model is not None:
+            raise click.UsageError("give MODEL, or --system SPEC, not both")
+        from q4c.cli.system import compile_system_cmd
+
+        compile_system_cmd(system, output, options, verify=verify, save_plan=save_plan, report_path=report_path,
+                           as_json=as_json)
+        return
     total = [0]
 
     def progress(name: str) -> None:
