@@ -142,3 +142,31 @@ def test_spec_errors_exit_1_with_one_line_and_write_nothing(tmp_path, rng, case,
     if case == "never_called":
         assert "never called by driver driver.py:run" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no OUTDIR, no temporary directory left
+
+
+def test_diff_system_compares_the_driver_outputs(tmp_path, rng):
+    spec = _system(tmp_path, rng)
+    runner = CliRunner()
+    compiled = runner.invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"), "--bits", "2",
+                                    "--kernels", "fp32-at-load"])
+    assert compiled.exit_code == 0, compiled.output
+    gen = np.random.default_rng(7)  # the driver's samples
+    xs = [gen.standard_normal((8, 64)).astype(np.float32) for _ in range(4)]
+    expected = _sqnr(_y(tmp_path / "a.onnx", tmp_path / "b.onnx", xs),
+                     _y(tmp_path / "out" / "a.onnx", tmp_path / "out" / "b.onnx", xs))
+    result = runner.invoke(main, ["diff", "--system", str(spec), str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert abs(doc["outputs"]["y"]["sqnr_db"] - expected) < 0.05 and doc["samples"] == 4
+    over = runner.invoke(main, ["diff", "--system", str(spec), str(tmp_path / "out"), "--tolerance", str(expected + 1)])
+    assert over.exit_code == 3  # uniform 2-bit is below its own SQNR + 1 dB
+
+
+def test_bench_system_needs_every_graph_in_outdir(tmp_path, rng):
+    spec = _system(tmp_path, rng)
+    (tmp_path / "out").mkdir()
+    onnx.save(onnx.load(str(tmp_path / "a.onnx")), tmp_path / "out" / "a.onnx")
+    result = CliRunner().invoke(main, ["bench", "--system", str(spec), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"Error: {tmp_path / 'out'}: graph 'b': no such file "
+                                                  f"{tmp_path / 'out' / 'b.onnx'}"]

@@ -16,7 +16,7 @@ from q4c.cli.render import emit_json, human_bytes, table
 
 
 @click.command("bench")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("--vs", "other", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A second model with the same inputs (e.g. the FP32 original), run interleaved with MODEL.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -33,9 +33,15 @@ from q4c.cli.render import emit_json, human_bytes, table
               help="Frame hop of [batch, T, 80] feature inputs, for the real-time factor (0: no RTF).")
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure peak RSS in a fresh subprocess per model.")
+@click.option("--system", "system", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="SPEC",
+              help="Time a compiled system: 'q4c bench --system SPEC OUTDIR' runs the SPEC's driver over its first "
+                   "--samples samples with OUTDIR/<name>.onnx and with the FP32 graphs, interleaved (--iters rounds).")
+@click.option("--samples", "system_samples", type=click.IntRange(min=1), default=2, show_default=True,
+              help="--system: the driver's first N samples per round.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema q4c.bench/1).")
 def bench_cmd(model: Path, other: Path | None, data: Path | None, threads: int, iters: int, warmup: int,
-              chunk: int | None, hop_ms: float, memory: bool, as_json: bool) -> None:
+              chunk: int | None, hop_ms: float, memory: bool, as_json: bool, system: Path | None = None,
+              system_samples: int = 2) -> None:
     """Time MODEL with ONNX Runtime (CPU, the session config recorded in the model applied).
 
     Reports p50/p90 latency after warm-up; with --vs, both models interleaved in one process and the
@@ -47,7 +53,18 @@ def bench_cmd(model: Path, other: Path | None, data: Path | None, threads: int, 
     Examples:
       q4c bench models/bilstm_am.q4.onnx --vs models/bilstm_am.onnx --data models/bilstm_am.npz
       q4c bench models/rnnt_predictor.q4.onnx --data long_tokens.npz --chunk 1 --json
+      q4c bench --system models/real/dfn3_system.toml /tmp/dfn3sys --iters 5
     """
+    if system is not None:
+        if other is not None or data is not None or chunk is not None:
+            raise click.UsageError("--system SPEC OUTDIR times the driver against the SPEC's FP32 graphs "
+                                   "(no --vs, --data, --chunk)")
+        from q4c.cli.system import bench_system
+
+        bench_system(system, model, system_samples, threads, iters, warmup, as_json)
+        return
+    if model.is_dir():
+        raise click.UsageError(f"MODEL {model} is a directory (a compiled system: --system SPEC {model})")
     proto = g.load(model)
     if data is not None:
         specs = stream_specs(proto, state_pairs(proto)) if chunk is not None else input_specs(proto)

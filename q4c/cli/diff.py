@@ -16,10 +16,16 @@ from q4c.diff import below_tolerance, diff_models
 
 
 @click.command("diff")
-@click.argument("reference", metavar="FLOAT", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("other", metavar="QUANT", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="A .npz keyed by input name, or a directory of .npz samples; metrics pool all samples.")
+@click.argument("reference", metavar="FLOAT", type=click.Path(path_type=Path), required=False)
+@click.argument("other", metavar="QUANT", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="A .npz keyed by input name, or a directory of .npz samples; metrics pool all samples. "
+                   "Required unless --system.")
+@click.option("--system", "system", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="SPEC",
+              help="Compare a compiled system: 'q4c diff --system SPEC OUTDIR' runs the SPEC's driver over its samples "
+                   "with the FP32 graphs and with OUTDIR/<name>.onnx and compares the driver's outputs.")
+@click.option("--samples", "system_samples", type=click.IntRange(min=1), default=8, show_default=True,
+              help="--system: the driver's first N samples.")
 @click.option("--tensors", is_flag=True,
               help="Also compare every intermediate tensor in graph order and recurrent layers per time step "
                    "(both models run by q4c's interpreter).")
@@ -33,8 +39,9 @@ from q4c.diff import below_tolerance, diff_models
                    "(what deployments get), or q4c's interpreter.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (schema q4c.diff/1).")
 @click.pass_context
-def diff_cmd(ctx: click.Context, reference: Path, other: Path, data: Path, tensors: bool, plot: Path | None,
-             tolerance: float | None, backend: str, as_json: bool) -> None:
+def diff_cmd(ctx: click.Context, reference: Path | None, other: Path | None, data: Path | None, tensors: bool,
+             plot: Path | None, tolerance: float | None, backend: str, as_json: bool, system: Path | None = None,
+             system_samples: int = 8) -> None:
     """Run FLOAT and QUANT on the same DATA and compare them.
 
     Per output: SQNR (dB; inf when identical), max and mean absolute error, cosine similarity;
@@ -46,7 +53,23 @@ def diff_cmd(ctx: click.Context, reference: Path, other: Path, data: Path, tenso
     Examples:
       q4c diff models/bilstm_am.onnx models/bilstm_am.q4.onnx --data models/bilstm_am.npz
       q4c diff m.onnx m.q4.onnx --data samples/ --tensors --plot diff.png --tolerance 10
+      q4c diff --system models/real/dfn3_system.toml /tmp/dfn3sys --tolerance 25
     """
+    if system is not None:
+        if reference is None or other is not None or tensors or plot is not None or backend != "ort":
+            raise click.UsageError("--system SPEC takes one argument, the compiled OUTDIR (no --tensors, --plot, "
+                                   "--backend interp)")
+        from q4c.cli.system import diff_system
+
+        failing = diff_system(system, reference, system_samples, tolerance, as_json)
+        if failing:
+            click.echo(f"over tolerance: {', '.join(failing)} below {tolerance} dB", err=True)
+            ctx.exit(3)
+        return
+    if reference is None or other is None or data is None:
+        raise click.UsageError("give FLOAT, QUANT and --data (or --system SPEC OUTDIR)")
+    if reference.is_dir():
+        raise click.UsageError(f"FLOAT {reference} is a directory (a compiled system: --system SPEC {reference})")
     ref_model, other_model = g.load(reference), g.load(other)
     samples = load_samples(data, input_specs(ref_model))
     tensors = tensors or plot is not None
