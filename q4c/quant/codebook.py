@@ -50,6 +50,9 @@ KMEANS_ITERS = 40
 #: Node-name prefix of decoder nodes: the closed-form generator prefix (fold-constants leaves
 #: them alone) plus a tag that `q4c inspect` recognises.
 DECODER_PREFIX = f"{GENERATOR_PREFIX}cb/"
+#: Bytes of a decoder besides its indices, tables and scales (its ~15 nodes and small shape
+#: constants; measured 1.1-1.3 KB), counted in every codebook candidate's cost.
+DECODER_BYTES = 1200
 #: Dampening of H's diagonal for GPTQ assignment, relative to its mean (as q4c.quant.gptq).
 DAMP = 0.01
 
@@ -271,16 +274,16 @@ def validate_granularity(text: str) -> None:
 
 def codebook_cost(shape: tuple[int, ...], bits: int, scheme: str, *, channel_axis: int, reduce_axis: int,
                   granularity: str = "auto") -> tuple[int, str]:
-    """(bytes as stored: packed indices + float16 tables + scales, granularity) of
-    `quantize_codebook` with these arguments, without fitting anything."""
+    """(bytes as stored: packed indices + float16 tables + scales + the decoder's nodes
+    (DECODER_BYTES), granularity) of `quantize_codebook` with these arguments, without fitting."""
     _, c, l_, r = moved_layout(tuple(int(d) for d in shape), channel_axis, reduce_axis)
     k = 2**bits
     if scheme == "nf4":
         block = parse_granularity(granularity, scheme, c, l_ * r, bits)
         nb = -(-r // block)
-        return packed_bytes(c * l_ * nb * block, bits) + 2 * k + 2 * c * l_ * nb, f"block:{block}"
+        return packed_bytes(c * l_ * nb * block, bits) + 2 * k + 2 * c * l_ * nb + DECODER_BYTES, f"block:{block}"
     per = parse_granularity(granularity, scheme, c, l_ * r, bits)
-    return packed_bytes(c * l_ * r, bits) + 2 * k * (c // per), granularity_text(c, c // per)
+    return packed_bytes(c * l_ * r, bits) + 2 * k * (c // per) + DECODER_BYTES, granularity_text(c, c // per)
 
 
 def quantize_codebook(w: np.ndarray, bits: int, scheme: str, *, channel_axis: int, reduce_axis: int,
@@ -414,6 +417,18 @@ def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 # -- the ONNX decoder -------------------------------------------------------------------------
 
+def _fresh_tag(root: gs.Graph) -> str:
+    """A short prefix ("cb3") no tensor or node name in `root` starts with: decoder tensors are
+    named "<tag>.<i>" (names are stored, most of them twice)."""
+    names = g._used_names(root)  # noqa: SLF001  (one scan instead of one per name)
+    prefixes = {n.split(".", 1)[0] for n in names} | {n[len(DECODER_PREFIX):].split(".", 1)[0] for n in names
+                                                      if n.startswith(DECODER_PREFIX)}
+    i = 0
+    while f"cb{i}" in prefixes:
+        i += 1
+    return f"cb{i}"
+
+
 def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight) -> tuple[gs.Variable, str]:
     """Append to `graph` the nodes that rebuild `cw` as a float32 tensor of the weight's shape
     from initializers alone (see the module docstring); returns that tensor and the name of the
@@ -422,17 +437,24 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight)
     c, l_, rp = cw.codes.shape
     t = cw.table.shape[0]
     nodes: list[gs.Node] = []
+    tag = _fresh_tag(root)
 
     # Short names (each is stored, most twice); only the nodes reading constants alone (the
     # first Reshape, nf4's scale Cast) and the table's Gather carry DECODER_PREFIX: fold-constants
     # can only start folding at the former, and `q4c inspect` finds the bytes through all three.
-    def const(tag: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(g.unique_name(root, f"{name}.cb.{tag}"), np.asarray(value))
+    consts: dict[str, gs.Constant] = {}
+
+    def const(label: str, value: np.ndarray) -> gs.Constant:
+        if label not in consts:
+            consts[label] = gs.Constant(f"{tag}.{label}", np.asarray(value))
+        assert np.array_equal(consts[label].values, value), label
+        return consts[label]
 
     def node(op: str, inputs: list[gs.Tensor], dtype: type, shape: list[int] | None, **attrs: object) -> gs.Variable:
-        out = gs.Variable(g.unique_name(root, f"{name}.cb{len(nodes)}"), dtype=dtype, shape=shape)
+        # Intermediate tensors carry no type or shape (no value_info bytes; inference recovers them)
+        out = gs.Variable(f"{tag}.{len(nodes)}", dtype=None, shape=None)
         marked = op == "Gather" or all(isinstance(t, gs.Constant) for t in inputs)
-        label = g.unique_name(root, f"{DECODER_PREFIX}{name}/{op}{len(nodes)}") if marked else ""
+        label = f"{DECODER_PREFIX}{tag}.{len(nodes)}" if marked else ""
         nodes.append(gs.Node(op, label, attrs=dict(attrs), inputs=inputs, outputs=[out]))
         graph.nodes.append(nodes[-1])
         return out
@@ -450,10 +472,12 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight)
     if words * 8 != count:
         x = node("Slice", [x, const("zero", np.array([0], np.int64)), const("count", np.array([count], np.int64))],
                  np.int64, [count])
-    x = node("Reshape", [x, const("shape_t", np.array([t, count // t], np.int64))], np.int64, [t, count // t])
-    if t > 1:
-        offsets = np.arange(t, dtype=np.int64)[:, None] * k  # [T, 1]: 8 bytes a table, beside its 2^b float16s
-        x = node("Add", [x, const("offsets", offsets)], np.int64, [t, count // t])
+    if t > 1:  # one row of indices per table  # table j's centroids start at j * 2^b; computed, not stored (8 bytes a table)
+        offsets = node("Range", [const("zero_s", np.array(0, np.int64)), const("end", np.array(t * k, np.int64)),
+                                 const("k", np.array(k, np.int64))], np.int64, [t])
+        offsets = node("Unsqueeze", [offsets, const("axis1", np.array([1], np.int64))], np.int64, [t, 1])
+        x = node("Reshape", [x, const("shape_t", np.array([t, count // t], np.int64))], np.int64, [t, count // t])
+        x = node("Add", [x, offsets], np.int64, [t, count // t])
     table = gs.Constant(g.unique_name(root, f"{name}.table"), np.ascontiguousarray(cw.table.reshape(-1)))
     x = node("Gather", [table, x], np.float16, [t, count // t], axis=0)
     x = node("Cast", [x], np.float32, [t, count // t], to=TensorProto.FLOAT)
@@ -465,8 +489,8 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight)
         s = node("Cast", [scale], np.float32, [c, l_, nb, 1], to=TensorProto.FLOAT)
         x = node("Mul", [x, s], np.float32, [c, l_, nb, cw.block_size])
     r = cw.reduce_len
-    x = node("Reshape", [x, const("shape_m", np.array([c, l_, rp], np.int64))], np.float32, [c, l_, rp])
     if rp != r:
+        x = node("Reshape", [x, const("shape_m", np.array([c, l_, rp], np.int64))], np.float32, [c, l_, rp])
         x = node("Slice", [x, const("zero_r", np.array([0], np.int64)), const("r", np.array([r], np.int64)),
                            const("axis2", np.array([2], np.int64))], np.float32, [c, l_, r])
     moved = list(cw.moved_shape)
@@ -474,4 +498,5 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight)
     inverse = [int(a) for a in np.argsort(cw.perm)]
     if inverse != list(range(len(inverse))):
         x = node("Transpose", [x], np.float32, list(cw.shape), perm=inverse)
+    x.dtype, x.shape = np.float32, list(cw.shape)  # what the consumer reads
     return x, packed.name

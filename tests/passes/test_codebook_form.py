@@ -172,7 +172,8 @@ def test_cli_compile_two_bit_mulaw_verifies_and_inspect_reports_codebook_bytes(r
 def test_budgeted_plan_picks_a_codebook_on_spike_and_slab_weights_where_it_measures_better(rng, tmp_path):
     # Heavy tails: most weights Laplace-small, a tenth +-1. Uniform 2-bit levels must reach the
     # large ones and round the small ones to zero; a 2-bit codebook keeps two centroids for them.
-    k, n = 256, 64
+    # (Large enough that the decoder's ~1.2 KB of nodes is small beside the 0.5 bit/weight of scales.)
+    k, n = 512, 128
     w = (0.05 * rng.laplace(size=(k, n)) + (rng.random((k, n)) < 0.1) * rng.choice([-1.0, 1.0], (k, n)))
     src = tmp_path / "m.onnx"
     onnx.save(_classifier(rng, w.astype(np.float32)), src)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from q4c.errors import ConfigError
-from q4c.quant.codebook import (codebook_cost, kmeans_1d, kmeans_mulaw, nf_levels, pack_indices, packed_bytes,
+from q4c.quant.codebook import (DECODER_BYTES, codebook_cost, kmeans_1d, kmeans_mulaw, nf_levels, pack_indices, packed_bytes,
                                 quantize_codebook, unpack_indices)
 from q4c.testing import heavy_tailed
 
@@ -74,7 +74,7 @@ def test_cost_without_fitting_equals_the_stored_bytes(rng, scheme, bits):
     w = heavy_tailed(rng, (2, 48, 40))  # LSTM-like [dirs, 4H, I]: channel axis 1, reduce axis 2
     cw = quantize_codebook(w, bits, scheme, channel_axis=1, reduce_axis=2)
     nbytes, gran = codebook_cost(w.shape, bits, scheme, channel_axis=1, reduce_axis=2)
-    assert (nbytes, gran) == (cw.nbytes, cw.granularity)
+    assert (nbytes, gran) == (cw.nbytes + DECODER_BYTES, cw.granularity)  # payload + the decoder's nodes
     assert cw.index_bytes == pack_indices(cw.codes, bits).size
     assert cw.dequantize().shape == w.shape and cw.codes.max() < 2**bits
 
