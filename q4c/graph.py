@@ -56,11 +56,72 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: opset {opset} < minimum {MIN_OPSET}; re-export with opset >= {MIN_OPSET}")
     try:
         onnx.checker.check_model(model)
+    except UnicodeDecodeError as e:  # a name or string attribute with bytes that are not UTF-8
+        raise ModelLoadError(f"{path}: invalid ONNX model: a string field is not valid UTF-8 ({e.reason} at byte "
+                             f"{e.start}); the file is damaged") from e
     except onnx.checker.ValidationError as e:
         # One line: the checker's message may continue over lines (a node dump after "of node:").
         first = " ".join(str(e).split())[:300]
         raise ModelLoadError(f"{path}: invalid ONNX model: {first}") from e
+    _check_initializer_sizes(model, path)
+    _check_strings(model, path)
     return model
+
+
+def _check_strings(model: onnx.ModelProto, path: Path) -> None:
+    """Names are text: protobuf hands back `bytes` for a string field that is not valid UTF-8
+    (the checker does not always look), which later breaks every `str` operation on it."""
+
+    def bad(values) -> str | None:
+        for v in values:
+            if isinstance(v, bytes):
+                return v.decode("utf-8", "backslashreplace")
+        return None
+
+    for graph in iter_graph_protos(model.graph):
+        names = [graph.name, *(v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer))]
+        for node in graph.node:
+            names += [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+        found = bad(names)
+        if found is not None:
+            raise ModelLoadError(f"{path}: invalid ONNX model: the name {found!r} is not valid UTF-8; the file is damaged")
+    found = bad(v for p in model.metadata_props for v in (p.key, p.value))
+    if found is not None:
+        raise ModelLoadError(f"{path}: invalid ONNX model: metadata {found!r} is not valid UTF-8; the file is damaged")
+
+
+#: bits per element of the dtypes whose storage size is fixed (onnx's checker does not compare
+#: an initializer's data with its dims; numpy_helper.to_array then fails with a bare ValueError)
+_SUB_BYTE_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.FLOAT4E2M1: 4,
+                  getattr(onnx.TensorProto, "INT2", -1): 2, getattr(onnx.TensorProto, "UINT2", -1): 2}
+_TYPED_FIELDS = {onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.INT64: "int64_data",
+                 onnx.TensorProto.DOUBLE: "double_data", onnx.TensorProto.INT32: "int32_data"}
+
+
+def _check_initializer_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every initializer holds as much data as its dims and data type say (a flipped data_type
+    or a dims edit otherwise surfaces later as an unexplained reshape error)."""
+    for graph in iter_graph_protos(model.graph):
+        for t in graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL or any(d < 0 for d in t.dims):
+                continue
+            n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+            if t.HasField("raw_data"):
+                try:
+                    bits = _SUB_BYTE_BITS.get(t.data_type) or 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                except (KeyError, TypeError):
+                    continue  # strings and unknown types: left to the checker and the ops
+                want = (n * bits + 7) // 8
+                have = len(t.raw_data)
+            elif t.data_type in _TYPED_FIELDS:
+                want, have = n, len(getattr(t, _TYPED_FIELDS[t.data_type]))
+            else:
+                continue
+            if have != want:
+                kind = onnx.TensorProto.DataType.Name(t.data_type) if t.data_type in onnx.TensorProto.DataType.values() else t.data_type
+                raise ModelLoadError(f"{path}: initializer {t.name!r} declares {kind}{list(t.dims)} ({want} "
+                                     f"{'bytes' if t.HasField('raw_data') else 'values'}) but holds {have}; "
+                                     f"the file is damaged or was edited")
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

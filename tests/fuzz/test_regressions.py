@@ -7,8 +7,12 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from harness import invoke
 from onnx import helper, numpy_helper
+
+from q4c.errors import ModelLoadError
+from q4c.ort import session_config
 
 
 def _matmul_model() -> onnx.ModelProto:
@@ -59,7 +63,9 @@ def test_session_config_metadata_not_utf8_is_a_load_error(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.ones((2, 64), np.float32))
     result = invoke(["run", str(path), "--data", str(tmp_path / "x.npz")])
     assert result.exit_code == 1
-    assert "q4c.ort_session_config is not a JSON object" in result.error
+    assert "not valid UTF-8" in result.error  # since the load-time string check; before it, ort.py's
+    with pytest.raises(ModelLoadError, match="q4c.ort_session_config is not a JSON object"):
+        session_config(onnx.ModelProto.FromString(data))
 
 
 def test_empty_npz_is_a_data_error(tmp_path):
@@ -137,5 +143,32 @@ def test_input_shape_contradicting_the_output_is_a_load_error(tmp_path):
     onnx.save(model, path)
     result = invoke(["compile", str(path), "-o", str(tmp_path / "out.onnx"), "--bits", "4"])
     assert result.exit_code == 1
-    assert "the input model fails the full ONNX checker" in result.error
+    assert "fails the full ONNX checker" in result.error
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_initializer_data_not_matching_its_dims_is_a_load_error(tmp_path):
+    """A flipped data_type (INT64 -> FLOAT) left 16 bytes under dims [2]: to_array raised a bare
+    'cannot reshape array' ValueError inside the non-finite weight check."""
+    model = _matmul_model()
+    shape = numpy_helper.from_array(np.array([2, 64], np.int64), "shape")
+    shape.data_type = onnx.TensorProto.INT32
+    model.graph.initializer.append(shape)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    for command in (["inspect", str(path)], ["compile", str(path), "-o", str(tmp_path / "out.onnx")]):
+        result = invoke(command)
+        assert result.exit_code == 1
+        assert "initializer 'shape' declares INT32[2] (8 bytes) but holds 16" in result.error
+
+
+def test_string_field_not_utf8_is_a_load_error(tmp_path):
+    """A node name with a non-UTF-8 byte: onnx's checker raised UnicodeDecodeError."""
+    model = _matmul_model()
+    model.graph.node[0].name = "mm_node"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString().replace(b"mm_node", b"mm\xefnode"))
+    result = invoke(["diff", str(path), str(path), "--data", str(tmp_path / "none.npz")])
+    assert result.exit_code in (1, 2)
+    result = invoke(["inspect", str(path)])
+    assert result.exit_code == 1 and "not valid UTF-8" in result.error
