@@ -29,7 +29,8 @@ from q4c.quant.plan import FLOAT, PrecisionPlan
 from q4c.quant.tying import share_transposed_tables
 from q4c.quant.weights import WeightSlot, find_weight_slots
 from q4c.registry import find_pass, resolve_pipeline
-from q4c.verify import QUALITY_SAMPLES, describe_loss, judge_quality, refuse_nonfinite_weights, verify_model
+from q4c.verify import (QUALITY_SAMPLES, describe_loss, judge_quality, refuse_inconsistent_model, refuse_nonfinite_weights,
+                        verify_model)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def compile_model(
     from q4c.passes import DEFAULT_PIPELINE
 
     options = options or CompileOptions()
+    refuse_inconsistent_model(model)
     model, nonfinite = refuse_nonfinite_weights(model, allow=options.allow_nonfinite)
     if nonfinite:  # --allow-nonfinite: those weights (and what is computed from them) stay float
         options = dataclasses.replace(options, keep_fp32=options.keep_fp32.union(*(f.reaches for f in nonfinite)))

@@ -317,3 +317,17 @@ def _passes_full_check(model: onnx.ModelProto) -> bool:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
         return False
     return True
+
+
+def refuse_inconsistent_model(model: onnx.ModelProto) -> None:
+    """The input passes the full checker (strict shape inference): declared shapes that
+    contradict the graph and attributes out of range (Softmax axis 2**40) are the model's fault,
+    said in one line before any pass or the interpreter trips over them. Models over protobuf's
+    2 GiB limit cannot be checked in memory and are left to the passes."""
+    if model.ByteSize() >= 2**31 - 1:
+        return
+    try:
+        g.check(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = " ".join(str(e).split())[:300]
+        raise ModelLoadError(f"the model fails the full ONNX checker (strict shape inference): {first}") from e
