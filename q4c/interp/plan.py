@@ -273,6 +273,15 @@ class Graph:
                 results = fn(*args, **attrs)
         except Q4cError as e:
             raise type(e)(f"node '{step.name}' ({step.op_type}): {e}") from e
+        except (np.exceptions.AxisError, ValueError) as e:
+            # An axis attribute out of range (onnx's checker accepts Softmax axis=2**40): the
+            # model's fault, when the node has one; anything else stays a bug with its traceback.
+            axes = {k: v for k, v in attrs.items() if k in _AXIS_ATTRS}
+            if axes and (isinstance(e, np.exceptions.AxisError) or "fit into a C" in str(e)):
+                raise ModelLoadError(f"node '{step.name}' ({step.op_type}): {', '.join(f'{k}={v}' for k, v in axes.items())} "
+                                     f"is out of range ({e})") from e
+            e.add_note(f"q4c.interp: in node '{step.name}' ({step.op_type}) of graph '{self.name}'")
+            raise
         except Exception as e:
             e.add_note(f"q4c.interp: in node '{step.name}' ({step.op_type}) of graph '{self.name}'")
             raise
@@ -281,6 +290,10 @@ class Graph:
                 f"node '{step.name}' ({step.op_type}): {len(results)} outputs computed, {n_required} requested"
             )
         return results
+
+
+#: attributes that name axes of the node's inputs (see `_call`)
+_AXIS_ATTRS = frozenset({"axis", "axes", "perm", "batch_axis", "time_axis", "scan_input_axes", "scan_output_axes"})
 
 
 class _Step:

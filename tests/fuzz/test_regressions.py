@@ -172,3 +172,23 @@ def test_string_field_not_utf8_is_a_load_error(tmp_path):
     assert result.exit_code in (1, 2)
     result = invoke(["inspect", str(path)])
     assert result.exit_code == 1 and "not valid UTF-8" in result.error
+
+
+def test_axis_attribute_out_of_range_is_a_model_error(tmp_path):
+    """Softmax axis=2**40 passes onnx's full checker; the interpreter died in np.max with
+    'integer won't fit into a C int' (compile, run --backend interp)."""
+    model = _matmul_model()
+    model.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], axis=2**40, name="sm"))
+    model.graph.output[0].name = "p"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 64), np.float32))
+    for command in (["compile", str(path), "-o", str(tmp_path / "out.onnx"), "--bits", "4"],
+                    ["run", str(path), "--data", str(tmp_path / "x.npz"), "--backend", "interp"]):
+        result = invoke(command)
+        assert result.exit_code == 1
+        assert "node 'sm' (Softmax): axis=1099511627776 is out of range" in result.error
+    model.graph.node[-1].attribute[0].i = 5  # plainly out of range for rank 2: numpy's AxisError
+    onnx.save(model, path)
+    result = invoke(["run", str(path), "--data", str(tmp_path / "x.npz"), "--backend", "interp"])
+    assert result.exit_code == 1 and "axis=5 is out of range" in result.error
