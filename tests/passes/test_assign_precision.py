@@ -74,6 +74,7 @@ def test_report_carries_scores_budget_and_a_measured_pareto_curve(rng, tmp_path)
     assert {t["name"] for t in report["tensors"]} == {"A", "B", "C"}
     # widths x rounding schemes; gptq (which needs calibration inputs) below 8 bits only
     keys = {"2", "3", "4", "8", "2:absmax", "3:absmax", "4:absmax", "8:absmax", "2:gptq", "3:gptq", "4:gptq"}
+    keys |= {f"{b}:{s}" for b in (2, 3, 4) for s in ("mulaw", "kmeans", "nf4")}  # codebooks: 1-4 bit indices
     assert all(set(t["sensitivity"]["kl"]) == keys for t in report["tensors"])
     points = report["pareto"]
     assert [p["avg_bits"] for p in points] == sorted(p["avg_bits"] for p in points)
