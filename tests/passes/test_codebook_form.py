@@ -198,3 +198,15 @@ def test_budgeted_plan_picks_a_codebook_on_spike_and_slab_weights_where_it_measu
     kl = {label: np.mean([kl_divergence(r, run_ort(onnx.load(p), {"x": x})["y"]) for r, x in zip(ref, held_out)])
           for label, p in outs.items()}
     assert kl["with"] < kl["without"]
+
+
+def test_a_saved_codebook_plan_replays_to_the_same_bytes(rng, tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_classifier(rng, heavy_tailed(rng, (128, 64), scale=1.0)), src)
+    plan = tmp_path / "plan.json"
+    first = q4c.compile_file(src, tmp_path / "a.onnx", CompileOptions(bits=3, scheme="kmeans", granularity=
+                             q4c.config.Granularity("channel")), save_plan=plan, verify=False)
+    assert json.loads(plan.read_text())["tensors"]["W"] == {"bits": 3, "granularity": "channel", "scheme": "kmeans"}
+    q4c.compile_file(src, tmp_path / "b.onnx", CompileOptions(plan_path=plan), verify=False)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert first["tensors"][0]["codebook"]["tables"] == 64
