@@ -48,7 +48,7 @@ def test_kl_divergence_of_two_distributions():
 
 # --- VAD segments (silero-vad's get_speech_timestamps defaults), worked out by hand ---------------
 
-from q4c.metrics import boundary_shift_ms, speech_segments  # noqa: E402
+from q4c.metrics import boundary_shift_ms, speech_segments
 
 
 def test_speech_segments_hysteresis_and_open_segment_run_to_the_end():

