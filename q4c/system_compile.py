@@ -95,7 +95,7 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
     warnings: list[str] = []
 
     say("canonicalize")
-    members = {name: _canonical(name, path, options, system_plan) for name, path in spec.graphs.items()}
+    members = {name: _canonical(name, path, options) for name, path in spec.graphs.items()}
     samples = spec.load_samples(RECORD_SAMPLES)
     data_driven = options.bits is None and system_plan is None and options.sensitivity != "mse"
     for m in members.values():
@@ -188,14 +188,12 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
     return report
 
 
-def _canonical(name: str, path: Path, options: CompileOptions, plan: PrecisionPlan | None) -> _Member:
+def _canonical(name: str, path: Path, options: CompileOptions) -> _Member:
     """Load and run the passes before measure-sensitivity (the names the plan uses)."""
     from q4c.passes import DEFAULT_PIPELINE
 
     model = g.load(path)
-    opset = _target_opset(options)
-    if plan is not None and any(tp.bits == 2 for tp in plan.tensors.values()):
-        opset = max(opset, _target_opset(dataclasses.replace(options, candidates=(2,), bits=2, plan_path=None)))
+    opset = _target_opset(options)  # with --plan: from the system plan's bits, as compile_model does per graph
     converted = g.convert_opset(model, opset)
     graph = g.import_graph(converted)
     names = list(DEFAULT_PIPELINE[:DEFAULT_PIPELINE.index("measure-sensitivity")])
