@@ -35,7 +35,7 @@ from q4c.config import CompileOptions
 from q4c.errors import ConfigError
 from q4c.pipeline import PassContext, Pipeline
 from q4c.quant.candidates import Candidate, candidate_list
-from q4c.quant.knapsack import Option, solve
+from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import (SensitivityTable, _weights_as_inputs, candidate_slots, gptq_eligible,
                                    main_constants, movable_weights)
@@ -83,8 +83,8 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
     start = time.perf_counter()
     options = options or CompileOptions()
     say = progress or (lambda _msg: None)
-    if options.requirements:
-        raise ConfigError("--require with --system is not supported yet (issue 14); give --avg-bits or --size-budget")
+    if options.requirements and (options.bits is not None or options.plan_path is not None):
+        raise ConfigError("--require chooses the plan; it excludes --bits and --plan")
     if options.activations != "none":
         raise ConfigError("--activations int8 with --system is not supported yet (issue 14)")
     spec = load_spec(spec_path)
@@ -152,10 +152,14 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
                 plan_file = tmp / f".{name}.plan.json"
                 plans[name].save(plan_file)
                 opts = dataclasses.replace(options, plan_path=plan_file, bits=None, avg_bits=None, size_budget=None,
-                                           ratio=None)
-            out, report = compile_model(m.model, opts, samples=calls, verify=verify)
+                                           ratio=None, requirements=())
+            if plans is not None and all(tp.bits == FLOAT for tp in plans[name].tensors.values()):
+                out, report = m.model, {"input": {}, "tensors": [], "plan": plans[name].to_json(),
+                                        "note": "the plan keeps every weight in float: the input graph as it is"}
+            else:
+                out, report = compile_model(m.model, opts, samples=calls, verify=verify)
             if plans is not None:
-                plan_file.unlink()
+                plan_file.unlink(missing_ok=True)
             out_bytes = g.save(out, tmp / f"{name}.onnx")
             report["input"] = {"path": str(m.path), "bytes": m.path.stat().st_size, **report["input"]}
             report["output"] = {"path": str(outdir / f"{name}.onnx"), "bytes": out_bytes}
@@ -302,9 +306,9 @@ def _knapsack(members: Mapping[str, _Member], runner: SystemRunner, samples: Seq
     if options.size_budget is not None:
         budget = int(options.size_budget)
     u_choice = tuple(uniform) if uniform is not None else None
-    if u_choice is not None and sum(items[i][k].cost for i, k in enumerate(u_choice)) > budget:
+    if u_choice is not None and sum(items[i][k].cost for i, k in enumerate(u_choice)) > budget \
+            and not options.requirements:
         u_choice = None
-    solution = solve(items, budget, incumbent=u_choice)
 
     def keyed(choice: Sequence[int]) -> dict[str, dict[str, Candidate]]:
         out: dict[str, dict[str, Candidate]] = {}
@@ -315,15 +319,23 @@ def _knapsack(members: Mapping[str, _Member], runner: SystemRunner, samples: Seq
 
     n = min(PLAN_SAMPLES, len(samples))
 
-    def measure(choice: Sequence[int]) -> dict[str, Any]:
+    def measure(choice: Sequence[int], which: Sequence[int] = range(n)) -> dict[str, Any]:
         picked = keyed(choice)
         changes = {gname: {t: _dequantized(members[gname], t, c)
                            for t, c in cands.items() if c.bits != FLOAT and t in members[gname].weights}
                    for gname, cands in picked.items()}
-        outs = [runner.run(samples[i], i, changes, cached=logs[i]) for i in range(n)]
-        return score_outputs(objectives, references[:n], outs).metrics()
+        outs = [runner.run(samples[i], i, changes, cached=logs[i]) for i in which]
+        return score_outputs(objectives, [references[i] for i in which], outs).metrics()
 
-    measured: dict[str, Any] = {"samples": n, "plan": measure(solution.choice)}
+    if options.requirements:
+        fp32 = sum(max(o.cost for o in opts) for opts in items)
+        capped = any(b is not None for b in (options.avg_bits, options.size_budget, options.ratio))
+        budget = min(budget, fp32 - 1) if capped else fp32 - 1
+        solution, measured = _smallest_meeting(items, budget, capped, u_choice, measure, len(samples), options)
+        u_choice = None
+    else:
+        solution = solve(items, budget, incumbent=u_choice)
+        measured = {"samples": n, "plan": measure(solution.choice)}
     kept_uniform = False
     if u_choice is not None and tuple(solution.choice) != u_choice:
         measured["uniform_4bit"] = measure(u_choice)
@@ -347,6 +359,58 @@ def _knapsack(members: Mapping[str, _Member], runner: SystemRunner, samples: Seq
     for plan in plans.values():
         plan.defaults = dict(defaults)
     return plans, defaults, measured
+
+
+def _smallest_meeting(items: list[list[Option]], cap: int, capped: bool, uniform: tuple[int, ...] | None,
+                      measure: Callable[..., dict[str, Any]], count: int, options: CompileOptions) -> tuple[Solution, dict]:
+    """--require on the system's outputs: the smallest knapsack plan (bisection over the byte
+    budget up to `cap`) whose measured figures on the held-out driver samples (the last quarter,
+    never scored) meet every requirement; uniform 4-bit is tried too. RequirementError if none."""
+    from q4c.requirements import RequirementError, check_all, parse_requirement, shortfall
+
+    reqs = [parse_requirement(t) for t in options.requirements]
+    held = list(range(count - max(1, count // 4), count)) if count >= 2 else list(range(count))
+    if count < 2:
+        logger.warning("--require: a single driver sample; the requirement is judged on it, not on held-out data")
+    tried: dict[tuple[int, ...], tuple[int, dict[str, Any], bool, list[str]]] = {}
+
+    def evaluate(choice: tuple[int, ...]) -> tuple[int, dict[str, Any], bool, list[str]]:
+        if choice not in tried:
+            metrics = measure(choice, held)
+            ok, figures = check_all(reqs, metrics)
+            tried[choice] = (sum(items[i][k].cost for i, k in enumerate(choice)), metrics, ok, figures)
+            logger.info("--require: %d bytes -> %s (%s)", tried[choice][0], ", ".join(figures), "met" if ok else "not met")
+        return tried[choice]
+
+    lowest = sum(min(o.cost for o in opts) for opts in items)
+    best = None
+    if cap >= lowest:
+        top = tuple(solve(items, cap).choice)
+        if evaluate(top)[2]:
+            best, low, high = top, lowest, tried[top][0]
+            for _ in range(12):
+                if high - low <= max(64, high // 200):
+                    break
+                mid = (low + high) // 2
+                choice = tuple(solve(items, mid).choice)
+                if evaluate(choice)[2]:
+                    best, high = choice, min(tried[choice][0], mid)
+                else:
+                    low = mid
+    if uniform is not None and sum(items[i][k].cost for i, k in enumerate(uniform)) <= cap and evaluate(uniform)[2] \
+            and (best is None or tried[uniform][0] < tried[best][0]):
+        best = uniform
+    if best is None:
+        cost, _, _, figures = min(tried.values(), key=lambda v: (shortfall(reqs, v[1]), v[0])) if tried else (0, {}, False, [])
+        limit = f"the cap of {cap} bytes" if capped else "the FP32 weights"
+        raise RequirementError(f"no system plan smaller than {limit} meets {', '.join(options.requirements)} on the "
+                               f"held-out driver samples {held}: the best reached {', '.join(figures)} at {cost} bytes "
+                               f"({len(tried)} plans measured)")
+    cost, metrics, _, figures = tried[best]
+    solution = Solution(best, cost, sum(items[i][k].score for i, k in enumerate(best)), 1)
+    return solution, {"samples": len(held), "plan": metrics, "require": {
+        "requirements": list(options.requirements), "figures": figures, "bytes": cost, "cap_bytes": cap,
+        "plans_measured": len(tried), "on": f"held-out driver samples {held} (never scored)"}}
 
 
 def _split_plan(plan: PrecisionPlan, members: Mapping[str, _Member], warnings: list[str]) -> dict[str, PrecisionPlan]:

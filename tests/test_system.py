@@ -170,3 +170,25 @@ def test_bench_system_needs_every_graph_in_outdir(tmp_path, rng):
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [f"Error: {tmp_path / 'out'}: graph 'b': no such file "
                                                   f"{tmp_path / 'out' / 'b.onnx'}"]
+
+
+def test_require_finds_a_system_plan_meeting_the_sqnr_on_held_out_samples(tmp_path, rng):
+    spec = _system(tmp_path, rng)
+    report = compile_system(spec, tmp_path / "out", CompileOptions(requirements=("sqnr>=30dB",), **OPTIONS))
+    gen = np.random.default_rng(7)  # the driver's samples; the last one (of 4) is held out
+    held = [gen.standard_normal((8, 64)).astype(np.float32) for _ in range(4)][3:]
+    out = tmp_path / "out"
+    measured = _sqnr(_y(tmp_path / "a.onnx", tmp_path / "b.onnx", held), _y(out / "a.onnx", out / "b.onnx", held))
+    assert measured >= 29.5  # materialised like the scored plan, measured independently
+    assert report["sensitivity"]["measured"]["require"]["bytes"] < 4 * (64 * 64 * 2 + 64 * 256)  # below FP32
+    assert report["plan"]["tensors"]["b/W3"]["bits"] == 2  # the unused output's weight costs nothing
+
+
+def test_require_that_no_plan_meets_exits_1_and_writes_nothing(tmp_path, rng):
+    spec = _system(tmp_path, rng)
+    result = CliRunner().invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"), "--kernels",
+                                       "fp32-at-load", "--schemes", "symmetric", "--require", "sqnr>=200dB", "--avg-bits", "3"])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("q4c: ")]
+    assert len(lines) == 1 and "no system plan smaller than the cap of" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
