@@ -303,6 +303,12 @@ def atomic_write(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator
         raise
 
 
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file (plan, calibration table, report) atomically, like `save`."""
+    with atomic_write(path, suffix=".tmp") as tmp_path:
+        tmp_path.write_text(text)
+
+
 def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     """Write atomically: a temporary file beside `path`, then rename. Returns bytes written.
 

@@ -99,7 +99,9 @@ class CalibrationTable:
         return table
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        from q4c.graph import write_text  # atomic: an interrupted --save-calib leaves no partial file
+
+        write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationTable:

@@ -13,6 +13,7 @@ from q4c.cli.render import emit_json, human_bytes, table
 from q4c.compiler import compile_file
 from q4c.config import CODEBOOK_SCHEMES, KERNELS, UNIFORM_SCHEMES, CompileOptions, Granularity, Target
 from q4c.errors import QualityLostError
+from q4c.graph import write_text
 
 
 @click.command("compile")
@@ -203,7 +204,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
     except QualityLostError as e:
         # The report says what was measured even though nothing was written.
         if e.report is not None and report_path is not None:
-            report_path.write_text(json.dumps(e.report, indent=2, sort_keys=True, default=str) + "\n")
+            write_text(report_path, json.dumps(e.report, indent=2, sort_keys=True, default=str) + "\n")
         if e.report is not None and as_json:
             emit_json(e.report)
         click.echo(f"Error: {e}", err=True)
@@ -213,7 +214,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
 
         draw(report.get("pareto", []), plot_pareto, title=Path(report["input"]["path"]).name)
     if report_path is not None:
-        report_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        write_text(report_path, json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     if as_json:
         emit_json(report)
         return

@@ -86,7 +86,9 @@ class PrecisionPlan:
         return plan
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        from q4c.graph import write_text  # atomic: an interrupted --save-plan leaves no partial file
+
+        write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrecisionPlan:
