@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -17,6 +20,10 @@ class _Q4cGroup(click.Group):
     """Turns user-fixable errors into one line and exit 1; internal errors too, unless -vv."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        with _terminate_cleanly():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
         try:
             return super().invoke(ctx)
         except Q4cError as e:
@@ -33,6 +40,28 @@ class _Q4cGroup(click.Group):
             raise click.ClickException(
                 f"internal error ({type(e).__name__}: {e}); this is a q4c bug: rerun with -vv for the traceback and report it"
             ) from e
+
+
+class _Terminated(SystemExit):
+    """SIGTERM: unwinds like Ctrl-C so temporary files are removed (atomic_write), exit 143."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """While a command runs, SIGTERM raises instead of killing the process outright (Python's
+    default), so no partial output or temporary file survives `kill` or a CI timeout."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):  # noqa: ARG001
+        raise _Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def configure_logging(verbose: int) -> None:

@@ -117,8 +117,9 @@ def _interrupt(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
 
 
 #: (where the child stalls, the signal): every stage once, the file writes with both signals
-CASES = [("measure-sensitivity", signal.SIGINT), ("calib.json", signal.SIGINT), ("out.onnx", signal.SIGINT),
-         ("plan.json", signal.SIGINT), ("report.json", signal.SIGINT)]
+CASES = [("measure-sensitivity", signal.SIGINT), ("quantize-weights", signal.SIGTERM),
+         ("calib.json", signal.SIGTERM), ("out.onnx", signal.SIGINT), ("out.onnx", signal.SIGTERM),
+         ("plan.json", signal.SIGINT), ("report.json", signal.SIGTERM)]
 
 
 @pytest.mark.parametrize(("stage", "sig"), CASES)
@@ -143,7 +144,7 @@ def test_signal_leaves_no_partial_output(tmp_path, sig, stage):
         g.check(onnx.load(tmp_path / "out.onnx"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_after_first_pass_line_real_timing(tmp_path, sig):
     """No stall: signalled as soon as the first pass line appears. Either the compile finished
     first (exit 0, a complete model) or nothing is left."""
