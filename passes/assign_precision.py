@@ -181,6 +181,8 @@ class AssignPrecisionPass(Pass):
         if uniform is not None and _cost(items, uniform) <= cap and evaluate(uniform)[2] and (
                 best is None or tried[uniform][0] < tried[best][0]):
             best = uniform
+        if best is None and not tried:
+            raise RequirementError(f"--require: the size cap ({cap} bytes) is below the smallest plan ({lowest} bytes)")
         if best is None:
             closest = min(tried.items(), key=lambda kv: (shortfall(reqs, kv[1][1]), kv[1][0]))
             cost, _, _, figures = closest[1]

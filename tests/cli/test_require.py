@@ -114,3 +114,14 @@ def test_requirement_on_a_metric_no_output_has_is_an_error(tmp_path):
                                        "--require", "flips<=1%"])
     assert result.exit_code == 1
     assert "no task output has a flips figure" in result.stderr
+
+
+def test_size_budget_caps_the_search(tmp_path):
+    path, data, _ = _model(tmp_path)
+    args = ["compile", str(path), "--calib", str(data), "--kernels", "fp32-at-load", "--json", "--require", "sqnr>=10dB"]
+    roomy = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.onnx"), "--size-budget", "6000"])
+    assert roomy.exit_code == 0, roomy.output
+    assert json.loads(roomy.stdout)["plan"]["defaults"]["used_bytes"] <= 6000
+    tight = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b.onnx"), "--size-budget", "100"])
+    assert tight.exit_code == 1 and "cap" in tight.stderr
+    assert not (tmp_path / "b.onnx").exists()
