@@ -16,6 +16,11 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 UNIFORM_SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
 CODEBOOK_SCHEMES = ("mulaw", "kmeans", "nf4")
 CODEBOOK_BITS = (1, 2, 3, 4)
+#: Rounding schemes with uniform levels (scale x integer code) and non-uniform codebooks (an index
+#: into a small table of centroids: q4c.quant.codebook); codebooks also store 1-bit indices.
+UNIFORM_SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
+CODEBOOK_SCHEMES = ("mulaw", "kmeans", "nf4")
+CODEBOOK_BITS = (1, 2, 3, 4)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -113,6 +118,9 @@ class CompileOptions:
     #: --schemes: the rounding schemes a budgeted plan may choose from, per tensor by measurement
     #: (uniform and codebook ones; () = all that apply)
     schemes: tuple[str, ...] = ()
+    #: --schemes: the rounding schemes a budgeted plan may choose from, per tensor by measurement
+    #: (uniform and codebook ones; () = all that apply)
+    schemes: tuple[str, ...] = ()
     #: threads that score tensors in measure-sensitivity (0: one per CPU, at most 4)
     workers: int = 0
     #: compile a model whose weights hold NaN or infinite values (refused otherwise); those
@@ -165,8 +173,8 @@ class CompileOptions:
         codebooks = not self.schemes or any(s in CODEBOOK_SCHEMES for s in self.schemes)
         if not self.candidates or any(b not in SUPPORTED_BITS and not (codebooks and b in CODEBOOK_BITS)
                                       for b in self.candidates):
-            raise ConfigError(f"--candidates must be a non-empty subset of {', '.join(map(str, SUPPORTED_BITS))}, "
-                              f"not {', '.join(map(str, self.candidates))}")
+            raise ConfigError(f"--candidates must be a non-empty subset of {', '.join(map(str, SUPPORTED_BITS))} "
+                              f"(and 1 when --schemes allows a codebook), not {', '.join(map(str, self.candidates))}")
         if self.sensitivity not in ("kl", "hessian", "mse"):
             raise ConfigError(f"--sensitivity must be kl, hessian or mse, not {self.sensitivity!r}")
         if self.workers < 0:

@@ -210,3 +210,26 @@ def test_a_saved_codebook_plan_replays_to_the_same_bytes(rng, tmp_path):
     q4c.compile_file(src, tmp_path / "b.onnx", CompileOptions(plan_path=plan), verify=False)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert first["tensors"][0]["codebook"]["tables"] == 64
+
+
+def test_candidates_one_gives_binary_codebooks(rng, tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_classifier(rng, heavy_tailed(rng, (512, 128), scale=1.0)), src)
+    report = q4c.compile_file(src, tmp_path / "o.onnx", CompileOptions(avg_bits=1.5, candidates=(1,)))
+    entry = report["plan"]["tensors"]["W"]
+    assert entry["bits"] == 1 and entry["scheme"] in ("mulaw", "kmeans")  # nf4 needs 2 bits, uniform ones 2
+    assert report["verification"]["interp_vs_ort_max_abs"] < 1e-4
+    assert set(report["tensors"][0]["sensitivity"]["kl"]) == {"1:mulaw", "1:kmeans"}  # float scores only in context
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--bits", "8", "--scheme", "mulaw"], "stores 1-4 bit indices"),
+    (["--bits", "1"], "1-4 with a codebook --scheme"),
+    (["--candidates", "1", "--schemes", "gptq"], "1 when --schemes allows a codebook"),
+])
+def test_cli_refuses_widths_a_scheme_cannot_store(rng, tmp_path, args, message):
+    src = tmp_path / "m.onnx"
+    onnx.save(_classifier(rng, heavy_tailed(rng, (64, 32))), src)
+    result = CliRunner().invoke(main, ["compile", str(src), "-o", str(tmp_path / "o.onnx"), *args])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o.onnx").exists()
