@@ -1,0 +1,144 @@
+"""The long fuzz run: many more generated models and mutated files than CI's fixed-seed batch.
+
+    python benchmarks/fuzz_long.py --models 2000 --pass-models 200 --mutations 20 --seed 7
+
+Runs the same checks as tests/fuzz (strategies.models through `q4c compile` with the five option
+sets, each equivalence pass alone, and every mutation entry point), but collects every failure
+instead of stopping at the first, and prints a summary: counts of outcomes (compiled, each error
+line kind) and each failing case with how to reproduce it. Exit 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+FUZZ = Path(__file__).resolve().parent.parent / "tests" / "fuzz"
+sys.path.insert(0, str(FUZZ))
+
+from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _settings(n: int):
+    """No shrinking: a long run reports every failure as drawn rather than minimising one."""
+    return settings(max_examples=n, deadline=None, database=None, derandomize=False,
+                    suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+
+
+def _kind(line: str) -> str:
+    """An error line without paths and numbers, to count kinds."""
+    line = re.sub(r"/\S+", "P", line)
+    return re.sub(r"\d+(\.\d+)?", "N", line)[:100]
+
+
+def run_models(n: int, seed_: int, failures: list, outcomes: collections.Counter) -> int:
+    from strategies import models
+    from test_generated_models import OPTION_SETS, check_compile
+
+    done = [0]
+
+    @_settings(n)
+    @given(gm=models(nonfinite=True), option=st.sampled_from(OPTION_SETS))
+    def one(gm, option):
+        done[0] += 1
+        with tempfile.TemporaryDirectory() as d:
+            start = time.perf_counter()
+            try:
+                outcomes[_kind(check_compile(Path(d), gm, option))] += 1
+            except BaseException as e:  # noqa: BLE001 - every failure is collected
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failures.append(("compile", repr(gm), option, f"{type(e).__name__}: {e}"[:1500]))
+                outcomes["FAILED"] += 1
+            if time.perf_counter() - start > 20:
+                print(f"slow ({time.perf_counter() - start:.0f} s): {gm!r} {option}", file=sys.stderr)
+
+    seed(seed_)(one)()
+    return done[0]
+
+
+def run_passes(n: int, seed_: int, failures: list, outcomes: collections.Counter) -> int:
+    import test_pass_properties as tp
+    from strategies import models
+
+    done = [0]
+
+    def make(name: str):
+        @_settings(n)
+        @given(gm=models(opsets=(21,), min_weight=0))
+        def one(gm):
+            done[0] += 1
+            try:
+                tp.check_pass_on(name, gm)
+                outcomes[f"pass {name} ok"] += 1
+            except BaseException as e:  # noqa: BLE001
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failures.append((f"pass {name}", repr(gm), "", f"{type(e).__name__}: {e}"[:1500]))
+                outcomes[f"pass {name} FAILED"] += 1
+
+        return one
+
+    for name in tp.EQUIVALENT:
+        seed(seed_)(make(name))()
+    return done[0]
+
+
+def run_mutations(scale: int, seed: int, failures: list, outcomes: collections.Counter) -> int:
+    import test_mutations as tm
+
+    total = 0
+    with tempfile.TemporaryDirectory() as d:
+        base = tm.make_base(Path(d))
+        for name in tm.ENTRIES:
+            work = Path(d) / name
+            work.mkdir()
+            cases = tm.CASES[name] * scale
+            found, counts = tm.fuzz_entry(name, base, work, cases, seed=seed)
+            total += cases
+            for code, count in counts.items():
+                outcomes[f"mutate {name} exit {code}"] += count
+            for case, kind, message in found:
+                failures.append((f"mutate {name}", f"seed {seed} case {case}", kind, message))
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=500, help="generated models through q4c compile")
+    parser.add_argument("--pass-models", type=int, default=100, help="generated models per equivalence pass")
+    parser.add_argument("--mutations", type=int, default=10, help="multiple of CI's mutation case counts (~2800)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+
+    failures: list = []
+    outcomes: collections.Counter = collections.Counter()
+    counts = {}
+    start = time.perf_counter()
+    try:
+        counts["generated models compiled"] = run_models(args.models, args.seed, failures, outcomes)
+        counts["generated models per pass x passes"] = run_passes(args.pass_models, args.seed, failures, outcomes)
+        counts["mutated files"] = run_mutations(args.mutations, args.seed, failures, outcomes)
+    except KeyboardInterrupt:
+        print("interrupted: partial results", file=sys.stderr)
+    except Exception:
+        traceback.print_exc()
+        return 2
+    print(f"fuzz_long seed {args.seed}: {counts} in {time.perf_counter() - start:.0f} s")
+    for kind, count in outcomes.most_common():
+        print(f"  {count:6d}  {kind}")
+    print(f"{len(failures)} failure(s)")
+    for f in failures:
+        print("FAIL", *f, sep="\n  ")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
