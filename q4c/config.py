@@ -16,11 +16,6 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 UNIFORM_SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
 CODEBOOK_SCHEMES = ("mulaw", "kmeans", "nf4")
 CODEBOOK_BITS = (1, 2, 3, 4)
-#: Rounding schemes with uniform levels (scale x integer code) and non-uniform codebooks (an index
-#: into a small table of centroids: q4c.quant.codebook); codebooks also store 1-bit indices.
-UNIFORM_SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
-CODEBOOK_SCHEMES = ("mulaw", "kmeans", "nf4")
-CODEBOOK_BITS = (1, 2, 3, 4)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -115,9 +110,6 @@ class CompileOptions:
     #: the calibration inputs; weights it cannot serve, embeddings and convolutions, stay
     #: "symmetric"). Budgeted plans choose each tensor's scheme by measurement (kl).
     scheme: str = "symmetric"
-    #: --schemes: the rounding schemes a budgeted plan may choose from, per tensor by measurement
-    #: (uniform and codebook ones; () = all that apply)
-    schemes: tuple[str, ...] = ()
     #: --schemes: the rounding schemes a budgeted plan may choose from, per tensor by measurement
     #: (uniform and codebook ones; () = all that apply)
     schemes: tuple[str, ...] = ()
