@@ -153,9 +153,10 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
                 plans[name].save(plan_file)
                 opts = dataclasses.replace(options, plan_path=plan_file, bits=None, avg_bits=None, size_budget=None,
                                            ratio=None, requirements=())
-            if plans is not None and all(tp.bits == FLOAT for tp in plans[name].tensors.values()):
-                out, report = m.model, {"input": {}, "tensors": [], "plan": plans[name].to_json(),
-                                        "note": "the plan keeps every weight in float: the input graph as it is"}
+            if not m.slots or (plans is not None and all(tp.bits == FLOAT for tp in plans[name].tensors.values())):
+                out, report = m.model, {"input": {}, "tensors": [], "plan": PrecisionPlan().to_json(),
+                                        "note": "no weight quantized (none large enough, or the plan keeps all in "
+                                                "float): the input graph as it is"}
             else:
                 out, report = compile_model(m.model, opts, samples=calls, verify=verify)
             if plans is not None:

@@ -192,3 +192,17 @@ def test_require_that_no_plan_meets_exits_1_and_writes_nothing(tmp_path, rng):
     lines = [line for line in result.stderr.splitlines() if not line.startswith("q4c: ")]
     assert len(lines) == 1 and "no system plan smaller than the cap of" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_graph_with_nothing_to_quantize_is_written_as_it_is(tmp_path, rng):
+    spec = _system(tmp_path, rng)
+    relu = helper.make_graph([helper.make_node("Relu", ["y"], ["r"])], "c",
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])],
+                             [helper.make_tensor_value_info("r", TensorProto.FLOAT, [8, 64])])
+    onnx.save(helper.make_model(relu, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path / "c.onnx")
+    (tmp_path / "driver.py").write_text(DRIVER.replace('return {"y": graphs["b"]({"h": h})["y"]}',
+                                                       'return {"r": graphs["c"]({"y": graphs["b"]({"h": h})["y"]})["r"]}'))
+    spec.write_text(spec.read_text().replace('b = "b.onnx"\n', 'b = "b.onnx"\nc = "c.onnx"\n'))
+    report = compile_system(spec, tmp_path / "out", CompileOptions(bits=4, **OPTIONS))
+    assert (tmp_path / "out" / "c.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+    assert report["graphs"]["c"]["tensors"] == [] and report["graphs"]["b"]["avg_weight_bits"] == 4
