@@ -81,11 +81,13 @@ TEXTS = {
             "Guten Morgen, wie geht es dir?", "Der Zug hat heute zehn Minuten Verspätung.",
             "Ich habe meinen Schlüssel vergessen.", "Das Wetter ist schön, wir gehen spazieren.",
             "Kannst du mir bitte helfen?", "Die Bäckerei an der Ecke öffnet um sieben.",
+            "Ja, genau.", "Danke schön.", "Moment mal.",
         ],
         "es": [
             "¿Dónde está la estación de tren?", "Mañana vamos a la playa con mis primos.",
             "Me gusta mucho este libro.", "La cena estará lista en media hora.",
             "Por favor, cierra la puerta.", "El perro duerme debajo de la mesa.",
+            "Sí, claro.", "Hola.", "Vale, vamos.",
         ],
     },
     "test": {
@@ -116,21 +118,25 @@ TEXTS = {
             "Bonjour, je voudrais un café, s'il vous plaît.", "Le musée est fermé le lundi.",
             "Nous partons en vacances la semaine prochaine.", "Il fait très froid ce matin.",
             "Où se trouve la pharmacie la plus proche?", "Elle a acheté des fleurs au marché.",
+            "Oui, merci.", "Pas encore.", "Allons-y.",
         ],
         "it": [
             "Buongiorno, come stai?", "Il treno per Roma parte alle otto.",
             "Abbiamo mangiato una pizza deliziosa.", "Domani pioverà tutto il giorno.",
             "Puoi chiudere la finestra, per favore?", "La biblioteca è vicino alla piazza.",
+            "Sì, grazie.", "Va bene.", "Andiamo.",
         ],
         "nl": [
             "Goedemorgen, hoe gaat het met je?", "De fiets staat achter het huis.",
             "Wij gaan morgen naar de markt.", "Het regent al de hele dag.",
             "Kun je mij het zout geven?", "De winkel sluit om zes uur.",
+            "Ja, prima.", "Dank je.", "Kom op.",
         ],
         "pt": [
             "Bom dia, tudo bem?", "O autocarro chega daqui a cinco minutos.",
             "Gosto muito de café com leite.", "A praia estava cheia de gente.",
             "Podes abrir a janela, por favor?", "O jantar está pronto.",
+            "Sim, obrigado.", "Olá.", "Vamos lá.",
         ],
     },
 }
@@ -317,13 +323,15 @@ def _layout(
 
 
 def _make_clip(
-    rng: np.random.Generator, split: str, cid: str, seed: int, kind: str, snr: float | None, n_utt: int
+    rng: np.random.Generator, split: str, cid: str, seed: int, kind: str, snr: float | None, n_utt: int, lang: str
 ) -> dict:
     lo, hi = PLAN[split][1]
     voices = _voices(split)
     for _ in range(5000):
-        picks = rng.choice(len(voices), size=int(rng.integers(1, 3)), replace=False)
-        speakers = [voices[i] for i in picks]
+        first = f"{lang}+{rng.choice(VARIANTS[split])}"  # the clip's language is fixed, the variant drawn
+        speakers = [(first, LANGUAGES[split][lang])]
+        if rng.random() < 0.5:  # a second speaker, any voice of the split
+            speakers.append(voices[int(rng.integers(len(voices)))])
         utts = []
         for u in range(n_utt):
             voice, tl = speakers[u % len(speakers)]
@@ -337,6 +345,10 @@ def _make_clip(
             }
             utt["dur_s"] = round(len(_espeak(utt["voice"], utt["rate"], utt["pitch"], text)) / BASE_SR, 3)
             utts.append(utt)
+            if sum(x["dur_s"] for x in utts) > 0.68 * hi:  # cannot fit: stop measuring, draw again
+                break
+        if len(utts) < n_utt:
+            continue
         fit = _layout(rng, sum(u["dur_s"] for u in utts), n_utt, lo, hi)
         if fit is None:
             continue
@@ -408,12 +420,13 @@ def write_manifest(path: Path = MANIFEST) -> dict:
         rng = np.random.default_rng(1000 + s)
         kinds = [NOISE_KINDS[i % len(NOISE_KINDS)] for i in rng.permutation(n)]
         n_utts = [(2, 3, 3, 4, 2)[i % 5] for i in rng.permutation(n)]  # 2: 40 %, 3: 40 %, 4: 20 %
+        langs = [list(LANGUAGES[split])[i % len(LANGUAGES[split])] for i in rng.permutation(n)]  # balanced
         snrs = {k: iter(_stratified(rng, kinds.count(k), *SNR_RANGE[k])) for k in SNR_RANGE}
         for i, kind in enumerate(kinds):
             seed = 100000 * (s + 1) + i
             snr = next(snrs[kind]) if kind in snrs else None
             cid = f"{split}_{i:03d}"
-            clips.append(_make_clip(np.random.default_rng(seed), split, cid, seed, kind, snr, n_utts[i]))
+            clips.append(_make_clip(np.random.default_rng(seed), split, cid, seed, kind, snr, n_utts[i], langs[i]))
     manifest = {
         "version": 1,
         "base_sr": BASE_SR,
