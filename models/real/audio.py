@@ -5,18 +5,22 @@ leading and trailing non-speech, 2-4 utterances separated by pauses of 0.2-2 s, 
 SNR (over the speech-active samples, `mix_at_snr`) with one noise kind -- white, pink, brown (numpy,
 FFT-shaped), mains hum (50/60 Hz + harmonics, numpy), babble (3-6 quiet overlapped espeak-ng voices),
 music-like tones (chords / arpeggios from `sox synth`) or silence (digital near-silence: TPDF dither
-of 1 LSB at 16 bits) -- and, on about a third of the clips, `sox reverb` applied to the speech.
+of 1 LSB at 16 bits) -- and, on about 30 % of the clips, `sox reverb` applied to the speech. Each
+clip is normalised to a peak drawn in 0.3-0.9. espeak-ng speaks at 22.05 kHz, so the speech itself has
+no content above 11 kHz even at 48 kHz (noise and music do).
 
 Everything is deterministic from the committed manifest `audio_manifest.json` (per clip: split,
 voices, rate, pitch, texts, noise kind and parameters, SNR, layout, peak and seed). Splits:
 "calib" (24 clips, 4-6 s) and "test" (64 clips, 5-8 s) share no espeak-ng voice variant (so no
-voice) and no sentence, babble included.
+voice) and no sentence, babble included. Ground truth for VAD: `speech_segments` / `speech_mask`
+(each utterance's dry extent, espeak-ng output trimmed at -40 dB re its peak; reverb tails are not speech).
 
 Rendering: each clip is rendered once at 48 kHz; the 16 kHz version is the same mixture resampled
 by `sox rate -v`. Files go to ~/.cache/q4c/audio/<sr>/<clip id>-<key>.npz (float32 `audio` in [-1, 1],
-int64 `segments` [n, 2] = speech regions in samples), <key> = a hash of the manifest entry, so an edited
-entry is re-rendered and processes holding different manifest versions do not overwrite each other. Generating audio needs the `espeak-ng` and `sox` programs
-(Debian: `apt-get install -y espeak-ng sox`); running q4c does not, and neither do the tests.
+int64 `segments` [n, 2] = speech regions in samples), <key> = a hash of the manifest entry, so an
+edited entry is re-rendered and processes holding different manifest versions do not overwrite each
+other. The whole set renders in about 10 s (2 threads). Generating audio needs the `espeak-ng` and
+`sox` programs (Debian: `apt-get install -y espeak-ng sox`); running q4c does not, nor do the tests.
 
     python models/real/audio.py                   # render missing clips (both rates), print a summary
     python models/real/audio.py --write-manifest  # rewrite audio_manifest.json (needs espeak-ng)
