@@ -47,6 +47,8 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or not protobuf): {e}") from e
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read: {e}") from e
+    except onnx.checker.ValidationError as e:  # onnx.load checks external data paths as it reads them
+        raise ModelLoadError(f"{path}: cannot read its external data: {' '.join(str(e).split())}") from e
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found)")
     opset = default_opset(model)
