@@ -114,6 +114,20 @@ def test_only_a_zero_size_weight_is_one_line(tmp_path):
     assert result.exit_code == 1 and "nothing worth quantizing" in result.error
 
 
+def test_unknown_input_dims(tmp_path):
+    """x [?, ?]: synthetic inputs guess [1, 32], which a 64-row weight cannot take: one line
+    (was an internal error from the kernel timing); with --calib data it compiles."""
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(_model(x_shape=(None, None)), src)
+    for option in ((), ("--bits", "4")):
+        result = invoke(["compile", str(src), "-o", str(out), *option])
+        assert result.exit_code == 1 and "ONNX Runtime cannot run the model on inputs x [1, 32]" in result.error
+        assert not out.exists()
+    np.savez(tmp_path / "x.npz", x=np.ones((3, 64), np.float32))
+    result = invoke(["compile", str(src), "-o", str(out), "--bits", "4", "--calib", str(tmp_path / "x.npz")])
+    assert result.exit_code == 0, result.stderr
+
+
 def test_input_without_a_shape_is_one_line(tmp_path):
     """onnx's checker requires a shape on graph inputs (ONNX Runtime does not): refused in one line."""
     src = tmp_path / "m.onnx"
