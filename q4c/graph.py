@@ -64,6 +64,10 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
     except onnx.checker.ValidationError as e:
         # One line: the checker's message may continue over lines (a node dump after "of node:").
         first = " ".join(str(e).split())[:300]
+        shapeless = [v.name for v in (*model.graph.input, *model.graph.output)
+                     if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")]
+        if "'shape' of 'type' is required" in first and shapeless:  # the checker does not say which
+            first += f" (no shape on {', '.join(map(repr, shapeless))}; re-export with shapes, dims may be symbolic)"
         raise ModelLoadError(f"{path}: invalid ONNX model: {first}") from e
     _check_initializer_sizes(model, path)
     _check_strings(model, path)
