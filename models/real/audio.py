@@ -52,7 +52,7 @@ CACHE = Path.home() / ".cache" / "q4c" / "audio"
 BASE_SR = 48000
 RATES = (16000, 48000)
 SPLITS = ("calib", "test")
-RENDER_VERSION = 1  # bump when rendering changes in a way the manifest does not show
+RENDER_VERSION = 2  # bump when rendering changes in a way the manifest does not show
 NOISE_KINDS = ("white", "pink", "brown", "hum", "babble", "music", "silence")
 SNR_RANGE = {
     "white": (-5, 30),
@@ -546,8 +546,10 @@ def _noise(entry: dict, n: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"unknown noise kind {kind!r}")
 
 
-def render_clip(entry: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Render one manifest entry: {sr: (audio float32, segments int64 [n, 2])} for every rate."""
+def render_clip(entry: dict) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Render one manifest entry: {sr: (audio float32, segments int64 [n, 2], clean float32)} for
+    every rate; `clean` is the speech (reverberant where the clip has reverb) exactly as it is
+    contained in `audio`, before noise: the reference for an enhancer's STOI / PESQ."""
     rng = np.random.default_rng(entry["seed"])
     n = round(entry["duration_s"] * 16000) * 3  # 48 kHz length divisible by 3
     speech = np.zeros(n)
@@ -578,20 +580,24 @@ def render_clip(entry: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     for a, b in segments:
         active[a:b] = True
     if entry["noise"]["kind"] == "silence":
-        mix = speech * entry["peak"] / np.max(np.abs(speech)) + dither(n, rng)
+        gain = entry["peak"] / np.max(np.abs(speech))
+        mix = speech * gain + dither(n, rng)
     else:
         mix, _ = mix_at_snr(speech, _noise(entry, n, rng), entry["noise"]["snr_db"], active)
-        mix *= entry["peak"] / np.max(np.abs(mix))
+        gain = entry["peak"] / np.max(np.abs(mix))
+        mix *= gain
+    clean = speech * gain
     seg = np.asarray(segments, np.int64).reshape(-1, 2)
-    out = {BASE_SR: (np.clip(mix, -1, 1).astype(np.float32), seg)}
+    out = {BASE_SR: (np.clip(mix, -1, 1).astype(np.float32), seg, clean.astype(np.float32))}
     for sr in RATES:
         if sr != BASE_SR:
-            y = _sox_float(mix, BASE_SR, sr, ["rate", "-v"])
             m = n * sr // BASE_SR
-            y = np.pad(y[:m], (0, max(m - len(y), 0)))
+            y, c = (_sox_float(v, BASE_SR, sr, ["rate", "-v"]) for v in (mix, clean))
+            y, c = (np.pad(v[:m], (0, max(m - len(v), 0))) for v in (y, c))
             out[sr] = (
                 np.clip(y, -1, 1).astype(np.float32),
                 (seg * sr + BASE_SR // 2) // BASE_SR,
+                c.astype(np.float32),
             )
     return out
 
@@ -607,11 +613,11 @@ def _cached(entry: dict, sr: int) -> bool:
 
 
 def _render_and_save(entry: dict) -> None:
-    for sr, (audio, seg) in render_clip(entry).items():
+    for sr, (audio, seg, clean) in render_clip(entry).items():
         path = _path(entry, sr)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}.npz")
-        np.savez(tmp, audio=audio, segments=seg, sr=np.array(sr))
+        np.savez(tmp, audio=audio, segments=seg, clean=clean, sr=np.array(sr))
         os.replace(tmp, path)
 
 
@@ -660,6 +666,17 @@ def speech_segments(clip_id: str, sr: int) -> np.ndarray:
         render([entry])
     with np.load(_path(entry, sr)) as z:
         return z["segments"]
+
+
+def clean(clip_id: str, sr: int) -> np.ndarray:
+    """The clip's speech without its noise, as contained in the rendered clip (same gain and
+    reverb): float32 at sr, the same length as the clip."""
+    _check_sr(sr)
+    entry = _entry(clip_id)
+    if not _cached(entry, sr):
+        render([entry])
+    with np.load(_path(entry, sr)) as z:
+        return z["clean"]
 
 
 def speech_mask(clip_id: str, sr: int) -> np.ndarray:
