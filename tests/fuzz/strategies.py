@@ -30,7 +30,7 @@ RNN_ACTIVATIONS = ("Sigmoid", "Tanh", "Relu", "HardSigmoid", "LeakyRelu", "Softs
 #: op -> the first opset it exists in (with the attributes the generator uses)
 MIN_OPSET = {"Einsum": 12, "LayerNormalization": 17, "layout": 14}
 
-BLOCKS = ("matmul", "gemm", "einsum", "conv1d", "conv2d", "lstm", "gru", "rnn", "unrolled_rnn",
+BLOCKS = ("matmul", "gemm", "einsum", "conv1d", "conv2d", "lstm", "gru", "rnn", "unrolled_rnn", "unrolled_lstm",
           "if", "loop", "scan", "layernorm", "softmax", "shared", "constant_matmul", "relu")
 
 
@@ -224,8 +224,13 @@ def _recurrent(op: str):
             ins.append(b.weight(f"B{op}", (d, 2 * gates * h), scale=0.1))
         else:
             ins.append("")
-        ins.append("")  # sequence_lens
         batch_static = b.inputs[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+        seq_lens = batch_static and draw(st.integers(0, 4)) == 0
+        if seq_lens:  # per-batch lengths <= T (padding steps are zero in Y)
+            steps, n = _time_steps(b), b.inputs[0].type.tensor_type.shape.dim[0].dim_value
+            ins.append(b.const("seq_lens", b.rng.integers(1, steps + 1, n).astype(np.int32)))
+        else:
+            ins.append("")
         init_kind = draw(st.sampled_from(["none", "initializer", "input"] if batch_static else ["none"]))
         bsz = b.inputs[0].type.tensor_type.shape.dim[0].dim_value
         state_shape = (bsz, d, h) if layout else (d, bsz, h)
@@ -237,6 +242,8 @@ def _recurrent(op: str):
                 name = b.name(f"state_in{s}")
                 b.inputs.append(helper.make_tensor_value_info(name, FLOAT, list(state_shape)))
                 ins.append(name)
+        if op == "LSTM" and draw(st.integers(0, 4)) == 0:  # peepholes
+            ins += [""] * (7 - len(ins)) + [b.weight("P", (d, 3 * h), scale=0.1)]
         while ins and ins[-1] == "":
             ins.pop()
         want_state = draw(st.booleans())
@@ -248,7 +255,7 @@ def _recurrent(op: str):
         if not layout:
             y = b.node("Transpose", [y], perm=[2, 0, 1, 3])[0]  # [T, D, B, H] -> [B, T, D, H]
         b.notes.append(f"{op}({direction},layout={layout},acts={attrs.get('activations')},clip={attrs.get('clip')},"
-                       f"init={init_kind})")
+                       f"init={init_kind},seq_lens={seq_lens},peep={len(ins) == 8})")
         return b.node("Reshape", [y, b.const("shape", np.array([0, 0, d * h], np.int64))])[0], d * h
 
     return block
@@ -277,6 +284,34 @@ def _unrolled_rnn(b: _Builder, draw, x: str, f: int) -> tuple[str, int]:
         ys.append(b.node("Unsqueeze", [state], axes=[1])[0] if b.opset < 13 else
                   b.node("Unsqueeze", [state, b.const("ax", np.array([1], np.int64))])[0])
     b.notes.append(f"unrolled_rnn({act},T={steps})")
+    return b.node("Concat", ys, axis=1)[0], h
+
+
+def _unrolled_lstm(b: _Builder, draw, x: str, f: int) -> tuple[str, int]:
+    """An LSTM cell written out op by op over T steps (gates i, o, f, c as ONNX orders them,
+    sliced from one x W + h R + b product): what fuse-lstm-gates looks for."""
+    h = draw(st.sampled_from([8, 16]))
+    steps = _time_steps(b)
+    w, r = b.weight("Wul", (f, 4 * h)), b.weight("Rul", (h, 4 * h))
+    bias = b.weight("bul", (4 * h,), scale=0.1)
+    bounds = [(b.const("st", np.array([k * h], np.int64)), b.const("en", np.array([(k + 1) * h], np.int64)))
+              for k in range(4)]
+    axis = b.const("ax", np.array([-1], np.int64))
+    state = cell = None
+    ys = []
+    for t in range(steps):
+        xt = b.node("Gather", [x, b.const("t", np.array(t, np.int64))], axis=1)[0]
+        pre = b.node("Add", [b.node("MatMul", [xt, w])[0], bias])[0]
+        if state is not None:
+            pre = b.node("Add", [pre, b.node("MatMul", [state, r])[0]])[0]
+        i, o, fg, c = (b.node("Slice", [pre, s, e, axis])[0] for s, e in bounds)
+        i, o, fg = (b.node("Sigmoid", [v])[0] for v in (i, o, fg))
+        new = b.node("Mul", [i, b.node("Tanh", [c])[0]])[0]
+        cell = new if cell is None else b.node("Add", [b.node("Mul", [fg, cell])[0], new])[0]
+        state = b.node("Mul", [o, b.node("Tanh", [cell])[0]])[0]
+        ys.append(b.node("Unsqueeze", [state], axes=[1])[0] if b.opset < 13 else
+                  b.node("Unsqueeze", [state, b.const("ax", np.array([1], np.int64))])[0])
+    b.notes.append(f"unrolled_lstm(T={steps})")
     return b.node("Concat", ys, axis=1)[0], h
 
 
@@ -384,7 +419,7 @@ def _relu(b: _Builder, draw, x: str, f: int) -> tuple[str, int]:
 
 _BLOCK_FNS = {
     "matmul": _matmul, "gemm": _gemm, "einsum": _einsum, "conv1d": _conv1d, "conv2d": _conv2d,
-    "lstm": _recurrent("LSTM"), "gru": _recurrent("GRU"), "rnn": _recurrent("RNN"), "unrolled_rnn": _unrolled_rnn,
+    "lstm": _recurrent("LSTM"), "gru": _recurrent("GRU"), "rnn": _recurrent("RNN"), "unrolled_rnn": _unrolled_rnn, "unrolled_lstm": _unrolled_lstm,
     "if": _if, "loop": _loop, "scan": _scan, "layernorm": _layernorm, "softmax": _softmax,
     "shared": _shared, "constant_matmul": _constant_matmul, "relu": _relu,
 }
