@@ -18,8 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,15 +35,30 @@ from q4c.config import CompileOptions
 from q4c.errors import ConfigError
 from q4c.pipeline import PassContext, Pipeline
 from q4c.quant.candidates import Candidate, candidate_list
-from q4c.quant.knapsack import Option, Solution, solve
+from q4c.quant.knapsack import Option, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
-from q4c.quant.sensitivity import (SensitivityTable, _weights_as_inputs, candidate_slots, gptq_eligible,
-                                   main_constants, movable_weights)
+from q4c.quant.sensitivity import (
+    SensitivityTable,
+    _weights_as_inputs,
+    candidate_slots,
+    gptq_eligible,
+    main_constants,
+    movable_weights,
+)
 from q4c.quant.tying import tied_groups
 from q4c.quant.weights import WeightSlot, element_count, quantize_slot
 from q4c.registry import find_pass
-from q4c.system import (CallLog, SystemRunner, SystemSpec, check_all_called, load_spec, score_outputs,
-                        session_graph_runner, system_objectives)
+from q4c.system import (
+    CallLog,
+    SystemRunner,
+    SystemSpec,
+    check_all_called,
+    load_spec,
+    score_outputs,
+    session_graph_runner,
+    system_objectives,
+)
+from q4c.system_plan import combined_plan, smallest_meeting, split_plan
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +137,7 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
 
     scoring: dict[str, Any] = {}
     if system_plan is not None:
-        plans = _split_plan(system_plan, members, warnings)
+        plans = split_plan(system_plan, members, warnings)
         defaults = dict(system_plan.defaults, mode=system_plan.defaults.get("mode", "replayed"))
     elif options.bits is not None:
         plans, defaults = None, {"mode": "uniform", "bits": options.bits}
@@ -169,7 +184,7 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
             warnings += [f"{name}: {w}" for w in report.get("warnings", [])]
         say("measure the compiled system")
         system = _measure_compiled(spec, compiled, samples, references, objectives)
-        combined = _combined_plan(reports, defaults)
+        combined = combined_plan(reports, defaults)
         fp32_bytes = sum(r["input"]["bytes"] for r in reports.values())
         out_bytes = sum(r["output"]["bytes"] for r in reports.values())
         report = {
@@ -288,7 +303,11 @@ def _knapsack(members: Mapping[str, _Member], runner: SystemRunner, samples: Seq
               options: CompileOptions, warnings: list[str]) -> tuple[dict[str, PrecisionPlan], dict[str, Any], dict]:
     """One multiple-choice knapsack over all graphs' tensors under the system's budget; the
     mixed plan is measured against uniform 4-bit on the system and the better one kept."""
-    from q4c.passes.assign_precision import _group_options, _uniform_choice, budget_bytes
+    from q4c.passes.assign_precision import (
+        _group_options,
+        _uniform_choice,
+        budget_bytes,
+    )
 
     items: list[list[Option]] = []
     where: list[tuple[_Member, list[str]]] = []
@@ -332,7 +351,7 @@ def _knapsack(members: Mapping[str, _Member], runner: SystemRunner, samples: Seq
         fp32 = sum(max(o.cost for o in opts) for opts in items)
         capped = any(b is not None for b in (options.avg_bits, options.size_budget, options.ratio))
         budget = min(budget, fp32 - 1) if capped else fp32 - 1
-        solution, measured = _smallest_meeting(items, budget, capped, u_choice, measure, len(samples), options)
+        solution, measured = smallest_meeting(items, budget, capped, u_choice, measure, len(samples), options)
         u_choice = None
     else:
         solution = solve(items, budget, incumbent=u_choice)
@@ -360,83 +379,6 @@ def _knapsack(members: Mapping[str, _Member], runner: SystemRunner, samples: Seq
     for plan in plans.values():
         plan.defaults = dict(defaults)
     return plans, defaults, measured
-
-
-def _smallest_meeting(items: list[list[Option]], cap: int, capped: bool, uniform: tuple[int, ...] | None,
-                      measure: Callable[..., dict[str, Any]], count: int, options: CompileOptions) -> tuple[Solution, dict]:
-    """--require on the system's outputs: the smallest knapsack plan (bisection over the byte
-    budget up to `cap`) whose measured figures on the held-out driver samples (the last quarter,
-    never scored) meet every requirement; uniform 4-bit is tried too. RequirementError if none."""
-    from q4c.requirements import RequirementError, check_all, parse_requirement, shortfall
-
-    reqs = [parse_requirement(t) for t in options.requirements]
-    held = list(range(count - max(1, count // 4), count)) if count >= 2 else list(range(count))
-    if count < 2:
-        logger.warning("--require: a single driver sample; the requirement is judged on it, not on held-out data")
-    tried: dict[tuple[int, ...], tuple[int, dict[str, Any], bool, list[str]]] = {}
-
-    def evaluate(choice: tuple[int, ...]) -> tuple[int, dict[str, Any], bool, list[str]]:
-        if choice not in tried:
-            metrics = measure(choice, held)
-            ok, figures = check_all(reqs, metrics)
-            tried[choice] = (sum(items[i][k].cost for i, k in enumerate(choice)), metrics, ok, figures)
-            logger.info("--require: %d bytes -> %s (%s)", tried[choice][0], ", ".join(figures), "met" if ok else "not met")
-        return tried[choice]
-
-    lowest = sum(min(o.cost for o in opts) for opts in items)
-    best = None
-    if cap >= lowest:
-        top = tuple(solve(items, cap).choice)
-        if evaluate(top)[2]:
-            best, low, high = top, lowest, tried[top][0]
-            for _ in range(12):
-                if high - low <= max(64, high // 200):
-                    break
-                mid = (low + high) // 2
-                choice = tuple(solve(items, mid).choice)
-                if evaluate(choice)[2]:
-                    best, high = choice, min(tried[choice][0], mid)
-                else:
-                    low = mid
-    if uniform is not None and sum(items[i][k].cost for i, k in enumerate(uniform)) <= cap and evaluate(uniform)[2] \
-            and (best is None or tried[uniform][0] < tried[best][0]):
-        best = uniform
-    if best is None:
-        cost, _, _, figures = min(tried.values(), key=lambda v: (shortfall(reqs, v[1]), v[0])) if tried else (0, {}, False, [])
-        limit = f"the cap of {cap} bytes" if capped else "the FP32 weights"
-        raise RequirementError(f"no system plan smaller than {limit} meets {', '.join(options.requirements)} on the "
-                               f"held-out driver samples {held}: the best reached {', '.join(figures)} at {cost} bytes "
-                               f"({len(tried)} plans measured)")
-    cost, metrics, _, figures = tried[best]
-    solution = Solution(best, cost, sum(items[i][k].score for i, k in enumerate(best)), 1)
-    return solution, {"samples": len(held), "plan": metrics, "require": {
-        "requirements": list(options.requirements), "figures": figures, "bytes": cost, "cap_bytes": cap,
-        "plans_measured": len(tried), "on": f"held-out driver samples {held} (never scored)"}}
-
-
-def _split_plan(plan: PrecisionPlan, members: Mapping[str, _Member], warnings: list[str]) -> dict[str, PrecisionPlan]:
-    """A system plan ("<graph>/<tensor>" names) as one plan per graph."""
-    plans = {name: PrecisionPlan(defaults=dict(plan.defaults)) for name in members}
-    unknown = []
-    for full, tp in plan.tensors.items():
-        graph, sep, tensor = full.partition("/")
-        if not sep or graph not in plans:
-            unknown.append(full)
-            continue
-        plans[graph].tensors[tensor] = tp
-    if unknown:
-        warnings.append(f"plan names {len(unknown)} tensor(s) of no graph of the system, ignored: "
-                        f"{', '.join(unknown[:5])}")
-    return plans
-
-
-def _combined_plan(reports: Mapping[str, Mapping[str, Any]], defaults: Mapping[str, Any]) -> PrecisionPlan:
-    plan = PrecisionPlan(defaults=dict(defaults))
-    for name, report in reports.items():
-        sub = PrecisionPlan.from_json(report["plan"]) if "plan" in report else PrecisionPlan()
-        for tensor, tp in sub.tensors.items():
-            plan.tensors[f"{name}/{tensor}"] = tp
-    return plan
 
 
 def _measure_compiled(spec: SystemSpec, compiled: Mapping[str, onnx.ModelProto], samples: Sequence[Any],

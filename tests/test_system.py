@@ -33,7 +33,7 @@ def samples():
     return [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(4)]
 '''
 
-OPTIONS = dict(kernels="fp32-at-load", schemes=("symmetric",), workers=1)
+OPTIONS = {"kernels": "fp32-at-load", "schemes": ("symmetric",), "workers": 1}
 
 
 def _model(name: str, inputs: list[str], weights: dict[str, tuple[str, str, np.ndarray]]) -> onnx.ModelProto:
@@ -48,7 +48,7 @@ def _model(name: str, inputs: list[str], weights: dict[str, tuple[str, str, np.n
 
 
 def _system(tmp_path: Path, rng: np.random.Generator) -> Path:
-    w = lambda k, n: (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)  # noqa: E731
+    w = lambda k, n: (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
     onnx.save(_model("a", ["x"], {"W1": ("x", "h", w(64, 64))}), tmp_path / "a.onnx")
     onnx.save(_model("b", ["h"], {"W2": ("h", "y", w(64, 64)), "W3": ("h", "z", w(64, 256))}), tmp_path / "b.onnx")
     (tmp_path / "driver.py").write_text(DRIVER)
@@ -168,8 +168,8 @@ def test_bench_system_needs_every_graph_in_outdir(tmp_path, rng):
     onnx.save(onnx.load(str(tmp_path / "a.onnx")), tmp_path / "out" / "a.onnx")
     result = CliRunner().invoke(main, ["bench", "--system", str(spec), str(tmp_path / "out")])
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines() == [f"Error: {tmp_path / 'out'}: graph 'b': no such file "
-                                                  f"{tmp_path / 'out' / 'b.onnx'}"]
+    expected = f"Error: {tmp_path / 'out'}: graph 'b': no such file {tmp_path / 'out' / 'b.onnx'}"
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_require_finds_a_system_plan_meeting_the_sqnr_on_held_out_samples(tmp_path, rng):

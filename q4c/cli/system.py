@@ -72,7 +72,12 @@ def diff_system(spec_path: Path, compiled_dir: Path, samples: int, tolerance: fl
     outputs below `tolerance` dB."""
     from q4c.diff import diff_models  # noqa: F401  (the per-graph table: q4c diff per graph)
     from q4c.metrics import sqnr_db
-    from q4c.system import SystemRunner, score_outputs, session_graph_runner, system_objectives
+    from q4c.system import (
+        SystemRunner,
+        score_outputs,
+        session_graph_runner,
+        system_objectives,
+    )
 
     spec, ref, quant, data = system_runs(spec_path, compiled_dir, limit=samples)
     ref_runner = SystemRunner(spec, session_graph_runner(ref))

@@ -1,0 +1,96 @@
+"""Plans of a system (q4c.system_compile): one plan for all graphs, tensor names prefixed with
+"<graph>/", split into per-graph plans and joined back; the smallest plan meeting --require."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from q4c.config import CompileOptions
+from q4c.quant.knapsack import Option, Solution, solve
+from q4c.quant.plan import PrecisionPlan
+
+logger = logging.getLogger(__name__)
+
+
+def smallest_meeting(items: list[list[Option]], cap: int, capped: bool, uniform: tuple[int, ...] | None,
+                      measure: Callable[..., dict[str, Any]], count: int, options: CompileOptions) -> tuple[Solution, dict]:
+    """--require on the system's outputs: the smallest knapsack plan (bisection over the byte
+    budget up to `cap`) whose measured figures on the held-out driver samples (the last quarter,
+    never scored) meet every requirement; uniform 4-bit is tried too. RequirementError if none."""
+    from q4c.requirements import (
+        RequirementError,
+        check_all,
+        parse_requirement,
+        shortfall,
+    )
+
+    reqs = [parse_requirement(t) for t in options.requirements]
+    held = list(range(count - max(1, count // 4), count)) if count >= 2 else list(range(count))
+    if count < 2:
+        logger.warning("--require: a single driver sample; the requirement is judged on it, not on held-out data")
+    tried: dict[tuple[int, ...], tuple[int, dict[str, Any], bool, list[str]]] = {}
+
+    def evaluate(choice: tuple[int, ...]) -> tuple[int, dict[str, Any], bool, list[str]]:
+        if choice not in tried:
+            metrics = measure(choice, held)
+            ok, figures = check_all(reqs, metrics)
+            tried[choice] = (sum(items[i][k].cost for i, k in enumerate(choice)), metrics, ok, figures)
+            logger.info("--require: %d bytes -> %s (%s)", tried[choice][0], ", ".join(figures), "met" if ok else "not met")
+        return tried[choice]
+
+    lowest = sum(min(o.cost for o in opts) for opts in items)
+    best = None
+    if cap >= lowest:
+        top = tuple(solve(items, cap).choice)
+        if evaluate(top)[2]:
+            best, low, high = top, lowest, tried[top][0]
+            for _ in range(12):
+                if high - low <= max(64, high // 200):
+                    break
+                mid = (low + high) // 2
+                choice = tuple(solve(items, mid).choice)
+                if evaluate(choice)[2]:
+                    best, high = choice, min(tried[choice][0], mid)
+                else:
+                    low = mid
+    if uniform is not None and sum(items[i][k].cost for i, k in enumerate(uniform)) <= cap and evaluate(uniform)[2] \
+            and (best is None or tried[uniform][0] < tried[best][0]):
+        best = uniform
+    if best is None:
+        cost, _, _, figures = min(tried.values(), key=lambda v: (shortfall(reqs, v[1]), v[0])) if tried else (0, {}, False, [])
+        limit = f"the cap of {cap} bytes" if capped else "the FP32 weights"
+        raise RequirementError(f"no system plan smaller than {limit} meets {', '.join(options.requirements)} on the "
+                               f"held-out driver samples {held}: the best reached {', '.join(figures)} at {cost} bytes "
+                               f"({len(tried)} plans measured)")
+    cost, metrics, _, figures = tried[best]
+    solution = Solution(best, cost, sum(items[i][k].score for i, k in enumerate(best)), 1)
+    return solution, {"samples": len(held), "plan": metrics, "require": {
+        "requirements": list(options.requirements), "figures": figures, "bytes": cost, "cap_bytes": cap,
+        "plans_measured": len(tried), "on": f"held-out driver samples {held} (never scored)"}}
+
+
+def split_plan(plan: PrecisionPlan, graphs: Iterable[str], warnings: list[str]) -> dict[str, PrecisionPlan]:
+    """A system plan ("<graph>/<tensor>" names) as one plan per graph."""
+    plans = {name: PrecisionPlan(defaults=dict(plan.defaults)) for name in graphs}
+    unknown = []
+    for full, tp in plan.tensors.items():
+        graph, sep, tensor = full.partition("/")
+        if not sep or graph not in plans:
+            unknown.append(full)
+            continue
+        plans[graph].tensors[tensor] = tp
+    if unknown:
+        warnings.append(f"plan names {len(unknown)} tensor(s) of no graph of the system, ignored: "
+                        f"{', '.join(unknown[:5])}")
+    return plans
+
+
+def combined_plan(reports: Mapping[str, Mapping[str, Any]], defaults: Mapping[str, Any]) -> PrecisionPlan:
+    plan = PrecisionPlan(defaults=dict(defaults))
+    for name, report in reports.items():
+        sub = PrecisionPlan.from_json(report["plan"]) if "plan" in report else PrecisionPlan()
+        for tensor, tp in sub.tensors.items():
+            plan.tensors[f"{name}/{tensor}"] = tp
+    return plan
