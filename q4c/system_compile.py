@@ -63,8 +63,6 @@ from q4c.system_plan import combined_plan, smallest_meeting, split_plan
 logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "q4c.compile-system/1"
-#: driver samples whose FP32 run is recorded (calibration feeds of every graph come from them)
-RECORD_SAMPLES = 32
 #: samples each (tensor, candidate) score runs the whole system on
 SCORE_SAMPLES = 3
 #: samples whole plans are measured on (the uniform-4-bit guard, the report's system figures)
@@ -111,7 +109,7 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
 
     say("canonicalize")
     members = {name: _canonical(name, path, options) for name, path in spec.graphs.items()}
-    samples = spec.load_samples(RECORD_SAMPLES)
+    samples = spec.load_samples(options.calib_samples)  # recorded: every graph's calibration feeds
     data_driven = options.bits is None and system_plan is None and options.sensitivity != "mse"
     for m in members.values():
         m.slots = candidate_slots(m.graph, options)
