@@ -30,17 +30,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from q4c.metrics import boundary_shift_ms, decision_flips, speech_segments, sqnr_db
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, publish  # noqa: E402
-from contenders import ORT_CONTENDERS, SETTINGS, Build, Calibration, q4c_with  # noqa: E402
+from contenders import SETTINGS, Build, Calibration, ort_matmul_nbits, pre_processed, q4c_with  # noqa: E402
 
 REAL = REPO / "models" / "real"
 sys.path.insert(0, str(REAL))
 
 KEY = "real"
+TUNING_CLIPS = 6
 BOOTSTRAP = 1000
 
 
@@ -51,8 +53,115 @@ def _real(module: str):
 CONTENDERS: list[tuple[str, Build]] = [
     ("q4c default", q4c_with()),
     ("q4c --bits 4", q4c_with(bits=4)),
-    *ORT_CONTENDERS,
+    ("ORT MatMulNBits INT4/32 acc4 +Gather", ort_matmul_nbits),
 ]
+
+
+# -- ONNX Runtime's INT8 quantizers, their settings chosen on the calibration split -----------
+
+def front_end_convs(path: Path) -> list[str]:
+    """Names of Conv nodes (main graph) whose weight reads a single input channel: the signal front
+    end (STFT / filterbank convolutions on the waveform). Excluding the first convolution is the
+    documented way users get INT8 to work on such models (e.g. Moonshine's ONNX exports)."""
+    model = onnx.load(path)
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    shapes.update({n.output[0]: list(a.t.dims) for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" and len(shapes.get(n.input[1], [])) >= 3 and shapes[n.input[1]][1] == 1]
+
+
+#: what each exclusion setting leaves out: nothing, the signal front end, or every convolution
+#: (ONNX Runtime's documentation recommends dynamic quantization for RNN/Transformer layers and
+#: static for CNNs; users of mixed models keep Conv in float)
+EXCLUSIONS = ("nothing excluded", "front end excluded", "Conv excluded")
+NON_CONV_OPS = ["LSTM", "GRU", "MatMul", "Gemm", "Attention", "Gather", "EmbedLayerNormalization"]
+
+
+def ort_int8_variant(static: bool, pre: bool, per_channel: bool, exclusion: str | tuple[str, ...]) -> Build:
+    def build(src: Path, dst: Path, calib: Calibration) -> None:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model = pre_processed(src, Path(tmp)) if pre else src
+            if isinstance(exclusion, tuple):  # named nodes (the most damaging ones, see ort_tuned)
+                exclude, ops = list(exclusion), None
+            else:
+                exclude = front_end_convs(model) if exclusion == "front end excluded" else []
+                ops = NON_CONV_OPS if exclusion == "Conv excluded" else None
+            if not static:
+                quantize_dynamic(str(model), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+                                 nodes_to_exclude=exclude, op_types_to_quantize=ops)
+                return
+
+            class Reader(CalibrationDataReader):
+                def __init__(self) -> None:
+                    self._it = iter(calib.feeds())
+
+                def get_next(self) -> dict | None:
+                    return next(self._it, None)
+
+            quantize_static(str(model), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, nodes_to_exclude=exclude,
+                            op_types_to_quantize=ops)
+    return build
+
+
+def weighted_nodes(path: Path, limit: int = 24) -> list[str]:
+    """Main-graph Conv / MatMul / Gemm nodes with a constant weight, largest weight first."""
+    model = onnx.load(path)
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    sizes.update({n.output[0]: int(np.prod(a.t.dims)) for n in model.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value"})
+    nodes = [(sizes[n.input[1]], n.name) for n in model.graph.node
+             if n.op_type in ("Conv", "MatMul", "Gemm") and n.name and len(n.input) > 1 and sizes.get(n.input[1], 0) >= 256]
+    return [name for _, name in sorted(nodes, reverse=True)[:limit]]
+
+
+def ort_tuned(static: bool) -> tuple[str, Callable]:
+    """ONNX Runtime's quantize_dynamic / quantize_static at the best of its documented settings
+    (pre-processing or not, per-channel or per-tensor, what is excluded), the best chosen by the
+    task metric on the CALIBRATION split, never on the test split. Exclusions include the nodes
+    that damage the task most when quantized alone (ONNX Runtime's qdq_loss_debug workflow: find
+    the sensitive nodes, keep them in float): the 1, 2 and 4 worst. A setting that quantizes
+    nothing (size >= 0.98 of FP32) does not count as a result."""
+    def build(src: Path, dst: Path, calib: Calibration, score: Callable[[Path], float]) -> str:
+        candidate = dst.with_name(f"{dst.stem}.try.onnx")
+        nodes = weighted_nodes(src)
+        solo: list[tuple[float, str]] = []
+        for node in nodes:  # each node quantized alone
+            try:
+                ort_int8_variant(static, False, True, tuple(n for n in nodes if n != node))(src, candidate, calib)
+                solo.append((score(candidate), node))
+            except Exception as e:  # noqa: BLE001
+                print(f"    {node} alone: {_first_line(e)}", file=sys.stderr)
+        worst = [name for _, name in sorted(solo, reverse=True)]
+        exclusions: list[str | tuple[str, ...]] = [*EXCLUSIONS, *(tuple(worst[:k]) for k in (1, 2, 4) if len(worst) >= k)]
+        grid = [(pre, pc, ex) for pre in (True, False) for pc in (True, False) for ex in exclusions]
+        best: tuple[float, str] | None = None
+        for pre, pc, ex in grid:
+            shown = ex if isinstance(ex, str) else f"{len(ex)} most damaging node(s) excluded ({', '.join(ex)})"
+            label = f"{'pre-processed' if pre else 'as exported'}, {'per-channel' if pc else 'per-tensor'}, {shown}"
+            try:
+                ort_int8_variant(static, pre, pc, ex)(src, candidate, calib)
+                if candidate.stat().st_size >= 0.98 * src.stat().st_size:
+                    print(f"    {label}: quantized nothing", file=sys.stderr)
+                    continue
+                value = score(candidate)
+            except Exception as e:  # noqa: BLE001 - a setting the tool cannot do is skipped
+                print(f"    {label}: {_first_line(e)}", file=sys.stderr)
+                continue
+            print(f"    {label}: calibration score {value:.4g}", file=sys.stderr)
+            if best is None or value < best[0]:
+                best = (value, label)
+                candidate.replace(dst)
+        if best is None:
+            raise RuntimeError("no setting of the tool produced a smaller model")
+        return best[1]
+    return ("ORT quantize_static QDQ INT8" if static else "ORT quantize_dynamic INT8"), build
+
+
+TUNED = [ort_tuned(False), ort_tuned(True)]
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -79,6 +188,11 @@ def _bootstrap_ci(per_clip: list[tuple[int, int]], seed: int = 0) -> tuple[float
     return float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:240]}" if text else type(e).__name__
+
+
 # -- Silero -----------------------------------------------------------------------------------
 
 def silero_rows(export: str, tmp: Path) -> list[dict]:
@@ -95,14 +209,27 @@ def silero_rows(export: str, tmp: Path) -> list[dict]:
             calls.extend(_fp32_state_calls(ref_run, sample, getattr(silero, f"calib_{export}").state_pairs))
         return calls
 
+    calib_audio = audio.load("calib", 16000)
+    calib_ref = [silero.probs(ref_run, x, export) for _, x in calib_audio]
+
+    def calib_flips(path: Path) -> float:
+        run = silero.session_runner(path)
+        got = [silero.probs(run, x, export) for _, x in calib_audio]
+        return decision_flips(np.concatenate(calib_ref), np.concatenate(got))
+
     rows = [{"model": export, "method": "FP32", "ok": True, "size_ratio": 1.0, "flips": 0.0, "flips_ci": (0.0, 0.0),
              "shift_ms": 0.0, "latency_ratio": 1.0}]
     longest = max(test, key=lambda t: len(t[1]))[1]
-    for label, build in CONTENDERS:
+    calib = Calibration(feeds=calib_feeds, reader=reader)
+    builds = [(label, build, None) for label, build in CONTENDERS] + [(label, build, calib_flips) for label, build in TUNED]
+    for label, build, score in builds:
         dst = tmp / f"{export}_{len(rows)}.onnx"
         row: dict = {"model": export, "method": label}
         try:
-            build(src, dst, Calibration(feeds=calib_feeds, reader=reader))
+            if score is None:
+                build(src, dst, calib)
+            else:
+                row["method"] = f"{label} (best on calibration: {build(src, dst, calib, score)})"
             run = silero.session_runner(dst)
             probs = [silero.probs(run, x, export) for _, x in test]
             per_clip = [(int(np.sum((r >= 0.5) != (p >= 0.5))), r.size) for r, p in zip(ref_probs, probs)]
@@ -115,8 +242,8 @@ def silero_rows(export: str, tmp: Path) -> list[dict]:
                        flips_ci=_bootstrap_ci(per_clip), shift_ms=float(np.nanmean(shifts)),
                        latency_ratio=ratio, ms=ms)
         except Exception as e:  # noqa: BLE001 - the exact failure is the row's result
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:240]}")
-        print(f"  {label}: {row}", file=sys.stderr)
+            row.update(ok=False, error=_first_line(e))
+        print(f"  {row['method']}: {row}", file=sys.stderr)
         rows.append(row)
     return rows
 
@@ -150,15 +277,33 @@ def dfn3_rows(tmp: Path) -> list[dict]:
     rows = [{"model": "dfn3", "method": "FP32", "ok": True, "size_ratio": 1.0, "sqnr_db": float("inf"),
              "latency_ratio": 1.0, **_intelligibility(clean, ref_out)}]
     sample = max(test, key=lambda t: len(t[1]))[1]
-    for label, build in CONTENDERS:
+    # ONNX Runtime's settings are chosen on 6 calibration clips (each choice costs dozens of
+    # enhancements of the whole set); q4c calibrates on all 24 through its reader
+    calib_audio = [x for _, x in audio.load("calib", 48000)][:TUNING_CLIPS]
+    calib_ref = [dfn3.enhance(ref, x) for x in calib_audio]
+
+    def calib_score(g: str) -> Callable[[Path], float]:
+        """Minus the enhanced SQNR on the calibration clips with graph g replaced (lower is better)."""
+        def score(path: Path) -> float:
+            runs = {**ref, g: dfn3.session_runner(path)}
+            return -sqnr_db(np.concatenate(calib_ref), np.concatenate([dfn3.enhance(runs, x) for x in calib_audio]))
+        return score
+
+    builds = [(label, build, False) for label, build in CONTENDERS] + [(label, build, True) for label, build in TUNED]
+    for label, build, tuned in builds:
         row: dict = {"model": "dfn3", "method": f"{label} (graph by graph)"}
         try:
-            dst = {}
+            dst, chosen = {}, []
             for g in DFN_GRAPHS:
                 dst[g] = tmp / f"dfn3_{g}_{len(rows)}.onnx"
                 reader_fn = getattr(dfn3, f"calib_{g}")
-                build(src[g], dst[g], Calibration(feeds=lambda fn=reader_fn: list(fn()),
-                                                  reader=f"{REAL / 'dfn3.py'}:calib_{g}"))
+                calib = Calibration(feeds=lambda fn=reader_fn: list(fn()), reader=f"{REAL / 'dfn3.py'}:calib_{g}")
+                if tuned:
+                    chosen.append(f"{g}: {build(src[g], dst[g], calib, calib_score(g))}")
+                else:
+                    build(src[g], dst[g], calib)
+            if chosen:
+                row["method"] = f"{label} (graph by graph, best on calibration: {'; '.join(chosen)})"
             runs = dfn3.graph_runners(dst)
             out = [dfn3.enhance(runs, x) for _, x in test]
             ratio, ms = interleaved_ratio(lambda: dfn3.enhance(ref, sample), lambda: dfn3.enhance(runs, sample), rounds=5)
@@ -167,7 +312,7 @@ def dfn3_rows(tmp: Path) -> list[dict]:
                        clip_sqnr_min=min(sqnr_db(r, o) for r, o in zip(ref_out, out)),
                        latency_ratio=ratio, ms=ms, **_intelligibility(clean, out))
         except Exception as e:  # noqa: BLE001
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:240]}")
+            row.update(ok=False, error=_first_line(e))
         print(f"  {row['method']}: {row}", file=sys.stderr)
         rows.append(row)
     return rows
@@ -255,10 +400,10 @@ def main() -> int:
             print(f"bench: {name}", file=sys.stderr)
             if name == "dfn3":
                 rows.extend(dfn3_rows(Path(tmp)))
-                hashes.update({n: fetch.SHA256[n] for n in fetch.DFN3})
+                hashes.update({n: fetch.SHA256[f"{n}.onnx"] for n in fetch.DFN3})
             else:
                 rows.extend(silero_rows(name, Path(tmp)))
-                hashes[name] = fetch.SHA256[name]
+                hashes[name] = fetch.SHA256[f"{name}.onnx"]
     section = render(rows, hashes)
     print(section)
     if args.write:
