@@ -192,3 +192,22 @@ def test_axis_attribute_out_of_range_is_a_model_error(tmp_path):
     onnx.save(model, path)
     result = invoke(["run", str(path), "--data", str(tmp_path / "x.npz"), "--backend", "interp"])
     assert result.exit_code == 1 and "axis=5 is out of range" in result.error
+
+
+def test_recurrent_hidden_size_disagreeing_with_weights_is_a_model_error(tmp_path):
+    """LSTM hidden_size=2 with W [1, 64, 16] (H=16): the interpreter failed in a numpy
+    broadcast ('operands could not be broadcast together')."""
+    rng = np.random.default_rng(0)
+    w, r = rng.standard_normal((1, 64, 16)).astype(np.float32), rng.standard_normal((1, 64, 16)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=2, name="lstm")], "l",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 1, 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    model.graph.output[0].type.tensor_type.shape.SetInParent()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "x.npz", x=np.ones((3, 1, 16), np.float32))
+    result = invoke(["run", str(path), "--data", str(tmp_path / "x.npz"), "--backend", "interp"])
+    assert result.exit_code == 1
+    assert "node 'lstm' (LSTM): W is [1, 64, 16] but hidden_size=2" in result.error

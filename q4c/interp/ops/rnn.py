@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from q4c.errors import UnsupportedOpError
+from q4c.errors import ModelLoadError, UnsupportedOpError
 from q4c.interp.ops.math import sigmoid_array
 from q4c.interp.registry import op
 
@@ -195,6 +195,20 @@ class _Recorder:
             self.probe[name] = self.seq.outputs(stacked)
 
 
+def _check_weights(seq: _Sequence, W, R, B, P, hidden_size: int | None, gates: int) -> int:  # noqa: N803
+    """Hidden size H, after checking W [nd, G*H, I], R [nd, G*H, H], B [nd, 2*G*H] and P
+    [nd, 3*H] against it, the direction count and X: a model whose attribute and weights
+    disagree is refused naming both (the checker does not compare them)."""
+    H = hidden_size or (R.shape[-1] if R.ndim == 3 else 0)  # noqa: N806
+    want = {"W": (seq.nd, gates * H, seq.X.shape[-1]), "R": (seq.nd, gates * H, H), "B": (seq.nd, 2 * gates * H),
+            "P": (seq.nd, 3 * H)}
+    for name, value in (("W", W), ("R", R), ("B", B), ("P", P)):
+        if value is not None and tuple(value.shape) != want[name]:
+            raise ModelLoadError(f"{name} is {list(value.shape)} but hidden_size={hidden_size}, {seq.nd} direction(s) "
+                                 f"and input size {seq.X.shape[-1]} need {list(want[name])}")
+    return H
+
+
 def _clip(x: np.ndarray, clip: float | None) -> np.ndarray:
     return x if clip is None else np.clip(x, -clip, clip, out=x)
 
@@ -261,7 +275,7 @@ def lstm_forward(
     """LSTM-14: gates i, o, f, c stacked in W, R, B; peepholes P ordered i, o, f."""
     seq = _Sequence(X, sequence_lens, direction, layout)
     nd, T = seq.nd, seq.T  # noqa: N806
-    H = hidden_size or R.shape[-1]  # noqa: N806
+    H = _check_weights(seq, W, R, B, P, hidden_size, 4)  # noqa: N806
     dt = seq.X.dtype
     acts = _Activations(activations, activation_alpha, activation_beta, ["Sigmoid", "Tanh", "Tanh"], nd)
     bias = np.zeros((nd, 4 * H), dt) if B is None else (B[:, :4 * H] + B[:, 4 * H:]).astype(dt, copy=False)
@@ -335,7 +349,7 @@ def gru(
     """GRU-14: gates z, r, h stacked in W, R and B."""
     seq = _Sequence(X, sequence_lens, direction, layout)
     nd, T = seq.nd, seq.T  # noqa: N806
-    H = hidden_size or R.shape[-1]  # noqa: N806
+    H = _check_weights(seq, W, R, B, None, hidden_size, 3)  # noqa: N806
     dt = seq.X.dtype
     acts = _Activations(activations, activation_alpha, activation_beta, ["Sigmoid", "Tanh"], nd)
     if B is None:
@@ -394,7 +408,7 @@ def rnn(
 ):
     seq = _Sequence(X, sequence_lens, direction, layout)
     nd, T = seq.nd, seq.T  # noqa: N806
-    H = hidden_size or R.shape[-1]  # noqa: N806
+    H = _check_weights(seq, W, R, B, None, hidden_size, 1)  # noqa: N806
     dt = seq.X.dtype
     acts = _Activations(activations, activation_alpha, activation_beta, ["Tanh"], nd)
     bias = np.zeros((nd, H), dt) if B is None else (B[:, :H] + B[:, H:]).astype(dt, copy=False)
