@@ -23,8 +23,8 @@ from onnx import helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[2]
 #: cases per test in CI (the long script runs many more); ~3000 in all
-CASES = {"inspect_bundled": 1200, "inspect_tiny": 900, "run_npz": 300, "diff": 120, "compile_model": 60,
-         "compile_plan": 120, "compile_calib": 80}
+CASES = {"inspect_bundled": 1000, "inspect_tiny": 700, "run_npz": 300, "run_model_ort": 200, "run_model_interp": 200,
+         "diff": 120, "compile_model": 80, "compile_plan": 120, "compile_calib": 80}
 
 
 def tiny_model() -> onnx.ModelProto:
@@ -83,6 +83,10 @@ ENTRIES = {
     "inspect_tiny": Entry("model", mut.MODEL_MUTATORS, lambda p, b, o: ["inspect", str(p)]),
     "run_npz": Entry("data", (mut.mutate_npz,), lambda p, b, o: ["run", str(b["model"]), "--data", str(p), "-o", str(o)],
                      suffix=".npz", output="out.npz"),
+    "run_model_ort": Entry("model", mut.MODEL_MUTATORS,
+                           lambda p, b, o: ["run", str(p), "--data", str(b["data"]), "-o", str(o)], output="out.npz"),
+    "run_model_interp": Entry("model", mut.MODEL_MUTATORS,
+                              lambda p, b, o: ["run", str(p), "--data", str(b["data"]), "--backend", "interp"]),
     "diff": Entry("compiled", mut.MODEL_MUTATORS,
                   lambda p, b, o: ["diff", str(b["model"]), str(p), "--data", str(b["data"])], ok_codes=(0, 1, 2, 3)),
     "compile_model": Entry("model", mut.MODEL_MUTATORS,
