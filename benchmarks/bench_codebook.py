@@ -32,7 +32,7 @@ from q4c.timing import interleaved, timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402
-from _common import MODELS, TASKS, bench_data, publish, stamp, stamped_rows, task_eval, with_stamp  # noqa: E402
+from _common import MODELS, RESULTS, TASKS, bench_data, publish, stamp, stamped_rows, task_eval, with_stamp  # noqa: E402
 from bench_mixed import error  # noqa: E402
 
 UNIFORM_ONLY = ("symmetric", "symmetric-absmax", "gptq")
@@ -134,7 +134,10 @@ def render(rows: list[dict]) -> str:
         "float16 scale per 64 weights), decoded by a Gather chain ONNX Runtime folds at load; their indices are "
         "assigned GPTQ-style where the layer has calibration inputs; the decoder's ~1.2 KB of nodes is counted in "
         "their cost. Calibration: 16 samples of the committed calibration set; held-out KL: 16 test samples vs FP32; "
-        "WER / perplexity on the full test set. `--kernels fp32-at-load`. `picks`: bits:scheme x tensors.",
+        "WER / perplexity on the full test set. `--kernels fp32-at-load`. `picks`: bits:scheme x tensors. `weight "
+        "bytes`: every initializer in the file (float biases and small tensors too, and in this form a tied "
+        "embedding / output table's codes twice, which the plan's budget counts once); codebooks are not offered "
+        "for tied tables.",
         "",
         "| model | config | bytes | weight bytes | avg bits | picks | held-out KL | WER % | perplexity | compile s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -148,7 +151,7 @@ def render(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['config']} | {r['bytes']} | {r.get('weight_bytes', '-')} | "
                      f"{r.get('avg_weight_bits', '-')} | {r.get('picks', '-')} | {kl} | {wer} | {ppl} | "
                      f"{r.get('compile_s', '-')} |")
-    lines += ["", *_verdicts(rows)]
+    lines += ["", *_verdicts(rows), *_where_not(rows)]
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     if kernels:
         lines += ["", "ONNX Runtime's NF4 kernel, `com.microsoft::MatMulBnb4` (quant_type 1, block 64), vs "
@@ -159,8 +162,9 @@ def render(rows: list[dict]) -> str:
         for r in kernels:
             lines.append(f"| {r['config']} | {r['bnb4_ms']} | {r['nbits_ms']} | {r['fp32_ms']} | "
                          f"{r['bnb4_over_nbits']} | {r['bnb4_over_fp32']} |")
-        lines += ["", "MatMulBnb4 dequantizes its whole weight on every call on CPU: slower than both, so q4c never "
-                  "emits it (nf4 weights take the folded Gather form)."]
+        lines += ["", "MatMulBnb4 is several times slower than FP32 MatMul on CPU at M = 1 (as if it dequantized the "
+                  "whole weight on every call) and far slower than MatMulNBits, so q4c never emits it: nf4 weights "
+                  "take the Gather form, folded to FP32 at load."]
     lines.append("<!-- codebooks:end -->")
     return "\n".join(lines)
 
@@ -187,21 +191,49 @@ def _verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def _where_not(rows: list[dict]) -> list[str]:
+    """Where codebooks did not win, stated from the rows: schemes no plan picked, and uniform
+    codebook rows against uniform 2-bit gptq (fewer bytes there: no scales, so not equal bytes)."""
+    plans = [r for r in rows if r.get("config", "").endswith("with codebooks")]
+    picked = {p.split(":")[1].split(" ")[0] for r in plans for p in r.get("picks", "").split(", ") if ":" in p}
+    never = [s for s in ("mulaw", "kmeans", "nf4") if s not in picked]
+    out = []
+    if never:
+        out.append(f"- Not picked by any plan here: {', '.join(never)} (offered for every tensor, never the "
+                   f"knapsack's choice at these budgets: its measured kl damage was not the least for its bytes).")
+    for model in dict.fromkeys(r["model"] for r in rows if r.get("model") in TASKS):
+        by = {r["config"]: r for r in rows if r.get("model") == model}
+        base = by.get("uniform 2-bit gptq")
+        worse = [f"{c.split()[-1]} KL {by[c]['kl']:.3f}" for c in ("uniform 2-bit mulaw", "uniform 2-bit nf4")
+                 if c in by and base is not None and by[c]["kl"] > base["kl"]]
+        if worse:
+            out.append(f"- {model}: a codebook for every tensor at 2 bits loses to uniform 2-bit gptq "
+                       f"(KL {base['kl']:.3f}): {', '.join(worse)}; codebooks help as per-tensor candidates, not as a "
+                       f"blanket scheme.")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(TASKS))
     parser.add_argument("--no-kernels", action="store_true", help="skip the MatMulBnb4 timing")
+    parser.add_argument("--from-results", action="store_true",
+                        help="re-render from benchmarks/results/codebooks.json instead of measuring")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    import json
     import tempfile
 
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            print(f"bench: {name}", file=sys.stderr)
-            rows.extend(measure(name, Path(tmp)))
-    if not args.no_kernels:
-        rows.extend(kernel_rows())
+    if args.from_results:
+        rows = json.loads((RESULTS / "codebooks.json").read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.models.split(","):
+                print(f"bench: {name}", file=sys.stderr)
+                rows.extend(measure(name, Path(tmp)))
+        if not args.no_kernels:
+            rows.extend(kernel_rows())
     rows = stamped_rows(rows)
     section = render(rows)
     print(with_stamp(section, stamp("codebooks", rows)[0]))
