@@ -133,7 +133,8 @@ class AssignPrecisionPass(Pass):
         """--require: the smallest plan whose measured figures on the held-out calibration samples
         meet every requirement. Bisection over the byte budget between the cheapest plan and the
         cap (--avg-bits/--size-budget/--ratio if given, else one byte under FP32), each step an
-        exact knapsack plan measured (closed loop for a stateful model's sequences); uniform
+        exact knapsack plan measured (closed loop for a stateful model's sequences, whatever
+        --scoring says); uniform
         4-bit is tried too. Raises RequirementError (best figure and its size) when none meets it."""
         opts = ctx.options
         reqs = [parse_requirement(t) for t in opts.requirements]
@@ -216,7 +217,7 @@ class AssignPrecisionPass(Pass):
         table.measured = {"plan": mixed_metrics, "uniform_4bit": flat_metrics}
         mixed = sum(m["damage"] for m in mixed_metrics.values())
         flat = sum(m["damage"] for m in flat_metrics.values())
-        scoring = "closed loop" if table.runner.closed_loop else "open loop"
+        scoring = "closed loop" if table.runner.plans_closed_loop else "open loop"
         if flat < mixed:
             ctx.warn(f"assign-precision: the mixed plan measured worse than uniform 4-bit on the calibration data, "
                      f"{scoring} ({mixed:.4g} vs {flat:.4g}); kept uniform 4-bit")

@@ -64,8 +64,9 @@ from q4c.graph import write_text
                    "open-loop feeds each call the FP32 state (cheaper to reason about, blind to compounding). "
                    "auto: closed-loop when the samples are sequences and the model has state pairs.")
 @click.option("--require", "require", multiple=True, metavar="REQUIREMENT",
-              help="Find the smallest plan whose measured quality on held-out calibration samples (the last "
-                   "quarter of them) meets this (repeatable; all must hold). Grammar: METRIC OP NUMBER[UNIT] with "
+              help="Find the smallest plan whose measured quality on held-out calibration samples (the second "
+                   "half of them; closed loop for a stateful model's sequences) meets this (repeatable; all must "
+                   "hold). Grammar: METRIC OP NUMBER[UNIT] with "
                    "flips<=N% (decision flips at 0.5 of probability outputs, worst output; or a fraction), "
                    "sqnr>=N[dB] (lowest output SQNR), kl<=N (KL / Bernoulli KL in nats, highest output); e.g. "
                    "--require 'flips<=0.5%' --require 'sqnr>=25dB'. --avg-bits/--size-budget/--ratio then cap the "
@@ -324,7 +325,8 @@ def _print_objectives(report: dict) -> None:
                 text += f", SQNR {m['sqnr_db']:.1f} dB"
             figures.append(text)
         where = "held-out calibration samples" if "require" in sens.get("measured", {}) else "calibration samples"
-        click.echo(f"plan measured on the {where} ({sens['scoring']}): {'; '.join(figures)}")
+        click.echo(f"plan measured on the {where} ({sens.get('plans_measured', sens['scoring'])}): "
+                   f"{'; '.join(figures)}")
     if "require" in sens.get("measured", {}):
         req = sens["measured"]["require"]
         held = sens.get("held_out", {}).get("samples", [])

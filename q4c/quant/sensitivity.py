@@ -83,6 +83,8 @@ class WeightInputRunner:
     `divergence(changes, limit)` runs the first `limit` units (all by default) with the given
     weights replaced (all others FP32) and returns the damage of the task outputs (the sum over
     outputs of their objectives, q4c.objectives) against the FP32 outputs, over every call.
+    Whole plans (`score(..., closed=plans_closed_loop)`) are measured closed loop whenever there
+    is a loop to close, also when candidates are scored open loop.
     """
 
     model: onnx.ModelProto
@@ -106,20 +108,33 @@ class WeightInputRunner:
             self.closed_loop = False
         if self.objectives is None:
             self.objectives = detect_objectives(self.model, self.state_pairs)
-        self._reference = [self._run_unit(u, {}) for u in self.units]
+        #: whole plans are measured closed loop whenever there is a loop to close, even when
+        #: candidates are scored open loop: that is what the user's deployment does
+        self.plans_closed_loop = bool(self.state_pairs) and any(len(u) > 1 for u in self.units)
+        self._references: dict[bool, list[list[dict[str, np.ndarray]]]] = {}
+
+    def _reference(self, closed: bool) -> list[list[dict[str, np.ndarray]]]:
+        with self._lock:
+            cached = self._references.get(closed)
+        if cached is None:
+            cached = [self._run_unit(u, {}, closed) for u in self.units]
+            with self._lock:
+                self._references.setdefault(closed, cached)
+        return cached
 
     @property
     def kinds(self) -> dict[str, str]:
         return {n: o.kind for n, o in (self.objectives or {}).items()}
 
-    def _run_unit(self, unit: Sequence[Feeds], changes: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def _run_unit(self, unit: Sequence[Feeds], changes: Mapping[str, np.ndarray],
+                  closed: bool) -> list[dict[str, np.ndarray]]:
         start = time.perf_counter()
         outputs: list[dict[str, np.ndarray]] = []
         state: dict[str, np.ndarray] = {}
         for call in unit:
             feeds = {**call, **state, **self.weights, **changes}
             out = q4ort.run(self._session, feeds)  # ORT sessions take concurrent runs
-            if self.closed_loop:
+            if closed:
                 state = {inp: out[o] for o, inp in self.state_pairs.items()}
             outputs.append(out)
         with self._lock:
@@ -128,14 +143,15 @@ class WeightInputRunner:
         return outputs
 
     def score(self, changes: Mapping[str, np.ndarray], limit: int | None = None, keep: bool = False,
-              which: slice | None = None) -> Scorer:
+              which: slice | None = None, closed: bool | None = None) -> Scorer:
         """The per-output tallies of one run with `changes` of the first `limit` units (or of
-        the units `which` selects)."""
+        the units `which` selects), closed loop if `closed` (default: as scoring is)."""
         assert self.objectives is not None
+        closed = self.closed_loop if closed is None else closed and bool(self.state_pairs)
         scorer = Scorer(self.objectives, keep=keep)
         which = which if which is not None else slice(0, limit)
-        for unit, reference in zip(self.units[which], self._reference[which], strict=True):
-            for ref, out in zip(reference, self._run_unit(unit, changes), strict=True):
+        for unit, reference in zip(self.units[which], self._reference(closed)[which], strict=True):
+            for ref, out in zip(reference, self._run_unit(unit, changes, closed), strict=True):
                 scorer.add(ref, out)
         return scorer
 
@@ -146,7 +162,8 @@ class WeightInputRunner:
     def describe(self) -> dict[str, Any]:
         calls = sum(len(u) for u in self.units)
         return {"scoring": "closed-loop" if self.closed_loop else "open-loop", "units": len(self.units),
-                "calls": calls, "sequences": self.sequences is not None}
+                "calls": calls, "sequences": self.sequences is not None,
+                "plans_measured": "closed-loop" if self.plans_closed_loop else "open-loop"}
 
 
 def _weights_as_inputs(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -279,12 +296,13 @@ class SensitivityTable:
 
     def measure_plan(self, choice: Mapping[str, str], granularity: Any, held_out: bool = False) -> float | None:
         """Measured output damage with every tensor quantized as `choice` (name -> candidate
-        key) at once, on the calibration samples (closed loop when scoring is; the held-out
-        ones if asked and there are); None without a data-driven runner."""
+        key) at once, on the calibration samples (closed loop whenever they are sequences of a
+        stateful model; the held-out ones if asked and there are); None without a data-driven runner."""
         if self.runner is None:
             return None
         which = self.held_out if held_out and self.held_out is not None else self.fit
-        return self.runner.divergence(self.plan_changes(choice, granularity), which=which)
+        return self.runner.score(self.plan_changes(choice, granularity), which=which,
+                                 closed=self.runner.plans_closed_loop).damage()
 
     def plan_metrics(self, choice: Mapping[str, str], granularity: Any,
                      held_out: bool = False) -> dict[str, dict[str, Any]] | None:
@@ -292,7 +310,8 @@ class SensitivityTable:
         if self.runner is None:
             return None
         which = self.held_out if held_out and self.held_out is not None else self.fit
-        return self.runner.score(self.plan_changes(choice, granularity), keep=True, which=which).metrics()
+        return self.runner.score(self.plan_changes(choice, granularity), keep=True, which=which,
+                                 closed=self.runner.plans_closed_loop).metrics()
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"measure": self.measure, "seconds": round(self.seconds, 3), "tensors": len(self.scores),
@@ -411,8 +430,8 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
                                          objectives=objectives_for(model, opts, state_pairs),
                                          max_calls=MAX_UNIT_CALLS)
         n = len(table.runner.units)
-        if opts.requirements and n >= 2:  # the last quarter judges --require, unseen by the scores
-            held = max(1, n // 4)
+        if opts.requirements and n >= 2:  # the second half judges --require, unseen by the scores
+            held = n // 2
             table.fit, table.held_out = slice(0, n - held), slice(n - held, n)
         elif opts.requirements:
             logger.warning("--require: a single calibration sample; the requirement is judged on it, "
