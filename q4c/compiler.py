@@ -185,6 +185,9 @@ def compile_file(
     output = Path(output) if output is not None else default_output(model_path)
     if output.resolve() == model_path.resolve():
         raise ModelLoadError(f"{output}: output would overwrite the input model; choose another -o")
+    for path, what in ((output, "-o"), (save_plan, "--save-plan"), (save_calib, "--save-calib")):
+        if path is not None:
+            g.check_writable(path, what)
     start = time.perf_counter()
     if strict and not verify:
         raise ConfigError("--strict judges the compile's verification; drop --no-verify")

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from q4c.errors import ModelLoadError
+from q4c.errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,10 @@ def atomic_write(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator
     a plain open() would give it, not mkstemp's owner-only 0600), on failure it is removed, so a
     failed write never leaves a partial file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent if str(path.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent if str(path.parent) else ".")
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -304,9 +307,27 @@ def atomic_write(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as e:  # disk full, a directory in the way, ...: one line, nothing left behind
+        tmp_path.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | os.PathLike[str], what: str, directory: bool = False) -> None:
+    """Fail in one line, before anything is computed or written, if `path` (a file, or with
+    `directory` a directory) cannot be written: a compile must not write its output and then
+    fail on --save-plan or --report, leaving the output of a failed run behind."""
+    path = Path(path)
+    folder = path if directory else (path.parent if str(path.parent) else Path("."))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".q4c-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot write there: {e.strerror or e}") from e
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

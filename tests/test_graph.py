@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from q4c import graph as g
-from q4c.errors import ModelLoadError
+from q4c.errors import ConfigError, ModelLoadError
 from q4c.testing import make_model, run_ort
 
 
@@ -81,7 +81,7 @@ def test_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match="disk full"):  # one line for the user, not a bare OSError
         g.save(_reduce_mean_model(21), path)
     assert path.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -13,7 +13,7 @@ from q4c.cli.render import emit_json, human_bytes, table
 from q4c.compiler import compile_file
 from q4c.config import CODEBOOK_SCHEMES, KERNELS, UNIFORM_SCHEMES, CompileOptions, Granularity, Target
 from q4c.errors import QualityLostError
-from q4c.graph import write_text
+from q4c.graph import check_writable, write_text
 
 
 @click.command("compile")
@@ -196,6 +196,11 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         total[0] += 1
         click.echo(f"q4c: [{total[0]}] {name}", err=True)
 
+    # Fail before compiling, not after the output is written (compile_file checks its own paths).
+    if report_path is not None:
+        check_writable(report_path, "--report")
+    if dump_dir is not None:
+        check_writable(dump_dir, "--dump-dir", directory=True)
     try:
         with _SampleBar() as bar:
             report = compile_file(model, output, options, passes=passes, data=data, reader=calib_reader,

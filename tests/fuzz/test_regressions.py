@@ -211,3 +211,31 @@ def test_recurrent_hidden_size_disagreeing_with_weights_is_a_model_error(tmp_pat
     result = invoke(["run", str(path), "--data", str(tmp_path / "x.npz"), "--backend", "interp"])
     assert result.exit_code == 1
     assert "node 'lstm' (LSTM): W is [1, 64, 16] but hidden_size=2" in result.error
+
+
+def test_unwritable_side_files_fail_before_the_output_is_written(tmp_path):
+    """--save-plan / --report / --save-calib / --dump-dir / -o under a path that is a file: was an
+    internal FileNotFoundError, and for --save-plan and --report only after the output had been
+    written (an output left by a failed run)."""
+    model_path, blocker = tmp_path / "m.onnx", tmp_path / "blocker"
+    onnx.save(_matmul_model(), model_path)
+    blocker.write_text("a file, not a directory")
+    out = tmp_path / "out.onnx"
+    for option in ("--save-plan", "--report", "--save-calib", "--dump-dir", "-o"):
+        target = blocker / "sub" / ("d" if option == "--dump-dir" else "x.json")
+        args = ["compile", str(model_path), "--bits", "4", option, str(target)]
+        if option != "-o":
+            args += ["-o", str(out)]
+        result = invoke(args)
+        assert result.exit_code == 1, (option, result.stderr)
+        assert f"{option} {target}: cannot write there" in result.error
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "m.onnx"], option
+
+
+def test_run_output_unwritable_is_one_line(tmp_path):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(_matmul_model(), model_path)
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 64), np.float32))
+    (tmp_path / "blocker").write_text("")
+    result = invoke(["run", str(model_path), "--data", str(tmp_path / "x.npz"), "-o", str(tmp_path / "blocker" / "y.npz")])
+    assert result.exit_code == 1 and "cannot write" in result.error
