@@ -155,10 +155,19 @@ def conv_block_layout(shape: tuple[int, ...], block: int) -> tuple[str, int, int
     return "channel", 0, 0
 
 
+#: float16's largest finite value: a DequantizeLinear with float16 scales outputs float16, so a
+#: weight beyond it (an export with a 1e5 weight) would dequantize to inf
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
 def float32_scales(slot: WeightSlot, kernel_scales: bool = True) -> bool:
     """Float32 scales for weights ONNX Runtime's low-bit kernels read (unless no kernel will:
-    `kernel_scales` False, --kernels fp32-at-load); float16 where only DequantizeLinear does."""
-    return kernel_scales and slot.role in FLOAT32_SCALE_ROLES
+    `kernel_scales` False, --kernels fp32-at-load); float16 where only DequantizeLinear does,
+    unless the weight holds values float16 cannot (then float32, or the layer would be inf)."""
+    if kernel_scales and slot.role in FLOAT32_SCALE_ROLES:
+        return True
+    values = slot.tensor.values if isinstance(slot.tensor, gs.Constant) else None
+    return values is not None and values.size > 0 and float(np.max(np.abs(values))) > FLOAT16_MAX / 2
 
 
 def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: Granularity | str,

@@ -12,7 +12,9 @@ from harness import invoke
 from onnx import helper, numpy_helper
 
 from q4c.errors import ModelLoadError
+from q4c.metrics import sqnr_db
 from q4c.ort import session_config
+from q4c.testing import run_ort
 
 
 def _matmul_model() -> onnx.ModelProto:
@@ -239,3 +241,24 @@ def test_run_output_unwritable_is_one_line(tmp_path):
     (tmp_path / "blocker").write_text("")
     result = invoke(["run", str(model_path), "--data", str(tmp_path / "x.npz"), "-o", str(tmp_path / "blocker" / "y.npz")])
     assert result.exit_code == 1 and "cannot write" in result.error
+
+
+def test_weight_beyond_float16_range_dequantizes_finite(tmp_path):
+    """A 1e6 weight (the mutation fuzzer's 1e38 first): float16 scales made its DequantizeLinear
+    output inf, so the compiled model gave NaN/inf where FP32 was finite (a quality warning,
+    exit 0). Such weights now get float32 scales."""
+    model = _matmul_model()
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[3, 4] = 1e6
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W"))
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    want = x @ w
+    for option in (("--kernels", "fp32-at-load"), ("--bits", "8", "--granularity", "channel"), ("--bits", "4")):
+        result = invoke(["compile", str(path), "-o", str(out), *option])
+        assert result.exit_code == 0, result.stderr
+        assert "NaN/inf" not in result.stderr, option
+        got = run_ort(onnx.load(out), {"x": x})["y"]
+        assert np.all(np.isfinite(got)), option
+        assert sqnr_db(want, got) > 40, option  # the outlier dominates: measured 100+ dB
