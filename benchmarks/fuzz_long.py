@@ -110,11 +110,61 @@ def run_mutations(scale: int, seed: int, failures: list, outcomes: collections.C
     return total
 
 
+#: odd values for compile's options (the tiny model of test_mutations): each case picks 1-3
+OPTION_VALUES = {
+    "--bits": ["2", "3", "4", "8", "5", ""], "--avg-bits": ["0", "-1", "4", "1e9", "nan", "inf", "2.5"],
+    "--size-budget": ["0", "-5", "1", "10", "99999999999"], "--ratio": ["0", "-1", "0.5", "2", "nan"],
+    "--scheme": ["symmetric", "gptq", "symmetric-absmax", "mulaw", "kmeans", "nf4", "bogus"],
+    "--workers": ["0", "1", "-3", "100"], "--candidates": ["2,4,8", "", "4", "1", "64", ",,", "2,x"],
+    "--sensitivity": ["kl", "hessian", "mse"],
+    "--granularity": ["channel", "tensor", "block", "block:16", "block:7", "block:-1", "block:x", "channels:2", ""],
+    "--target": ["ort-cpu", "onnx"], "--kernels": ["auto", "low-bit", "fp32-at-load"],
+    "--passes": ["default", "fold-constants", "-fold-constants", "+nope", "default,-quantize-weights",
+                 "quantize-weights", "", ",", "lower-ort-kernels", "default,+calibrate", "nope:Class", "os:path"],
+    "--activations": ["none", "int8"], "--observer": ["minmax", "percentile", "entropy", "mse"],
+    "--calib-samples": ["1", "0", "-1", "1000"], "--keep-fp32": ["W", "nothere", ""],
+    "--objective": ["p=kl", "p=bce", "p=snr", "p=ignore", "z=kl", "p=bogus", "p", "=kl"],
+    "--scoring": ["auto", "closed-loop", "open-loop"],
+    "--require": ["flips<=0.5%", "sqnr>=25dB", "kl<=0.01", "bogus", "sqnr>=-inf", "sqnr>=1000dB"],
+}
+FLAGS = ["--strict", "--allow-nonfinite", "--check", "--no-verify", "--json"]
+
+
+def run_options(n: int, seed_: int, failures: list, outcomes: collections.Counter) -> int:
+    """`q4c compile` with random odd option values: same contract (exit 0/1/2/4, one error line)."""
+    import numpy as np
+    import test_mutations as tm
+    from harness import invoke
+
+    rng = np.random.default_rng([seed_, 99])
+    with tempfile.TemporaryDirectory() as d:
+        base = tm.make_base(Path(d))
+        out = Path(d) / "out" / "o.onnx"
+        for case in range(n):
+            args = ["compile", str(base["model"]), "-o", str(out)]
+            for k in rng.choice(list(OPTION_VALUES), size=int(rng.integers(1, 4)), replace=False):
+                args += [k, str(rng.choice(OPTION_VALUES[k]))]
+            if rng.integers(0, 3) == 0:
+                args.append(str(rng.choice(FLAGS)))
+            if rng.integers(0, 3) == 0:
+                args += ["--calib", str(base["data"])]
+            try:
+                result = invoke(args, timeout=300)
+                assert result.exit_code in (0, 1, 2, 4), result.stderr[-300:]
+                outcomes[f"options exit {result.exit_code}"] += 1
+            except BaseException as e:  # noqa: BLE001
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failures.append(("options", f"case {case}", " ".join(args), f"{type(e).__name__}: {e}"[:1500]))
+    return n
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=500, help="generated models through q4c compile")
     parser.add_argument("--pass-models", type=int, default=100, help="generated models per equivalence pass")
     parser.add_argument("--mutations", type=int, default=10, help="multiple of CI's mutation case counts (~2800)")
+    parser.add_argument("--options", type=int, default=100, help="compiles with random odd option values")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
 
@@ -123,9 +173,12 @@ def main() -> int:
     counts = {}
     start = time.perf_counter()
     try:
-        counts["generated models compiled"] = run_models(args.models, args.seed, failures, outcomes)
-        counts["generated models per pass x passes"] = run_passes(args.pass_models, args.seed, failures, outcomes)
+        if args.models:
+            counts["generated models compiled"] = run_models(args.models, args.seed, failures, outcomes)
+        if args.pass_models:
+            counts["generated models per pass x passes"] = run_passes(args.pass_models, args.seed, failures, outcomes)
         counts["mutated files"] = run_mutations(args.mutations, args.seed, failures, outcomes)
+        counts["option sets"] = run_options(args.options, args.seed, failures, outcomes)
     except KeyboardInterrupt:
         print("interrupted: partial results", file=sys.stderr)
     except Exception:

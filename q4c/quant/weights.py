@@ -160,13 +160,19 @@ def conv_block_layout(shape: tuple[int, ...], block: int) -> tuple[str, int, int
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def float32_scales(slot: WeightSlot, kernel_scales: bool = True) -> bool:
+def float32_scales(slot: WeightSlot, kernel_scales: bool = True, values: np.ndarray | None = None) -> bool:
     """Float32 scales for weights ONNX Runtime's low-bit kernels read (unless no kernel will:
     `kernel_scales` False, --kernels fp32-at-load); float16 where only DequantizeLinear does,
-    unless the weight holds values float16 cannot (then float32, or the layer would be inf)."""
+    unless the weight (`values`, default the slot's constant) holds values float16 cannot (then
+    float32, or the layer would dequantize to inf)."""
     if kernel_scales and slot.role in FLOAT32_SCALE_ROLES:
         return True
-    values = slot.tensor.values if isinstance(slot.tensor, gs.Constant) else None
+    if values is None:
+        try:
+            tensor = slot.tensor
+        except IndexError:  # a slot whose node was rewritten since: nothing to measure
+            return False
+        values = tensor.values if isinstance(tensor, gs.Constant) else None
     return values is not None and values.size > 0 and float(np.max(np.abs(values))) > FLOAT16_MAX / 2
 
 
@@ -186,7 +192,7 @@ def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: 
                                  granularity=str(granularity), hessians=hessians)
     if isinstance(granularity, str):
         granularity = Granularity.parse(granularity)
-    wide = float32_scales(slot, kernel_scales)
+    wide = float32_scales(slot, kernel_scales, values)
     gran = granularity.resolve(float32_scales=wide)
     kind, axis, block = scale_layout(values.shape, slot, gran.kind, gran.block)
     if scheme == "gptq":

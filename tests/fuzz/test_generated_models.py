@@ -26,6 +26,7 @@ OPTION_SETS = (
     ("--bits", "2"),
     ("--bits", "8", "--granularity", "channel"),
     ("--kernels", "fp32-at-load"),
+    ("--kernels", "low-bit"),
 )
 #: per compile; the slowest generated models compile in ~2 s here
 COMPILE_TIMEOUT = 60.0

@@ -262,3 +262,14 @@ def test_weight_beyond_float16_range_dequantizes_finite(tmp_path):
         got = run_ort(onnx.load(out), {"x": x})["y"]
         assert np.all(np.isfinite(got)), option
         assert sqnr_db(want, got) > 40, option  # the outlier dominates: measured 100+ dB
+
+
+def test_low_bit_kernels_compile(tmp_path):
+    """--kernels low-bit quantizes slots whose node was rewritten by then: the float16-range
+    check (above) read slot.tensor there and raised IndexError; it now measures the values
+    being quantized."""
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(_matmul_model(), path)
+    result = invoke(["compile", str(path), "-o", str(out), "--kernels", "low-bit"])
+    assert result.exit_code == 0, result.stderr
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(out).graph.node)
