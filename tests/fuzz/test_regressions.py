@@ -268,8 +268,10 @@ def test_low_bit_kernels_compile(tmp_path):
     """--kernels low-bit quantizes slots whose node was rewritten by then: the float16-range
     check (above) read slot.tensor there and raised IndexError; it now measures the values
     being quantized."""
+    from test_mutations import tiny_model  # MatMul + LSTM: the LSTM slot is the one that failed
+
     path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
-    onnx.save(_matmul_model(), path)
+    onnx.save(tiny_model(), path)
     result = invoke(["compile", str(path), "-o", str(out), "--kernels", "low-bit"])
     assert result.exit_code == 0, result.stderr
     assert any(n.op_type == "MatMulNBits" for n in onnx.load(out).graph.node)
