@@ -86,8 +86,14 @@ class CalibrationTable:
         tensors = doc.get("tensors")
         if not isinstance(tensors, Mapping):
             raise ConfigError(f"{source}: 'tensors' must be an object of name -> statistics")
-        table = cls(observer=str(observer), samples=int(doc.get("samples", 0)), calls=int(doc.get("calls", 0)),
-                    state_pairs=dict(doc.get("state_pairs") or {}), model=str(doc.get("model", "")))
+        try:
+            samples, calls = int(doc.get("samples", 0)), int(doc.get("calls", 0))
+            state_pairs = {str(k): str(v) for k, v in dict(doc.get("state_pairs") or {}).items()}
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ConfigError(f"{source}: 'samples' and 'calls' must be integers and 'state_pairs' an object "
+                              f"of output -> input names ({e})") from e
+        table = cls(observer=str(observer), samples=samples, calls=calls, state_pairs=state_pairs,
+                    model=str(doc.get("model", "")))
         for name, entry in tensors.items():
             try:
                 stats = TensorStats(**entry)
