@@ -290,3 +290,17 @@ def test_calibration_table_with_wrong_field_types_is_a_config_error(tmp_path):
                          "--activations", "int8", "--load-calib", str(table)])
         assert result.exit_code == 1, field
         assert "'samples' and 'calls' must be integers" in result.error, field
+
+
+def test_npz_with_unknown_compression_method_is_a_data_error(tmp_path):
+    """zipfile raises NotImplementedError for a compression method it does not know."""
+    model_path, data = tmp_path / "m.onnx", tmp_path / "x.npz"
+    onnx.save(_matmul_model(), model_path)
+    np.savez(data, x=np.ones((2, 64), np.float32))
+    raw = bytearray(data.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local and central headers
+        at = raw.find(signature)
+        raw[at + offset:at + offset + 2] = (99).to_bytes(2, "little")
+    data.write_bytes(bytes(raw))
+    result = invoke(["run", str(model_path), "--data", str(data)])
+    assert result.exit_code == 1 and "not a readable .npz file" in result.error
