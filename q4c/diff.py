@@ -126,6 +126,11 @@ def diff_models(
     acoustic = all(np.issubdtype(s.dtype, np.floating) for s in input_specs(reference))
 
     use_interp = tensors or run_reference is None or run_other is None
+    if use_interp:  # the interpreter trusts shapes; a graph that contradicts them is refused in one line
+        from q4c.verify import refuse_inconsistent_model
+
+        refuse_inconsistent_model(reference)
+        refuse_inconsistent_model(other)
     interp_ref, interp_other = (Interpreter(reference), Interpreter(other)) if use_interp else (None, None)
     keep = True if tensors else None
 

@@ -37,7 +37,9 @@ def run_cmd(model: Path, data: Path, output: Path | None, backend: str, threads:
         results = [q4ort.run(session, feeds) for feeds in samples]
     else:
         from q4c.interp import Interpreter
+        from q4c.verify import refuse_inconsistent_model
 
+        refuse_inconsistent_model(proto)  # the interpreter trusts shapes: a contradicting graph is refused
         interp = Interpreter(proto)
         results = [interp.run(feeds) for feeds in samples]
     if output is not None:

@@ -304,3 +304,17 @@ def test_npz_with_unknown_compression_method_is_a_data_error(tmp_path):
     data.write_bytes(bytes(raw))
     result = invoke(["run", str(model_path), "--data", str(data)])
     assert result.exit_code == 1 and "not a readable .npz file" in result.error
+
+
+def test_interpreter_refuses_a_shape_contradicting_graph(tmp_path):
+    """MatMul reading the input twice (x [2, 64] @ x): run --backend interp died in numpy's
+    matmul; the graph fails strict shape inference, which run/diff now check first."""
+    model = _matmul_model()
+    model.graph.node[0].input[1] = "x"
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 64), np.float32))
+    result = invoke(["run", str(path), "--data", str(tmp_path / "x.npz"), "--backend", "interp"])
+    assert result.exit_code == 1 and "fails the full ONNX checker" in result.error
+    result = invoke(["diff", str(path), str(path), "--data", str(tmp_path / "x.npz"), "--backend", "interp"])
+    assert result.exit_code == 1 and "fails the full ONNX checker" in result.error
