@@ -25,8 +25,11 @@ from onnx import TensorProto, helper, numpy_helper
 IR_VERSION = 10
 FLOAT = TensorProto.FLOAT
 
-#: activations both q4c's interpreter and ONNX Runtime's CPU LSTM/GRU/RNN kernels implement
-RNN_ACTIVATIONS = ("Sigmoid", "Tanh", "Relu", "HardSigmoid", "LeakyRelu", "Softsign", "Softplus")
+#: activations both q4c's interpreter and ONNX Runtime's CPU LSTM/GRU/RNN kernels implement.
+#: Not Softplus: as a gate it lets the cell state grow without bound, and ONNX Runtime's Softplus
+#: overflows to inf (then NaN) above ~88 where the interpreter's logaddexp stays finite, so the
+#: two disagree on such models for reasons that are not q4c's (fuzz_long seed 11 found it).
+RNN_ACTIVATIONS = ("Sigmoid", "Tanh", "Relu", "HardSigmoid", "LeakyRelu", "Softsign")
 #: op -> the first opset it exists in (with the attributes the generator uses)
 MIN_OPSET = {"Einsum": 12, "LayerNormalization": 17, "layout": 14}
 
