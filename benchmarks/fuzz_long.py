@@ -22,8 +22,8 @@ from pathlib import Path
 FUZZ = Path(__file__).resolve().parent.parent / "tests" / "fuzz"
 sys.path.insert(0, str(FUZZ))
 
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
 
 
 def _settings(n: int):
@@ -52,7 +52,7 @@ def run_models(n: int, seed_: int, failures: list, outcomes: collections.Counter
             start = time.perf_counter()
             try:
                 outcomes[_kind(check_compile(Path(d), gm, option))] += 1
-            except BaseException as e:  # noqa: BLE001 - every failure is collected
+            except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 failures.append(("compile", repr(gm), option, f"{type(e).__name__}: {e}"[:1500]))
@@ -78,7 +78,7 @@ def run_passes(n: int, seed_: int, failures: list, outcomes: collections.Counter
             try:
                 tp.check_pass_on(name, gm)
                 outcomes[f"pass {name} ok"] += 1
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 failures.append((f"pass {name}", repr(gm), "", f"{type(e).__name__}: {e}"[:1500]))
@@ -152,7 +152,7 @@ def run_options(n: int, seed_: int, failures: list, outcomes: collections.Counte
                 result = invoke(args, timeout=300)
                 assert result.exit_code in (0, 1, 2, 4), result.stderr[-300:]
                 outcomes[f"options exit {result.exit_code}"] += 1
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 failures.append(("options", f"case {case}", " ".join(args), f"{type(e).__name__}: {e}"[:1500]))
@@ -181,7 +181,7 @@ def main() -> int:
         counts["option sets"] = run_options(args.options, args.seed, failures, outcomes)
     except KeyboardInterrupt:
         print("interrupted: partial results", file=sys.stderr)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a crash of the harness itself: show it, exit 2
         traceback.print_exc()
         return 2
     print(f"fuzz_long seed {args.seed}: {counts} in {time.perf_counter() - start:.0f} s")

@@ -36,7 +36,7 @@ class Hang(BaseException):
 def deadline(seconds: float) -> Iterator[None]:
     """Raise Hang in the main thread after `seconds` (SIGALRM; fuzz tests run single-threaded)."""
 
-    def fire(signum, frame):  # noqa: ARG001
+    def fire(signum, frame):
         raise Hang(f"no result after {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, fire)

@@ -14,11 +14,11 @@ import pytest
 from harness import invoke, scaled
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from q4c.passes import BUILTIN_PASSES
 from strategies import feeds_for, models
 
 from q4c import graph as g
 from q4c.errors import Q4cError
-from q4c.passes import BUILTIN_PASSES
 from q4c.testing import run_interp, run_pass
 
 #: the passes that promise equivalence (the quantizing ones are judged by compile's tests)
@@ -39,7 +39,7 @@ def check_pass_on(name: str, gm) -> None:
     feeds = feeds_for(gm.model, seed=2)
     want = run_interp(gm.model, feeds)
     try:
-        out, result = run_pass(BUILTIN_PASSES[name](), gm.model)  # audit=True: raises on a dishonest `modified`
+        out, _ = run_pass(BUILTIN_PASSES[name](), gm.model)  # audit=True: raises on a dishonest `modified`
     except Q4cError as e:  # a pass may refuse a graph, in one line (not a crash)
         assert "\n" not in str(e), str(e)
         return

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from harness import invoke
 from onnx import helper, numpy_helper
+from test_mutations import tiny_model
 
 from q4c.errors import ModelLoadError
 from q4c.interp import Interpreter
@@ -270,10 +271,8 @@ def test_low_bit_kernels_compile(tmp_path):
     """--kernels low-bit quantizes slots whose node was rewritten by then: the float16-range
     check (above) read slot.tensor there and raised IndexError; it now measures the values
     being quantized."""
-    from test_mutations import tiny_model  # MatMul + LSTM: the LSTM slot is the one that failed
-
     path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
-    onnx.save(tiny_model(), path)
+    onnx.save(tiny_model(), path)  # MatMul + LSTM: the LSTM slot is the one that failed
     result = invoke(["compile", str(path), "-o", str(out), "--kernels", "low-bit"])
     assert result.exit_code == 0, result.stderr
     assert any(n.op_type == "MatMulNBits" for n in onnx.load(out).graph.node)
