@@ -206,3 +206,35 @@ def test_a_graph_with_nothing_to_quantize_is_written_as_it_is(tmp_path, rng):
     report = compile_system(spec, tmp_path / "out", CompileOptions(bits=4, **OPTIONS))
     assert (tmp_path / "out" / "c.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
     assert report["graphs"]["c"]["tensors"] == [] and report["graphs"]["b"]["avg_weight_bits"] == 4
+
+
+def test_unchanged_graphs_answer_from_the_fp32_run_only_when_their_feeds_match(tmp_path, rng):
+    from q4c.system import CallLog, SystemRunner, load_spec
+
+    spec = load_spec(_system(tmp_path, rng))
+    models = {n: onnx.load(str(p)) for n, p in spec.graphs.items()}
+    for m in models.values():  # initializers listed as inputs too: a feed may override them
+        m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
+    sessions = {n: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for n, m in models.items()}
+    ran: list[str] = []
+
+    def run_graph(name, feeds, changes):  # changes: initializers fed as inputs override them in ORT
+        ran.append(name)
+        out = sessions[name].run(None, {**feeds, **changes})
+        return dict(zip([o.name for o in sessions[name].get_outputs()], out, strict=True))
+
+    runner = SystemRunner(spec, run_graph)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    log = CallLog()
+    fp32 = runner.run(x, 0, log=log)
+    w2 = numpy_helper.to_array(models["b"].graph.initializer[0]) * 0.5
+    ran.clear()
+    changed_b = runner.run(x, 0, {"b": {"W2": w2}}, cached=log)
+    assert ran == ["b"]  # a's call got the FP32 feeds: answered from the log
+    np.testing.assert_allclose(changed_b["y"], 0.5 * fp32["y"], rtol=1e-5, atol=1e-6)
+    w1 = numpy_helper.to_array(models["a"].graph.initializer[0]) * 2.0
+    ran.clear()
+    changed_a = runner.run(x, 0, {"a": {"W1": w1}}, cached=log)
+    assert ran == ["a", "b"]  # b's feeds differ from the FP32 run's: it runs
+    np.testing.assert_allclose(changed_a["y"], 2.0 * fp32["y"], rtol=1e-5, atol=1e-6)
