@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -343,15 +344,33 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        _save_with_external_data(model, path)
+        return path.stat().st_size
     with atomic_write(path) as tmp_path:
-        if model.ByteSize() > _PROTOBUF_LIMIT:
-            data_name = path.name + ".data"
-            onnx.save_model(model, str(tmp_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            with open(tmp_path, "wb") as f:
-                f.write(model.SerializeToString())
+        with open(tmp_path, "wb") as f:
+            f.write(model.SerializeToString())
     return path.stat().st_size
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """`path` and `<name>.data` written in a staging directory beside them, then renamed into
+    place (data first): an interrupted or failed save leaves neither half-written, and two
+    compiles to one path never write into the same data file."""
+    data_name = path.name + ".data"
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        onnx.save_model(model, str(staging / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staging / path.name, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def make_constant(name: str, values: np.ndarray) -> gs.Constant:

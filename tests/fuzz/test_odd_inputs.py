@@ -11,10 +11,12 @@ import hashlib
 
 import numpy as np
 import onnx
+import pytest
 from harness import invoke, leftovers
 from onnx import helper, numpy_helper
 
 from q4c import graph as g
+from q4c.errors import ConfigError
 from q4c.testing import run_interp, run_ort
 
 
@@ -137,3 +139,19 @@ def test_input_without_a_shape_is_one_line(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.ones((2, 64), np.float32))
     result = invoke(["compile", str(src), "-o", str(tmp_path / "out.onnx"), "--calib", str(tmp_path / "x.npz")])
     assert result.exit_code == 1 and "no shape on 'x'" in result.error
+
+
+def test_external_data_save_failure_leaves_nothing(tmp_path, monkeypatch):
+    """The >2 GiB branch stages model and data beside the target and renames them; a failure
+    (here the first rename) leaves no .data, no model and no staging directory."""
+    import os
+
+    monkeypatch.setattr(g, "_PROTOBUF_LIMIT", 1024)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(ConfigError, match="cannot write .*No space left"):
+        g.save(_model(), tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
