@@ -32,7 +32,7 @@ from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.compiler import _target_opset, compile_model
 from q4c.config import CompileOptions
-from q4c.errors import ConfigError
+from q4c.errors import ConfigError, QualityLostError
 from q4c.pipeline import PassContext, Pipeline
 from q4c.quant.candidates import Candidate, candidate_list
 from q4c.quant.knapsack import Option, solve
@@ -59,6 +59,7 @@ from q4c.system import (
     system_objectives,
 )
 from q4c.system_plan import combined_plan, smallest_meeting, split_plan
+from q4c.verify import Measurement, describe_loss, judge_quality
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,11 @@ class _Member:
 def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[str],
                    options: CompileOptions | None = None, *, verify: bool = True,
                    save_plan: str | os.PathLike[str] | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None, strict: bool = False) -> dict[str, Any]:
     """Compile every graph of the SPEC into OUTDIR/<name>.onnx under one plan; returns the report
     (also written as OUTDIR/report.json). Nothing is written on error: the graphs go to a
-    temporary directory renamed to OUTDIR at the end."""
+    temporary directory renamed to OUTDIR at the end. `strict`: raise QualityLostError (nothing
+    written) when a driver output measures below the quality thresholds (q4c.verify)."""
     start = time.perf_counter()
     options = options or CompileOptions()
     say = progress or (lambda _msg: None)
@@ -182,6 +184,7 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
             warnings += [f"{name}: {w}" for w in report.get("warnings", [])]
         say("measure the compiled system")
         system = _measure_compiled(spec, compiled, samples, references, objectives)
+        warnings += [f"system {describe_loss(lost)}" for lost in system["quality"]["lost"]]
         combined = combined_plan(reports, defaults)
         fp32_bytes = sum(r["input"]["bytes"] for r in reports.values())
         out_bytes = sum(r["output"]["bytes"] for r in reports.values())
@@ -199,6 +202,9 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
         if save_plan is not None:
             combined.save(save_plan)
+        if strict and not system["quality"]["ok"]:
+            lost = "; ".join(describe_loss(x) for x in system["quality"]["lost"])
+            raise QualityLostError(f"{spec.path}: system quality lost ({lost}); --strict: nothing written", report)
         _replace_dir(tmp, outdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -386,7 +392,14 @@ def _measure_compiled(spec: SystemSpec, compiled: Mapping[str, onnx.ModelProto],
     runner = SystemRunner(spec, session_graph_runner(compiled))
     n = min(PLAN_SAMPLES, len(samples))
     outs = [runner.run(samples[i], i) for i in range(n)]
-    return {"samples": n, "outputs": score_outputs(objectives, references[:n], outs, keep=True).metrics(),
+    metrics = score_outputs(objectives, references[:n], outs, keep=True).metrics()
+    measurements = [Measurement(name, "sqnr_db", float(m["sqnr_db"])) for name, m in metrics.items() if "sqnr_db" in m]
+    for name, objective in objectives.items():
+        if objective.kind != "ignore":
+            bad = sum(int(np.sum(~np.isfinite(o[name]) & np.isfinite(r[name]))) for r, o in zip(references, outs)
+                      if o[name].shape == r[name].shape)
+            measurements.append(Measurement(name, "nonfinite", bad))
+    return {"samples": n, "outputs": metrics, "quality": judge_quality(measurements),
             "on": "the first driver samples (calibration data: use the driver's own test split to judge)"}
 
 

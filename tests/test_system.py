@@ -238,3 +238,20 @@ def test_unchanged_graphs_answer_from_the_fp32_run_only_when_their_feeds_match(t
     changed_a = runner.run(x, 0, {"a": {"W1": w1}}, cached=log)
     assert ran == ["a", "b"]  # b's feeds differ from the FP32 run's: it runs
     np.testing.assert_allclose(changed_a["y"], 2.0 * fp32["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_strict_exits_4_and_writes_nothing_when_a_system_output_loses_quality(tmp_path, rng):
+    spec = _system(tmp_path, rng)
+    result = CliRunner().invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"), "--bits", "2",
+                                       "--kernels", "fp32-at-load", "--strict", "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 4, result.output
+    lost = json.loads((tmp_path / "r.json").read_text())["system"]["quality"]["lost"]
+    assert [x["output"] for x in lost] == ["y"] and lost[0]["value"] < 20  # uniform 2-bit: 6.6 dB
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_the_driver_replaces_are_usage_errors_with_system(tmp_path, rng):
+    spec = _system(tmp_path, rng)
+    result = CliRunner().invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"),
+                                       "--calib", str(tmp_path / "a.onnx")])
+    assert result.exit_code == 2 and "--calib cannot be used with --system" in result.stderr

@@ -188,7 +188,10 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         from q4c.cli.system import compile_system_cmd
 
         compile_system_cmd(system, output, options, verify=verify, save_plan=save_plan, report_path=report_path,
-                           as_json=as_json)
+                           as_json=as_json, strict=strict,
+                           unsupported={"--passes": passes, "--calib": data, "--calib-reader": calib_reader,
+                                        "--save-calib": save_calib, "--load-calib": load_calib, "--dump-dir": dump_dir,
+                                        "--plot-pareto": plot_pareto, "--check": check})
         return
     total = [0]
 

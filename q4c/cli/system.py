@@ -12,20 +12,34 @@ import click
 
 from q4c.cli.render import emit_json, human_bytes, table
 from q4c.config import CompileOptions
+from q4c.errors import QualityLostError
 
 
 def compile_system_cmd(spec: Path, output: Path | None, options: CompileOptions, *, verify: bool,
-                       save_plan: Path | None, report_path: Path | None, as_json: bool) -> None:
+                       save_plan: Path | None, report_path: Path | None, as_json: bool, strict: bool = False,
+                       unsupported: dict[str, object] | None = None) -> None:
     """q4c compile --system SPEC -o OUTDIR: the graphs to OUTDIR/<name>.onnx, OUTDIR/report.json."""
     from q4c.system_compile import compile_system
 
     if output is None:
         raise click.UsageError("--system needs -o OUTDIR (a directory for <graph>.onnx and report.json)")
+    given = [name for name, value in (unsupported or {}).items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} cannot be used with --system (the driver supplies the samples)")
 
     def progress(step: str) -> None:
         click.echo(f"q4c: {step}", err=True)
 
-    report = compile_system(spec, output, options, verify=verify, save_plan=save_plan, progress=progress)
+    try:
+        report = compile_system(spec, output, options, verify=verify, save_plan=save_plan, progress=progress,
+                                strict=strict)
+    except QualityLostError as e:
+        if e.report is not None and report_path is not None:
+            report_path.write_text(json.dumps(e.report, indent=2, sort_keys=True, default=str) + "\n")
+        if e.report is not None and as_json:
+            emit_json(e.report)
+        click.echo(f"Error: {e}", err=True)
+        raise click.exceptions.Exit(e.exit_code) from e
     if report_path is not None:
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     if as_json:
