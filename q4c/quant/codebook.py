@@ -19,8 +19,8 @@ Stored form (`emit_decoder`): the indices as one packed uint8 bitstream (`pack_i
 b-bit indices in b bytes, 1-4 bits, so 3-bit indices cost 3 bits), the float16 tables and scales.
 A chain of standard ONNX ops (Reshape, Cast, Mul, ReduceSum, Div, Mod, Slice, Add, Gather, Cast,
 Mul, Transpose) rebuilds the float weight from initializers only, so ONNX Runtime constant-folds
-it at session load: a small file, FP32 speed. Its nodes are named with the closed-form generator
-prefix, so q4c's fold-constants never folds them back into a float weight.
+it at session load: a small file, FP32 speed. Its constant-only nodes carry the closed-form
+generator prefix, so q4c's fold-constants never folds them back into a float weight.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ KMEANS_ITERS = 40
 #: them alone) plus a tag that `q4c inspect` recognises.
 DECODER_PREFIX = f"{GENERATOR_PREFIX}cb/"
 #: Bytes of a decoder besides its indices, tables and scales (its ~15 nodes and small shape
-#: constants; measured 1.1-1.3 KB), counted in every codebook candidate's cost.
+#: constants; measured 1.1-1.4 KB, the weight's name stored twice included), counted in every
+#: codebook candidate's cost.
 DECODER_BYTES = 1200
 #: Columns per lazy GPTQ update batch (codebooks without block scales).
 LAZY = 64
