@@ -15,9 +15,9 @@ from q4c.errors import ConfigError
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.codebook import CodebookWeight, emit_decoder
 from q4c.quant.gptq import input_hessians
-from q4c.quant.sensitivity import gptq_eligible
 from q4c.quant.packing import onnx_codes, storage_bits
 from q4c.quant.plan import FLOAT
+from q4c.quant.sensitivity import gptq_eligible
 from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
 
 logger = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from q4c.quant.packing import storage_bits
 from q4c.quant.plan import FLOAT
 from q4c.quant.weights import WeightSlot, float32_scales, scale_layout
 
+
 @dataclass(frozen=True)
 class Candidate:
     bits: int  # nominal code bits; FLOAT (32) keeps the tensor float

@@ -440,7 +440,7 @@ def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def _fresh_tag(root: gs.Graph) -> str:
     """A short prefix ("cb3") no tensor or node name in `root` starts with: decoder tensors are
     named "<tag>.<i>" (names are stored, most of them twice)."""
-    names = g._used_names(root)  # noqa: SLF001  (one scan instead of one per name)
+    names = g._used_names(root)
     prefixes = {n.split(".", 1)[0] for n in names} | {n[len(DECODER_PREFIX):].split(".", 1)[0] for n in names
                                                       if n.startswith(DECODER_PREFIX)}
     i = 0

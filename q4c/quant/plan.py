@@ -8,7 +8,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from q4c.config import CODEBOOK_BITS, CODEBOOK_SCHEMES, SUPPORTED_BITS, UNIFORM_SCHEMES, Granularity
+from q4c.config import (
+    CODEBOOK_SCHEMES,
+    SUPPORTED_BITS,
+    UNIFORM_SCHEMES,
+    Granularity,
+)
 from q4c.errors import ConfigError
 
 PLAN_SCHEMA = "q4c.plan/1"
@@ -86,7 +91,9 @@ class PrecisionPlan:
         return plan
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from q4c.graph import write_text  # atomic: an interrupted --save-plan leaves no partial file
+        from q4c.graph import (
+            write_text,  # atomic: an interrupted --save-plan leaves no partial file
+        )
 
         write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 

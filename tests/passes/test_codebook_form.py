@@ -10,17 +10,23 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from q4c.passes.assign_precision import AssignPrecisionPass
+from q4c.passes.fold_constants import FoldConstantsPass
+from q4c.passes.quantize_weights import QuantizeWeightsPass
 
 import q4c
 from q4c.cli import main
 from q4c.config import CompileOptions, Target
-from q4c.inspect import inspect_model
 from q4c.metrics import kl_divergence
-from q4c.passes.assign_precision import AssignPrecisionPass
-from q4c.passes.fold_constants import FoldConstantsPass
-from q4c.passes.quantize_weights import QuantizeWeightsPass
 from q4c.pipeline import PassContext
-from q4c.testing import heavy_tailed, make_model, op_histogram, run_interp, run_ort, run_pass
+from q4c.testing import (
+    heavy_tailed,
+    make_model,
+    op_histogram,
+    run_interp,
+    run_ort,
+    run_pass,
+)
 
 F = TensorProto.FLOAT
 

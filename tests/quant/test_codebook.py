@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 
 from q4c.errors import ConfigError
-from q4c.quant.codebook import (DECODER_BYTES, codebook_cost, kmeans_1d, kmeans_mulaw, nf_levels, pack_indices, packed_bytes,
-                                quantize_codebook, unpack_indices)
+from q4c.quant.codebook import (
+    DECODER_BYTES,
+    codebook_cost,
+    kmeans_1d,
+    kmeans_mulaw,
+    nf_levels,
+    pack_indices,
+    packed_bytes,
+    quantize_codebook,
+    unpack_indices,
+)
 from q4c.testing import heavy_tailed
 
 
