@@ -28,8 +28,9 @@ OPTION_SETS = (
     ("--kernels", "fp32-at-load"),
     ("--kernels", "low-bit"),
 )
-#: per compile; the slowest generated models compile in ~2 s here
-COMPILE_TIMEOUT = 60.0
+#: per compile (a hang fails, not a slow machine): CI examples take <= 2 s, the slowest seen in
+#: fuzz_long 60 s on a loaded machine
+COMPILE_TIMEOUT = 120.0
 #: interpreter vs ONNX Runtime on the compiled model, relative to the output's largest magnitude
 RTOL = 1e-4
 
