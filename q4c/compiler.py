@@ -22,6 +22,7 @@ from q4c.calib.runner import Progress, materialize
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions
 from q4c.errors import ConfigError, ModelLoadError, NonFiniteWeightError, QualityLostError
 from q4c.objectives import group_sequences
+from q4c.quant.sensitivity import objectives_for
 from q4c.metrics import sqnr_db  # noqa: F401  (re-exported: q4c.testing and the benchmarks import it from here)
 from q4c.pipeline import Pass, PassContext, Pipeline
 from q4c.quant.packing import INT2_OPSET
@@ -150,12 +151,27 @@ def compile_model(
         if save_calib is not None:
             table.save(save_calib)
     if verify:
-        report["verification"] = verify_model(out, samples[:1], reference=converted,
-                                              quality_samples=samples[:QUALITY_SAMPLES])
+        units, judged_on = _quality_units(ctx, samples)
+        report["verification"] = verify_model(out, samples[:1], reference=converted, quality_units=units,
+                                              objectives=objectives_for(converted, options, ctx.state_pairs),
+                                              state_pairs=ctx.state_pairs)
+        report["verification"]["quality_judged_on"] = judged_on
         report["quality"] = judge_quality(report["verification"]["measurements"])
         for lost in report["quality"]["lost"]:
             ctx.warn(describe_loss(lost))
     return out, report
+
+
+def _quality_units(ctx: PassContext, samples: list[Feeds]) -> tuple[list[list[Feeds]], str]:
+    """What the compiled model's quality is judged on: the held-out calibration samples where
+    the plan was chosen without them (--require), else the first QUALITY_SAMPLES samples; whole
+    sequences (closed loop) for stateful models."""
+    units = [list(u) for u in ctx.sequences] if ctx.sequences else [[f] for f in samples]
+    table = ctx.sensitivity
+    held = getattr(table, "held_out", None)
+    if held is not None and getattr(table, "fit", None) != held and held.stop <= len(units):
+        return units[held], f"held-out calibration samples {held.start}..{held.stop - 1} (not used to choose the plan)"
+    return units[:QUALITY_SAMPLES], f"the first {min(len(units), QUALITY_SAMPLES)} calibration sample(s)"
 
 
 def compile_file(

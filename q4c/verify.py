@@ -21,6 +21,7 @@ from q4c.calib.readers import Feeds
 from q4c.errors import ModelLoadError, NonFiniteWeightError, NumericMismatchError
 from q4c.interp import Interpreter
 from q4c.metrics import sqnr_db
+from q4c.objectives import Objective, Scorer
 from q4c.recurrent.dynamic import dequantized_lstm_copy
 
 #: interpreter vs ONNX Runtime on a whole model: float32 accumulation noise through deep
@@ -51,16 +52,27 @@ class Threshold:
         return {k: v for k, v in (("min", self.min), ("max", self.max)) if v is not None}
 
 
-#: When compile's verification says quality was lost (a warning; exit 4 under --strict).
+#: When compile's verification says quality was lost (a warning; exit 4 under --strict). Each
+#: task output is judged by its objective (q4c.objectives): state outputs are not judged (their
+#: error shows in the task outputs of later calls, which stateful models are measured on closed
+#: loop), probabilities by decision flips, distributions by KL, other outputs by SQNR.
 #: sqnr_db >= 20: output noise power at most 1 % of the signal's (noise RMS 10 %). Every bundled
 #: model compiles with defaults at 24-54 dB on every output (measured 2026-12-06: transformer_lm
 #: 24.1 lowest, lstm_lm 54.5 highest), uniform 8-bit far above; Silero VAD's 2.5 dB output and
 #: 1.6 dB state (issue 12: 1.9-18.9 % flipped speech decisions) are what this must catch, and
 #: 20 dB sits between with margin on both sides. A model whose output moved by more than a tenth
 #: of its RMS has changed behaviour enough that a user should look before shipping it.
+#: flips <= 1 %: decisions at 0.5 of a probability output (a VAD's speech / non-speech per chunk).
+#: On Silero VAD 1.7 % flips moved speech-segment boundaries by 63 ms on average, 0.5 % by 3.5 ms
+#: (measured 2026-12-06, benchmarks/bench_real.py): above 1 % the segments a user gets change.
+#: kl <= 0.1 nats: mean KL between the FP32 and quantized output distributions per row. The
+#: trained bundled models compile with defaults at 0.0001 (lstm_lm) to 0.012 (rnnt_joiner); 0.1
+#: nats is where an LM's perplexity moves by about 10 %.
 #: nonfinite <= 0: a NaN or infinity where the FP32 output is finite is never acceptable.
 QUALITY_THRESHOLDS: Mapping[str, Threshold] = {
     "sqnr_db": Threshold(min=20.0),
+    "flips": Threshold(max=0.01),
+    "kl": Threshold(max=0.1),
     "nonfinite": Threshold(max=0),
 }
 #: how each metric reads in a warning
@@ -102,38 +114,74 @@ def describe_loss(entry: Mapping[str, Any]) -> str:
         return f"output {entry['output']!r}: {value:.1f} dB SQNR vs FP32, below {bound:g} dB"
     if metric == "nonfinite":
         return f"output {entry['output']!r}: {int(value)} {_UNITS[metric]}"
+    if metric == "flips":
+        return f"output {entry['output']!r}: {100 * value:.2f} % of decisions at 0.5 flipped vs FP32, above {100 * bound:g} %"
+    if metric == "kl":
+        return f"output {entry['output']!r}: KL {value:.4g} nats vs FP32, above {bound:g}"
     return f"output {entry['output']!r}: {metric} {value:.4g}, beyond the threshold {bound:g}"
 
 
 def measure_outputs(compiled: ort.InferenceSession, reference: ort.InferenceSession,
-                    samples: list[Feeds]) -> list[Measurement]:
-    """Per float output of `reference`, over all `samples` together: SQNR of the compiled
-    output vs FP32 on the elements where FP32 is finite, and how many of those elements the
-    compiled model made NaN or infinite. SQNR is left out where it would be NaN."""
+                    units: list[list[Feeds]], objectives: Mapping[str, Objective] | None = None,
+                    state_pairs: Mapping[str, str] | None = None) -> list[Measurement]:
+    """Per output of `reference`, over every unit together, the figure its objective is judged by.
+
+    A unit is a list of calls; with `state_pairs` (output -> input) each model gets its own state
+    from its previous call (closed loop: the error compounds as in deployment), so the compiled
+    model is compared with FP32 on whole sequences. `objectives` (q4c.objectives.detect_objectives;
+    default: every float output scored by SNR): "kl" outputs get `kl`, "bce" outputs `flips` (and
+    SQNR), "snr" outputs `sqnr_db`; "ignore" outputs (state) get only `nonfinite`: how many of
+    their elements the compiled model made NaN or infinite where FP32 is finite."""
+    pairs = dict(state_pairs or {})
     refs: dict[str, list[np.ndarray]] = {}
     outs: dict[str, list[np.ndarray]] = {}
-    for feeds in samples:
-        fp32 = q4ort.run(reference, feeds)
-        got = q4ort.run(compiled, feeds)
-        for name, ref in fp32.items():
-            if np.issubdtype(ref.dtype, np.floating) and name in got and got[name].size == ref.size:
-                refs.setdefault(name, []).append(ref.astype(np.float64).ravel())
-                outs.setdefault(name, []).append(got[name].astype(np.float64).ravel())
+    calls_ref: list[dict[str, np.ndarray]] = []
+    calls_out: list[dict[str, np.ndarray]] = []
+    for unit in units:
+        carried_ref: Feeds = {}
+        carried_out: Feeds = {}
+        for feeds in unit:
+            fp32 = q4ort.run(reference, {**feeds, **carried_ref})
+            got = q4ort.run(compiled, {**feeds, **carried_out})
+            carried_ref = {inp: fp32[o] for o, inp in pairs.items() if o in fp32}
+            carried_out = {inp: got[o] for o, inp in pairs.items() if o in got}
+            calls_ref.append(fp32)
+            calls_out.append(got)
+            for name, ref in fp32.items():
+                if np.issubdtype(ref.dtype, np.floating) and name in got and got[name].size == ref.size:
+                    refs.setdefault(name, []).append(ref.astype(np.float64).ravel())
+                    outs.setdefault(name, []).append(got[name].astype(np.float64).ravel())
     result = []
+    broken: dict[str, int] = {}
     for name, parts in refs.items():
         ref, out = np.concatenate(parts), np.concatenate(outs[name])
         finite = np.isfinite(ref)
-        broken = int(np.count_nonzero(~np.isfinite(out[finite])))
-        result.append(Measurement(name, "nonfinite", broken))
-        if not broken and np.any(finite):
-            value = sqnr_db(ref[finite], out[finite])
-            if not math.isnan(value):
-                result.append(Measurement(name, "sqnr_db", value))
+        broken[name] = int(np.count_nonzero(~np.isfinite(out[finite])))
+        result.append(Measurement(name, "nonfinite", broken[name]))
+    if objectives is None:
+        objectives = {n: Objective(n, "snr", "float output") for n in refs}
+    judged = {n: o for n, o in objectives.items() if n in refs and o.kind != "ignore" and not broken[n]}
+    scorer = Scorer(judged, keep=True)
+    for fp32, got in zip(calls_ref, calls_out):
+        scorer.add(fp32, got)
+    for name, figures in scorer.metrics().items():
+        kind = judged[name].kind
+        if kind == "kl":
+            result.append(Measurement(name, "kl", round(float(figures["damage"]), 6)))
+        if kind == "bce" and "flips" in figures:
+            result.append(Measurement(name, "flips", round(float(figures["flips"]), 6)))
+        if kind in ("snr", "bce") and "sqnr_db" in figures and not math.isnan(figures["sqnr_db"]):
+            ref = np.concatenate(refs[name])
+            finite = np.isfinite(ref)
+            result.append(Measurement(name, "sqnr_db", sqnr_db(ref[finite], np.concatenate(outs[name])[finite]))
+                          if kind == "snr" else Measurement(name, "prob_sqnr_db", figures["sqnr_db"]))
     return result
 
 
 def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.ModelProto | None = None,
-                 *, quality_samples: list[Feeds] | None = None) -> dict[str, Any]:
+                 *, quality_units: list[list[Feeds]] | None = None,
+                 objectives: Mapping[str, Objective] | None = None,
+                 state_pairs: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The emitted-graph guarantees: full checker, ORT loads and runs it, and the interpreter
     agrees with ORT. MatMulNBits runs int8 activations at accuracy_level 4, so the equivalence
     check runs ORT on a copy at accuracy_level 0 with optimizations off (no fusion hides a bug);
@@ -141,9 +189,10 @@ def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.M
     int8) is checked code for code on ONNX Runtime's own inputs, and the rest of the graph with
     it taken out (see q4c.calib.qdq).
 
-    With `reference` (the FP32 model), the outputs are measured against it on `quality_samples`
-    (default `samples`): `measurements` [{output, metric, value}] for judge_quality, and
-    `output_sqnr_db` {output: dB}."""
+    With `reference` (the FP32 model), the outputs are measured against it on `quality_units`
+    (lists of calls, closed loop through `state_pairs`; default: each of `samples` alone), each by
+    its objective (see measure_outputs): `measurements` [{output, metric, value}] for
+    judge_quality, and `output_sqnr_db` {output: dB} for the outputs judged by SQNR."""
     try:
         g.check(model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -188,9 +237,11 @@ def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.M
     result["ort_int8_activation_max_abs"] = deployed_dev
     result["samples"] = len(samples)
     if reference is not None:
-        quality_samples = samples if quality_samples is None else quality_samples
-        measurements = measure_outputs(session, q4ort.make_session(reference), quality_samples)
-        result["quality_samples"] = len(quality_samples)
+        units = [[f] for f in samples] if quality_units is None else quality_units
+        measurements = measure_outputs(session, q4ort.make_session(reference), units, objectives, state_pairs)
+        result["quality_samples"] = len(units)
+        result["quality_calls"] = sum(len(u) for u in units)
+        result["closed_loop"] = bool(state_pairs) and any(len(u) > 1 for u in units)
         result["measurements"] = [m.to_json() for m in measurements]
         sqnr = {m.output: m.value for m in measurements if m.metric == "sqnr_db"}
         if sqnr:

@@ -52,7 +52,8 @@ def test_sqnr_below_20_db_is_lost_and_at_20_is_kept():
     quality = judge_quality([Measurement("y", "sqnr_db", 19.99), Measurement("state", "sqnr_db", 20.0)])
     assert quality["ok"] is False
     assert quality["lost"] == [{"output": "y", "metric": "sqnr_db", "value": 19.99, "threshold": 20.0}]
-    assert quality["thresholds"] == {"sqnr_db": {"min": 20.0}, "nonfinite": {"max": 0}}
+    assert quality["thresholds"] == {"sqnr_db": {"min": 20.0}, "flips": {"max": 0.01}, "kl": {"max": 0.1},
+                                     "nonfinite": {"max": 0}}
 
 
 def test_any_nonfinite_value_is_lost_and_none_is_ok():
@@ -63,11 +64,18 @@ def test_any_nonfinite_value_is_lost_and_none_is_ok():
 
 def test_thresholds_extend_to_new_metrics_and_unknown_metrics_are_not_judged():
     kl = {**QUALITY_THRESHOLDS, "kl": Threshold(max=0.01)}
-    measured = [Measurement("p", "kl", 0.02), Measurement("p", "flips", 0.5)]
+    measured = [Measurement("p", "kl", 0.02), Measurement("p", "prob_sqnr_db", 3.0)]
     quality = judge_quality(measured, kl)
     assert [x["metric"] for x in quality["lost"]] == ["kl"] and quality["lost"][0]["threshold"] == 0.01
-    assert judge_quality(measured)["ok"] is True  # default thresholds know neither
+    assert judge_quality(measured)["ok"] is True  # 0.02 nats is within the default 0.1; prob_sqnr_db is not judged
     assert len(judge_quality(measured)["measured"]) == 2
+
+
+def test_default_thresholds_judge_flips_above_one_percent_and_kl_above_a_tenth_of_a_nat():
+    lost = judge_quality([Measurement("p", "flips", 0.0101), Measurement("p", "flips", 0.01),
+                          Measurement("d", "kl", 0.1001), Measurement("d", "kl", 0.1)])["lost"]
+    assert [(x["metric"], x["value"]) for x in lost] == [("flips", 0.0101), ("kl", 0.1001)]
+    assert describe_loss(lost[0]) == "output 'p': 1.01 % of decisions at 0.5 flipped vs FP32, above 1 %"
 
 
 def test_loss_reads_as_one_line_naming_output_and_figure():
@@ -86,7 +94,7 @@ def test_measured_sqnr_pools_samples_and_matches_an_independent_computation(rng)
     w2 = numpy_helper.to_array(noisy.graph.initializer[1])
     noisy.graph.initializer[1].CopyFrom(numpy_helper.from_array(w2 + 0.02 * rng.standard_normal(w2.shape).astype(np.float32), "W2"))
     samples = [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(3)]
-    got = measure_outputs(q4ort.make_session(noisy), q4ort.make_session(model), samples)
+    got = measure_outputs(q4ort.make_session(noisy), q4ort.make_session(model), [[s] for s in samples])
 
     ref = np.concatenate([run_ort(model, s)["y"].ravel() for s in samples])
     out = np.concatenate([run_ort(noisy, s)["y"].ravel() for s in samples])
@@ -103,8 +111,49 @@ def test_nan_in_the_compiled_output_only_is_counted_not_turned_into_nan_sqnr(rng
     w2[:, 5] = np.nan  # column 5 of y becomes NaN on every row: 4 rows x 2 samples
     broken.graph.initializer[1].CopyFrom(numpy_helper.from_array(w2, "W2"))
     samples = [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(2)]
-    got = measure_outputs(q4ort.make_session(broken), q4ort.make_session(model), samples)
+    got = measure_outputs(q4ort.make_session(broken), q4ort.make_session(model), [[s] for s in samples])
     assert [(m.metric, m.value) for m in got] == [("nonfinite", 8)]
+
+
+def _vad_cell(w: np.ndarray, r: np.ndarray, v: np.ndarray) -> onnx.ModelProto:
+    """h = tanh(x W + state R); p = sigmoid(h V): a state output and a probability output."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("MatMul", ["state", "R"], ["hr"]),
+             helper.make_node("Add", ["xw", "hr"], ["pre"]), helper.make_node("Tanh", ["pre"], ["state_out"]),
+             helper.make_node("MatMul", ["state_out", "V"], ["logit"]), helper.make_node("Sigmoid", ["logit"], ["p"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [1, 8]), helper.make_tensor_value_info("state", F, [1, 16])],
+                      [helper.make_tensor_value_info("p", F, [1, 1]), helper.make_tensor_value_info("state_out", F, [1, 16])],
+                      {"W": w, "R": r, "V": v}, opset=17)
+
+
+def test_stateful_outputs_are_judged_closed_loop_by_their_objective(rng):
+    from q4c.objectives import detect_objectives
+
+    w, r, v = (rng.standard_normal(s).astype(np.float32) for s in ((8, 16), (16, 16), (16, 1)))
+    model = _vad_cell(w, (0.9 * r / 4).astype(np.float32), v)
+    noisy = _vad_cell(w, ((0.9 * r + 0.3 * rng.standard_normal(r.shape)) / 4).astype(np.float32), v)
+    units = [[{"x": rng.standard_normal((1, 8)).astype(np.float32), "state": np.zeros((1, 16), np.float32)}
+              for _ in range(40)] for _ in range(3)]
+    pairs = {"state_out": "state"}
+    objectives = detect_objectives(model, pairs)
+    got = {(m.output, m.metric): m.value for m in measure_outputs(
+        q4ort.make_session(noisy), q4ort.make_session(model), units, objectives, pairs)}
+
+    def closed_loop(m):  # each model fed its own state, computed here with ONNX Runtime
+        out = []
+        for unit in units:
+            state = unit[0]["state"]
+            for feeds in unit:
+                res = run_ort(m, {"x": feeds["x"], "state": state})
+                state = res["state_out"]
+                out.append(res["p"].ravel())
+        return np.concatenate(out)
+
+    ref, act = closed_loop(model), closed_loop(noisy)
+    flips = float(np.mean((ref >= 0.5) != (act >= 0.5)))
+    assert flips > 0  # the premise: the noisy recurrence changes decisions
+    assert got[("p", "flips")] == pytest.approx(flips)
+    assert ("state_out", "sqnr_db") not in got and got[("state_out", "nonfinite")] == 0  # state is not judged
+    assert ("p", "sqnr_db") not in got  # probabilities are judged by their decisions, not by SQNR
 
 
 # -- non-finite weights ----------------------------------------------------------------------
