@@ -36,7 +36,14 @@ from q4c.metrics import boundary_shift_ms, decision_flips, speech_segments, sqnr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, publish  # noqa: E402
-from contenders import SETTINGS, Build, Calibration, ort_matmul_nbits, pre_processed, q4c_with  # noqa: E402
+from contenders import (  # noqa: E402
+    SETTINGS,
+    Build,
+    Calibration,
+    ort_matmul_nbits,
+    pre_processed,
+    q4c_with,
+)
 
 REAL = REPO / "models" / "real"
 sys.path.insert(0, str(REAL))
@@ -54,6 +61,10 @@ CONTENDERS: list[tuple[str, Build]] = [
     ("q4c default", q4c_with()),
     ("q4c --bits 4", q4c_with(bits=4)),
     ("ORT MatMulNBits INT4/32 acc4 +Gather", ort_matmul_nbits),
+]
+#: Silero only: the quality requirement of issue 13 (decisions kept on held-out calibration audio)
+SILERO_EXTRA: list[tuple[str, Build]] = [
+    ('q4c --require "flips<=0.5%"', q4c_with(requirements=("flips<=0.5%",))),
 ]
 
 
@@ -80,7 +91,13 @@ NON_CONV_OPS = ["LSTM", "GRU", "MatMul", "Gemm", "Attention", "Gather", "EmbedLa
 
 def ort_int8_variant(static: bool, pre: bool, per_channel: bool, exclusion: str | tuple[str, ...]) -> Build:
     def build(src: Path, dst: Path, calib: Calibration) -> None:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
 
         with tempfile.TemporaryDirectory() as tmp:
             model = pre_processed(src, Path(tmp)) if pre else src
@@ -221,7 +238,8 @@ def silero_rows(export: str, tmp: Path) -> list[dict]:
              "shift_ms": 0.0, "latency_ratio": 1.0}]
     longest = max(test, key=lambda t: len(t[1]))[1]
     calib = Calibration(feeds=calib_feeds, reader=reader)
-    builds = [(label, build, None) for label, build in CONTENDERS] + [(label, build, calib_flips) for label, build in TUNED]
+    builds = [(label, build, None) for label, build in CONTENDERS + SILERO_EXTRA]
+    builds += [(label, build, calib_flips) for label, build in TUNED]
     for label, build, score in builds:
         dst = tmp / f"{export}_{len(rows)}.onnx"
         row: dict = {"model": export, "method": label}
@@ -289,6 +307,7 @@ def dfn3_rows(tmp: Path) -> list[dict]:
             return -sqnr_db(np.concatenate(calib_ref), np.concatenate([dfn3.enhance(runs, x) for x in calib_audio]))
         return score
 
+    rows.append(_dfn3_system_row(tmp, ref, ref_out, test, sample, fp32_bytes, clean))
     builds = [(label, build, False) for label, build in CONTENDERS] + [(label, build, True) for label, build in TUNED]
     for label, build, tuned in builds:
         row: dict = {"model": "dfn3", "method": f"{label} (graph by graph)"}
@@ -316,6 +335,31 @@ def dfn3_rows(tmp: Path) -> list[dict]:
         print(f"  {row['method']}: {row}", file=sys.stderr)
         rows.append(row)
     return rows
+
+
+def _dfn3_system_row(tmp: Path, ref: dict, ref_out: list[np.ndarray], test: list, sample: np.ndarray,
+                     fp32_bytes: int, clean: list[np.ndarray] | None) -> dict:
+    """The three graphs compiled as one system (q4c compile --system, issue 14): one byte budget
+    (the bytes of uniform 4-bit over all three) and sensitivity on the enhanced audio."""
+    from q4c.system_compile import compile_system
+
+    _, dfn3 = _real("fetch"), _real("dfn3")
+    row: dict = {"model": "dfn3", "method": "q4c --system (one budget, scored on the enhanced audio)"}
+    try:
+        outdir = tmp / "dfn3_system"
+        compile_system(REAL / "dfn3_system.toml", outdir, verify=False)
+        dst = {g: outdir / f"{g}.onnx" for g in DFN_GRAPHS}
+        runs = dfn3.graph_runners(dst)
+        out = [dfn3.enhance(runs, x) for _, x in test]
+        ratio, ms = interleaved_ratio(lambda: dfn3.enhance(ref, sample), lambda: dfn3.enhance(runs, sample), rounds=5)
+        row.update(ok=True, size_ratio=sum(p.stat().st_size for p in dst.values()) / fp32_bytes,
+                   sqnr_db=sqnr_db(np.concatenate(ref_out), np.concatenate(out)),
+                   clip_sqnr_min=min(sqnr_db(r, o) for r, o in zip(ref_out, out)),
+                   latency_ratio=ratio, ms=ms, **_intelligibility(clean, out))
+    except Exception as e:  # noqa: BLE001
+        row.update(ok=False, error=_first_line(e))
+    print(f"  {row['method']}: {row}", file=sys.stderr)
+    return row
 
 
 def _clean_reference(audio, ids: list[str]) -> list[np.ndarray] | None:
