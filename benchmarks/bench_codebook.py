@@ -57,7 +57,7 @@ def measure(name: str, tmp: Path) -> list[dict]:
     for label, options in CONFIGS:
         out = tmp / f"{name}_{len(rows)}.onnx"
         opts = q4c.CompileOptions(kernels="fp32-at-load", **options)
-        report, wall, _ = timed(lambda: q4c.compile_file(src, out, opts, data=calib, verify=False))
+        report, wall, _ = timed(lambda out=out, opts=opts: q4c.compile_file(src, out, opts, data=calib, verify=False))
         schemes = collections.Counter(f"{t['bits']}:{t['scheme']}" for t in report["tensors"] if t["bits"] != 32)
         defaults = report.get("plan", {}).get("defaults", {})
         rows.append(_row(name, label, src, out, fp32, held_out, data, avg_weight_bits=report["avg_weight_bits"],
@@ -102,7 +102,8 @@ def kernel_rows() -> list[dict]:
                            {"W": rng.standard_normal((k, n)).astype(np.float32)}, k, n)
         sessions = {key: q4ort.make_session(m, threads=1) for key, m in (("bnb4", bnb), ("nbits", nbits), ("fp32", fp))}
         feeds = {"a": rng.standard_normal((1, k)).astype(np.float32)}
-        timing = interleaved({key: (lambda s=s: [s.run(None, feeds) for _ in range(20)]) for key, s in sessions.items()},
+        timing = interleaved({key: (lambda s=s, feeds=feeds: [s.run(None, feeds) for _ in range(20)])
+                              for key, s in sessions.items()},
                              rounds=9)
         rows.append({"kind": "kernel", "config": f"K={k} N={n}", "bnb4_ms": round(timing.median("bnb4") / 20 * 1e3, 4),
                      "nbits_ms": round(timing.median("nbits") / 20 * 1e3, 4),
