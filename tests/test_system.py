@@ -122,6 +122,7 @@ def test_saved_system_plan_replays_to_the_same_graphs(tmp_path, rng):
 
 @pytest.mark.parametrize("case, expected", [
     ("missing_file", "graph 'b': no such file"),
+    ("missing_driver", "driver run = 'driver.py:run': no such file"),
     ("driver_raises", "driver driver.py:run raised on sample 0: ValueError: boom"),
     ("never_called", "graph 'b' of"),
 ])
@@ -129,6 +130,8 @@ def test_spec_errors_exit_1_with_one_line_and_write_nothing(tmp_path, rng, case,
     spec = _system(tmp_path, rng)
     if case == "missing_file":
         (tmp_path / "b.onnx").unlink()
+    elif case == "missing_driver":
+        (tmp_path / "driver.py").unlink()
     elif case == "driver_raises":
         (tmp_path / "driver.py").write_text(DRIVER.replace('    h = graphs["a"]', '    raise ValueError("boom")\n    h = graphs["a"]'))
     else:
