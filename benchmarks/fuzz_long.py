@@ -5,7 +5,8 @@
 Runs the same checks as tests/fuzz (strategies.models through `q4c compile` with the five option
 sets, each equivalence pass alone, and every mutation entry point), but collects every failure
 instead of stopping at the first, and prints a summary: counts of outcomes (compiled, each error
-line kind) and each failing case with how to reproduce it. Exit 1 if anything failed.
+line kind) and each failing case with how to reproduce it (failing inputs are kept in
+~/.cache/q4c/fuzz_failures/). Exit 1 if anything failed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +32,20 @@ def _settings(n: int):
     """No shrinking: a long run reports every failure as drawn rather than minimising one."""
     return settings(max_examples=n, deadline=None, database=None, derandomize=False,
                     suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+
+
+#: failing inputs are kept here (models as .onnx, mutants as written) to reproduce them
+FAILURES = Path.home() / ".cache" / "q4c" / "fuzz_failures"
+
+
+def _keep(model, name: str) -> str:
+    """Save a failing generated model; returns its path for the report."""
+    import onnx
+
+    FAILURES.mkdir(parents=True, exist_ok=True)
+    path = FAILURES / f"{name}.onnx"
+    onnx.save(model, path)
+    return str(path)
 
 
 def _kind(line: str) -> str:
@@ -55,7 +71,8 @@ def run_models(n: int, seed_: int, failures: list, outcomes: collections.Counter
             except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                failures.append(("compile", repr(gm), option, f"{type(e).__name__}: {e}"[:1500]))
+                kept = _keep(gm.model, f"compile_{seed_}_{done[0]}")
+                failures.append(("compile", repr(gm), f"{option} kept as {kept}", f"{type(e).__name__}: {e}"[:1500]))
                 outcomes["FAILED"] += 1
             if time.perf_counter() - start > 20:
                 print(f"slow ({time.perf_counter() - start:.0f} s): {gm!r} {option}", file=sys.stderr)
@@ -81,7 +98,8 @@ def run_passes(n: int, seed_: int, failures: list, outcomes: collections.Counter
             except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                failures.append((f"pass {name}", repr(gm), "", f"{type(e).__name__}: {e}"[:1500]))
+                kept = _keep(gm.model, f"pass_{name}_{seed_}_{done[0]}")
+                failures.append((f"pass {name}", repr(gm), f"kept as {kept}", f"{type(e).__name__}: {e}"[:1500]))
                 outcomes[f"pass {name} FAILED"] += 1
 
         return one
@@ -106,7 +124,10 @@ def run_mutations(scale: int, seed: int, failures: list, outcomes: collections.C
             for code, count in counts.items():
                 outcomes[f"mutate {name} exit {code}"] += count
             for case, kind, message in found:
-                failures.append((f"mutate {name}", f"seed {seed} case {case}", kind, message))
+                FAILURES.mkdir(parents=True, exist_ok=True)
+                kept = FAILURES / f"mutate_{name}_{seed}_{case}{tm.ENTRIES[name].suffix}"
+                shutil.copy(work / f"failed_{case}{tm.ENTRIES[name].suffix}", kept)
+                failures.append((f"mutate {name}", f"seed {seed} case {case}, kept as {kept}", kind, message))
     return total
 
 
