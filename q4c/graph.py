@@ -62,7 +62,7 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
     except UnicodeDecodeError as e:  # a name or string attribute with bytes that are not UTF-8
         raise ModelLoadError(f"{path}: invalid ONNX model: a string field is not valid UTF-8 ({e.reason} at byte "
                              f"{e.start}); the file is damaged") from e
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, ValueError) as e:  # ValueError: C++ protobuf rejects bytes Python read
         # One line: the checker's message may continue over lines (a node dump after "of node:").
         first = " ".join(str(e).split())[:300]
         shapeless = [v.name for v in (*model.graph.input, *model.graph.output)

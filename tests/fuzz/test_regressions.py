@@ -317,3 +317,14 @@ def test_interpreter_refuses_a_shape_contradicting_graph(tmp_path):
     assert result.exit_code == 1 and "fails the full ONNX checker" in result.error
     result = invoke(["diff", str(path), str(path), "--data", str(tmp_path / "x.npz"), "--backend", "interp"])
     assert result.exit_code == 1 and "fails the full ONNX checker" in result.error
+
+
+def test_bytes_python_protobuf_reads_but_the_checker_cannot_parse(tmp_path):
+    """One flipped bit near the end of a model (fuzz_long seed 14): Python's protobuf parsed it,
+    the checker's C++ parse raised ValueError('Unable to parse proto')."""
+    data = bytearray(tiny_model().SerializeToString())
+    data[25424] = 11
+    path = tmp_path / "m.onnx"
+    path.write_bytes(bytes(data))
+    result = invoke(["inspect", str(path)])
+    assert result.exit_code == 1 and "invalid ONNX model: Unable to parse proto" in result.error
