@@ -388,8 +388,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    # EOFError: an empty file; NotImplementedError: a zip entry with an unknown compression method
-    except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile) as e:
+    # EOFError: an empty file; NotImplementedError: a zip entry with an unknown compression method;
+    # RuntimeError: zipfile's "encrypted, password required" (a flipped flag bit)
+    except (OSError, ValueError, EOFError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz file: {e or type(e).__name__}") from e
     return _Named(arrays, str(path))
 

@@ -328,3 +328,17 @@ def test_bytes_python_protobuf_reads_but_the_checker_cannot_parse(tmp_path):
     path.write_bytes(bytes(data))
     result = invoke(["inspect", str(path)])
     assert result.exit_code == 1 and "invalid ONNX model: Unable to parse proto" in result.error
+
+
+def test_npz_flagged_encrypted_is_a_data_error(tmp_path):
+    """A flipped zip flag bit marks the entry encrypted: zipfile raised RuntimeError."""
+    model_path, data = tmp_path / "m.onnx", tmp_path / "x.npz"
+    onnx.save(_matmul_model(), model_path)
+    np.savez(data, x=np.ones((2, 64), np.float32))
+    raw = bytearray(data.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # general purpose flags, bit 0
+        at = raw.find(signature)
+        raw[at + offset] |= 1
+    data.write_bytes(bytes(raw))
+    result = invoke(["run", str(model_path), "--data", str(data)])
+    assert result.exit_code == 1 and "not a readable .npz file" in result.error
