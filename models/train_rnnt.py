@@ -61,6 +61,11 @@ CTC_WEIGHT = 0.3
 DROPOUT = 0.15
 N_DEV_EVAL = 60
 N_REF = 8
+# Learning rate after the warmup as (from step, x --lr, halve every N steps, starting at step):
+# the committed model's run. Its first segment decayed too early for the ~190 steps/min the
+# machine gave once other jobs ended (resumed at step 1936 with a slower decay), and at the
+# floor by step ~5300, it got a warm restart at 0.25 x --lr (step 6615, a checkpoint).
+LR_SEGMENTS = ((0, 1.0, 500, 1000), (1936, 1.0, 1000, 1000), (6615, 0.25, 1500, 6615))
 CHUNK = 400
 
 
@@ -252,10 +257,12 @@ def train(work: Path, steps: int, minutes: float, max_frames: int, lr: float, ck
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     warmup = 150
 
-    def lr_at(step):
+    def lr_at(step):  # a function of the step only: a resumed run continues the same schedule
         if step < warmup:
             return lr * (step + 1) / warmup
-        return lr * max(0.05, 0.5 ** (max(0, step - 1000) / half_life))
+        segments = LR_SEGMENTS if half_life is None else ((0, 1.0, half_life, 1000),)
+        start, scale, life, decay_from = max(seg for seg in segments if seg[0] <= step)
+        return scale * lr * max(0.05, 0.5 ** (max(0, step - decay_from) / life))
 
     ckpt = work / "rnnt_ckpt.pt"
     step, epoch, skip, best = 0, 0, 0, {"cer": 9.9, "wer": 9.9, "state": None, "step": 0}
@@ -401,7 +408,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ckpt-minutes", type=float, default=6.0)
     parser.add_argument("--max-frames", type=int, default=6400, help="padded frames per batch")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--half-life", type=int, default=800, help="steps per learning-rate halving after step 1000")
+    parser.add_argument("--half-life", type=int, help="one decay segment: halve every N steps after step 1000 (default: LR_SEGMENTS)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--export-only", action="store_true")

@@ -19,7 +19,7 @@ EXPECTED = [
     "bilstm_am", "rnnt_encoder", "rnnt_predictor", "rnnt_joiner", "conformer", "lstm_lm",
     "transformer_lm", "gru_am", "lstm_unrolled", "lstm_unrolled_concat", "lstm_scan",
 ]  # fmt: skip
-SIZE_LIMIT = 48 * 2**20  # what `du -sh models` shows as 48M
+SIZE_LIMIT = 54 * 2**20  # what `du -sh models` shows as 54M (48M + the 6 MB trained RNN-T in rnnt_sys/)
 NAMES = sorted({p.name.removesuffix(".ref.npz") for p in MODELS.glob("*.ref.npz")} | set(EXPECTED))
 
 
