@@ -261,7 +261,7 @@ def train(work: Path, steps: int, minutes: float, max_frames: int, lr: float, ck
         if step < warmup:
             return lr * (step + 1) / warmup
         segments = LR_SEGMENTS if half_life is None else ((0, 1.0, half_life, 1000),)
-        start, scale, life, decay_from = max(seg for seg in segments if seg[0] <= step)
+        _, scale, life, decay_from = max(seg for seg in segments if seg[0] <= step)
         return scale * lr * max(0.05, 0.5 ** (max(0, step - decay_from) / life))
 
     ckpt = work / "rnnt_ckpt.pt"
@@ -344,7 +344,8 @@ class _JoinerExport(nn.Module):
 
 
 def export(model: RNNT, test_feats, test_texts, best: dict) -> dict:
-    from _common import export as onnx_export, ort_session
+    from _common import export as onnx_export
+    from _common import ort_session
 
     OUT.mkdir(exist_ok=True)
     model.eval()
