@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,7 +36,7 @@ import onnx
 from q4c.metrics import boundary_shift_ms, decision_flips, speech_segments, sqnr_db
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, publish  # noqa: E402
+from _common import REPO, merged, publish  # noqa: E402
 from contenders import (  # noqa: E402
     SETTINGS,
     Build,
@@ -135,6 +136,10 @@ def weighted_nodes(path: Path, limit: int = 24) -> list[str]:
     return [name for _, name in sorted(nodes, reverse=True)[:limit]]
 
 
+class NothingSmaller(RuntimeError):
+    """No setting of an ONNX Runtime quantizer made the model smaller."""
+
+
 def ort_tuned(static: bool) -> tuple[str, Callable]:
     """ONNX Runtime's quantize_dynamic / quantize_static at the best of its documented settings
     (pre-processing or not, per-channel or per-tensor, what is excluded), the best chosen by the
@@ -173,7 +178,7 @@ def ort_tuned(static: bool) -> tuple[str, Callable]:
                 best = (value, label)
                 candidate.replace(dst)
         if best is None:
-            raise RuntimeError("no setting of the tool produced a smaller model")
+            raise NothingSmaller("no setting of the tool produced a smaller model")
         return best[1]
     return ("ORT quantize_static QDQ INT8" if static else "ORT quantize_dynamic INT8"), build
 
@@ -318,7 +323,11 @@ def dfn3_rows(tmp: Path) -> list[dict]:
                 reader_fn = getattr(dfn3, f"calib_{g}")
                 calib = Calibration(feeds=lambda fn=reader_fn: list(fn()), reader=f"{REAL / 'dfn3.py'}:calib_{g}")
                 if tuned:
-                    chosen.append(f"{g}: {build(src[g], dst[g], calib, calib_score(g))}")
+                    try:
+                        chosen.append(f"{g}: {build(src[g], dst[g], calib, calib_score(g))}")
+                    except NothingSmaller:  # what a user does with a graph the tool cannot shrink
+                        shutil.copyfile(src[g], dst[g])
+                        chosen.append(f"{g}: kept FP32 (no setting made it smaller)")
                 else:
                     build(src[g], dst[g], calib)
             if chosen:
@@ -434,6 +443,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None, help="comma-separated Silero export names and/or dfn3 (default: all)")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/real.json and BENCHMARKS.md")
+    parser.add_argument("--merge", action="store_true", help="keep the saved rows of the models not rerun now")
     args = parser.parse_args()
     fetch = _real("fetch")
     names = args.models.split(",") if args.models else [*fetch.SILERO, "dfn3"]
@@ -448,6 +458,14 @@ def main() -> int:
             else:
                 rows.extend(silero_rows(name, Path(tmp)))
                 hashes[name] = fetch.SHA256[f"{name}.onnx"]
+    if args.merge:
+        saved = {r["model"] for r in merged(KEY, [], [])}
+        rows = merged(KEY, rows, names)
+        for model in saved - set(names):
+            key = "dfn3" if model == "dfn3" else model
+            for n in (fetch.DFN3 if key == "dfn3" else (key,)):
+                hashes[n] = fetch.SHA256[f"{n}.onnx"]
+        rows.sort(key=lambda r: [*fetch.SILERO, "dfn3"].index(r["model"]))
     section = render(rows, hashes)
     print(section)
     if args.write:

@@ -41,6 +41,7 @@ The wider field (`ORT_EXTRA`, `NNCF_CONTENDERS`, `FUSED_FP32`; `ALL_CONTENDERS` 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 from collections.abc import Callable
@@ -48,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+from q4c.passes import DEFAULT_PIPELINE
 
 import q4c
-from q4c.passes import DEFAULT_PIPELINE
 
 #: the first pass of the default pipeline that analyses or quantizes; those before it only rewrite
 _FIRST_ANALYSIS = "measure-sensitivity"
@@ -81,13 +82,17 @@ def pre_processed(src: Path, tmp: Path) -> Path:
     """ONNX Runtime's own pre-processing, which its documentation asks for before quantizing."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = tmp / f"{src.stem}.pre.onnx"
-    try:
-        quant_pre_process(str(src), str(out))
-    except AssertionError as e:  # its symbolic shape inference fails on some dynamic shapes (conformer's floor(time/4))
-        print(f"  quant_pre_process: symbolic shape inference failed ({e}); again with skip_symbolic_shape=True "
-              "(ONNX shape inference and graph optimisation still run)", file=sys.stderr)
-        quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+    out = (tmp / f"{src.stem}.pre.onnx").resolve()
+    src = src.resolve()
+    # It leaves scratch files (sym_shape_infer_temp.onnx, <uuid>.data) in the working directory.
+    with contextlib.chdir(tmp):
+        try:
+            quant_pre_process(str(src), str(out))
+        except Exception as e:  # noqa: BLE001 - its symbolic shape inference fails on some dynamic shapes
+            # (conformer's floor(time/4): AssertionError; DeepFilterNet3: "Incomplete symbolic shape inference")
+            print(f"  quant_pre_process: symbolic shape inference failed ({e}); again with skip_symbolic_shape=True "
+                  "(ONNX shape inference and graph optimisation still run)", file=sys.stderr)
+            quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
     return out
 
 
@@ -152,7 +157,12 @@ def ort_dynamic(src: Path, dst: Path, calib: Calibration) -> None:
 
 
 def ort_static(src: Path, dst: Path, calib: Calibration) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -223,7 +233,10 @@ def nncf_weights(mode: str, group_size: int, *, ratio: float = 1.0, all_layers: 
         with tempfile.TemporaryDirectory() as tmp:
             model = onnx.load(_opset21(src, Path(tmp)))
             dataset = nncf.Dataset(calib.feeds()) if (data or awq or scale_estimation or ratio < 1.0) else None
-            from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+            from nncf.quantization.advanced_parameters import (
+                AdvancedCompressionParameters,
+                GroupSizeFallbackMode,
+            )
 
             # a layer whose input width the group does not divide (80 features, a 48-wide projection) gets the
             # largest group that divides it, down to 16, as NNCF documents, instead of failing the whole model
