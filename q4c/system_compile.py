@@ -162,7 +162,7 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
         for name, m in members.items():
             say(f"compile {name}")
             calls = _calibration_calls(logs, name)
-            opts = options
+            opts = dataclasses.replace(options, objectives=(), requirements=())  # they name driver outputs
             if plans is not None:
                 plan_file = tmp / f".{name}.plan.json"
                 plans[name].save(plan_file)

@@ -258,3 +258,9 @@ def test_options_the_driver_replaces_are_usage_errors_with_system(tmp_path, rng)
     result = CliRunner().invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"),
                                        "--calib", str(tmp_path / "a.onnx")])
     assert result.exit_code == 2 and "--calib cannot be used with --system" in result.stderr
+
+
+def test_objective_names_a_driver_output_not_a_graph_output(tmp_path, rng):
+    spec = _system(tmp_path, rng)
+    report = compile_system(spec, tmp_path / "out", CompileOptions(bits=4, objectives=(("y", "kl"),), **OPTIONS))
+    assert report["objectives"]["y"]["objective"] == "kl" and (tmp_path / "out" / "b.onnx").is_file()
