@@ -166,7 +166,7 @@ def compile_system(spec_path: str | os.PathLike[str], outdir: str | os.PathLike[
             if plans is not None:
                 plan_file = tmp / f".{name}.plan.json"
                 plans[name].save(plan_file)
-                opts = dataclasses.replace(options, plan_path=plan_file, bits=None, avg_bits=None, size_budget=None,
+                opts = dataclasses.replace(opts, plan_path=plan_file, bits=None, avg_bits=None, size_budget=None,
                                            ratio=None, requirements=())
             if not m.slots or (plans is not None and all(tp.bits == FLOAT for tp in plans[name].tensors.values())):
                 out, report = m.model, {"input": {}, "tensors": [], "plan": PrecisionPlan().to_json(),

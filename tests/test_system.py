@@ -262,5 +262,5 @@ def test_options_the_driver_replaces_are_usage_errors_with_system(tmp_path, rng)
 
 def test_objective_names_a_driver_output_not_a_graph_output(tmp_path, rng):
     spec = _system(tmp_path, rng)
-    report = compile_system(spec, tmp_path / "out", CompileOptions(bits=4, objectives=(("y", "kl"),), **OPTIONS))
+    report = compile_system(spec, tmp_path / "out", CompileOptions(objectives=(("y", "kl"),), **OPTIONS))
     assert report["objectives"]["y"]["objective"] == "kl" and (tmp_path / "out" / "b.onnx").is_file()
