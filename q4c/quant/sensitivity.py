@@ -99,6 +99,7 @@ class WeightInputRunner:
     runs: int = 0
     seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _reference_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self._session = q4ort.make_session(_weights_as_inputs(self.model, self.weights), threads=1)
@@ -114,13 +115,12 @@ class WeightInputRunner:
         self._references: dict[bool, list[list[dict[str, np.ndarray]]]] = {}
 
     def _reference(self, closed: bool) -> list[list[dict[str, np.ndarray]]]:
-        with self._lock:
-            cached = self._references.get(closed)
-        if cached is None:
-            cached = [self._run_unit(u, {}, closed) for u in self.units]
-            with self._lock:
-                self._references.setdefault(closed, cached)
-        return cached
+        # Computed once: threads asking at the same time wait for the first (else each would run
+        # the FP32 reference again, and the forward-run count would depend on scheduling).
+        with self._reference_lock:
+            if closed not in self._references:
+                self._references[closed] = [self._run_unit(u, {}, closed) for u in self.units]
+            return self._references[closed]
 
     @property
     def kinds(self) -> dict[str, str]:
