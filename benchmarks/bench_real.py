@@ -322,7 +322,18 @@ def dfn3_rows(tmp: Path) -> list[dict]:
             return -sqnr_db(np.concatenate(calib_ref), np.concatenate([dfn3.enhance(runs, x) for x in calib_audio]))
         return score
 
-    rows.append(_dfn3_system_row(tmp, ref, ref_out, test, sample, fp32_bytes, clean))
+    def judge(dst: dict[str, Path]) -> dict:
+        """Size, enhanced-audio SQNR vs FP32 (pooled and worst clip), STOI / PESQ and latency of
+        the three graphs at `dst`."""
+        runs = dfn3.graph_runners(dst)
+        out = [dfn3.enhance(runs, x) for _, x in test]
+        ratio, ms = interleaved_ratio(lambda: dfn3.enhance(ref, sample), lambda: dfn3.enhance(runs, sample), rounds=5)
+        return dict(ok=True, size_ratio=sum(p.stat().st_size for p in dst.values()) / fp32_bytes,
+                    sqnr_db=sqnr_db(np.concatenate(ref_out), np.concatenate(out)),
+                    clip_sqnr_min=min(sqnr_db(r, o) for r, o in zip(ref_out, out)),
+                    latency_ratio=ratio, ms=ms, **_intelligibility(clean, out))
+
+    rows.append(_dfn3_system_row(tmp, judge))
     builds = [(label, build, False) for label, build in CONTENDERS] + [(label, build, True) for label, build in TUNED]
     for label, build, tuned in builds:
         row: dict = {"model": "dfn3", "method": f"{label} (graph by graph)"}
@@ -342,13 +353,7 @@ def dfn3_rows(tmp: Path) -> list[dict]:
                     build(src[g], dst[g], calib)
             if chosen:
                 row["method"] = f"{label} (graph by graph, best on calibration: {'; '.join(chosen)})"
-            runs = dfn3.graph_runners(dst)
-            out = [dfn3.enhance(runs, x) for _, x in test]
-            ratio, ms = interleaved_ratio(lambda: dfn3.enhance(ref, sample), lambda: dfn3.enhance(runs, sample), rounds=5)
-            row.update(ok=True, size_ratio=sum(p.stat().st_size for p in dst.values()) / fp32_bytes,
-                       sqnr_db=sqnr_db(np.concatenate(ref_out), np.concatenate(out)),
-                       clip_sqnr_min=min(sqnr_db(r, o) for r, o in zip(ref_out, out)),
-                       latency_ratio=ratio, ms=ms, **_intelligibility(clean, out))
+            row.update(judge(dst))
         except Exception as e:  # noqa: BLE001
             row.update(ok=False, error=_first_line(e))
         print(f"  {row['method']}: {row}", file=sys.stderr)
@@ -356,25 +361,16 @@ def dfn3_rows(tmp: Path) -> list[dict]:
     return rows
 
 
-def _dfn3_system_row(tmp: Path, ref: dict, ref_out: list[np.ndarray], test: list, sample: np.ndarray,
-                     fp32_bytes: int, clean: list[np.ndarray] | None) -> dict:
+def _dfn3_system_row(tmp: Path, judge: Callable[[dict[str, Path]], dict]) -> dict:
     """The three graphs compiled as one system (q4c compile --system, issue 14): one byte budget
     (the bytes of uniform 4-bit over all three) and sensitivity on the enhanced audio."""
     from q4c.system_compile import compile_system
 
-    _, dfn3 = _real("fetch"), _real("dfn3")
     row: dict = {"model": "dfn3", "method": "q4c --system (one budget, scored on the enhanced audio)"}
     try:
         outdir = tmp / "dfn3_system"
         compile_system(REAL / "dfn3_system.toml", outdir, verify=False)
-        dst = {g: outdir / f"{g}.onnx" for g in DFN_GRAPHS}
-        runs = dfn3.graph_runners(dst)
-        out = [dfn3.enhance(runs, x) for _, x in test]
-        ratio, ms = interleaved_ratio(lambda: dfn3.enhance(ref, sample), lambda: dfn3.enhance(runs, sample), rounds=5)
-        row.update(ok=True, size_ratio=sum(p.stat().st_size for p in dst.values()) / fp32_bytes,
-                   sqnr_db=sqnr_db(np.concatenate(ref_out), np.concatenate(out)),
-                   clip_sqnr_min=min(sqnr_db(r, o) for r, o in zip(ref_out, out)),
-                   latency_ratio=ratio, ms=ms, **_intelligibility(clean, out))
+        row.update(judge({g: outdir / f"{g}.onnx" for g in DFN_GRAPHS}))
     except Exception as e:  # noqa: BLE001
         row.update(ok=False, error=_first_line(e))
     print(f"  {row['method']}: {row}", file=sys.stderr)
