@@ -129,24 +129,13 @@ class _Reader:
 def _save(model: object, dst: Path) -> None:
     """Save what a quantizer produced (an ONNXModel wrapper or a ModelProto), MatMulNBits at level 4."""
     proto = getattr(model, "model", model)
-    for graph in _graphs(proto.graph):
+    for graph in q4c.graph.iter_graph_protos(proto.graph):
         for node in graph.node:
             if node.op_type == "MatMulNBits":
                 kept = [a for a in node.attribute if a.name != "accuracy_level"]
                 del node.attribute[:]
                 node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", 4)])
     onnx.save(proto, dst)
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
 
 
 def ort_dynamic(src: Path, dst: Path, calib: Calibration) -> None:
