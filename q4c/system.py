@@ -17,9 +17,7 @@ Compiling a system (one budget, sensitivity on the system's outputs) is q4c.syst
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +29,7 @@ import numpy as np
 import onnx
 
 from q4c import ort as q4ort
+from q4c.calib.readers import import_function
 from q4c.errors import ConfigError, ModelLoadError, Q4cError
 from q4c.objectives import Objective, Scorer
 
@@ -103,37 +102,10 @@ def load_spec(path: str | Path) -> SystemSpec:
 
 
 def _load_function(spec: Path, base: Path, key: str, text: str) -> Callable[..., Any]:
-    target, sep, attr = text.rpartition(":")
-    if not sep or not target or not attr:
-        raise ConfigError(f"{spec}: driver {key} = {text!r}: expected 'file.py:function' or 'module:function'")
     try:
-        if target.endswith(".py"):
-            file = Path(target).expanduser()
-            file = file if file.is_absolute() else base / file
-            if not file.is_file():
-                raise ConfigError(f"{spec}: driver {key} = {text!r}: no such file {file}")
-            name = "q4c_driver_" + re.sub(r"\W", "_", str(file.resolve()))
-            module = sys.modules.get(name)
-            if module is None:
-                module_spec = importlib.util.spec_from_file_location(name, file)
-                assert module_spec is not None and module_spec.loader is not None
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[name] = module
-                try:
-                    module_spec.loader.exec_module(module)
-                except BaseException:
-                    del sys.modules[name]
-                    raise
-        else:
-            module = importlib.import_module(target)
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"{spec}: driver {key} = {text!r}: cannot import {target}: {_one_line(e)}") from e
-    function = getattr(module, attr, None)
-    if not callable(function):
-        raise ConfigError(f"{spec}: driver {key} = {text!r}: {target} has no function {attr!r}")
-    return function
+        return import_function(text, base)
+    except ConfigError as e:
+        raise ConfigError(f"{spec}: driver {key} = {text!r}: {e}") from e.__cause__
 
 
 def _one_line(e: BaseException) -> str:

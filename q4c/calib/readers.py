@@ -318,33 +318,54 @@ class SamplesReader:
         return iter(self.samples)
 
 
-def load_callable(spec: str) -> Callable[..., Any]:
-    """`package.module:function` or `path/to/file.py:function`."""
-    target, sep, attr = spec.rpartition(":")
+def import_function(text: str, base: Path | None = None) -> Callable[..., Any]:
+    """The function named by `package.module:function` or `path/to/file.py:function` (a relative
+    file path taken from `base` when given, else the working directory). A file is imported once
+    per process, whoever asks (a calibration reader and a system driver may share it). Raises
+    ConfigError with what is wrong, for the caller to prefix with where the text came from."""
+    target, sep, attr = text.rpartition(":")
     if not sep or not target or not attr:
-        raise ConfigError(f"reader {spec!r}: expected 'module:function' or 'file.py:function'")
+        raise ConfigError("expected 'module:function' or 'file.py:function'")
     try:
         if target.endswith(".py"):
-            path = Path(target)
+            path = Path(target).expanduser()
+            path = path if path.is_absolute() or base is None else base / path
             if not path.is_file():
-                raise ConfigError(f"reader {spec!r}: no such file {target}")
-            name = "q4c_reader_" + re.sub(r"\W", "_", str(path.resolve()))
-            module_spec = importlib.util.spec_from_file_location(name, path)
-            assert module_spec is not None and module_spec.loader is not None
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            module_spec.loader.exec_module(module)
+                raise ConfigError(f"no such file {path}")
+            name = "q4c_user_" + re.sub(r"\W", "_", str(path.resolve()))
+            module = sys.modules.get(name)
+            if module is None:
+                module_spec = importlib.util.spec_from_file_location(name, path)
+                assert module_spec is not None and module_spec.loader is not None
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module
+                try:
+                    module_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
         else:
             module = importlib.import_module(target)
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"reader {spec!r}: cannot import {target}: {type(e).__name__}: {e}") from e
+        lines = str(e).strip().splitlines()
+        raise ConfigError(f"cannot import {target}: {type(e).__name__}" + (f": {lines[0][:300]}" if lines else "")) from e
     function = getattr(module, attr, None)
     if not callable(function):
-        raise ConfigError(f"reader {spec!r}: {target} has no function {attr!r}")
+        raise ConfigError(f"{target} has no function {attr!r}")
+    return function
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """A reader function: `package.module:function` or `path/to/file.py:function`."""
+    try:
+        function = import_function(spec)
+    except ConfigError as e:
+        raise ConfigError(f"reader {spec!r}: {e}") from e.__cause__
     if inspect.isclass(function):
-        raise ConfigError(f"reader {spec!r}: {attr} is a class; give a function returning an iterable of samples")
+        raise ConfigError(f"reader {spec!r}: {spec.rpartition(':')[2]} is a class; give a function returning an "
+                          f"iterable of samples")
     return function
 
 
