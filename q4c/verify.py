@@ -16,7 +16,11 @@ from onnx import numpy_helper
 
 from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.calib.qdq import activation_quantizers, check_activation_quantizers, strip_activation_qdq
+from q4c.calib.qdq import (
+    activation_quantizers,
+    check_activation_quantizers,
+    strip_activation_qdq,
+)
 from q4c.calib.readers import Feeds
 from q4c.errors import ModelLoadError, NonFiniteWeightError, NumericMismatchError
 from q4c.interp import Interpreter
@@ -213,7 +217,7 @@ def verify_model(model: onnx.ModelProto, samples: list[Feeds], reference: onnx.M
     # ORT's int8-activation kernels (MatMulNBits at accuracy_level 4, DynamicQuantizeLSTM's uint8
     # X and h) round differently from numpy in the last bit, and recurrence amplifies that: the
     # float32-agreement check runs on a copy with those computed in float from the same codes.
-    checked = dequantized_lstm_copy(_float_accuracy_copy(checked))
+    checked = dequantized_lstm_copy(float_accuracy_copy(checked))
     exact = q4ort.make_session(checked, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     interp = Interpreter(checked)
     worst = 0.0
@@ -350,7 +354,9 @@ def refuse_nonfinite_weights(model: onnx.ModelProto, allow: bool) -> tuple[onnx.
     return copy, [f for f in find_nonfinite_weights(copy, name_nodes=True) if f.refused]
 
 
-def _float_accuracy_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def float_accuracy_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose MatMulNBits compute in float (accuracy_level 0): level 4 quantizes the
+    activations to int8 inside ONNX Runtime, which the interpreter does not model."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for graph in g.iter_graph_protos(copy.graph):

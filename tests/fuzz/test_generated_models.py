@@ -19,6 +19,7 @@ from strategies import BLOCKS, GeneratedModel, feeds_for, models
 
 from q4c import graph as g
 from q4c.testing import run_interp, run_ort
+from q4c.verify import float_accuracy_copy
 
 OPTION_SETS = (
     (),
@@ -33,19 +34,6 @@ OPTION_SETS = (
 COMPILE_TIMEOUT = 120.0
 #: interpreter vs ONNX Runtime on the compiled model, relative to the output's largest magnitude
 RTOL = 1e-4
-
-
-def _ort_comparable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose MatMulNBits compute in float (accuracy_level 0): level 4 quantizes the
-    activations to int8 inside ONNX Runtime, which the interpreter does not model."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for graph in g.iter_graph_protos(model.graph):
-        for node in graph.node:
-            if node.op_type == "MatMulNBits":
-                for attr in node.attribute:
-                    if attr.name == "accuracy_level":
-                        attr.i = 0
-    return model
 
 
 def check_compile(tmp_path, gm: GeneratedModel, options: tuple[str, ...]) -> str:
@@ -69,7 +57,7 @@ def check_compile(tmp_path, gm: GeneratedModel, options: tuple[str, ...]) -> str
     g.check(compiled)
     feeds = feeds_for(gm.model, seed=1)
     want = run_interp(compiled, feeds)
-    got = run_ort(_ort_comparable(compiled), feeds)
+    got = run_ort(float_accuracy_copy(compiled), feeds)
     for name, ref in got.items():
         scale = float(np.max(np.abs(ref))) if ref.size and np.all(np.isfinite(ref)) else 1.0
         np.testing.assert_allclose(want[name], ref, rtol=0, atol=RTOL * max(scale, 1e-3), err_msg=f"{name}: interp vs ORT")

@@ -11,17 +11,17 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
-
-from q4c import graph as g
-from q4c import ort as q4ort
-from q4c.verify import _float_accuracy_copy
-from q4c.config import CompileOptions, Target
 from q4c.passes.assign_precision import AssignPrecisionPass
 from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
 from q4c.passes.quantize_weights import QuantizeWeightsPass
+
+from q4c import graph as g
+from q4c import ort as q4ort
+from q4c.config import CompileOptions, Target
 from q4c.pipeline import PassContext
 from q4c.recurrent import dequantized_lstm_copy, match_layer
 from q4c.testing import make_model, op_histogram, run_interp, run_ort, run_pass, sqnr_db
+from q4c.verify import float_accuracy_copy
 
 LOW_BIT = CompileOptions(bits=4, kernels="low-bit")  # lower whatever the hidden size
 
@@ -111,7 +111,7 @@ def test_scan_lowering_equals_the_layer_it_replaces(rng, case):
     # ONNX Runtime refuses layout 1 LSTM/GRU (it runs only after lowering): there the reference
     # is the interpreter.
     want = run_interp(reference, feeds) if CASES[case].get("layout") else run_ort(reference, feeds)
-    exact = run_ort(_float_accuracy_copy(lowered), feeds)  # MatMulNBits at accuracy_level 0
+    exact = run_ort(float_accuracy_copy(lowered), feeds)  # MatMulNBits at accuracy_level 0
     interp = run_interp(lowered, feeds)
     for name, value in want.items():
         np.testing.assert_allclose(exact[name], value, rtol=1e-5, atol=1e-5, err_msg=f"{name}: lowered vs replaced")
@@ -125,7 +125,7 @@ def test_scan_lowering_equals_the_layer_it_replaces(rng, case):
 def test_dequantize_linear_differs_from_the_lowering_by_float16_rounding_only(rng):
     model, feeds = _recurrent_model(rng, direction="bidirectional", init=True)
     dq, lowered, _, _ = _lower(model)
-    exact = run_ort(_float_accuracy_copy(lowered), feeds)
+    exact = run_ort(float_accuracy_copy(lowered), feeds)
     with_dq = run_ort(dq, feeds)
     for name, value in with_dq.items():
         assert 0 < np.max(np.abs(exact[name] - value)) < 2e-3, name  # measured ~5e-4
@@ -150,7 +150,7 @@ def test_scan_lowering_runs_other_bit_widths(rng, bits):
     nbits = {a.i for gp in g.iter_graph_protos(lowered.graph) for n in gp.node if n.op_type == "MatMulNBits"
              for a in n.attribute if a.name == "bits"}
     assert nbits == {4 if bits == 3 else bits}
-    exact = run_ort(_float_accuracy_copy(lowered), feeds)
+    exact = run_ort(float_accuracy_copy(lowered), feeds)
     want = run_ort(_float32_dequantized(dq), feeds)
     for name, value in want.items():
         np.testing.assert_allclose(exact[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
