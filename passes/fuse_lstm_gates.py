@@ -4,10 +4,10 @@ Scan/Loop body, and replace each recurrence by one ONNX LSTM (GRU, RNN).
 Exporters write an LSTMCell loop as MatMul/Gemm + Split/Slice + Sigmoid/Tanh + Mul/Add per time
 step (or as a Scan body). As one LSTM op the recurrence is one node ONNX Runtime runs with a
 fused kernel, its W/R are two weight tensors the quantizer treats per gate, and the unrolled
-graphs shrink 50-70x. Match -> check -> rewrite: q4c.rewrite.lstm_match / gru_match / rnn_match
+graphs shrink 50-70x. Match -> check -> rewrite: q4c.recurrent_fusion.lstm_match / gru_match / rnn_match
 find cells (h' = tanh/relu/sigmoid(x·Wᵀ + h·Rᵀ + b) for RNN),
-q4c.rewrite.rnn_plan chains them and checks one op can stand for them, and
-q4c.rewrite.rnn_emit writes the op with adapters back to the tensors the graph reads.
+q4c.recurrent_fusion.rnn_plan chains them and checks one op can stand for them, and
+q4c.recurrent_fusion.rnn_emit writes the op with adapters back to the tensors the graph reads.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import onnx_graphsurgeon as gs
 from q4c import graph as g
 from q4c.errors import PreconditionError
 from q4c.pipeline import Pass, PassContext, PassResult
-from q4c.rewrite.affine import NoMatch
-from q4c.rewrite.rnn_emit import Names, RnnPlan, emit_rnn
-from q4c.rewrite.rnn_plan import loop_plan, match_cells, unrolled_plans
-from q4c.rewrite.view import DataflowView, LazyShapes
+from q4c.recurrent_fusion.affine import NoMatch
+from q4c.recurrent_fusion.rnn_emit import Names, RnnPlan, emit_rnn
+from q4c.recurrent_fusion.rnn_plan import loop_plan, match_cells, unrolled_plans
+from q4c.recurrent_fusion.view import DataflowView, LazyShapes
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ re-runs on every call (1.3-36x slower than FP32) or, with session.disable_quant_
 FP32 at load (FP32 speed, FP32 weights in memory). This pass picks, per layer, one of:
 
 - ``scan``: the input projection for all frames hoisted into one com.microsoft MatMulNBits, and
-  a Scan whose body computes h·Rᵀ with MatMulNBits and the gates (q4c.recurrent.scan). Weights
+  a Scan whose body computes h·Rᵀ with MatMulNBits and the gates (q4c.recurrent_lowering.scan). Weights
   stay at their planned 2/3/4/8 bits in memory.
 - ``dynamic_quantize_lstm``: com.microsoft DynamicQuantizeLSTM, for LSTMs whose W and R are both
   planned at 8 bits (block-wise INT8 codes are re-quantized per channel, what the op takes).
@@ -24,8 +24,8 @@ import onnx_graphsurgeon as gs
 from q4c import graph as g
 from q4c.config import Target
 from q4c.pipeline import Pass, PassContext, PassResult
-from q4c.recurrent import Emitter, NoMatch, RecurrentLayer, kernel_block, lower_to_dynamic_lstm, lower_to_scan, match_layer
-from q4c.recurrent.dynamic import Requantized
+from q4c.recurrent_lowering import Emitter, NoMatch, RecurrentLayer, kernel_block, lower_to_dynamic_lstm, lower_to_scan, match_layer
+from q4c.recurrent_lowering.dynamic import Requantized
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from q4c.errors import ModelLoadError, NonFiniteWeightError, NumericMismatchErro
 from q4c.interp import Interpreter
 from q4c.metrics import sqnr_db
 from q4c.objectives import Objective, Scorer
-from q4c.recurrent.dynamic import dequantized_lstm_copy
+from q4c.recurrent_lowering.dynamic import dequantized_lstm_copy
 
 #: interpreter vs ONNX Runtime on a whole model: float32 accumulation noise through deep
 #: recurrent stacks stays well below this (relative to the output's magnitude).

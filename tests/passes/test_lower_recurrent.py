@@ -19,7 +19,7 @@ from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.config import CompileOptions, Target
 from q4c.pipeline import PassContext
-from q4c.recurrent import dequantized_lstm_copy, match_layer
+from q4c.recurrent_lowering import dequantized_lstm_copy, match_layer
 from q4c.testing import make_model, op_histogram, run_interp, run_ort, run_pass, sqnr_db
 from q4c.verify import float_accuracy_copy
 

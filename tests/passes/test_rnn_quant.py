@@ -26,7 +26,7 @@ from q4c.pipeline import PassContext
 from q4c.quant.gptq import input_hessians
 from q4c.quant.sensitivity import gptq_eligible
 from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
-from q4c.recurrent import match_layer
+from q4c.recurrent_lowering import match_layer
 from q4c.testing import make_model, op_histogram, run_interp, run_ort, run_pass
 
 LOW_BIT = CompileOptions(bits=4, kernels="low-bit")  # lower whatever the hidden size

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from q4c import graph as g
-from q4c.rewrite.view import DataflowView
+from q4c.recurrent_fusion.view import DataflowView
 
 
 @dataclass

@@ -20,12 +20,12 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.rewrite.affine import NoMatch
-from q4c.rewrite.gru_match import GruCell, match_gru_cell
-from q4c.rewrite.lstm_match import LstmCell, match_lstm_cell
-from q4c.rewrite.rnn_emit import RnnPlan, SeqInput, stacked_input
-from q4c.rewrite.rnn_match import RnnCell, match_rnn_cell
-from q4c.rewrite.view import DataflowView
+from q4c.recurrent_fusion.affine import NoMatch
+from q4c.recurrent_fusion.gru_match import GruCell, match_gru_cell
+from q4c.recurrent_fusion.lstm_match import LstmCell, match_lstm_cell
+from q4c.recurrent_fusion.rnn_emit import RnnPlan, SeqInput, stacked_input
+from q4c.recurrent_fusion.rnn_match import RnnCell, match_rnn_cell
+from q4c.recurrent_fusion.view import DataflowView
 
 Cell = LstmCell | GruCell | RnnCell
 

@@ -1,9 +1,9 @@
 """Recognize one decomposed plain RNN cell, h' = f(x·Wᵀ + h·Rᵀ + b), as ONNX RNN weights.
 
 PyTorch's RNNCell (tanh or relu) exports as MatMul/Gemm products of x and h, added with biases,
-then Tanh/Relu: any sum of constant-weight products that q4c.rewrite.affine reads. A single such
+then Tanh/Relu: any sum of constant-weight products that q4c.recurrent_fusion.affine reads. A single such
 cell is indistinguishable from an MLP layer, so `match_rnn_cell` only proposes candidates
-(no NoMatch: declining every Tanh layer would only be noise); q4c.rewrite.rnn_plan keeps the
+(no NoMatch: declining every Tanh layer would only be noise); q4c.recurrent_fusion.rnn_plan keeps the
 ones that form a recurrence: chains of at least two steps with equal weights, or the one cell
 of a Scan/Loop body whose h is the carried state.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.rewrite.affine import AffineParser, NoMatch
-from q4c.rewrite.view import DataflowView
+from q4c.recurrent_fusion.affine import AffineParser, NoMatch
+from q4c.recurrent_fusion.view import DataflowView
 
 #: Graph ops that are an ONNX RNN activation of the same name (activation_alpha/beta unused).
 RNN_ACTIVATIONS = {"Tanh": "Tanh", "Relu": "Relu", "Sigmoid": "Sigmoid"}

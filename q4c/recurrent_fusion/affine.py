@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.rewrite.view import DataflowView
+from q4c.recurrent_fusion.view import DataflowView
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from onnx import TensorProto
 from q4c import graph as g
 from q4c.quant.packing import kernel_bits, matmulnbits_weights
 from q4c.quant.qparams import QuantizedWeight
-from q4c.recurrent.layer import Weight
+from q4c.recurrent_lowering.layer import Weight
 
 #: MLAS block sizes MatMulNBits runs.
 KERNEL_BLOCKS = (16, 32, 64, 128, 256)

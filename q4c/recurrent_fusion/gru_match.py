@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.rewrite.affine import Affine, AffineParser, NoMatch
-from q4c.rewrite.lstm_match import ACTIVATION_OPS
-from q4c.rewrite.view import DataflowView
+from q4c.recurrent_fusion.affine import Affine, AffineParser, NoMatch
+from q4c.recurrent_fusion.lstm_match import ACTIVATION_OPS
+from q4c.recurrent_fusion.view import DataflowView
 
 
 @dataclass

@@ -3,7 +3,7 @@ Sigmoid/Tanh, c' = f*c + i*g, h' = o*tanh(c').
 
 The matcher starts at a candidate h' (a Mul of something and act(Add(Mul, Mul))) and returns
 an `LstmCell` with its weights already in ONNX LSTM layout, or `NoMatch(code, detail)`. Each
-gate's pre-activation is read by q4c.rewrite.affine, so every layout that is a sum of constant-
+gate's pre-activation is read by q4c.recurrent_fusion.affine, so every layout that is a sum of constant-
 weight products works: one fused projection split by `Split` or four `Slice`s (bounds may be
 computed from `Shape`, as torch.chunk exports them), x and h projections split separately and
 added per gate, one projection on Concat(x, h), four separate per-gate projections; with or
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.rewrite.affine import Affine, AffineParser, NoMatch
-from q4c.rewrite.view import DataflowView
+from q4c.recurrent_fusion.affine import Affine, AffineParser, NoMatch
+from q4c.recurrent_fusion.view import DataflowView
 
 #: Unary ops that can sit where an LSTM applies an activation: any of them makes a candidate,
 #: only Sigmoid (gates) and Tanh (candidate cell, output) make a standard LSTM.

@@ -17,8 +17,8 @@ from onnx import numpy_helper
 
 from q4c import graph as g
 from q4c.quant.qparams import quantize
-from q4c.recurrent.emit import Emitter
-from q4c.recurrent.layer import RecurrentLayer, Weight
+from q4c.recurrent_lowering.emit import Emitter
+from q4c.recurrent_lowering.layer import RecurrentLayer, Weight
 
 
 @dataclass(frozen=True)

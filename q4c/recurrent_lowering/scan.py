@@ -22,8 +22,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from q4c.recurrent.emit import Emitter
-from q4c.recurrent.layer import RecurrentLayer, Weight
+from q4c.recurrent_lowering.emit import Emitter
+from q4c.recurrent_lowering.layer import RecurrentLayer, Weight
 
 
 def _rows(weight: Weight, start: int, stop: int) -> Weight:

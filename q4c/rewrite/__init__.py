@@ -1,2 +1,0 @@
-"""Graph-rewrite helpers shared by fusion passes: a networkx data-flow view of one graph level,
-constant/shape evaluation, and the decomposed-recurrent-cell matchers."""
