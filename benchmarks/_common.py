@@ -9,6 +9,7 @@ import importlib.util
 import json
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -23,6 +24,24 @@ DATA = MODELS / "data"
 REAL_CACHE = Path.home() / ".cache" / "q4c" / "real"  # models/real/fetch.py's cache (sha256-pinned there)
 STAMP_HASH_CHARS = 12
 _STAMP = re.compile(r"<!-- stamp (\{.*?\}) -->")
+
+
+def git_commit() -> str:
+    """The checked-out commit (12 hex digits), '+' and the number of tracked files under q4c/ and passes/ with
+    uncommitted edits when there are some (the checkout is shared: others edit it during a run),
+    or 'unknown' outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "q4c", "passes"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}+{len(dirty)} edited" if dirty else head
+
+
+#: the commit when this process started measuring (a long run may end at a later one)
+START_COMMIT = git_commit()
 
 
 #: trained models: (evaluation module in models/, its headline metric)
@@ -161,11 +180,14 @@ def stamp(key: str, rows: list[dict], command: str | None = None) -> tuple[str, 
             dates.add(row.get("date", today))
         elif name not in unknown:
             unknown.append(name)
+    end = git_commit()
+    commit = START_COMMIT if end == START_COMMIT else f"{START_COMMIT}..{end}"
     doc = {"key": key, "command": command, "date": today, "measured": sorted(dates), "models": models,
-           "unstamped": unknown}
+           "unstamped": unknown, "commit": commit}
     shown = ", ".join(f"`{path}` {digest}" for path, digest in models.items()) or "none recorded"
     missing = f"; rows without a recorded model hash (measured earlier): {', '.join(unknown)}" if unknown else ""
-    line = (f"_Stamp: `{command}`, written {today} (rows measured {', '.join(sorted(dates))}); sha256 prefixes "
+    line = (f"_Stamp: `{command}`, written {today} at commit {commit} (rows measured {', '.join(sorted(dates))}); "
+            "sha256 prefixes "
             f"of the models used: {shown}{missing}._\n<!-- stamp {json.dumps(doc, sort_keys=True)} -->")
     return line, doc
 

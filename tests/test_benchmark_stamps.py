@@ -55,3 +55,14 @@ def test_rows_merged_from_an_unstamped_run_are_named_not_given_todays_hash():
     rows = [*_common.stamped_rows([{"model": "bilstm_am"}]), {"model": "lstm_lm", "model_sha256": None}]
     line, doc = _common.stamp("task", _common.stamped_rows(rows), command="c")
     assert list(doc["models"]) == ["models/bilstm_am.onnx"] and doc["unstamped"] == ["lstm_lm"]
+
+
+def test_stamp_names_a_commit_git_knows():
+    import re
+    import subprocess
+
+    _, doc = _common.stamp("task", [], command="c")
+    first = re.match(r"[0-9a-f]{12}", doc["commit"])
+    assert first is not None, doc["commit"]
+    kind = subprocess.run(["git", "cat-file", "-t", first.group(0)], cwd=REPO, capture_output=True, text=True)
+    assert kind.stdout.strip() == "commit"
