@@ -19,9 +19,10 @@ import onnx_graphsurgeon as gs
 
 from q4c import graph as g
 from q4c.errors import PreconditionError
+from q4c.names import NameGenerator
+from q4c.nomatch import NoMatch
 from q4c.pipeline import Pass, PassContext, PassResult
-from q4c.recurrent_fusion.affine import NoMatch
-from q4c.recurrent_fusion.rnn_emit import Names, RnnPlan, emit_rnn
+from q4c.recurrent_fusion.rnn_emit import RnnPlan, emit_rnn
 from q4c.recurrent_fusion.rnn_plan import loop_plan, match_cells, unrolled_plans
 from q4c.recurrent_fusion.view import DataflowView, LazyShapes
 
@@ -56,7 +57,7 @@ class FuseLstmGatesPass(Pass):
         plans: list[tuple[RnnPlan, str]] = []
 
         def decline(reason: NoMatch) -> None:
-            stats[f"skipped_{reason.code}"] += 1
+            stats[reason.code] += 1
             logger.debug("fuse-lstm-gates: skipped (%s): %s", reason.code, reason.detail)
 
         bodies = _loop_bodies(graph)
@@ -80,7 +81,7 @@ class FuseLstmGatesPass(Pass):
             plans.extend((plan, "unrolled") for plan in chain_plans)
             stats["fused_cells"] += fused_cells
 
-        names = Names(graph) if plans else None
+        names = NameGenerator(graph) if plans else None
         for plan, kind in plans:
             emit_rnn(names, plan, f"fused_{plan.op.lower()}")
             stats["fused"] += 1

@@ -250,22 +250,16 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:
-    """A tensor/node name not yet used anywhere in `graph` or its subgraphs."""
-    used = _used_names(graph)
-    if base not in used:
-        return base
-    i = 1
-    while f"{base}_{i}" in used:
-        i += 1
-    return f"{base}_{i}"
+    """A tensor/node name not yet used anywhere in `graph` or its subgraphs (q4c.names has the rule)."""
+    from q4c import names  # q4c.names builds on iter_graphs above
+
+    return names.unique_name(graph, base)
 
 
 def _used_names(graph: gs.Graph) -> set[str]:
-    names: set[str] = set()
-    for g in iter_graphs(graph):
-        names.update(g.tensors().keys())
-        names.update(n.name for n in g.nodes if n.name)
-    return names
+    from q4c import names
+
+    return names.used_names(graph)
 
 
 def op_histogram(model: onnx.ModelProto | gs.Graph) -> dict[str, int]:

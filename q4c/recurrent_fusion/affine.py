@@ -13,15 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from q4c.nomatch import NoMatch
 from q4c.recurrent_fusion.view import DataflowView
-
-
-@dataclass(frozen=True)
-class NoMatch:
-    """Why a candidate was declined: `code` is counted as `skipped_<code>`, `detail` logged."""
-
-    code: str
-    detail: str
 
 
 @dataclass
@@ -90,7 +83,7 @@ class AffineParser:
                 continue
             node = view.producer(t)
             if node is None:
-                return NoMatch("gate_projection", f"{t.name} reaches a gate without a weight product")
+                return NoMatch("skipped_gate_projection", f"{t.name} reaches a gate without a weight product")
             key = view.key(node)
             if node.op in ("Identity", "Add"):
                 self.nodes.add(key)
@@ -102,24 +95,24 @@ class AffineParser:
                 part = self._piece(node, t)
             else:
                 if t.name in self.stop or _reads(view, node, self.stop, depth=2):
-                    return NoMatch("peephole", f"{node.name} ({node.op}) adds a cell-state term to a gate")
-                return NoMatch("gate_projection", f"{node.name} ({node.op}) in a gate pre-activation")
+                    return NoMatch("skipped_peephole", f"{node.name} ({node.op}) adds a cell-state term to a gate")
+                return NoMatch("skipped_gate_projection", f"{node.name} ({node.op}) in a gate pre-activation")
             if isinstance(part, NoMatch):
                 return part
             self.nodes.add(key)
             parts.append(part)
         if not parts:
-            return NoMatch("gate_projection", f"{tensor.name}: no weight product")
+            return NoMatch("skipped_gate_projection", f"{tensor.name}: no weight product")
         widths = {p.width for p in parts}
         if len(widths) != 1:
-            return NoMatch("gate_shape", f"{tensor.name}: sums products of widths {sorted(widths)}")
+            return NoMatch("skipped_gate_shape", f"{tensor.name}: sums products of widths {sorted(widths)}")
         out = Affine(widths.pop())
         for part in parts:
             out.add(part)
         for b in free_biases:
             b = _broadcast_bias(b, out.width)
             if b is None:
-                return NoMatch("bias_shape", f"{tensor.name}: a bias that does not broadcast to {out.width} columns")
+                return NoMatch("skipped_bias_shape", f"{tensor.name}: a bias that does not broadcast to {out.width} columns")
             out.add(Affine(out.width, biases={None: b}))
         return out
 
@@ -127,7 +120,7 @@ class AffineParser:
         view = self.view
         w = view.constant(node.inputs[1])
         if w is None or w.ndim != 2 or (node.op == "Gemm" and int(node.attrs.get("transA", 0))):
-            return NoMatch("gate_projection", f"{node.name}: {node.op} without a constant 2-D weight")
+            return NoMatch("skipped_gate_projection", f"{node.name}: {node.op} without a constant 2-D weight")
         w = np.asarray(w)
         bias = None
         if node.op == "Gemm":
@@ -135,10 +128,10 @@ class AffineParser:
             if len(node.inputs) > 2 and not node.inputs[2].is_empty():
                 c = view.constant(node.inputs[2])
                 if c is None:
-                    return NoMatch("gate_projection", f"{node.name}: Gemm bias is not constant")
+                    return NoMatch("skipped_gate_projection", f"{node.name}: Gemm bias is not constant")
                 bias = _broadcast_bias(np.asarray(c) * np.asarray(node.attrs.get("beta", 1.0), c.dtype), w.shape[1])
                 if bias is None:
-                    return NoMatch("bias_shape", f"{node.name}: Gemm bias of shape {c.shape}")
+                    return NoMatch("skipped_bias_shape", f"{node.name}: Gemm bias of shape {c.shape}")
         parts = self._concat_parts(node.inputs[0], w.shape[0])
         if isinstance(parts, NoMatch):
             return parts
@@ -167,9 +160,9 @@ class AffineParser:
         if len(unknown) == 1:
             widths[unknown[0]] = k - sum(w for w in widths if w is not None)
         elif unknown:
-            return NoMatch("unknown_width", f"{node.name}: widths of the concatenated gate inputs are unknown")
+            return NoMatch("skipped_unknown_width", f"{node.name}: widths of the concatenated gate inputs are unknown")
         if sum(widths) != k or any(w <= 0 for w in widths):
-            return NoMatch("gate_shape", f"{node.name}: concatenated widths {widths} do not match weight rows {k}")
+            return NoMatch("skipped_gate_shape", f"{node.name}: concatenated widths {widths} do not match weight rows {k}")
         self.nodes.add(view.key(node))
         return list(zip(node.inputs, widths))
 
@@ -182,10 +175,10 @@ class AffineParser:
         if node.op == "Split":
             axis = int(node.attrs.get("axis", 0))
             if axis not in (-1, 1):
-                return NoMatch("gate_shape", f"{node.name}: Split on axis {axis}, not the feature axis")
+                return NoMatch("skipped_gate_shape", f"{node.name}: Split on axis {axis}, not the feature axis")
             sizes = _split_sizes(self.view, node, n)
             if sizes is None or sum(sizes) != n:
-                return NoMatch("unknown_bounds", f"{node.name}: split sizes unknown or not summing to {n}")
+                return NoMatch("skipped_unknown_bounds", f"{node.name}: split sizes unknown or not summing to {n}")
             index = [t.name for t in node.outputs].index(piece.name)
             start = sum(sizes[:index])
             return src.columns(np.arange(start, start + sizes[index]))
@@ -221,17 +214,17 @@ def _slice_range(view: DataflowView, node: gs.Node, n: int) -> tuple[int, int] |
     args = [view.eval_ints(node.inputs[i]) if present[i - 1] else None for i in range(1, 5)]
     starts, ends, axes, steps = args
     if starts is None or ends is None or (present[2] and axes is None) or (present[3] and steps is None):
-        return NoMatch("unknown_bounds", f"{node.name}: Slice bounds are not computable from constants and shapes")
+        return NoMatch("skipped_unknown_bounds", f"{node.name}: Slice bounds are not computable from constants and shapes")
     starts, ends = np.asarray(starts).reshape(-1), np.asarray(ends).reshape(-1)
     axes = np.arange(len(starts)) if axes is None else np.asarray(axes).reshape(-1)
     steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).reshape(-1)
     if len(starts) != 1 or int(axes[0]) not in (-1, 1) or int(steps[0]) != 1:
-        return NoMatch("gate_shape", f"{node.name}: not a unit-step slice of the feature axis")
+        return NoMatch("skipped_gate_shape", f"{node.name}: not a unit-step slice of the feature axis")
     s, e = int(starts[0]), int(ends[0])
     s = min(max(s + n if s < 0 else s, 0), n)
     e = min(max(e + n if e < 0 else e, 0), n)
     if e <= s:
-        return NoMatch("gate_shape", f"{node.name}: empty slice")
+        return NoMatch("skipped_gate_shape", f"{node.name}: empty slice")
     return s, e
 
 

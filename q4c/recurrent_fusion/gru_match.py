@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.recurrent_fusion.affine import Affine, AffineParser, NoMatch
+from q4c.nomatch import NoMatch
+from q4c.recurrent_fusion.affine import Affine, AffineParser
 from q4c.recurrent_fusion.lstm_match import ACTIVATION_OPS
 from q4c.recurrent_fusion.view import DataflowView
 
@@ -53,7 +54,7 @@ def match_gru_cell(view: DataflowView, node: gs.Node) -> GruCell | NoMatch | Non
     nodes = {view.key(n) for n in update.nodes}
     z_act, n_act = view.producer(update.z), view.producer(update.n)
     if z_act.op != "Sigmoid" or n_act.op != "Tanh":
-        return NoMatch("nonstandard_activation", f"{node.name}: z={z_act.op}, n={n_act.op}")
+        return NoMatch("skipped_nonstandard_activation", f"{node.name}: z={z_act.op}, n={n_act.op}")
     nodes.update({view.key(z_act), view.key(n_act)})
     h_prev = view.resolve(update.h_prev)
     parser = AffineParser(view, set())
@@ -69,15 +70,15 @@ def match_gru_cell(view: DataflowView, node: gs.Node) -> GruCell | NoMatch | Non
     nodes |= parser.nodes
     hidden = z_aff.width
     if any(a.width != hidden for a in (r_aff, x_n, h_n)):
-        return NoMatch("gate_shape", f"{node.name}: gate widths differ")
+        return NoMatch("skipped_gate_shape", f"{node.name}: gate widths differ")
     operands = {**z_aff.operands, **r_aff.operands, **x_n.operands}
     xs = [name for name in operands if name != h_prev.name]
     if len(xs) != 1 or set(h_n.operands) - {h_prev.name}:
-        return NoMatch("extra_inputs", f"{node.name}: gates read {sorted(operands)}, not one x and h")
+        return NoMatch("skipped_extra_inputs", f"{node.name}: gates read {sorted(operands)}, not one x and h")
     x = xs[0]
     rows = {name: a.weights[name].shape[0] for a in (z_aff, r_aff, x_n, h_n) for name in a.weights}
     if rows.get(h_prev.name, hidden) != hidden:
-        return NoMatch("gate_shape", f"{node.name}: recurrent weights are not [H, 3H]")
+        return NoMatch("skipped_gate_shape", f"{node.name}: recurrent weights are not [H, 3H]")
     sign = -1 if update.flipped else 1
     w = np.concatenate([sign * z_aff.weight(x, rows[x]), r_aff.weight(x, rows[x]), x_n.weight(x, rows[x])], axis=1).T
     r = np.concatenate([sign * z_aff.weight(h_prev.name, hidden), r_aff.weight(h_prev.name, hidden),
@@ -86,13 +87,13 @@ def match_gru_cell(view: DataflowView, node: gs.Node) -> GruCell | NoMatch | Non
     wb = np.concatenate([sign * z_aff.bias(every), r_aff.bias(every), x_n.bias(every)])
     rb = np.concatenate([np.zeros(2 * hidden, np.float32), h_n.bias(every)])
     if any(a.dtype != np.float32 for a in (w, r)):
-        return NoMatch("dtype", f"{node.name}: gate weights are not float32")
+        return NoMatch("skipped_dtype", f"{node.name}: gate weights are not float32")
     cell = GruCell(hidden, node.outputs[0], h_prev, operands[x], np.ascontiguousarray(w), np.ascontiguousarray(r),
                    wb.astype(np.float32), rb.astype(np.float32), lbr, nodes)
     for key in nodes:
         for tensor in view.nodes[key].outputs:
             if tensor.name != cell.h_out.name and view.escapes(tensor, nodes):
-                return NoMatch("intermediate_used", f"{tensor.name} (inside the GRU cell at {node.name}) is read outside it")
+                return NoMatch("skipped_intermediate_used", f"{tensor.name} (inside the GRU cell at {node.name}) is read outside it")
     return cell
 
 
@@ -149,14 +150,14 @@ def _candidate_gate(view: DataflowView, pre_n: gs.Tensor, parser: AffineParser, 
     if len(reset) == 1:  # r * (h U_n + b_hn): linear_before_reset = 1
         t, m, r_act, inner = reset[0]
         if r_act.op != "Sigmoid":
-            return NoMatch("nonstandard_activation", f"reset gate {r_act.op}")
+            return NoMatch("skipped_nonstandard_activation", f"reset gate {r_act.op}")
         h_n = parser.parse(inner)
         rest = [x for x in terms if x.name != t.name]
         x_n = _sum(parser, rest)
         if isinstance(h_n, NoMatch) or isinstance(x_n, NoMatch):
             return h_n if isinstance(h_n, NoMatch) else x_n
         if set(h_n.operands) != {h_prev.name} or h_prev.name in x_n.operands:
-            return NoMatch("gate_projection", "n mixes x and h outside the reset product")
+            return NoMatch("skipped_gate_projection", "n mixes x and h outside the reset product")
         r_aff = parser.parse(r_act.inputs[0])
         if isinstance(r_aff, NoMatch):
             return r_aff
@@ -173,7 +174,7 @@ def _candidate_gate(view: DataflowView, pre_n: gs.Tensor, parser: AffineParser, 
         if h_prev.name in names:
             r_act = view.producer(m.inputs[1 - names.index(h_prev.name)])
             if r_act is None or r_act.op != "Sigmoid":
-                return NoMatch("nonstandard_activation", "reset gate is not a Sigmoid")
+                return NoMatch("skipped_nonstandard_activation", "reset gate is not a Sigmoid")
             r_aff = parser.parse(r_act.inputs[0])
             if isinstance(r_aff, NoMatch):
                 return r_aff
@@ -181,7 +182,7 @@ def _candidate_gate(view: DataflowView, pre_n: gs.Tensor, parser: AffineParser, 
             x_n = Affine(full.width, {k: w for k, w in full.weights.items() if k != name},
                          {k: t for k, t in full.operands.items() if k != name}, dict(full.biases))
             return r_act, r_aff, x_n, h_n, 0, nodes | {view.key(m)}
-    return NoMatch("cell_structure", f"{pre_n.name}: no reset gate in the candidate's pre-activation")
+    return NoMatch("skipped_cell_structure", f"{pre_n.name}: no reset gate in the candidate's pre-activation")
 
 
 def _add_terms(view: DataflowView, tensor: gs.Tensor) -> tuple[list[gs.Tensor], list[gs.Node]]:
@@ -209,15 +210,15 @@ def _sum(parser: AffineParser, terms: list[gs.Tensor]) -> Affine | NoMatch:
             return a
         parts.append(a)
     if not parts:
-        return NoMatch("gate_projection", "no input term in n")
+        return NoMatch("skipped_gate_projection", "no input term in n")
     out = Affine(parts[0].width)
     for p in parts:
         if p.width != out.width:
-            return NoMatch("gate_shape", "terms of different widths in n")
+            return NoMatch("skipped_gate_shape", "terms of different widths in n")
         out.add(p)
     for b in biases:
         if b.size not in (1, out.width):
-            return NoMatch("bias_shape", f"a bias of shape {b.shape} in n")
+            return NoMatch("skipped_bias_shape", f"a bias of shape {b.shape} in n")
         out.add(Affine(out.width, biases={None: np.broadcast_to(b.reshape(-1), (out.width,)).astype(np.float32)}))
     return out
 

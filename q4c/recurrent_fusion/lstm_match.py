@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.recurrent_fusion.affine import Affine, AffineParser, NoMatch
+from q4c.nomatch import NoMatch
+from q4c.recurrent_fusion.affine import Affine, AffineParser
 from q4c.recurrent_fusion.view import DataflowView
 
 #: Unary ops that can sit where an LSTM applies an activation: any of them makes a candidate,
@@ -77,7 +78,7 @@ def match_lstm_cell(view: DataflowView, node: gs.Node) -> LstmCell | NoMatch | N
         return None
     j, act, clip, update = found
     if clip is not None:
-        return NoMatch("cell_clip", f"{clip.name}: the cell state is clipped before the output activation")
+        return NoMatch("skipped_cell_clip", f"{clip.name}: the cell state is clipped before the output activation")
     h_out, c_out = node.outputs[0], update.outputs[0]
     nodes = {view.key(n) for n in (node, act, update)}
     muls = [view.producer(t) for t in update.inputs]
@@ -86,28 +87,28 @@ def match_lstm_cell(view: DataflowView, node: gs.Node) -> LstmCell | NoMatch | N
     gate_like = [[_is_gate_like(view, t) for t in m.inputs] for m in muls]
     both = [all(flags) for flags in gate_like]
     if sum(both) != 1 or not any(gate_like[both.index(False)]):
-        return NoMatch("cell_structure", f"{update.name}: not f*c + i*g (which product is f*c is unclear)")
+        return NoMatch("skipped_cell_structure", f"{update.name}: not f*c + i*g (which product is f*c is unclear)")
     ig, fc = muls[both.index(True)], muls[both.index(False)]
     f_index = gate_like[both.index(False)].index(True)
     f_t, c_prev = fc.inputs[f_index], fc.inputs[1 - f_index]
     if _is_gate_like(view, c_prev):
-        return NoMatch("cell_structure", f"{fc.name}: both factors of f*c are activations")
+        return NoMatch("skipped_cell_structure", f"{fc.name}: both factors of f*c are activations")
     i_t, g_t = ig.inputs
     if view.op_of(i_t) != "Sigmoid" and view.op_of(g_t) == "Sigmoid":
         i_t, g_t = g_t, i_t
     o_t = node.inputs[1 - j]
     if not _is_gate_like(view, o_t):
-        return NoMatch("cell_structure", f"{node.name}: the output gate is not an activation")
+        return NoMatch("skipped_cell_structure", f"{node.name}: the output gate is not an activation")
     gate_outputs = {"i": i_t, "f": f_t, "g": g_t, "o": o_t}
     gate_acts = {k: view.producer(t) for k, t in gate_outputs.items()}
     if len({view.key(n) for n in gate_acts.values()}) != 4:
-        return NoMatch("cell_structure", f"{node.name}: gates share an activation node")
+        return NoMatch("skipped_cell_structure", f"{node.name}: gates share an activation node")
     wanted = {"i": "Sigmoid", "f": "Sigmoid", "g": "Tanh", "o": "Sigmoid"}
     odd = {k: n.op for k, n in gate_acts.items() if n.op != wanted[k]}
     if act.op != "Tanh":
         odd["h"] = act.op
     if odd:
-        return NoMatch("nonstandard_activation", f"{node.name}: " + ", ".join(f"{k}={v}" for k, v in sorted(odd.items())))
+        return NoMatch("skipped_nonstandard_activation", f"{node.name}: " + ", ".join(f"{k}={v}" for k, v in sorted(odd.items())))
     nodes.update(view.key(n) for n in gate_acts.values())
     c_prev_names = {view.resolve(c_prev).name, c_prev.name}
     pre = {k: n.inputs[0] for k, n in gate_acts.items()}
@@ -117,12 +118,12 @@ def match_lstm_cell(view: DataflowView, node: gs.Node) -> LstmCell | NoMatch | N
         return cell
     hidden, operands, weights, biases = cell
     if any(w.dtype != np.float32 for w in weights.values()):
-        return NoMatch("dtype", f"{node.name}: gate weights are not float32")
+        return NoMatch("skipped_dtype", f"{node.name}: gate weights are not float32")
     result = LstmCell(hidden, h_out, c_out, view.resolve(c_prev), operands, weights, biases, nodes)
     for key in result.nodes:
         for tensor in view.nodes[key].outputs:
             if tensor.name not in (h_out.name, c_out.name) and view.escapes(tensor, result.nodes):
-                return NoMatch("intermediate_used", f"{tensor.name} (inside the cell at {node.name}) is read outside it")
+                return NoMatch("skipped_intermediate_used", f"{tensor.name} (inside the cell at {node.name}) is read outside it")
     return result
 
 
@@ -141,7 +142,7 @@ def _gates(view: DataflowView, pre: dict[str, gs.Tensor], nodes: set[str], c_pre
         affines[k] = affine
     widths = {a.width for a in affines.values()}
     if len(widths) != 1:
-        return NoMatch("gate_shape", f"gate widths differ: {sorted(widths)}")
+        return NoMatch("skipped_gate_shape", f"gate widths differ: {sorted(widths)}")
     hidden = widths.pop()
     nodes |= parser.nodes
     operands: dict[str, gs.Tensor] = {}
@@ -150,7 +151,7 @@ def _gates(view: DataflowView, pre: dict[str, gs.Tensor], nodes: set[str], c_pre
         operands.update(a.operands)
         for name, w in a.weights.items():
             if rows.setdefault(name, w.shape[0]) != w.shape[0]:
-                return NoMatch("gate_shape", f"operand {name} has weights of different widths")
+                return NoMatch("skipped_gate_shape", f"operand {name} has weights of different widths")
     weights = {name: np.ascontiguousarray(np.concatenate(
         [affines[k].weight(name, rows[name]) for k in ONNX_GATE_ORDER], axis=1).T) for name in operands}
     biases = {key: np.concatenate([affines[k].bias({key}) for k in ONNX_GATE_ORDER])

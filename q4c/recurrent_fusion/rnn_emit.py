@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c import graph as g
+from q4c.names import NameGenerator
 from q4c.recurrent_fusion.view import DataflowView
 
 
@@ -82,27 +82,8 @@ def stacked_input(view: DataflowView, xs: list[gs.Tensor]) -> SeqInput | list[gs
     return SeqInput(src, axis, 3, idx[0], None if whole else len(idx))
 
 
-class Names:
-    """Fresh names for one rewrite: like q4c.graph.unique_name, without re-walking the graph
-    for every name, and safe for tensors not yet attached."""
-
-    def __init__(self, root: gs.Graph) -> None:
-        self.used: set[str] = set()
-        for sub in g.iter_graphs(root):
-            self.used.update(sub.tensors().keys())
-            self.used.update(n.name for n in sub.nodes if n.name)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
-
-
 class _Emitter:
-    def __init__(self, names: Names, plan: RnnPlan, name: str) -> None:
+    def __init__(self, names: NameGenerator, plan: RnnPlan, name: str) -> None:
         self.names, self.plan, self.name = names, plan, name
         self.sub = plan.graph
 
@@ -126,7 +107,7 @@ class _Emitter:
         return self.const("axes", np.array(values, np.int64))
 
 
-def emit_rnn(names: Names, plan: RnnPlan, name: str) -> gs.Node:
+def emit_rnn(names: NameGenerator, plan: RnnPlan, name: str) -> gs.Node:
     """Append the LSTM/GRU/RNN and its adapters to `plan.graph`; returns the new op."""
     e = _Emitter(names, plan, names(name))
     x = _sequence(e, plan.x)
@@ -208,7 +189,7 @@ def _sequence(e: _Emitter, x: SeqInput | list[gs.Tensor]) -> gs.Tensor:
     return t
 
 
-def _detach(names: Names, tensor: gs.Tensor) -> None:
+def _detach(names: NameGenerator, tensor: gs.Tensor) -> None:
     """Give `tensor`'s current producer a throw-away output so a new node can produce it."""
     for node in list(tensor.inputs):
         for i, out in enumerate(node.outputs):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.recurrent_fusion.affine import AffineParser, NoMatch
+from q4c.nomatch import NoMatch
+from q4c.recurrent_fusion.affine import AffineParser
 from q4c.recurrent_fusion.view import DataflowView
 
 #: Graph ops that are an ONNX RNN activation of the same name (activation_alpha/beta unused).

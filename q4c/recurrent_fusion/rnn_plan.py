@@ -20,7 +20,7 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.recurrent_fusion.affine import NoMatch
+from q4c.nomatch import NoMatch
 from q4c.recurrent_fusion.gru_match import GruCell, match_gru_cell
 from q4c.recurrent_fusion.lstm_match import LstmCell, match_lstm_cell
 from q4c.recurrent_fusion.rnn_emit import RnnPlan, SeqInput, stacked_input
@@ -113,12 +113,12 @@ def unrolled_plans(view: DataflowView, cells: list[Cell]) -> tuple[list[RnnPlan]
 def _cell_problem(view: DataflowView, cell: Cell) -> NoMatch | None:
     if isinstance(cell, (LstmCell, RnnCell)) and (len(cell.operands) > 2 or (len(cell.operands) == 2 and all(
             w.shape[1] != cell.hidden for w in cell.weights.values()))):
-        return NoMatch("extra_inputs", f"{cell.h_out.name}: gates read {sorted(cell.operands)}, not one x and one h")
+        return NoMatch("skipped_extra_inputs", f"{cell.h_out.name}: gates read {sorted(cell.operands)}, not one x and one h")
     operands = (cell.x, cell.h_prev) if isinstance(cell, GruCell) else cell.operands.values()
     for tensor in operands:
         shape = view.shape(tensor, infer=False)
         if shape is not None and len(shape) != 2:
-            return NoMatch("rank", f"{cell.h_out.name}: gate operand {tensor.name} has rank {len(shape)}, not 2")
+            return NoMatch("skipped_rank", f"{cell.h_out.name}: gate operand {tensor.name} has rank {len(shape)}, not 2")
     return None
 
 
@@ -290,7 +290,7 @@ def loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView) -> Rnn
     if declined:
         return declined[0]
     if len(cells) > 1:
-        return NoMatch("loop_body", f"{node.name}: {len(cells)} cells in one body")
+        return NoMatch("skipped_loop_body", f"{node.name}: {len(cells)} cells in one body")
     cell = cells[0]
     n_states = 2 if isinstance(cell, LstmCell) else 1
     if node.op == "Scan":
@@ -303,21 +303,21 @@ def _roles(cell: Cell, states: list[gs.Tensor], is_x: Callable[[str], bool]) -> 
     names = [t.name for t in states]
     if isinstance(cell, GruCell):
         if cell.h_prev.name not in names or not is_x(cell.x.name):
-            return NoMatch("loop_state", "the GRU's h is not the carried state or x is not the step input")
+            return NoMatch("skipped_loop_state", "the GRU's h is not the carried state or x is not the step input")
         return names.index(cell.h_prev.name), None, cell.x.name
     if isinstance(cell, RnnCell):
         h_names = [n for n in cell.operands if n in names]
         x_names = [n for n in cell.operands if n not in names]
         if len(h_names) != 1 or len(x_names) != 1 or not is_x(x_names[0]):
-            return NoMatch("loop_state", f"RNN operands {sorted(cell.operands)} are not one state h and one step input")
+            return NoMatch("skipped_loop_state", f"RNN operands {sorted(cell.operands)} are not one state h and one step input")
         return names.index(h_names[0]), None, x_names[0]
     if cell.c_prev.name not in names:
-        return NoMatch("loop_state", f"c_prev {cell.c_prev.name} is not a loop-carried state")
+        return NoMatch("skipped_loop_state", f"c_prev {cell.c_prev.name} is not a loop-carried state")
     c_index = names.index(cell.c_prev.name)
     h_names = [n for n in cell.operands if n in names and names.index(n) != c_index]
     x_names = [n for n in cell.operands if n not in names]
     if len(h_names) != 1 or len(x_names) != 1 or not is_x(x_names[0]):
-        return NoMatch("loop_state", f"gate operands {sorted(cell.operands)} are not one state h and one step input")
+        return NoMatch("skipped_loop_state", f"gate operands {sorted(cell.operands)} are not one state h and one step input")
     return names.index(h_names[0]), c_index, x_names[0]
 
 
@@ -325,10 +325,10 @@ def _check_outputs(body_view: DataflowView, cell: Cell, outs: list[gs.Tensor], h
                    n_states: int) -> NoMatch | None:
     resolved = [body_view.resolve(t).name for t in outs]
     if resolved[h_i] != cell.h_out.name or (c_i is not None and resolved[c_i] != cell.c_out.name):
-        return NoMatch("loop_outputs", "the carried states are not the cell's new states")
+        return NoMatch("skipped_loop_outputs", "the carried states are not the cell's new states")
     for name in resolved[n_states:]:
         if name != cell.h_out.name:
-            return NoMatch("loop_outputs", f"scan output {name} is not the cell's h'")
+            return NoMatch("skipped_loop_outputs", f"scan output {name} is not the cell's h'")
     return None
 
 
@@ -336,9 +336,9 @@ def _scan_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell:
     body = body_view.graph
     n_scan = int(node.attrs.get("num_scan_inputs", 1))
     if len(node.inputs) - n_scan != n_states or n_scan != 1:
-        return NoMatch("loop_signature", f"{node.name}: {len(node.inputs) - n_scan} states and {n_scan} scan inputs")
+        return NoMatch("skipped_loop_signature", f"{node.name}: {len(node.inputs) - n_scan} states and {n_scan} scan inputs")
     if any(int(d) for d in [*node.attrs.get("scan_input_directions", []), *node.attrs.get("scan_output_directions", [])]):
-        return NoMatch("loop_direction", f"{node.name}: reverse scan directions")
+        return NoMatch("skipped_loop_direction", f"{node.name}: reverse scan directions")
     x_body = body.inputs[n_states].name
     roles = _roles(cell, list(body.inputs[:n_states]), lambda n: n == x_body)
     if isinstance(roles, NoMatch):
@@ -350,7 +350,7 @@ def _scan_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell:
     src = node.inputs[n_states]
     shape = view.shape(src)
     if shape is not None and len(shape) != 3:
-        return NoMatch("rank", f"{node.name}: scan input of rank {len(shape)}, not 3")
+        return NoMatch("skipped_rank", f"{node.name}: scan input of rank {len(shape)}, not 3")
     axis = int((node.attrs.get("scan_input_axes") or [0])[0]) % 3
     plan = _state_plan(view, node, cell, x_name, body.inputs[h_i].name, SeqInput(src, axis), h_i, c_i, None)
     out_axes = list(node.attrs.get("scan_output_axes", [])) or [0] * (len(node.outputs) - n_states)
@@ -362,13 +362,13 @@ def _scan_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell:
 def _loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell: Cell, n_states: int) -> RnnPlan | NoMatch:
     body = body_view.graph
     if len(node.inputs) != 2 + n_states or node.inputs[0].is_empty():
-        return NoMatch("loop_signature", f"{node.name}: not Loop(M, cond, states) with a trip count")
+        return NoMatch("skipped_loop_signature", f"{node.name}: not Loop(M, cond, states) with a trip count")
     cond = node.inputs[1]
     if not cond.is_empty() and not _true(view, cond):
-        return NoMatch("loop_signature", f"{node.name}: the loop condition is not constant true")
+        return NoMatch("skipped_loop_signature", f"{node.name}: the loop condition is not constant true")
     iter_in, cond_in = body.inputs[0], body.inputs[1]
     if body_view.resolve(body.outputs[0]).name != cond_in.name and not _true(body_view, body.outputs[0]):
-        return NoMatch("loop_signature", f"{node.name}: the body may stop early")
+        return NoMatch("skipped_loop_signature", f"{node.name}: the body may stop early")
     gathers: dict[str, gs.Node] = {}
 
     def is_step_input(name: str) -> bool:
@@ -391,7 +391,7 @@ def _loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell:
     src = gather.inputs[0]
     shape = view.shape(src)
     if shape is not None and len(shape) != 3:
-        return NoMatch("rank", f"{node.name}: the step input is indexed from a rank-{len(shape)} tensor, not 3")
+        return NoMatch("skipped_rank", f"{node.name}: the step input is indexed from a rank-{len(shape)} tensor, not 3")
     axis = int(gather.attrs.get("axis", 0)) % 3
     trips = view.constant(node.inputs[0])
     length = int(np.asarray(trips).reshape(())) if trips is not None else None

@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from q4c import graph as g
+from q4c.names import NameGenerator
 from q4c.quant.packing import kernel_bits, matmulnbits_weights
 from q4c.quant.qparams import QuantizedWeight
 from q4c.recurrent_lowering.layer import Weight
@@ -36,20 +37,7 @@ class Emitter:
     """Appends nodes to graphs of one model, with tensor and node names unique in all of it."""
 
     def __init__(self, root: gs.Graph, prefix: str) -> None:
-        self.taken: set[str] = set()
-        for sub in g.iter_graphs(root):
-            self.taken.update(sub.tensors().keys())
-            self.taken.update(n.name for n in sub.nodes if n.name)
-        self.prefix = prefix
-
-    def name(self, base: str) -> str:
-        name = f"{self.prefix}/{base}"
-        i = 1
-        while name in self.taken:
-            name = f"{self.prefix}/{base}_{i}"
-            i += 1
-        self.taken.add(name)
-        return name
+        self.name = NameGenerator(root, prefix)
 
     def const(self, base: str, values: np.ndarray) -> gs.Constant:
         values = np.asarray(values)  # (np.ascontiguousarray would turn a scalar into shape [1])

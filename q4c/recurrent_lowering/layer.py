@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from q4c import graph as g
+from q4c.nomatch import NoMatch
 
 #: The activations q4c's lowerings implement for LSTM/GRU: the ops' defaults (ONNX LSTM f, g, h;
 #: GRU f, g). RNN takes any of RNN_ACTIVATIONS.
@@ -29,12 +30,6 @@ RNN_ACTIVATIONS = {
 _CODE_BITS = {"int2": 2, "int4": 4, "int8": 8}
 #: gates per op: LSTM W stacks i, o, f, c; GRU W stacks z, r, h; RNN has one (h' = f(x·Wᵀ + h·Rᵀ + b)).
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-
-
-@dataclass(frozen=True)
-class NoMatch:
-    code: str  # stats key, e.g. "skipped_peephole"
-    detail: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""Fresh tensor and node names: the one rule every rewrite uses.
+
+A name is `base` when nothing in the model (the graph and all its subgraphs) uses it, else the
+first free `base_1`, `base_2`, ... `NameGenerator` walks the model once and remembers what it
+handed out, so a rewrite emitting many nodes (or tensors not attached yet) stays unique;
+`unique_name` is the one-off form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx_graphsurgeon as gs
+
+from q4c.graph import iter_graphs
+
+
+def used_names(root: gs.Graph) -> set[str]:
+    """Every tensor and node name in `root` and its subgraphs."""
+    names: set[str] = set()
+    for sub in iter_graphs(root):
+        names.update(sub.tensors().keys())
+        names.update(n.name for n in sub.nodes if n.name)
+    return names
+
+
+class NameGenerator:
+    """Names unique in one model; `prefix` (when given) is prepended as `prefix/base`."""
+
+    def __init__(self, root: gs.Graph, prefix: str = "") -> None:
+        self.taken = used_names(root)
+        self.prefix = prefix
+
+    def __call__(self, base: str) -> str:
+        stem = f"{self.prefix}/{base}" if self.prefix else base
+        name, i = stem, 0
+        while name in self.taken:
+            i += 1
+            name = f"{stem}_{i}"
+        self.taken.add(name)
+        return name
+
+    def reserve(self, names: Iterable[str]) -> None:
+        """Mark names as used (tensors added to the model by other means)."""
+        self.taken.update(names)
+
+
+def unique_name(root: gs.Graph, base: str) -> str:
+    """A name not yet used anywhere in `root` or its subgraphs (not reserved: call once per name
+    actually added, or use a NameGenerator)."""
+    return NameGenerator(root)(base)
