@@ -6,21 +6,20 @@ Runtime latency (1 thread, original and fused interleaved, median of N calls).
     python benchmarks/bench_fusion.py [--iters 50] [--write]
 
 Runs `fold-constants,fuse-lstm-gates` (what `q4c compile M --passes fold-constants,fuse-lstm-gates`
-runs). With --write, the table replaces the `fusion` section of BENCHMARKS.md and the raw
+runs). With --write, the table replaces the `fusion` section of BENCHMARKS.md (stamped: command, date,
+commit, sha256 of each model) and the raw
 figures go to benchmarks/results/fusion.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from bench_compile import bundled_models, write_section
+from _common import bundled_models, publish
 from q4c.passes.fold_constants import FoldConstantsPass
 from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
 
@@ -90,14 +89,13 @@ def render(rows: list[dict], iters: int) -> str:
         "<!-- fusion:begin -->",
         "## `fuse-lstm-gates`: decomposed LSTM cells to one ONNX LSTM",
         "",
-        f"Produced by `python benchmarks/bench_fusion.py --write` ({time.strftime('%Y-%m-%d')}), on every bundled "
-        "model with decomposed cells, after `fold-constants` (what `q4c compile M --passes "
+        "Every bundled model with decomposed cells, after `fold-constants` (what `q4c compile M --passes "
         "fold-constants,fuse-lstm-gates` runs). Nodes count Scan/Loop bodies. Differences are max |a - b| over "
         "all outputs on the committed sample input (`models/<name>.npz`): fused vs original with ONNX Runtime "
         "(optimizations off) on both, and with q4c's interpreter on both; `vs torch` compares the fused graph in "
         "ONNX Runtime with `models/<name>.ref.npz` (the original's own figure in brackets). Latency: ONNX Runtime "
         f"{ort.__version__}, CPU provider, default optimizations, 1 intra-op thread, original and fused interleaved, "
-        f"median of {iters} calls.",
+        f"median of {iters} calls (process-CPU time, q4c.timing), on a 2-core machine shared with other jobs.",
         "",
         "| model | nodes original -> folded -> fused | ratio | fused graph | max abs vs original (ORT / interp) "
         "| max abs vs torch | latency original -> fused (ms) | ratio |",
@@ -139,9 +137,7 @@ def main() -> int:
     section = render(rows, args.iters)
     print(section)
     if args.write:
-        (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
-        (REPO / "benchmarks" / "results" / "fusion.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-        write_section(REPO / "BENCHMARKS.md", section, "fusion")
+        publish("fusion", rows, section)
     return 0
 
 
