@@ -1,0 +1,94 @@
+"""The lowering forms a layer can take in ONNX Runtime, and the shape of a layer as it is called.
+
+A form is how a weight-bearing layer runs (which kernel, which bits); a `LayerShape` is what its
+speed depends on: the weight's dimensions and the rows per call (M = batch x frames, 1 when
+streaming). Both are plain, hashable values: cost-cache keys and planner options are built from them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+
+from q4c.quant.plan import FLOAT
+
+
+class LayerKind(enum.Enum):
+    MATMUL = "matmul"  # y = x @ W, W a constant [K, N]
+    LSTM = "lstm"
+    GRU = "gru"
+
+
+class Form(enum.Enum):
+    """A lowering form (what the materialising passes emit for one layer)."""
+
+    FP32_AT_LOAD = "fp32-at-load"  # DequantizeLinear folded at session load: FP32 op, small file
+    NBITS_ACC4 = "matmulnbits-acc4"  # com.microsoft MatMulNBits, int8 activation compute
+    NBITS_ACC0 = "matmulnbits-acc0"  # same, float compute
+    INT8_DYNAMIC = "int8-dynamic"  # com.microsoft DynamicQuantizeMatMul, int8 per-channel [K, N]
+    SCAN_NBITS = "scan-matmulnbits"  # LSTM/GRU: hoisted MatMulNBits + Scan (q4c.recurrent_lowering.scan)
+    DYNAMIC_QUANTIZE_LSTM = "dynamic-quantize-lstm"  # LSTM: com.microsoft DynamicQuantizeLSTM (INT8)
+
+
+#: Forms each layer kind can take, and the weight bits each form stores (FLOAT: the plan's bits
+#: are kept in the file but the op runs in float; any planned width is allowed there).
+FORMS: dict[LayerKind, tuple[Form, ...]] = {
+    LayerKind.MATMUL: (Form.FP32_AT_LOAD, Form.NBITS_ACC4, Form.NBITS_ACC0, Form.INT8_DYNAMIC),
+    LayerKind.LSTM: (Form.FP32_AT_LOAD, Form.SCAN_NBITS, Form.DYNAMIC_QUANTIZE_LSTM),
+    LayerKind.GRU: (Form.FP32_AT_LOAD, Form.SCAN_NBITS),
+}
+#: Bit widths a form computes with; None = any (the weight is dequantized to FP32 at load).
+FORM_BITS: dict[Form, tuple[int, ...] | None] = {
+    Form.FP32_AT_LOAD: None,
+    Form.NBITS_ACC4: (2, 3, 4, 8),
+    Form.NBITS_ACC0: (2, 3, 4, 8),
+    Form.INT8_DYNAMIC: (8,),
+    Form.SCAN_NBITS: (2, 3, 4, 8),
+    Form.DYNAMIC_QUANTIZE_LSTM: (8,),
+}
+
+
+def allows(form: Form, bits: int) -> bool:
+    """Can a weight planned at `bits` (FLOAT: kept float) run in `form`?"""
+    if bits == FLOAT:
+        return form is Form.FP32_AT_LOAD
+    widths = FORM_BITS[form]
+    return widths is None or bits in widths
+
+
+def timed_bits(form: Form, bits: int) -> int:
+    """The bit width a micro-benchmark of (form, bits) times: forms that run in float time the
+    FP32 op whatever the stored bits; 3-bit codes run in 4-bit kernels."""
+    if form is Form.FP32_AT_LOAD or bits == FLOAT:
+        return FLOAT
+    return 4 if bits == 3 else bits
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a layer's speed depends on.
+
+    MATMUL: `k`, `n` the weight's [K, N], `rows` = M, activation rows per call.
+    LSTM/GRU: `k` input width, `n` hidden size, `rows` = batch, `steps` frames per call,
+    `directions` 1 or 2.
+    """
+
+    kind: LayerKind
+    k: int
+    n: int
+    rows: int
+    steps: int = 1
+    directions: int = 1
+
+    def to_json(self) -> dict[str, object]:
+        doc = asdict(self)
+        doc["kind"] = self.kind.value
+        return doc
+
+    def label(self) -> str:
+        if self.kind is LayerKind.MATMUL:
+            return f"matmul K={self.k} N={self.n} M={self.rows}"
+        return f"{self.kind.value} I={self.k} H={self.n} B={self.rows} T={self.steps} D={self.directions}"
+
+
+__all__ = ["LayerKind", "Form", "FORMS", "FORM_BITS", "allows", "timed_bits", "LayerShape"]
