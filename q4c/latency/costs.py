@@ -174,4 +174,4 @@ def costs(wanted: Mapping[LayerShape, Iterable[tuple[Form, int]]], cache: CostCa
     return table
 
 
-__all__ = ["VERSION", "CostCache", "CostTable", "cache_dir", "machine_key", "entry_key", "measure_shape", "costs"]
+__all__ = ["VERSION", "CostCache", "CostTable", "cache_dir", "costs", "entry_key", "machine_key", "measure_shape"]

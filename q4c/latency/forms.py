@@ -91,4 +91,4 @@ class LayerShape:
         return f"{self.kind.value} I={self.k} H={self.n} B={self.rows} T={self.steps} D={self.directions}"
 
 
-__all__ = ["LayerKind", "Form", "FORMS", "FORM_BITS", "allows", "timed_bits", "LayerShape"]
+__all__ = ["FORMS", "FORM_BITS", "Form", "LayerKind", "LayerShape", "allows", "timed_bits"]

@@ -158,4 +158,4 @@ def brute_force2(items: Sequence[Sequence[Option2]], byte_budget: int, latency_b
     return best
 
 
-__all__ = ["Option2", "Plan2", "solve2", "brute_force2", "BYTE_COLUMNS", "LATENCY_COLUMNS"]
+__all__ = ["BYTE_COLUMNS", "LATENCY_COLUMNS", "Option2", "Plan2", "brute_force2", "solve2"]

@@ -18,7 +18,12 @@ from q4c.latency.forms import Form, LayerKind, LayerShape
 from q4c.quant.packing import kernel_bits, matmulnbits_weights
 from q4c.quant.plan import FLOAT
 from q4c.quant.qparams import QuantizedWeight
-from q4c.recurrent_lowering import Emitter, lower_to_dynamic_lstm, lower_to_scan, match_layer
+from q4c.recurrent_lowering import (
+    Emitter,
+    lower_to_dynamic_lstm,
+    lower_to_scan,
+    match_layer,
+)
 
 #: MatMulNBits block along K (q4c's default granularity for float32-scaled kernel weights).
 MATMUL_BLOCK = 64
@@ -137,4 +142,4 @@ def layer_feeds(shape: LayerShape, seed: int = 1) -> dict[str, np.ndarray]:
             "h0": np.zeros((shape.directions, shape.rows, shape.n), np.float32)}
 
 
-__all__ = ["MATMUL_BLOCK", "RECURRENT_BLOCK", "matmul_model", "recurrent_model", "layer_model", "layer_feeds"]
+__all__ = ["MATMUL_BLOCK", "RECURRENT_BLOCK", "layer_feeds", "layer_model", "matmul_model", "recurrent_model"]
