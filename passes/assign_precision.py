@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
+from q4c.quant.holdout import PlanKind, damage, pick, unseen_units, without_codebooks
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import SensitivityTable, gptq_eligible, measure
@@ -100,17 +101,10 @@ class AssignPrecisionPass(Pass):
             solution, kept_uniform = self._smallest_meeting(groups, items, chosen, uniform, table, ctx)
         else:
             solution = solve(items, budget, incumbent=uniform)
-            kept_uniform = uniform is not None and (
-                solution.choice == uniform or self._uniform_measures_better(groups, solution.choice, uniform, table, ctx))
-        if kept_uniform:
-            solution = Solution(uniform, _cost(items, uniform), sum(items[i][k].score for i, k in enumerate(uniform)), 1)
+            choice, _ = self._guard(groups, items, solution, uniform, budget, table, ctx)
+            kept_uniform = choice == uniform
+            solution = Solution(choice, _cost(items, choice), sum(items[i][k].score for i, k in enumerate(choice)), 1)
         picks = _expand(groups, solution.choice)
-        if table.runner is not None:  # what the plan does to each task output, for the report
-            if kept_uniform and "uniform_4bit" in table.measured:
-                table.measured["plan"] = table.measured["uniform_4bit"]
-            elif "plan" not in table.measured:
-                table.measured["plan"] = table.plan_metrics(
-                    {n: table.candidates[n][k].key for n, k in picks.items()}, opts.granularity) or {}
         choice = [table.candidates[n][picks[n]] for n in names]
         used = solution.cost
         for name, cand in zip(names, choice, strict=True):
@@ -199,30 +193,44 @@ class AssignPrecisionPass(Pass):
         return Solution(best, cost, sum(items[i][k].score for i, k in enumerate(best)), 1), best == uniform
 
     @staticmethod
-    def _uniform_measures_better(groups: list[list[str]], choice: tuple[int, ...], uniform: tuple[int, ...],
-                                 table: SensitivityTable, ctx: PassContext) -> bool:
-        """The per-tensor scores add up to a prediction; interactions between tensors can make a
-        plan worse than uniform 4-bit. With a data-driven runner, measure both plans on the
-        calibration samples (up to PLAN_SAMPLES of them; a stateful model's sequences closed loop,
-        as it is scored) and say whether uniform 4-bit is better."""
+    def _guard(groups: list[list[str]], items: list[list[Option]], solution: Solution, uniform: tuple[int, ...] | None,
+               budget: int, table: SensitivityTable, ctx: PassContext) -> tuple[tuple[int, ...], PlanKind]:
+        """The per-tensor scores add up to a prediction, measured on the samples the data-fitted
+        candidates were fitted on. With a data-driven runner, measure the knapsack's plan, the
+        knapsack's plan without codebook candidates and uniform 4-bit (those that fit) on the
+        calibration units nothing was fitted on (q4c.quant.holdout; a stateful model's
+        sequences closed loop) and keep the least damage."""
+        plans = {PlanKind.MIXED: solution.choice}
         if table.runner is None:
-            return False
+            return solution.choice, PlanKind.MIXED
+        names = [grp[0] for grp in groups]
+        if any(table.candidates[n][k].scheme in CODEBOOK_SCHEMES for n, k in zip(names, solution.choice, strict=True)):
+            plain = without_codebooks(items, [table.candidates[n] for n in names])
+            plans[PlanKind.NO_CODEBOOKS] = solve(plain, budget, incumbent=uniform).choice
+        if uniform is not None:
+            plans[PlanKind.UNIFORM] = uniform
+        judged = unseen_units(table)
         granularity = ctx.options.granularity
-
-        def keys(picks: tuple[int, ...]) -> dict[str, str]:
-            return {n: table.candidates[n][k].key for n, k in _expand(groups, picks).items()}
-
-        mixed_metrics = table.plan_metrics(keys(choice), granularity) or {}
-        flat_metrics = table.plan_metrics(keys(uniform), granularity) or {}
-        table.measured = {"plan": mixed_metrics, "uniform_4bit": flat_metrics}
-        mixed = sum(m["damage"] for m in mixed_metrics.values())
-        flat = sum(m["damage"] for m in flat_metrics.values())
+        measured: dict[PlanKind, dict[str, dict[str, Any]]] = {}
+        for kind, choice in plans.items():
+            same = next((k for k in measured if plans[k] == choice), None)
+            keys = {n: table.candidates[n][k].key for n, k in _expand(groups, choice).items()}
+            measured[kind] = measured[same] if same is not None else table.runner.score(
+                table.plan_changes(keys, granularity), keep=True, which=judged.units,
+                closed=table.runner.plans_closed_loop).metrics()
+        best = pick(measured)
+        table.measured = {"plan": measured[best], **({"uniform_4bit": measured[PlanKind.UNIFORM]} if uniform else {}),
+                          "guard": {"on": judged.text, "unseen": judged.unseen, "chosen": best.value,
+                                    "damage": {k.value: round(damage(m), 6) for k, m in measured.items()}}}
         scoring = "closed loop" if table.runner.plans_closed_loop else "open loop"
-        if flat < mixed:
-            ctx.warn(f"assign-precision: the mixed plan measured worse than uniform 4-bit on the calibration data, "
-                     f"{scoring} ({mixed:.4g} vs {flat:.4g}); kept uniform 4-bit")
-            return True
-        return False
+        figures = ", ".join(f"{k.value} {damage(m):.4g}" for k, m in measured.items())
+        if best is PlanKind.UNIFORM and plans[best] != solution.choice:
+            ctx.warn(f"assign-precision: the mixed plan measured worse than uniform 4-bit on {judged.text}, {scoring} "
+                     f"({figures}); kept uniform 4-bit")
+        elif best is PlanKind.NO_CODEBOOKS and plans[best] != solution.choice:
+            ctx.warn(f"assign-precision: the plan with codebook candidates measured worse on {judged.text}, {scoring} "
+                     f"({figures}); kept the plan without them")
+        return plans[best], best
 
     @staticmethod
     def _replay(plan: PrecisionPlan, slots: list[WeightSlot], ctx: PassContext) -> PrecisionPlan:
@@ -306,12 +314,16 @@ def _pareto(groups: list[list[str]], items: list[list[Option]], chosen: dict[str
     """Predicted damage vs bytes at several budgets (cheap: one DP each); the measured column
     is filled in by the compiler when a sensitivity runner is available."""
     points = []
-    for avg in PARETO_AVG_BITS:
-        budget = avg_bits_budget(avg, chosen, ctx.options, ctx.opset, groups)
-        try:
-            sol = solve(items, budget)
-        except Exception:
+    cheapest = sum(min(o.cost for o in options) for options in items)
+    budgets = {avg: avg_bits_budget(avg, chosen, ctx.options, ctx.opset, groups) for avg in PARETO_AVG_BITS}
+    below = [avg for avg, budget in budgets.items() if budget < cheapest]
+    if below:  # no plan fits those budgets (the cheapest candidates cost more): no point to draw
+        logger.info("pareto: no plan fits %s average bits (the smallest plan is %d bytes)",
+                    ", ".join(map(str, below)), cheapest)
+    for avg, budget in budgets.items():
+        if avg in below:
             continue
+        sol = solve(items, budget)
         picks = _expand(groups, sol.choice)
         points.append({"avg_bits": avg, "budget_bytes": budget, "used_bytes": sol.cost, "predicted": sol.score,
                        "choice": {n: table.candidates[n][k].key for n, k in sorted(picks.items())}})

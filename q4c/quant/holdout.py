@@ -1,0 +1,85 @@
+"""Whole plans judged on calibration samples they were not fitted on.
+
+A budgeted plan is built from per-tensor scores measured on the first calibration samples, and
+the data-fitted candidates (gptq, and codebooks with GPTQ-style assignment) are rounded against
+input statistics of the first calls. Measured on those same samples, such a plan looks better
+than it is: on transformer_lm the default plan with codebook candidates measured KL 0.080 on the
+eight calls its assignment was fitted on, 0.23 on the other calibration calls and 0.38 on
+held-out inputs, against 0.17 for the plan without codebooks (session 3). So the choice between
+whole plans (the knapsack's, the knapsack's without codebook candidates, uniform 4-bit) is made
+on the units nothing was fitted on (`unseen_units`), and the smallest held-out damage wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from q4c.config import CODEBOOK_SCHEMES
+from q4c.quant import gptq
+from q4c.quant import sensitivity as sens
+from q4c.quant.knapsack import Option
+from q4c.quant.sensitivity import SensitivityTable
+
+#: Fewest unseen units the guard judges on; with fewer, it judges on every unit and says so.
+MIN_UNSEEN_UNITS = 2
+
+
+class PlanKind(Enum):
+    """The whole plans the guard compares, simplest first (a tie keeps the simpler)."""
+
+    UNIFORM = "uniform 4-bit"
+    NO_CODEBOOKS = "mixed without codebook candidates"
+    MIXED = "mixed"
+
+
+@dataclass(frozen=True)
+class Judged:
+    """Which units a plan comparison ran on, and why."""
+
+    units: slice
+    text: str
+    unseen: bool  # False: too few samples to hold any out, judged on the fitted ones
+
+
+def unseen_units(table: SensitivityTable) -> Judged:
+    """The runner units neither the scores nor the data-fitted candidates saw: the --require
+    held-out part when there is one; else the units after those the per-tensor scores ran on
+    (sensitivity.MAX_SAMPLES) and those whose calls gave gptq/codebooks their input statistics
+    (the first gptq.MAX_SAMPLES calls); else all units (flagged `unseen=False`)."""
+    assert table.runner is not None
+    units = table.runner.units
+    n = len(units)
+    if table.held_out is not None and table.held_out != table.fit:
+        held = table.held_out
+        return Judged(held, f"held-out calibration samples {held.start}..{held.stop - 1}", True)
+    start = min(sens.MAX_SAMPLES, n)
+    if table.hessians:
+        calls = 0
+        for index, unit in enumerate(units):
+            if calls >= gptq.MAX_SAMPLES:
+                break
+            calls += len(unit)
+            start = max(start, index + 1)
+    if n - start >= MIN_UNSEEN_UNITS:
+        return Judged(slice(start, n), f"calibration samples {start}..{n - 1} (not used for scores or fitting)", True)
+    return Judged(slice(0, n), f"all {n} calibration sample(s): too few to hold any out of the fitting", False)
+
+
+def without_codebooks(items: Sequence[Sequence[Option]], candidates: Sequence[Sequence[Any]]) -> list[list[Option]]:
+    """The knapsack items with every codebook option made unchoosable (infinite score)."""
+    return [[Option(o.cost, math.inf) if c.scheme in CODEBOOK_SCHEMES else o for o, c in zip(opts, cands, strict=True)]
+            for opts, cands in zip(items, candidates, strict=True)]
+
+
+def damage(metrics: Mapping[str, Mapping[str, Any]]) -> float:
+    return float(sum(m["damage"] for m in metrics.values()))
+
+
+def pick(measured: Mapping[PlanKind, Mapping[str, Mapping[str, Any]]]) -> PlanKind:
+    """The plan with the least measured damage; ties go to the simpler (PlanKind order)."""
+    order = list(PlanKind)
+    return min(measured, key=lambda kind: (damage(measured[kind]), order.index(kind)))
