@@ -13,14 +13,10 @@ Rules (all documented in the `q4c bench` help and the README):
   entry, so the call covers batch * T * hop_ms / 1000 seconds of audio; RTF = latency / that
   (below 1 is faster than real time).
 - *Streaming* (`chunk=N`): every non-state input of rank >= 2 is split along axis 1 into chunks of
-  N (the last may be shorter) and the chunks run in order. State input/output pairs are found by
-  name first: an input and an output whose names give the same stem after removing one
-  suffix (inputs `_in`, `in`, `_0`, `0`, `_init`, `_prev`; outputs `_out`, `out`, `_n`, `n`,
-  `_next`, `_new`, `_final`, so `h_in`/`h_out`, `h0`/`h_n`, `state_in`/`state_out`) and that have
-  the same dtype and rank; then, among inputs and outputs still unpaired, an input with at most one
-  symbolic dimension (the batch) whose declared shape and dtype equal those of exactly one output
-  and of no other input. Each chunk's state
-  outputs feed the next chunk's state inputs; the first chunk takes the sample's values.
+  N (the last may be shorter) and the chunks run in order. State input/output pairs follow
+  q4c.signature's one rule (the same pairs `compile --calib` carries), by name: `h_in`/`h_out`,
+  `h0`/`h_n`, `state`/`stateN`, `cache_prev`/`cache_next`, ... Each chunk's state outputs feed the
+  next chunk's state inputs; the first chunk takes the sample's values.
 - *Peak memory*: a fresh Python subprocess imports ONNX Runtime, resets its peak RSS
   (/proc/self/clear_refs), then loads the model, creates the session and runs one call;
   `peak_rss_bytes` is its VmHWM and `rss_growth_bytes` the growth over the RSS after imports
@@ -43,69 +39,26 @@ import numpy as np
 import onnx
 
 from q4c import ort as q4ort
-from q4c.calib.readers import Feeds, InputSpec, input_specs
+from q4c import signature
+from q4c.calib.readers import Feeds
 from q4c.errors import ConfigError, DataError
+from q4c.signature import TensorSpec as InputSpec
+from q4c.signature import input_specs, output_specs
 from q4c.timing import timed
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "q4c.bench/1"
 FEATURE_DIM = 80
-_IN_SUFFIXES = ("_in", "in", "_0", "0", "_init", "_prev")
-_OUT_SUFFIXES = ("_out", "out", "_n", "n", "_next", "_new", "_final")
 
 Progress = Callable[[int], None]
 
 
 # -- streaming --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class OutputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]
-
-
-def output_specs(model: onnx.ModelProto) -> list[OutputSpec]:
-    specs = []
-    for value in model.graph.output:
-        tensor_type = value.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
-        specs.append(OutputSpec(value.name, dtype, shape))
-    return specs
-
-
-def _stem(name: str, suffixes: Sequence[str]) -> str | None:
-    for suffix in suffixes:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def state_pairs(model: onnx.ModelProto) -> dict[str, str]:
-    """{state input name: state output name} by the naming rule, then by unique shape (module doc)."""
-    inputs, outputs = input_specs(model), output_specs(model)
-    pairs: dict[str, str] = {}
-    for spec in inputs:
-        stem = _stem(spec.name, _IN_SUFFIXES)
-        if stem is None:
-            continue
-        for out in outputs:
-            if out.name not in pairs.values() and _stem(out.name, _OUT_SUFFIXES) == stem \
-                    and out.dtype == spec.dtype and len(out.shape) == len(spec.shape):
-                pairs[spec.name] = out.name
-                break
-    free_in = [s for s in inputs if s.name not in pairs]
-    free_out = [o for o in outputs if o.name not in pairs.values()]
-    for spec in free_in:
-        if sum(not isinstance(d, int) or d <= 0 for d in spec.shape) > 1:
-            continue  # [batch, time, ...] is data to stream, not state
-        same = [o for o in free_out if o.shape == spec.shape and o.dtype == spec.dtype]
-        twins = [s for s in free_in if s.shape == spec.shape and s.dtype == spec.dtype]
-        if len(same) == 1 and len(twins) == 1:
-            pairs[spec.name] = same[0].name
-    return pairs
+    """{state input name: state output name}: q4c.signature.state_pairs, keyed by input."""
+    return {i: o for o, i in signature.state_pairs(model).items()}
 
 
 def stream_specs(model: onnx.ModelProto, pairs: Mapping[str, str]) -> list[InputSpec]:

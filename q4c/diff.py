@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from q4c.calib.readers import Feeds, input_specs
+from q4c.calib.readers import Feeds
 from q4c.errors import ConfigError
 from q4c.interp import Interpreter
+from q4c.signature import input_specs
 
 SCHEMA = "q4c.diff/1"
 #: a row sums to 1 within this (float32 softmax over a few thousand classes stays well inside)

@@ -9,8 +9,8 @@ import onnx
 
 from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.calib.readers import input_specs
 from q4c.quant.codebook import DECODER_PREFIX
+from q4c.signature import input_specs
 
 INSPECT_SCHEMA = "q4c.inspect/1"
 _KERNELS = {"MatMulNBits": 1, "GatherBlockQuantized": 0}

@@ -225,8 +225,9 @@ def group_sequences(model: onnx.ModelProto, samples: Any, calls: list[dict[str, 
                     ) -> tuple[dict[str, str], list[list[dict[str, np.ndarray]]]]:
     """(state pairs, `calls` grouped by the sample they came from), where `calls` is what
     `q4c.calib.runner.materialize` made of `samples` (one feed dict per call, in order)."""
-    from q4c.calib.readers import SamplesReader, as_sequence, input_specs, source_of
+    from q4c.calib.readers import SamplesReader, as_sequence, source_of
     from q4c.calib.runner import resolve_state_pairs
+    from q4c.signature import input_specs
 
     pairs = resolve_state_pairs(model, samples, None)
     specs = input_specs(model)

@@ -9,13 +9,8 @@ predictor's `tokens` [batch, 1]) may be given a multiple of it along that axis (
 sample is split into that many calls (`to_steps`).
 
 State pairs (output -> input) are declared by a Python reader (a `state_pairs` attribute on the
-function) or inferred by name (`infer_state_pairs`): an output and an input pair when their names
-have the same stem once the usual suffixes and prefixes are stripped, their dtypes match and
-their shapes agree where both are fixed. Input affixes: `_in`, `_input`, `_init`, `_initial`,
-`_prev`, `_0`, `0` / `in_`, `init_`, `initial_`, `prev_`; output affixes: `_out`, `_output`,
-`_next`, `_new`, `_final`, `_n`, `n` / `out_`, `next_`, `new_`, `final_`. So `h_in`/`h_out`,
-`h0`/`h_n`, `h`/`hn`, `state`/`state_out`, `state`/`new_state`, `cache_prev`/`cache_next` pair;
-a stem matched by more than one output or input is ambiguous and not paired.
+function) or inferred from the signature by q4c.signature's one rule (`infer_state_pairs`, the
+same rule `bench --chunk` uses).
 """
 
 from __future__ import annotations
@@ -28,37 +23,22 @@ import re
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from q4c.errors import ConfigError, DataError, ModelLoadError
+from q4c.errors import ConfigError, DataError
+from q4c.signature import TensorSpec as InputSpec
+from q4c.signature import input_specs
+from q4c.signature import state_pairs as infer_state_pairs  # noqa: F401 (the calibration name of the one rule)
 
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
 #: one call (a feed dict) or a sequence of calls of a stateful model
 Sample = Feeds | list[Feeds]
-
-_IN_SUFFIXES = ("_initial", "_input", "_init", "_prev", "_in", "_0", "0")
-_IN_PREFIXES = ("initial_", "init_", "prev_", "in_")
-_OUT_SUFFIXES = ("_output", "_final", "_next", "_new", "_out", "_n", "n")
-_OUT_PREFIXES = ("final_", "next_", "new_", "out_")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]  # int for fixed dims, str/None for symbolic ones
-
-    def describe(self) -> str:
-        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}: {self.dtype}[{dims}]"
 
 
 @runtime_checkable
@@ -69,79 +49,6 @@ class CalibrationReader(Protocol):
     state_pairs: dict[str, str] | None
 
     def __iter__(self) -> Iterator[Sample]: ...
-
-
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """Graph inputs that are not initializers, with numpy dtype and shape."""
-    initializers = {t.name for t in model.graph.initializer}
-    return [_spec(value) for value in model.graph.input if value.name not in initializers]
-
-
-def output_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    return [_spec(value) for value in model.graph.output]
-
-
-def _spec(value: onnx.ValueInfoProto) -> InputSpec:
-    tensor_type = value.type.tensor_type
-    try:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-    except (KeyError, TypeError) as e:  # elem_type 0 (UNDEFINED) or a number onnx does not know
-        raise ModelLoadError(f"graph input/output {value.name!r} has element type {tensor_type.elem_type}, "
-                             f"which is not a tensor type ONNX defines") from e
-    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
-    return InputSpec(value.name, dtype, shape)
-
-
-# --- state pairs -------------------------------------------------------------------------------
-
-def _stem(name: str, suffixes: tuple[str, ...], prefixes: tuple[str, ...]) -> set[str]:
-    """The name itself and the name with one known affix removed (lower case)."""
-    low = name.lower()
-    stems = {low}
-    for s in suffixes:
-        if low.endswith(s) and len(low) > len(s):
-            stems.add(low[: -len(s)].rstrip("_"))
-    for p in prefixes:
-        if low.startswith(p) and len(low) > len(p):
-            stems.add(low[len(p):])
-    return {s for s in stems if s}
-
-
-def _compatible(a: InputSpec, b: InputSpec) -> bool:
-    if a.dtype != b.dtype or len(a.shape) != len(b.shape):
-        return False
-    return all(not (isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y)
-               for x, y in zip(a.shape, b.shape))
-
-
-def infer_state_pairs(model: onnx.ModelProto) -> dict[str, str]:
-    """Output -> input pairs of a stateful model, by name (see the module docstring)."""
-    inputs = {s.name: s for s in input_specs(model)}
-    outputs = {s.name: s for s in output_specs(model)}
-    candidates: list[tuple[str, str]] = []
-    for out_name, out_spec in outputs.items():
-        out_stems = _stem(out_name, _OUT_SUFFIXES, _OUT_PREFIXES) - {out_name.lower()}
-        for in_name, in_spec in inputs.items():
-            in_stems = _stem(in_name, _IN_SUFFIXES, _IN_PREFIXES)
-            if out_name != in_name and out_stems & in_stems and _compatible(out_spec, in_spec):
-                candidates.append((out_name, in_name))
-    outs = [o for o, _ in candidates]
-    ins = [i for _, i in candidates]
-    return {o: i for o, i in candidates if outs.count(o) == 1 and ins.count(i) == 1}
-
-
-def check_state_pairs(model: onnx.ModelProto, pairs: Mapping[str, str], source: str = "state pairs") -> dict[str, str]:
-    """Validate declared output -> input pairs against the model's signature."""
-    inputs = {s.name: s for s in input_specs(model)}
-    outputs = {s.name: s for s in output_specs(model)}
-    for out_name, in_name in pairs.items():
-        if out_name not in outputs:
-            raise DataError(f"{source}: {out_name!r} is not an output of the model (outputs: {', '.join(outputs)})")
-        if in_name not in inputs:
-            raise DataError(f"{source}: {in_name!r} is not an input of the model (inputs: {', '.join(inputs)})")
-        if not _compatible(outputs[out_name], inputs[in_name]):
-            raise DataError(f"{source}: output {outputs[out_name].describe()} cannot feed input {inputs[in_name].describe()}")
-    return dict(pairs)
 
 
 # --- validation and steps ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from q4c import graph as g
+from q4c import signature
 from q4c.calib.observers import DEFAULT_BINS, DEFAULT_PERCENTILE, MinMaxObserver, make_observer
 from q4c.calib.readers import (
     CalibrationReader,
@@ -25,13 +26,11 @@ from q4c.calib.readers import (
     Sample,
     SamplesReader,
     as_sequence,
-    check_state_pairs,
-    infer_state_pairs,
-    input_specs,
     source_of,
 )
 from q4c.calib.table import CalibrationTable, TensorStats
 from q4c.errors import DataError, ModelLoadError
+from q4c.signature import check_state_pairs, input_specs
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +191,7 @@ def resolve_state_pairs(model: onnx.ModelProto, samples: Any, state_pairs: Mappi
     else:
         source = "state_pairs"
     if state_pairs is None:
-        pairs = infer_state_pairs(model)
+        pairs = signature.state_pairs(model)
         if pairs:
             logger.info("state carried between calls: %s", ", ".join(f"{o} -> {i}" for o, i in pairs.items()))
         return pairs

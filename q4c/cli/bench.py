@@ -11,8 +11,9 @@ import numpy as np
 
 from q4c import graph as g
 from q4c.bench import bench, state_pairs, stream_specs
-from q4c.calib.readers import input_specs, load_samples, synthetic_samples
+from q4c.calib.readers import load_samples, synthetic_samples
 from q4c.cli.render import emit_json, human_bytes, table
+from q4c.signature import input_specs
 
 
 @click.command("bench")

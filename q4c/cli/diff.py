@@ -10,9 +10,10 @@ import click
 
 from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.calib.readers import input_specs, load_samples
+from q4c.calib.readers import load_samples
 from q4c.cli.render import emit_json, table
 from q4c.diff import below_tolerance, diff_models
+from q4c.signature import input_specs
 
 
 @click.command("diff")

@@ -5,9 +5,10 @@
 - `dynamic`: com.microsoft DynamicQuantizeLSTM (INT8 per-channel weights).
 """
 
+from q4c.nomatch import NoMatch
 from q4c.recurrent_lowering.dynamic import dequantized_lstm_copy, lower_to_dynamic_lstm
 from q4c.recurrent_lowering.emit import Emitter, kernel_block
-from q4c.recurrent_lowering.layer import NoMatch, RecurrentLayer, match_layer
+from q4c.recurrent_lowering.layer import RecurrentLayer, match_layer
 from q4c.recurrent_lowering.scan import lower_to_scan
 
 __all__ = ["Emitter", "NoMatch", "RecurrentLayer", "dequantized_lstm_copy", "kernel_block", "lower_to_dynamic_lstm",
