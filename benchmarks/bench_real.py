@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import onnx
 
 from q4c.metrics import boundary_shift_ms, decision_flips, speech_segments, sqnr_db
+from q4c.timing import interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, merged, publish  # noqa: E402
@@ -199,15 +199,9 @@ TUNED = [ort_tuned(False), ort_tuned(True)]
 # -- timing -----------------------------------------------------------------------------------
 
 def interleaved_ratio(run_a: Callable[[], object], run_b: Callable[[], object], rounds: int = 7) -> tuple[float, float]:
-    """Median process-CPU time of b over a's, the two run alternately; and b's median in ms."""
-    ta, tb = [], []
-    run_a(), run_b()  # warm-up
-    for _ in range(rounds):
-        for fn, times in ((run_a, ta), (run_b, tb)):
-            start = time.process_time()
-            fn()
-            times.append(time.process_time() - start)
-    return statistics.median(tb) / statistics.median(ta), 1e3 * statistics.median(tb)
+    """Median process-CPU time of b over a's, the two run interleaved (q4c.timing); and b's median in ms."""
+    timing = interleaved({"a": run_a, "b": run_b}, rounds=rounds, warmup=1)
+    return timing.ratio("b", "a"), 1e3 * timing.median("b")
 
 
 def _bootstrap_ci(per_clip: list[tuple[int, int]], seed: int = 0) -> tuple[float, float]:

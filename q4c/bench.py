@@ -44,7 +44,7 @@ from q4c.calib.readers import Feeds
 from q4c.errors import ConfigError, DataError
 from q4c.signature import TensorSpec as InputSpec
 from q4c.signature import input_specs, output_specs
-from q4c.timing import timed
+from q4c.timing import round_order, timed
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +215,7 @@ def bench(
             logger.warning("%s: no state input/output pairs found: chunks run independently", subject.path)
     for i in range(warmup + iters):
         feeds = samples[i % len(samples)]
-        order = subjects if i % 2 == 0 else subjects[::-1]
-        for subject in order:
+        for subject in round_order(subjects, i):
             subject.run_once(feeds, chunk, hop_ms, record=i >= warmup)
         if progress is not None:
             progress(1)

@@ -34,6 +34,7 @@ import onnx
 from q4c.calib.readers import Feeds
 from q4c.errors import ConfigError
 from q4c.interp import Interpreter
+from q4c.metrics import sqnr_db_from_energy
 from q4c.signature import input_specs
 
 SCHEMA = "q4c.diff/1"
@@ -76,7 +77,7 @@ class ErrorStats:
         self.count += r.size
 
     def metrics(self) -> dict[str, float]:
-        return {"sqnr_db": sqnr_from_power(self.power, self.noise), "max_abs": self.max_abs,
+        return {"sqnr_db": sqnr_db_from_energy(self.power, self.noise), "max_abs": self.max_abs,
                 "mean_abs": self.abs_sum / self.count if self.count else 0.0, "cosine": self._cosine()}
 
     def _cosine(self) -> float:
@@ -88,14 +89,6 @@ class ErrorStats:
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
     # einsum, not `a @ b`: a float64 BLAS dot is measured ~700x slower here (OpenBLAS thread start-up)
     return float(np.einsum("i,i->", a, b))
-
-
-def sqnr_from_power(power: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    if math.isinf(noise):
-        return -math.inf
-    return round(10 * math.log10(max(power, 1e-30) / noise), 2)
 
 
 def diff_models(
@@ -268,7 +261,7 @@ class _StepStats:
 
     def summary(self) -> dict[str, Any]:
         return {"op": self.op, "per_step_max_abs": self.max_abs,
-                "per_step_sqnr_db": [sqnr_from_power(p, n) for p, n in zip(self.power, self.noise)]}
+                "per_step_sqnr_db": [sqnr_db_from_energy(p, n) for p, n in zip(self.power, self.noise)]}
 
 
 def _update_steps(reference: onnx.ModelProto, ref: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],
@@ -358,4 +351,4 @@ def _ctc_agreement(refs: list[np.ndarray], others: list[np.ndarray]) -> dict[str
             "token_error_rate": edits / max(ref_tokens, 1), "reference_tokens": ref_tokens}
 
 
-__all__ = ["SCHEMA", "ErrorStats", "diff_models", "below_tolerance", "greedy_ctc", "edit_distance", "sqnr_from_power"]
+__all__ = ["SCHEMA", "ErrorStats", "diff_models", "below_tolerance", "greedy_ctc", "edit_distance"]

@@ -6,6 +6,8 @@ Every function takes the FP32 (reference) value first and the quantized one seco
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -16,11 +18,18 @@ def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
     act = np.asarray(actual, dtype=np.float64)
     if not (np.all(np.isfinite(ref)) and np.all(np.isfinite(act))):
         return float("nan")
-    noise = float(np.sum(np.square(ref - act)))
-    power = float(np.sum(np.square(ref)))
+    return sqnr_db_from_energy(float(np.sum(np.square(ref))), float(np.sum(np.square(ref - act))))
+
+
+def sqnr_db_from_energy(power: float, noise: float) -> float:
+    """SQNR from pooled energies (sums of squares of the reference and of the error, e.g. summed
+    over samples): 10 log10(power / noise) rounded to 0.01; inf when noise is 0, -inf when it is
+    infinite. The one formula every SQNR in q4c goes through."""
     if noise == 0:
         return float("inf")
-    return round(10 * np.log10(max(power, 1e-30) / noise), 2)
+    if math.isinf(noise):
+        return float("-inf")
+    return round(10 * math.log10(max(power, 1e-30) / noise), 2)
 
 
 def decision_flips(reference: np.ndarray, actual: np.ndarray, threshold: float = 0.5) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from q4c.metrics import bernoulli_kl, decision_flips, kl_divergence, log_softmax, sqnr_db
+from q4c.metrics import bernoulli_kl, decision_flips, kl_divergence, log_softmax, sqnr_db, sqnr_db_from_energy
 
 OBJECTIVES = ("kl", "bce", "snr", "ignore")
 
@@ -188,8 +188,7 @@ class Tally:
                 out["values"] = int(ref.size)
             out["sqnr_db"] = sqnr_db(ref, act)
         elif self.objective.kind == "snr":
-            out["sqnr_db"] = (float("inf") if self.noise == 0
-                              else round(10 * np.log10(max(self.power, 1e-30) / self.noise), 2))
+            out["sqnr_db"] = sqnr_db_from_energy(self.power, self.noise)
         return out
 
 

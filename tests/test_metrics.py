@@ -90,3 +90,13 @@ def test_boundary_shift_of_matched_and_unmatched_segments():
     # one reference segment split in two: the larger overlap matches, the other is unmatched
     assert boundary_shift_ms([(0, 1000)], [(0, 600), (700, 1000)], 8000) == pytest.approx((0 + 400 + 300 + 300) / 4 / 8)
     assert boundary_shift_ms([], [], 16000) == 0.0
+
+
+def test_sqnr_from_pooled_energies():
+    from q4c.metrics import sqnr_db_from_energy
+
+    assert sqnr_db_from_energy(100.0, 1.0) == 20.0
+    assert sqnr_db_from_energy(2.0, 2.0) == 0.0
+    assert sqnr_db_from_energy(5.0, 0.0) == math.inf
+    assert sqnr_db_from_energy(5.0, math.inf) == -math.inf
+    assert sqnr_db_from_energy(0.0, 1e-10) == -200.0  # power floored at 1e-30

@@ -40,3 +40,9 @@ def test_timed_returns_the_result_and_cpu_close_to_wall_for_cpu_work():
 def test_rejects_zero_rounds():
     with pytest.raises(ValueError):
         interleaved({"a": lambda: None}, rounds=0)
+
+
+def test_round_order_alternates():
+    from q4c.timing import round_order
+
+    assert [list(round_order(["a", "b", "c"], i)) for i in range(3)] == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
