@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +64,10 @@ def render(rows: list[dict], iters: int) -> str:
         "<!-- compile:begin -->",
         "## `q4c compile` defaults on the bundled models",
         "",
-        f"Produced by `python benchmarks/bench_compile.py --write` ({time.strftime('%Y-%m-%d')}): each model compiled "
-        "with defaults (4-bit weights, auto block size, target ort-cpu), run on its committed sample input "
+        "Each model compiled with defaults (4-bit weights, auto block size, target ort-cpu), run on its committed sample input "
         f"(`models/<name>.npz`). Latency: ONNX Runtime {_ort_version()}, CPU provider, 1 intra-op thread, FP32 and "
-        f"q4c sessions interleaved, median of {iters} calls each (process-CPU time, q4c.timing). SQNR: q4c output vs FP32 output.",
+        f"q4c sessions interleaved, median of {iters} calls each (process-CPU time, q4c.timing), on a 2-core machine "
+        "shared with other jobs. SQNR: q4c output vs FP32 output.",
         "",
         "| model | FP32 | q4c | size ratio | avg bits | output SQNR (dB) | FP32 ms | q4c ms | latency ratio | session config |",
         "|---|---|---|---|---|---|---|---|---|---|",
