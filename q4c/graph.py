@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from q4c import external_data
 from q4c.errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,10 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelLoadError(f"{path}: not a file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
+        external = external_data.has_external_data(model)
+        if external:  # relative locations are resolved beside the model, as onnx.load does
+            onnx.load_external_data_for_model(model, str(path.parent))
     except (google.protobuf.message.DecodeError, RuntimeError, ValueError) as e:
         raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or not protobuf): {e}") from e
     except OSError as e:
@@ -58,7 +62,9 @@ def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if opset < MIN_OPSET:
         raise ModelLoadError(f"{path}: opset {opset} < minimum {MIN_OPSET}; re-export with opset >= {MIN_OPSET}")
     try:
-        onnx.checker.check_model(model)
+        # by path for external data: the checker would otherwise get the whole model serialized
+        # (a transient copy of every weight, and impossible past protobuf's 2 GiB)
+        onnx.checker.check_model(str(path) if external else model)
     except UnicodeDecodeError as e:  # a name or string attribute with bytes that are not UTF-8
         raise ModelLoadError(f"{path}: invalid ONNX model: a string field is not valid UTF-8 ({e.reason} at byte "
                              f"{e.start}); the file is damaged") from e
@@ -145,11 +151,18 @@ def convert_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> onnx.Mo
     if opset is not None and opset >= target:
         return model
     try:
-        converted = onnx.version_converter.convert_version(model, target)
+        # The converter serializes its input: it gets the model without its large weights (no
+        # copy through C++, no 2 GiB limit), which are copied into the result afterwards.
+        converted = onnx.version_converter.convert_version(external_data.skeleton(model), target)
     except Exception as e:  # the C++ converter raises bare RuntimeError/IndexError on odd graphs
         raise ModelLoadError(
             f"cannot convert opset {opset} to {target}: {e}; re-export the model at opset >= {target}"
         ) from e
+    try:
+        external_data.restore(converted, model)
+    except KeyError as e:
+        raise ModelLoadError(f"cannot convert opset {opset} to {target}: the converter dropped initializer "
+                             f"{e.args[0]!r}; re-export the model at opset >= {target}") from e
     converted.ir_version = max(converted.ir_version, IR_VERSION)
     return converted
 

@@ -1,0 +1,92 @@
+"""Models too large for one protobuf message (2 GiB): weights kept out of the C++ round trips.
+
+onnx's checker, version converter and ONNX Runtime's loader all take a *serialized* model from
+Python, which fails past 2 GiB and otherwise costs a full transient copy of every weight. These
+helpers hand them a skeleton instead: the same model whose large initializers carry no data
+(`Placeholder`s, marked as external data at a location that cannot exist), and put the weights
+back (converter) or hand them to ONNX Runtime as already-allocated buffers (sessions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+#: initializers at least this large travel outside the skeleton
+MIN_DETACHED_BYTES = 1024
+#: location of a placeholder's (nonexistent) external data: names the data as q4c's, not a file
+PLACEHOLDER = "q4c-detached-initializer"
+
+
+def _is_large(t: onnx.TensorProto) -> bool:
+    return t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") and len(t.raw_data) >= MIN_DETACHED_BYTES
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True if some initializer (any graph level) names an external data file."""
+    from q4c.graph import iter_graph_protos
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL
+               for graph in iter_graph_protos(model.graph) for t in graph.initializer)
+
+
+def _placeholder(t: onnx.TensorProto) -> onnx.TensorProto:
+    p = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+    p.data_location = onnx.TensorProto.EXTERNAL
+    entry = p.external_data.add()
+    entry.key, entry.value = "location", PLACEHOLDER
+    return p
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for desc, value in src.ListFields():
+        if desc.name == skip:
+            continue
+        if desc.is_repeated:
+            getattr(dst, desc.name).extend(value)
+        elif desc.message_type is not None:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
+def skeleton(model: onnx.ModelProto, keep: Callable[[onnx.TensorProto], bool] | None = None) -> onnx.ModelProto:
+    """A copy of `model` whose large main-graph initializers are placeholders (no data copied).
+
+    `keep(tensor)` true keeps a large initializer's data anyway."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    for t in model.graph.initializer:
+        out.graph.initializer.append(_placeholder(t) if _is_large(t) and not (keep and keep(t)) else t)
+    return out
+
+
+def placeholders(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and any(
+                e.key == "location" and e.value == PLACEHOLDER for e in t.external_data):
+            yield t
+
+
+def restore(skel: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Fill `skel`'s placeholders (in place) with the data of `source`'s initializers of the same name."""
+    full = {t.name: t for t in source.graph.initializer}
+    for t in list(placeholders(skel)):
+        original = full.get(t.name)
+        if original is None:
+            raise KeyError(t.name)
+        t.CopyFrom(original)
+
+
+def detach_for_session(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
+    """The skeleton ONNX Runtime parses, and the detached initializers as arrays (one copy of the
+    weights, which ONNX Runtime then uses in place: SessionOptions.add_external_initializers
+    replaces initializers marked external, so the placeholders stay in the skeleton)."""
+    skel = skeleton(model)
+    names = {t.name for t in placeholders(skel)}
+    arrays = [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer if t.name in names]
+    return skel, [n for n, _ in arrays], [a for _, a in arrays]
