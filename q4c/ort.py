@@ -10,12 +10,16 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ORT_STATE
 
+from q4c import external_data
 from q4c.errors import DataError, ModelLoadError
 
 #: metadata_props key holding the ONNX Runtime session config entries a model needs (DESIGN.md 6).
 SESSION_CONFIG_KEY = "q4c.ort_session_config"
 #: ops ONNX Runtime has no low-bit kernel for: a DequantizeLinear weight feeding them is
 #: executed on every call unless constant-folded at load with session.disable_quant_qdq.
+#: models larger than this reach ONNX Runtime without their large weights serialized (a transient
+#: copy of every weight, and impossible past protobuf's 2 GiB): see q4c.external_data
+SESSION_DETACH_BYTES = 2**30
 _NO_LOWBIT_KERNEL = {"LSTM", "GRU", "Conv", "ConvTranspose", "Gather", "Einsum", "Gemm", "RNN"}
 
 
@@ -81,8 +85,15 @@ def make_session(
         options.inter_op_num_threads = 1
     for key, value in (session_config(proto) if config is None else config).items():
         options.add_session_config_entry(key, value)
+    detached: list[ort.OrtValue] = []
+    if proto.ByteSize() > SESSION_DETACH_BYTES:  # large weights go to ORT as buffers, not serialized
+        proto, names, arrays = external_data.detach_for_session(proto)
+        detached = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        options.add_external_initializers(names, detached)
     try:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.q4c_detached = detached  # ORT uses those buffers in place: they live as long as the session
+        return session
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}") from e
 
