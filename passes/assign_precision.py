@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
-from q4c.quant.holdout import PlanKind, damage, pick, unseen_units, without_codebooks
+from q4c.quant.holdout import PlanKind, damage, pick, plan_metrics, unseen_units, without_codebooks
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import SensitivityTable, gptq_eligible, measure
@@ -145,11 +145,12 @@ class AssignPrecisionPass(Pass):
         capped = any(b is not None for b in (opts.avg_bits, opts.size_budget, opts.ratio))
         cap = min(budget_bytes(opts, chosen, ctx.opset, groups), fp32 - 1) if capped else fp32 - 1
         tried: dict[tuple[int, ...], tuple[int, dict[str, Any], bool, list[str]]] = {}
+        judged = table.held_out if table.held_out is not None else table.fit
 
         def evaluate(choice: tuple[int, ...]) -> tuple[int, dict[str, Any], bool, list[str]]:
             if choice not in tried:
                 keys = {n: table.candidates[n][k].key for n, k in _expand(groups, choice).items()}
-                metrics = table.plan_metrics(keys, opts.granularity, held_out=True) or {}
+                metrics = plan_metrics(table, keys, opts.granularity, judged)
                 ok, figures = check_all(reqs, metrics)
                 tried[choice] = (_cost(items, choice), metrics, ok, figures)
                 logger.info("--require: %d bytes -> %s (%s)", tried[choice][0], ", ".join(figures),

@@ -13,14 +13,22 @@ Grammar (spaces allowed, case-insensitive)::
   the lowest; unit ``dB`` or none. Needs ``>=`` / ``>``.
 - ``kl``: KL divergence in nats of the kl outputs, Bernoulli KL of the bce outputs, the highest;
   no unit. Needs ``<=`` / ``<``.
+
+The held-out part of the calibration samples is small (a dozen clips), so a flip rate measured on
+it is noisy: a plan measured at 0.5 % there flipped 0.6-0.8 % of the Silero test chunks. Where
+the measurement gives flips per held-out unit (``flips_units``: [flipped, decisions] per unit),
+``flips`` is judged by the one-sided CONFIDENCE upper bound of the pooled rate when the units are
+resampled with replacement (``flips_upper``); the point figure is reported beside it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from q4c.errors import Q4cError
 
@@ -28,6 +36,9 @@ METRICS = ("flips", "sqnr", "kl")
 GRAMMAR = 'METRIC OP NUMBER[UNIT]: "flips<=0.5%", "sqnr>=25dB", "kl<=0.01"'
 _PATTERN = re.compile(r"^\s*([a-z]+)\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(%|db)?\s*$")
 _LOWER = {"flips": True, "kl": True, "sqnr": False}  # is lower better?
+#: flips are judged by this one-sided bootstrap upper bound over the held-out units
+CONFIDENCE = 0.9
+RESAMPLES = 2000
 
 
 class RequirementError(Q4cError):
@@ -44,7 +55,7 @@ class Requirement:
     def figure(self, metrics: Mapping[str, Mapping[str, Any]]) -> float | None:
         """The worst figure of this metric over the task outputs that have it (None: none has)."""
         if self.metric == "flips":
-            values = [m["flips"] for m in metrics.values() if "flips" in m]
+            values = [m.get("flips_upper", m["flips"]) for m in metrics.values() if "flips" in m]
         elif self.metric == "sqnr":
             values = [m["sqnr_db"] for m in metrics.values() if "sqnr_db" in m]
         else:
@@ -59,10 +70,14 @@ class Requirement:
         return {"<=": figure <= self.value, "<": figure < self.value,
                 ">=": figure >= self.value, ">": figure > self.value}[self.op]
 
-    def format(self, figure: float | None) -> str:
+    def format(self, figure: float | None, metrics: Mapping[str, Mapping[str, Any]] | None = None) -> str:
         if figure is None:
             return f"no {self.metric}"
         if self.metric == "flips":
+            bound = next((m for m in (metrics or {}).values() if m.get("flips_upper") == figure), None)
+            if bound is not None:
+                return (f"flips {100 * figure:.3g}% ({100 * CONFIDENCE:.0f}% upper bound over "
+                        f"{len(bound['flips_units'])} held-out units; measured {100 * bound['flips']:.3g}%)")
             return f"flips {100 * figure:.3g}%"
         if self.metric == "sqnr":
             return f"sqnr {figure:.1f}dB"
@@ -102,7 +117,21 @@ def check_all(requirements: list[Requirement], metrics: Mapping[str, Mapping[str
     """(all met?, the figures as text)."""
     figures = [r.figure(metrics) for r in requirements]
     return all(r.met(f) for r, f in zip(requirements, figures, strict=True)), \
-        [r.format(f) for r, f in zip(requirements, figures, strict=True)]
+        [r.format(f, metrics) for r, f in zip(requirements, figures, strict=True)]
+
+
+def upper_bound(units: Sequence[Sequence[int]], confidence: float = CONFIDENCE, seed: int = 0) -> float:
+    """One-sided `confidence` upper bound of the pooled rate sum(k) / sum(n) over `units` (each
+    [k, n]: k events among n decisions) when the units are resampled with replacement (percentile
+    bootstrap). With fewer than two units, the pooled rate itself."""
+    k = np.array([u[0] for u in units], dtype=np.float64)
+    n = np.array([u[1] for u in units], dtype=np.float64)
+    pooled = float(k.sum() / n.sum()) if n.sum() else 0.0
+    if len(units) < 2:
+        return pooled
+    idx = np.random.default_rng(seed).integers(0, len(units), size=(RESAMPLES, len(units)))
+    rates = k[idx].sum(axis=1) / np.maximum(n[idx].sum(axis=1), 1)
+    return max(pooled, float(np.quantile(rates, confidence)))
 
 
 def shortfall(requirements: list[Requirement], metrics: Mapping[str, Mapping[str, Any]]) -> float:

@@ -18,11 +18,16 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
 from q4c.config import CODEBOOK_SCHEMES
+from q4c.metrics import decision_flips
+from q4c.objectives import Scorer
 from q4c.quant import gptq
 from q4c.quant import sensitivity as sens
 from q4c.quant.knapsack import Option
 from q4c.quant.sensitivity import SensitivityTable
+from q4c.requirements import upper_bound
 
 #: Fewest unseen units the guard judges on; with fewer, it judges on every unit and says so.
 MIN_UNSEEN_UNITS = 2
@@ -83,3 +88,37 @@ def pick(measured: Mapping[PlanKind, Mapping[str, Mapping[str, Any]]]) -> PlanKi
     """The plan with the least measured damage; ties go to the simpler (PlanKind order)."""
     order = list(PlanKind)
     return min(measured, key=lambda kind: (damage(measured[kind]), order.index(kind)))
+
+
+def plan_metrics(table: SensitivityTable, keys: Mapping[str, str], granularity: Any,
+                 which: slice) -> dict[str, dict[str, Any]]:
+    """Per task output, a whole plan's figures on the units `which` selects (closed loop where
+    plans are), as one run over all of them would give, plus for decision outputs the flips per
+    unit (`flips_units`: [flipped, decisions]) and their bootstrap upper bound (`flips_upper`,
+    q4c.requirements.upper_bound): the units are scored one by one and the tallies pooled."""
+    runner = table.runner
+    assert runner is not None and runner.objectives is not None
+    changes = table.plan_changes(dict(keys), granularity)
+    scorers = [runner.score(changes, keep=True, which=slice(i, i + 1), closed=runner.plans_closed_loop)
+               for i in range(*which.indices(len(runner.units)))]
+    pooled = Scorer(runner.objectives, keep=True)
+    for name, tally in pooled.tallies.items():
+        for part in (s.tallies[name] for s in scorers):
+            tally.total += part.total
+            tally.calls += part.calls
+            tally.noise += part.noise
+            tally.power += part.power
+            tally.refs += part.refs
+            tally.outs += part.outs
+    metrics = pooled.metrics()
+    for name, m in metrics.items():
+        if "flips" not in m:
+            continue
+        units = []
+        for s in scorers:
+            part = s.tallies[name]
+            ref, act = np.concatenate(part.refs), np.concatenate(part.outs)
+            units.append([round(decision_flips(ref, act) * ref.size), int(ref.size)])
+        m["flips_units"] = units
+        m["flips_upper"] = upper_bound(units)
+    return metrics

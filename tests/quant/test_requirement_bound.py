@@ -1,0 +1,58 @@
+"""--require judges decision flips by a bootstrap upper bound over the held-out units
+(q4c.requirements.upper_bound), and q4c.quant.holdout.plan_metrics gives it per-unit counts."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from q4c.config import CompileOptions
+from q4c.passes.measure_sensitivity import MeasureSensitivityPass
+from q4c.pipeline import PassContext
+from q4c.quant.holdout import plan_metrics
+from q4c.requirements import check_all, parse_requirement, upper_bound
+from q4c.testing import make_model, run_ort, run_pass
+
+
+def test_upper_bound_of_one_bad_unit_in_ten_is_the_binomial_quantile():
+    # nine clean units and one with 10 flips in 100: a resample of 10 units holds the bad one
+    # X ~ Binomial(10, 0.1) times, rate X / 100. P(X <= 1) = 0.736, P(X <= 2) = 0.930: the 90 %
+    # quantile is X = 2, a 2 % rate (the pooled rate is 1 %).
+    units = [[0, 100]] * 9 + [[10, 100]]
+    assert upper_bound(units) == 0.02
+    assert upper_bound(units, confidence=0.5) == 0.01
+    assert upper_bound([[3, 100]] * 5) == 0.03  # identical units: no spread
+    assert upper_bound([[3, 100]]) == 0.03  # one unit: the rate itself
+
+
+def test_flips_are_judged_by_the_bound_and_the_point_figure_is_reported():
+    metrics = {"p": {"objective": "bce", "damage": 0.01, "flips": 0.004, "flips_upper": 0.007,
+                     "flips_units": [[1, 250], [1, 250], [0, 250], [2, 250]]}}
+    ok, figures = check_all([parse_requirement("flips<=0.5%")], metrics)
+    assert not ok
+    assert figures == ["flips 0.7% (90% upper bound over 4 held-out units; measured 0.4%)"]
+    assert check_all([parse_requirement("flips<=1%")], metrics)[0]
+
+
+def test_plan_metrics_counts_flips_per_unit_as_onnx_runtime_does(rng):
+    # p = sigmoid(x @ W): the plan (W at 2 bits) flips some decisions; each unit's count must be
+    # what ONNX Runtime's FP32 model and the dequantized weights give, and the units must pool.
+    w = rng.standard_normal((128, 16)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["z"]), helper.make_node("Sigmoid", ["z"], ["p"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 128])],
+                       [helper.make_tensor_value_info("p", TensorProto.FLOAT, [64, 16])], {"W": w}, opset=25)
+    samples = [{"x": rng.standard_normal((64, 128)).astype(np.float32)} for _ in range(6)]
+    ctx = PassContext(options=CompileOptions(avg_bits=3.0), samples=samples, opset=25)
+    run_pass(MeasureSensitivityPass(), model, ctx=ctx)
+    table = ctx.sensitivity
+    metrics = plan_metrics(table, {"W": "2"}, ctx.options.granularity, slice(2, 6))["p"]
+    deq = table.plan_changes({"W": "2"}, ctx.options.granularity)["W"]
+    quant = onnx.helper.make_model(model.graph, opset_imports=model.opset_import)
+    quant.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(deq, "W"))
+    expected = []
+    for feeds in samples[2:]:
+        ref, act = run_ort(model, feeds)["p"], run_ort(quant, feeds)["p"]
+        expected.append([int(np.sum((ref >= 0.5) != (act >= 0.5))), ref.size])
+    assert metrics["flips_units"] == expected
+    assert sum(k for k, _ in expected) > 0
+    assert np.isclose(metrics["flips"], sum(k for k, _ in expected) / sum(n for _, n in expected))
+    assert metrics["flips_upper"] >= metrics["flips"]
