@@ -181,7 +181,11 @@ def stamp(key: str, rows: list[dict], command: str | None = None) -> tuple[str, 
         elif name not in unknown:
             unknown.append(name)
     end = git_commit()
-    commit = START_COMMIT if end == START_COMMIT else f"{START_COMMIT}..{end}"
+    measured_at = sorted({row["commit"] for row in rows if row.get("model_sha256") and row.get("commit")})
+    if measured_at in ([], [START_COMMIT]):  # measured by this process: where it started (and ended)
+        commit = START_COMMIT if end == START_COMMIT else f"{START_COMMIT}..{end}"
+    else:  # rows measured by earlier runs (a re-render, a merge) name their own commits
+        commit = ", ".join(measured_at)
     doc = {"key": key, "command": command, "date": today, "measured": sorted(dates), "models": models,
            "unstamped": unknown, "commit": commit}
     shown = ", ".join(f"`{path}` {digest}" for path, digest in models.items()) or "none recorded"
@@ -193,7 +197,8 @@ def stamp(key: str, rows: list[dict], command: str | None = None) -> tuple[str, 
 
 
 def stamped_rows(rows: list[dict]) -> list[dict]:
-    """Rows with the stamp fields of their model file (path, sha256 prefix, date) added."""
+    """Rows with the stamp fields of their model file (path, sha256 prefix, date) and the commit
+    this process started at added."""
     today, cache = datetime.date.today().isoformat(), {}
     out = []
     for row in rows:
@@ -203,7 +208,8 @@ def stamped_rows(rows: list[dict]) -> list[dict]:
                 path = model_file(name)
                 cache[name] = None if path is None else (_display(path), sha256_prefix(path))
             if cache[name] is not None:
-                row = {**row, "model_file": cache[name][0], "model_sha256": cache[name][1], "date": today}
+                row = {**row, "model_file": cache[name][0], "model_sha256": cache[name][1], "date": today,
+                       "commit": START_COMMIT}
         out.append(row)
     return out
 

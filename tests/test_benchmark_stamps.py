@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import _common  # noqa: E402
@@ -23,8 +25,9 @@ def _stamped_doc(key: str, models: dict[str, str]) -> str:
     return f"<!-- {key}:begin -->\n## t\n\n<!-- stamp {json.dumps(doc)} -->\n<!-- {key}:end -->\n"
 
 
-def test_every_stamped_model_hash_matches_the_committed_file():
-    text = (REPO / "BENCHMARKS.md").read_text()
+@pytest.mark.parametrize("document", ["BENCHMARKS.md", "README.md", "models/README.md"])
+def test_every_stamped_model_hash_matches_the_committed_file(document):
+    text = (REPO / document).read_text()
     assert _common.stale_stamps(text) == []
 
 
@@ -66,3 +69,8 @@ def test_stamp_names_a_commit_git_knows():
     assert first is not None, doc["commit"]
     kind = subprocess.run(["git", "cat-file", "-t", first.group(0)], cwd=REPO, capture_output=True, text=True)
     assert kind.stdout.strip() == "commit"
+
+
+def test_a_rerendered_section_names_the_commit_its_rows_were_measured_at():
+    rows = [{"model": "bilstm_am", "model_sha256": "abc", "model_file": "models/bilstm_am.onnx", "commit": "0123456789ab"}]
+    assert _common.stamp("task", rows, command="c")[1]["commit"] == "0123456789ab"
