@@ -34,6 +34,15 @@ from q4c.signature import check_state_pairs, input_specs
 
 logger = logging.getLogger(__name__)
 
+#: what onnx.shape_inference.infer_shapes raises on a model it rejects (the C++ checker's errors,
+#: protobuf size limits)
+SHAPE_INFERENCE_ERRORS = (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
 #: called after each sample with (samples done, total or None when the reader has no length)
 Progress = Callable[[int, int | None], None]
 #: calls the interpreter probes by default (see collect)
@@ -222,7 +231,9 @@ def float_tensors(model: onnx.ModelProto) -> tuple[list[str], dict[str, onnx.Typ
     """The dynamic tensors whose inferred type is float, with their types."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a model the checker's inference rejects still runs in ORT: fall back
+    except SHAPE_INFERENCE_ERRORS as e:  # a model the checker's inference rejects may still run in ORT
+        logger.warning("ONNX shape inference failed (%s): calibrating only the tensors whose type the model "
+                       "declares", _first_line(e))
         inferred = model
     types = {vi.name: vi.type for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
     floats = [n for n in dynamic_tensors(model)

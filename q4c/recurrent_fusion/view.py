@@ -8,6 +8,7 @@ producer). Lookups return the gs objects.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
 import networkx as nx
@@ -16,6 +17,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from q4c import graph as g
+
+logger = logging.getLogger(__name__)
 
 
 def node_key(index: int) -> str:
@@ -257,7 +260,10 @@ def inferred_shapes(graph: gs.Graph, like: onnx.ModelProto | None = None) -> dic
     model = g.export_model(graph.copy(), like=like)
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except (onnx.shape_inference.InferenceError, RuntimeError, ValueError):  # a hint only: untyped graphs still match
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as e:
+        # a hint only: cells still match where the graph declares its shapes
+        logger.warning("ONNX shape inference failed (%s: %s): recurrent cells are matched with the declared "
+                       "shapes only", type(e).__name__, (str(e).strip().splitlines() or [""])[0][:300])
         return {}
     shapes: dict[str, tuple] = {}
     for proto in g.iter_graph_protos(model.graph):

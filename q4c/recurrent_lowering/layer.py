@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from q4c import graph as g
 from q4c.nomatch import NoMatch
@@ -114,9 +112,10 @@ def _input(node: gs.Node, index: int) -> gs.Tensor | None:
 
 
 def _array(tensor: gs.Constant) -> np.ndarray:
-    if isinstance(tensor._values, LazyValues):
-        return numpy_helper.to_array(tensor._values.tensor)
-    return np.asarray(tensor.values)
+    """The constant's values, leaving the constant as it is: reading `.values` of a lazily loaded
+    constant replaces its TensorProto with a numpy array, which gs cannot export for INT4/INT2
+    codes; a copy of the constant shares the proto and loads into itself only."""
+    return np.asarray(tensor.copy().values)
 
 
 def _weight_dirs(tensor: gs.Tensor, bits_of: dict[str, int], nd: int, rows: int) -> list[Weight] | NoMatch:
