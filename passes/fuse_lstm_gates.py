@@ -22,8 +22,9 @@ from q4c.errors import PreconditionError
 from q4c.names import NameGenerator
 from q4c.nomatch import NoMatch
 from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.recurrent_fusion.loop_plan import loop_plan
 from q4c.recurrent_fusion.rnn_emit import RnnPlan, emit_rnn
-from q4c.recurrent_fusion.rnn_plan import loop_plan, match_cells, unrolled_plans
+from q4c.recurrent_fusion.rnn_plan import match_cells, unrolled_plans
 from q4c.recurrent_fusion.view import DataflowView, LazyShapes
 
 logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""From matched LSTM/GRU/RNN cells to plans for one ONNX op each: chain unrolled steps, cut chains
-where one op cannot stand for them, and turn Scan/Loop nodes whose body is one cell into a plan.
+"""From matched LSTM/GRU/RNN cells to plans for one ONNX op each: chain unrolled steps and cut chains
+where one op cannot stand for them (Scan/Loop nodes whose body is one cell: loop_plan).
 
 A chain links cell t+1 to cell t when t+1's recurrent input is t's h' (and, for an LSTM, its
 c_prev is t's c'; for a plain RNN, t and t+1 share a weight, which tells a layer's own previous
@@ -13,7 +13,6 @@ stacking the inputs up front would make a cycle).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import networkx as nx
@@ -23,7 +22,7 @@ import onnx_graphsurgeon as gs
 from q4c.nomatch import NoMatch
 from q4c.recurrent_fusion.gru_match import GruCell, match_gru_cell
 from q4c.recurrent_fusion.lstm_match import LstmCell, match_lstm_cell
-from q4c.recurrent_fusion.rnn_emit import RnnPlan, SeqInput, stacked_input
+from q4c.recurrent_fusion.rnn_emit import RnnPlan, stacked_input
 from q4c.recurrent_fusion.rnn_match import RnnCell, match_rnn_cell
 from q4c.recurrent_fusion.view import DataflowView
 
@@ -31,7 +30,7 @@ Cell = LstmCell | GruCell | RnnCell
 
 
 @dataclass
-class _Step:
+class Step:
     """A cell with its operands' roles settled: x (step input) and h (recurrent, or None)."""
 
     cell: Cell
@@ -52,11 +51,11 @@ class _Step:
         r = c.weights[self.h] if self.h is not None else np.zeros((gates * c.hidden, c.hidden), np.float32)
         return op, variant, c.weights[self.x], r, c.bias_for({self.x, None}), c.bias_for({self.h} if self.h else set())
 
-    def same_params(self, other: _Step) -> bool:
+    def same_params(self, other: Step) -> bool:
         a, b = self.params(), other.params()
         return a[:2] == b[:2] and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a[2:], b[2:]))
 
-    def zero_state_head_of(self, other: _Step) -> bool:
+    def zero_state_head_of(self, other: Step) -> bool:
         """Whether this RNN step without a recurrent term (its state zero and folded away,
         Rb folded into its bias) computes `other`'s step from a zero state."""
         if not isinstance(self.cell, RnnCell) or self.h is not None or other.h is None:
@@ -164,15 +163,15 @@ def _paths(cells: list[Cell]) -> list[list[Cell]]:
     return paths
 
 
-def _segments(view: DataflowView, path: list[Cell]) -> list[list[_Step]]:
+def _segments(view: DataflowView, path: list[Cell]) -> list[list[Step]]:
     steps = [_head_step(view, path[0], path[1] if len(path) > 1 else None)]
     for prev, cell in itertools.pairwise(path):
         if isinstance(cell, GruCell):
-            steps.append(_Step(cell, cell.x.name, cell.h_prev.name))
+            steps.append(Step(cell, cell.x.name, cell.h_prev.name))
         else:  # LSTM or RNN: the operand that is not the previous step's h' is x
             h = prev.h_out.name
-            steps.append(_Step(cell, next(n for n in cell.operands if n != h), h))
-    segments: list[list[_Step]] = [[steps[0]]]
+            steps.append(Step(cell, next(n for n in cell.operands if n != h), h))
+    segments: list[list[Step]] = [[steps[0]]]
     inside = set(steps[0].cell.nodes)
     for prev, step in itertools.pairwise(steps):
         internal_c = not isinstance(prev.cell, LstmCell) or not view.escapes(prev.cell.c_out, prev.cell.nodes | step.cell.nodes)
@@ -189,19 +188,19 @@ def _segments(view: DataflowView, path: list[Cell]) -> list[list[_Step]]:
     return segments
 
 
-def _reference(segment: list[_Step]) -> _Step:
+def _reference(segment: list[Step]) -> Step:
     """The step whose parameters stand for the segment: past a zero-state RNN head, the next."""
     return segment[1] if len(segment) > 1 and segment[0].zero_state_head_of(segment[1]) else segment[0]
 
 
-def _head_step(view: DataflowView, cell: Cell, nxt: Cell | None) -> _Step:
+def _head_step(view: DataflowView, cell: Cell, nxt: Cell | None) -> Step:
     """Which operand of a chain's first LSTM (or RNN) cell is h. Any choice computes the same first step;
     a wrong one only makes the weights differ from the next step's, which cuts the chain there."""
     if isinstance(cell, GruCell):
-        return _Step(cell, cell.x.name, cell.h_prev.name)
+        return Step(cell, cell.x.name, cell.h_prev.name)
     names = list(cell.operands)
     if len(names) == 1:
-        return _Step(cell, names[0], None)
+        return Step(cell, names[0], None)
     fits = [n for n in names if cell.weights[n].shape[1] == cell.hidden]
     h = fits[0] if len(fits) == 1 else None
     if h is None and type(nxt) is type(cell) and cell.h_out.name in nxt.operands:
@@ -211,10 +210,10 @@ def _head_step(view: DataflowView, cell: Cell, nxt: Cell | None) -> _Step:
     if h is None:
         zero = [n for n in fits if view.is_zero(cell.operands[n])]
         h = zero[0] if len(zero) == 1 else names[-1]
-    return _Step(cell, next(n for n in names if n != h), h)
+    return Step(cell, next(n for n in names if n != h), h)
 
 
-def _segment_plan(view: DataflowView, segment: list[_Step]) -> RnnPlan:
+def _segment_plan(view: DataflowView, segment: list[Step]) -> RnnPlan:
     head, last = segment[0], segment[-1]
     op, variant, w, r, wb, rb = _reference(segment).params()
     if isinstance(head.cell, GruCell):
@@ -223,7 +222,7 @@ def _segment_plan(view: DataflowView, segment: list[_Step]) -> RnnPlan:
         initial_h = head.cell.operands[head.h] if head.h is not None else None
         initial_c = head.cell.c_prev if isinstance(head.cell, LstmCell) else None
     plan = RnnPlan(
-        graph=view.graph, hidden=head.cell.hidden, w=w, r=r, wb=wb, rb=rb, op=op, **_variant(op, variant),
+        graph=view.graph, hidden=head.cell.hidden, w=w, r=r, wb=wb, rb=rb, op=op, **variant_fields(op, variant),
         x=stacked_input(view, [s.x_tensor for s in segment]),
         initial_h=None if initial_h is None or view.is_zero(initial_h) else initial_h,
         initial_c=None if initial_c is None or view.is_zero(initial_c) else initial_c, steps=len(segment),
@@ -238,7 +237,7 @@ def _segment_plan(view: DataflowView, segment: list[_Step]) -> RnnPlan:
     return plan
 
 
-def _stacks(view: DataflowView, segment: list[_Step], plan: RnnPlan) -> set[str]:
+def _stacks(view: DataflowView, segment: list[Step], plan: RnnPlan) -> set[str]:
     """Find Concat(Unsqueeze(h_0, k), ..., Unsqueeze(h_T-1, k), axis=k) (torch.stack of the
     step outputs) and plan it as Y re-laid out; returns the Unsqueeze/Concat keys absorbed."""
     absorbed: set[str] = set()
@@ -274,157 +273,6 @@ def _stack_axis(view: DataflowView, concat: gs.Node, hs: list[str]) -> int | Non
     return axis if 0 <= axis <= 2 else None
 
 
-# -- Scan / Loop bodies --------------------------------------------------------------------
-
-def loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView) -> RnnPlan | NoMatch | None:
-    """A plan replacing a Scan/Loop whose body is one LSTM/GRU/RNN cell by one op; None when the
-    body holds no cell candidate."""
-    cells, declined = match_cells(body_view)
-    if any(not isinstance(c, RnnCell) for c in cells):
-        cells = [c for c in cells if not isinstance(c, RnnCell)]
-    else:  # plain RNN candidates count only when one of their operands is a carried state
-        states = {t.name for t in body_view.graph.inputs}
-        cells = [c for c in cells if states & set(c.operands)]
-    if not cells and not declined:
-        return None
-    if declined:
-        return declined[0]
-    if len(cells) > 1:
-        return NoMatch("skipped_loop_body", f"{node.name}: {len(cells)} cells in one body")
-    cell = cells[0]
-    n_states = 2 if isinstance(cell, LstmCell) else 1
-    if node.op == "Scan":
-        return _scan_plan(view, node, body_view, cell, n_states)
-    return _loop_plan(view, node, body_view, cell, n_states)
-
-
-def _roles(cell: Cell, states: list[gs.Tensor], is_x: Callable[[str], bool]) -> tuple[int, int | None, str] | NoMatch:
-    """(index of the h state, index of the c state (LSTM), x operand name) among body states."""
-    names = [t.name for t in states]
-    if isinstance(cell, GruCell):
-        if cell.h_prev.name not in names or not is_x(cell.x.name):
-            return NoMatch("skipped_loop_state", "the GRU's h is not the carried state or x is not the step input")
-        return names.index(cell.h_prev.name), None, cell.x.name
-    if isinstance(cell, RnnCell):
-        h_names = [n for n in cell.operands if n in names]
-        x_names = [n for n in cell.operands if n not in names]
-        if len(h_names) != 1 or len(x_names) != 1 or not is_x(x_names[0]):
-            return NoMatch("skipped_loop_state", f"RNN operands {sorted(cell.operands)} are not one state h and one step input")
-        return names.index(h_names[0]), None, x_names[0]
-    if cell.c_prev.name not in names:
-        return NoMatch("skipped_loop_state", f"c_prev {cell.c_prev.name} is not a loop-carried state")
-    c_index = names.index(cell.c_prev.name)
-    h_names = [n for n in cell.operands if n in names and names.index(n) != c_index]
-    x_names = [n for n in cell.operands if n not in names]
-    if len(h_names) != 1 or len(x_names) != 1 or not is_x(x_names[0]):
-        return NoMatch("skipped_loop_state", f"gate operands {sorted(cell.operands)} are not one state h and one step input")
-    return names.index(h_names[0]), c_index, x_names[0]
-
-
-def _check_outputs(body_view: DataflowView, cell: Cell, outs: list[gs.Tensor], h_i: int, c_i: int | None,
-                   n_states: int) -> NoMatch | None:
-    resolved = [body_view.resolve(t).name for t in outs]
-    if resolved[h_i] != cell.h_out.name or (c_i is not None and resolved[c_i] != cell.c_out.name):
-        return NoMatch("skipped_loop_outputs", "the carried states are not the cell's new states")
-    for name in resolved[n_states:]:
-        if name != cell.h_out.name:
-            return NoMatch("skipped_loop_outputs", f"scan output {name} is not the cell's h'")
-    return None
-
-
-def _scan_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell: Cell, n_states: int) -> RnnPlan | NoMatch:
-    body = body_view.graph
-    n_scan = int(node.attrs.get("num_scan_inputs", 1))
-    if len(node.inputs) - n_scan != n_states or n_scan != 1:
-        return NoMatch("skipped_loop_signature", f"{node.name}: {len(node.inputs) - n_scan} states and {n_scan} scan inputs")
-    if any(int(d) for d in [*node.attrs.get("scan_input_directions", []), *node.attrs.get("scan_output_directions", [])]):
-        return NoMatch("skipped_loop_direction", f"{node.name}: reverse scan directions")
-    x_body = body.inputs[n_states].name
-    roles = _roles(cell, list(body.inputs[:n_states]), lambda n: n == x_body)
-    if isinstance(roles, NoMatch):
-        return roles
-    h_i, c_i, x_name = roles
-    problem = _check_outputs(body_view, cell, list(body.outputs), h_i, c_i, n_states)
-    if problem is not None:
-        return problem
-    src = node.inputs[n_states]
-    shape = view.shape(src)
-    if shape is not None and len(shape) != 3:
-        return NoMatch("skipped_rank", f"{node.name}: scan input of rank {len(shape)}, not 3")
-    axis = int((node.attrs.get("scan_input_axes") or [0])[0]) % 3
-    plan = _state_plan(view, node, cell, x_name, body.inputs[h_i].name, SeqInput(src, axis), h_i, c_i, None)
-    out_axes = list(node.attrs.get("scan_output_axes", [])) or [0] * (len(node.outputs) - n_states)
-    for tensor, axis_k in zip(node.outputs[n_states:], out_axes):
-        plan.stacks.append((tensor, int(axis_k) % 3))
-    return plan
-
-
-def _loop_plan(view: DataflowView, node: gs.Node, body_view: DataflowView, cell: Cell, n_states: int) -> RnnPlan | NoMatch:
-    body = body_view.graph
-    if len(node.inputs) != 2 + n_states or node.inputs[0].is_empty():
-        return NoMatch("skipped_loop_signature", f"{node.name}: not Loop(M, cond, states) with a trip count")
-    cond = node.inputs[1]
-    if not cond.is_empty() and not _true(view, cond):
-        return NoMatch("skipped_loop_signature", f"{node.name}: the loop condition is not constant true")
-    iter_in, cond_in = body.inputs[0], body.inputs[1]
-    if body_view.resolve(body.outputs[0]).name != cond_in.name and not _true(body_view, body.outputs[0]):
-        return NoMatch("skipped_loop_signature", f"{node.name}: the body may stop early")
-    gathers: dict[str, gs.Node] = {}
-
-    def is_step_input(name: str) -> bool:
-        gather = body_view.producer(body_view.tensors[name])
-        if gather is None or gather.op != "Gather" or body_view.resolve(gather.inputs[1]).name != iter_in.name:
-            return False
-        if body_view.producer(gather.inputs[0]) is not None:  # must come from outside the body
-            return False
-        gathers[name] = gather
-        return True
-
-    roles = _roles(cell, list(body.inputs[2:2 + n_states]), is_step_input)
-    if isinstance(roles, NoMatch):
-        return roles
-    h_i, c_i, x_name = roles
-    problem = _check_outputs(body_view, cell, list(body.outputs[1:]), h_i, c_i, n_states)
-    if problem is not None:
-        return problem
-    gather = gathers[x_name]
-    src = gather.inputs[0]
-    shape = view.shape(src)
-    if shape is not None and len(shape) != 3:
-        return NoMatch("skipped_rank", f"{node.name}: the step input is indexed from a rank-{len(shape)} tensor, not 3")
-    axis = int(gather.attrs.get("axis", 0)) % 3
-    trips = view.constant(node.inputs[0])
-    length = int(np.asarray(trips).reshape(())) if trips is not None else None
-    whole = shape is not None and length is not None and shape[axis] == length
-    x = SeqInput(src, axis, 3, 0, None if whole else length, None if length is not None else node.inputs[0])
-    plan = _state_plan(view, node, cell, x_name, body.inputs[2 + h_i].name, x, h_i, c_i, 2)
-    plan.steps = length
-    for tensor in node.outputs[n_states:]:  # Loop stacks scan outputs on a new leading axis
-        plan.stacks.append((tensor, 0))
-    return plan
-
-
-def _state_plan(view: DataflowView, node: gs.Node, cell: Cell, x_name: str, h_name: str, x: SeqInput,
-                h_i: int, c_i: int | None, first_state: int | None) -> RnnPlan:
-    """The plan of a loop node: initial states are its state inputs, final states its outputs."""
-    offset = first_state or 0
-    op, variant, w, r, wb, rb = _Step(cell, x_name, h_name).params()
-    h0 = node.inputs[offset + h_i]
-    c0 = node.inputs[offset + c_i] if c_i is not None else None
-    plan = RnnPlan(graph=view.graph, hidden=cell.hidden, w=w, r=r, wb=wb, rb=rb, x=x, op=op, **_variant(op, variant),
-                   initial_h=None if view.is_zero(h0) else h0,
-                   initial_c=None if c0 is None or view.is_zero(c0) else c0)
-    plan.last_h.append(node.outputs[h_i])
-    if c_i is not None:
-        plan.last_c.append(node.outputs[c_i])
-    return plan
-
-
-def _true(view: DataflowView, tensor: gs.Tensor) -> bool:
-    value = view.constant(tensor)
-    return value is not None and value.size == 1 and bool(value.reshape(()))
-
-
-def _variant(op: str, variant: int | str) -> dict[str, int | str]:
+def variant_fields(op: str, variant: int | str) -> dict[str, int | str]:
     """RnnPlan fields for a params() variant."""
     return {"activation": str(variant)} if op == "RNN" else {"linear_before_reset": int(variant)}
