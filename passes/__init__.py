@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from q4c.passes.assign_precision import AssignPrecisionPass
 from q4c.passes.calibrate import CalibratePass
+from q4c.passes.choose_kernels import ChooseKernelsPass
 from q4c.passes.dedupe_weights import DedupeWeightsPass
 from q4c.passes.fold_constants import FoldConstantsPass
 from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
@@ -28,6 +29,7 @@ BUILTIN_PASSES = {
         CalibratePass,
         MeasureSensitivityPass,
         AssignPrecisionPass,
+        ChooseKernelsPass,
         InsertActivationQdqPass,
         QuantizeWeightsPass,
         LowerOrtKernelsPass,
@@ -48,6 +50,7 @@ DEFAULT_PIPELINE = (
     "dedupe-weights",
     "measure-sensitivity",
     "assign-precision",
+    "choose-kernels",
     "quantize-weights",
     "lower-ort-kernels",
     "lower-recurrent",

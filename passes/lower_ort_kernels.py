@@ -15,9 +15,14 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from q4c import graph as g
-from q4c.config import Target
+from q4c.errors import PostconditionError
 from q4c.pipeline import Pass, PassContext, PassResult
-from q4c.quant.packing import gather_block_quantized_weights, kernel_bits, matmulnbits_weights
+from q4c.quant.packing import (
+    gather_block_quantized_weights,
+    kernel_bits,
+    matmulnbits_weights,
+)
+from q4c.quant.plan import MATMULNBITS_FORMS, Form
 from q4c.quant.qparams import QuantizedWeight
 
 #: MLAS block sizes for MatMulNBits / GatherBlockQuantized.
@@ -27,31 +32,44 @@ ACCURACY_LEVEL = 4
 
 
 class LowerOrtKernelsPass(Pass):
-    """For `--target ort-cpu`: DQ -> MatMul to MatMulNBits, DQ -> Gather to GatherBlockQuantized.
+    """DQ -> MatMul to MatMulNBits, DQ -> Gather to GatherBlockQuantized, for the weights whose
+    plan form says so (Form.MATMULNBITS / MATMULNBITS_ACC0 / GATHER_BLOCK_QUANTIZED, decided by
+    choose-kernels); a form that cannot be emitted is an error, never a silent DQ.
 
-    Requires: nothing (no-op for other targets).  Ensures: no lowerable DQ remains.
-    Stats: matmulnbits, gather_block_quantized, skipped_block_size, skipped_layout.
+    Requires: the plan's forms for the quantized weights.  Stats: matmulnbits, gather_block_quantized.
     """
 
     name = "lower-ort-kernels"
 
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        ctx.require_forms(self.name)
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if ctx.options.target is not Target.ORT_CPU or ctx.options.kernels == "fp32-at-load":
-            return PassResult(False)
+        forms = ctx.forms_by_codes()
         bits_of = {q["codes"]: q["bits"] for q in ctx.quantized}
         self._packed: dict[str, gs.Constant] = {}  # content hash -> packed initializer, shared
-        stats = {"matmulnbits": 0, "gather_block_quantized": 0, "skipped_block_size": 0, "skipped_layout": 0}
+        stats = {"matmulnbits": 0, "gather_block_quantized": 0}
         for sub in list(g.iter_graphs(graph)):
             for dq in [n for n in sub.nodes if n.op == "DequantizeLinear"]:
-                qw = _quantized_weight(dq, bits_of)
-                if qw is None:
+                form = forms.get(dq.inputs[0].name)
+                if form not in MATMULNBITS_FORMS and form is not Form.GATHER_BLOCK_QUANTIZED:
                     continue
+                qw = _quantized_weight(dq, bits_of)
                 users = g.consumers(dq.outputs[0])
-                if users and all(u.op == "MatMul" and u.inputs[1] is dq.outputs[0] for u in users):
-                    stats[self._to_matmulnbits(graph, sub, dq, qw, users)] += 1
-                elif users and all(u.op == "Gather" and u.inputs[0] is dq.outputs[0]
-                                   and int(u.attrs.get("axis", 0)) == 0 for u in users):
-                    stats[self._to_gather(graph, dq, qw, users)] += 1
+                if qw is None or not users:
+                    raise PostconditionError(f"{dq.inputs[0].name}: the plan's form {form.value!r} needs a constant "
+                                             f"DequantizeLinear without zero point feeding the op")
+                if form in MATMULNBITS_FORMS and all(u.op == "MatMul" and u.inputs[1] is dq.outputs[0] for u in users):
+                    done = self._to_matmulnbits(graph, sub, dq, qw, users, MATMULNBITS_FORMS[form])
+                elif form is Form.GATHER_BLOCK_QUANTIZED and all(
+                        u.op == "Gather" and u.inputs[0] is dq.outputs[0] and int(u.attrs.get("axis", 0)) == 0 for u in users):
+                    done = self._to_gather(graph, dq, qw, users)
+                else:
+                    done = "skipped_consumers"
+                if done not in stats:
+                    raise PostconditionError(f"{dq.inputs[0].name}: the plan's form {form.value!r} cannot be emitted "
+                                             f"({done})")
+                stats[done] += 1
         changed = stats["matmulnbits"] + stats["gather_block_quantized"]
         return PassResult(changed > 0, {k: v for k, v in stats.items() if v})
 
@@ -63,7 +81,8 @@ class LowerOrtKernelsPass(Pass):
             self._packed[key] = g.make_constant(g.unique_name(root, name), packed)
         return self._packed[key]
 
-    def _to_matmulnbits(self, root: gs.Graph, sub: gs.Graph, dq: gs.Node, qw: QuantizedWeight, users: list[gs.Node]) -> str:
+    def _to_matmulnbits(self, root: gs.Graph, sub: gs.Graph, dq: gs.Node, qw: QuantizedWeight, users: list[gs.Node],
+                        accuracy_level: int = ACCURACY_LEVEL) -> str:
         if qw.q.ndim != 2:
             return "skipped_layout"
         k, n = qw.q.shape
@@ -87,7 +106,7 @@ class LowerOrtKernelsPass(Pass):
             mm_graph.nodes.append(gs.Node(
                 "MatMulNBits", mm.name, domain=g.MS_DOMAIN, inputs=[a, b, s], outputs=[out],
                 attrs={"K": k, "N": n, "bits": kernel_bits(qw.bits), "block_size": qw.block_size,
-                       "accuracy_level": ACCURACY_LEVEL},
+                       "accuracy_level": accuracy_level},
             ))
         return "matmulnbits"
 

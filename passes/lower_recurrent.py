@@ -22,18 +22,23 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from q4c import graph as g
-from q4c.config import Target
+from q4c.errors import PostconditionError
+from q4c.forms import DYNAMIC_LSTM_MIN_HIDDEN, SCAN_MIN_HIDDEN, choose_form
 from q4c.pipeline import Pass, PassContext, PassResult
-from q4c.recurrent_lowering import Emitter, NoMatch, RecurrentLayer, kernel_block, lower_to_dynamic_lstm, lower_to_scan, match_layer
+from q4c.quant.plan import Form
+from q4c.recurrent_lowering import (
+    Emitter,
+    NoMatch,
+    RecurrentLayer,
+    kernel_block,
+    lower_to_dynamic_lstm,
+    lower_to_scan,
+    match_layer,
+)
 from q4c.recurrent_lowering.dynamic import Requantized
 
 logger = logging.getLogger(__name__)
 
-#: Smallest hidden size at which the Scan form beats FP32 at 1 thread for a single step, a short
-#: chunk and a whole utterance alike (benchmarks/bench_recurrent.py; see the pass docstring).
-SCAN_MIN_HIDDEN = 384
-#: Smallest hidden size at which DynamicQuantizeLSTM beats FP32 (same benchmark).
-DYNAMIC_LSTM_MIN_HIDDEN = 256
 
 
 class LowerRecurrentPass(Pass):
@@ -66,49 +71,57 @@ class LowerRecurrentPass(Pass):
     constant initializer returns wrong results; at ORT_DISABLE_ALL nothing folds the Cast, so run
     these models at the default optimization level (or basic and above), as q4c's run/bench do.
 
-    Requires: quantize-weights ran (DQ-fed W/R), ctx.quantized.  Ensures: lowered layers keep
+    The rule is applied by choose-kernels (q4c.forms), which writes each layer's form into the
+    plan before weights are quantized; this pass emits the planned form (a form it cannot emit
+    is an error).
+
+    Requires: quantize-weights ran (DQ-fed W/R), the plan's forms.  Ensures: lowered layers keep
     their output tensors.  Stats: scan, dynamic_quantize_lstm, kept_dq, skipped_<reason>.
     """
 
     name = "lower-recurrent"
 
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        ctx.require_forms(self.name)
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if ctx.options.target is not Target.ORT_CPU or ctx.options.kernels == "fp32-at-load":
-            return PassResult(False)
+        forms = ctx.forms_by_codes()
         bits_of = {q["codes"]: q["bits"] for q in ctx.quantized if "codes" in q}
         stats: dict[str, int] = defaultdict(int)
         for sub in list(g.iter_graphs(graph)):
             for node in [n for n in sub.nodes if n.op in ("LSTM", "GRU", "RNN") and n.domain in ("", "ai.onnx", None)]:
                 layer = match_layer(sub, node, bits_of)
-                if isinstance(layer, NoMatch):
-                    logger.debug("%s: %s %s", node.name, layer.code, layer.detail)
-                    stats[layer.code] += 1
+                planned = _planned_form(layer, forms) if not isinstance(layer, NoMatch) else None
+                if planned not in (Form.SCAN_MATMULNBITS, Form.DYNAMIC_QUANTIZE_LSTM):
+                    stats["kept_dq" if planned is not None else getattr(layer, "code", "skipped_float_weights")] += 1
                     continue
-                form = choose_form(layer, ctx.options.kernels)
-                logger.debug("%s (%s, H=%d, bits %s): %s", node.name, layer.op, layer.hidden, sorted(layer.bits()), form)
-                stats[form] += 1
-                if form == "scan":
+                assert not isinstance(layer, NoMatch)
+                logger.debug("%s (%s, H=%d, bits %s): %s", node.name, layer.op, layer.hidden, sorted(layer.bits()), planned)
+                if planned is Form.SCAN_MATMULNBITS:
+                    if any(w.quantized and kernel_block(w) is None for w in layer.w + layer.r):
+                        raise PostconditionError(f"{node.name}: the plan's form 'scan-matmulnbits' needs weight blocks "
+                                                 f"a MatMulNBits block (16-256) covers")
                     lower_to_scan(layer, Emitter(graph, node.name or layer.op))
-                elif form == "dynamic_quantize_lstm":
+                    stats["scan"] += 1
+                else:
+                    if layer.op != "LSTM" or not all(w.quantized and w.bits == 8 for w in layer.w + layer.r):
+                        raise PostconditionError(f"{node.name}: the plan's form 'dynamic-quantize-lstm' takes an LSTM "
+                                                 f"with 8-bit W and R")
                     for req in lower_to_dynamic_lstm(layer, Emitter(graph, node.name or layer.op)):
                         _record_requantized(ctx, req, layer)
+                    stats["dynamic_quantize_lstm"] += 1
         modified = stats["scan"] + stats["dynamic_quantize_lstm"] > 0
         return PassResult(modified, {k: v for k, v in sorted(stats.items()) if v})
 
 
-def choose_form(layer: RecurrentLayer, kernels: str = "auto") -> str:
-    """"scan", "dynamic_quantize_lstm", "kept_dq" or a skipped_<reason> for one layer (the rule
-    in LowerRecurrentPass's docstring)."""
-    weights = layer.w + layer.r
-    if not any(w.quantized for w in weights):
-        return "skipped_float_weights"
-    # ONNX Runtime refuses LSTM/GRU with layout 1 (batch first): only a lowered form runs there.
-    any_size = kernels == "low-bit" or layer.layout == 1
-    if layer.op == "LSTM" and all(w.quantized and w.bits == 8 for w in weights):
-        return "dynamic_quantize_lstm" if any_size or layer.hidden >= DYNAMIC_LSTM_MIN_HIDDEN else "kept_dq"
-    if any(w.quantized and kernel_block(w) is None for w in weights):
-        return "skipped_block_size"
-    return "scan" if any_size or layer.hidden >= SCAN_MIN_HIDDEN else "kept_dq"
+def _planned_form(layer: RecurrentLayer, forms: dict[str, Form]) -> Form | None:
+    """The plan's form of a layer (its quantized weights all carry the same one)."""
+    found = {forms.get(w.codes_name) for w in layer.w + layer.r if w.quantized}
+    found.discard(None)
+    if len(found) > 1:
+        raise PostconditionError(f"{layer.node.name}: the plan gives its weights different forms "
+                                 f"({', '.join(sorted(f.value for f in found))}); a layer has one form")
+    return found.pop() if found else None
 
 
 def _record_requantized(ctx: PassContext, req: Requantized, layer: RecurrentLayer) -> None:
@@ -125,3 +138,6 @@ def _record_requantized(ctx: PassContext, req: Requantized, layer: RecurrentLaye
             sens["weight_sqnr_db"] = round(10 * math.log10(power / noise), 2)
         entry["sensitivity"] = sens
         entry["granularity"] = "channel"
+
+
+__all__ = ["DYNAMIC_LSTM_MIN_HIDDEN", "SCAN_MIN_HIDDEN", "LowerRecurrentPass", "choose_form"]

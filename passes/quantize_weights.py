@@ -16,7 +16,7 @@ from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.codebook import CodebookWeight, emit_decoder
 from q4c.quant.gptq import input_hessians
 from q4c.quant.packing import onnx_codes, storage_bits
-from q4c.quant.plan import FLOAT
+from q4c.quant.plan import FLOAT, Form, TensorPrecision
 from q4c.quant.sensitivity import gptq_eligible
 from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
 
@@ -33,6 +33,9 @@ class QuantizeWeightsPass(Pass):
     Conv, Einsum), followed by a Cast to float: half the scale bytes, 0.05 % scale error. One DQ
     per graph level that consumes the weight; consumers that are not weight slots keep the float
     tensor.
+
+    Scales of MatMul/Gemm/embedding weights are float16 too when the plan's form folds them at
+    load (FP32_AT_LOAD: no kernel reads them).
 
     Codebook schemes (mulaw, kmeans, nf4) store packed indices and float16 centroid tables
     instead, decoded by a Gather chain of standard ops from initializers only
@@ -65,7 +68,7 @@ class QuantizeWeightsPass(Pass):
                                hessians.get(name))
             else:
                 self._quantize(graph, slots, precision.bits, Granularity.parse(precision.granularity),
-                               precision.scheme, ctx, hessians.get(name))
+                               precision.scheme, ctx, hessians.get(name), kernel_scales=_kernel_scales(precision, ctx))
             stats["quantized"] += 1
         return PassResult(stats["quantized"] > 0, dict(stats))
 
@@ -114,11 +117,11 @@ class QuantizeWeightsPass(Pass):
 
     @staticmethod
     def _quantize(root: gs.Graph, slots: list[WeightSlot], bits: int, gran: Granularity, scheme: str,
-                  ctx: PassContext, hessians: list[np.ndarray] | None = None) -> None:
+                  ctx: PassContext, hessians: list[np.ndarray] | None = None, *, kernel_scales: bool = True) -> None:
         first = slots[0]
         weight = first.tensor
         values = np.asarray(weight.values, dtype=np.float32)
-        qw = quantize_slot(first, values, bits, gran, scheme, kernel_scales=ctx.options.kernel_scales, hessians=hessians)
+        qw = quantize_slot(first, values, bits, gran, scheme, kernel_scales=kernel_scales, hessians=hessians)
         kind = "tensor" if qw.scale.ndim == 0 else ("block" if qw.block_size else "channel")
         half = qw.scale.dtype == np.float16
         suffix = f"int{storage_bits(bits, ctx.opset)}"
@@ -156,6 +159,14 @@ class QuantizeWeightsPass(Pass):
             "scheme": scheme,
             "sensitivity": {"weight_sqnr_db": _sqnr_db(values, error)},
         })
+
+
+def _kernel_scales(precision: TensorPrecision, ctx: PassContext) -> bool:
+    """Float32 scales for MatMul/Gemm/embedding weights unless the weight is folded to FP32 at load
+    (the plan's form; a plan without forms: as --kernels says)."""
+    if precision.form is None:
+        return ctx.options.kernel_scales
+    return precision.form is not Form.FP32_AT_LOAD
 
 
 def _codebook_entry(name: str, codes: str, first: WeightSlot, values: np.ndarray, cw: CodebookWeight,

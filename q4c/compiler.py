@@ -17,27 +17,43 @@ import onnx_graphsurgeon as gs
 
 from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.calib.readers import CalibrationReader, Feeds, Sample, SamplesReader, open_reader, synthetic_samples
+from q4c.calib.readers import (
+    CalibrationReader,
+    Feeds,
+    Sample,
+    SamplesReader,
+    open_reader,
+    synthetic_samples,
+)
 from q4c.calib.runner import Progress, materialize
-from q4c.config import CODEBOOK_SCHEMES, CompileOptions
-from q4c.errors import ConfigError, ModelLoadError, NonFiniteWeightError, QualityLostError
-from q4c.objectives import group_sequences
-from q4c.quant.sensitivity import objectives_for
+from q4c.config import CompileOptions
+from q4c.errors import (
+    ConfigError,
+    ModelLoadError,
+    NonFiniteWeightError,
+    QualityLostError,
+)
 from q4c.metrics import sqnr_db  # noqa: F401  (re-exported: q4c.testing and the benchmarks import it from here)
-from q4c.pipeline import Pass, PassContext, Pipeline
+from q4c.objectives import group_sequences
+from q4c.pipeline import PassContext, Pipeline
 from q4c.quant.packing import INT2_OPSET
-from q4c.quant.plan import FLOAT, PrecisionPlan
+from q4c.quant.plan import FLOAT, Form, PrecisionPlan
+from q4c.quant.sensitivity import objectives_for
 from q4c.quant.tying import share_transposed_tables
 from q4c.quant.weights import WeightSlot, find_weight_slots
 from q4c.registry import find_pass, resolve_pipeline
-from q4c.verify import (QUALITY_SAMPLES, describe_loss, judge_quality, refuse_inconsistent_model, refuse_nonfinite_weights,
-                        verify_model)
+from q4c.verify import (
+    QUALITY_SAMPLES,
+    describe_loss,
+    judge_quality,
+    refuse_inconsistent_model,
+    refuse_nonfinite_weights,
+    verify_model,
+)
 
 logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "q4c.compile/1"
-#: wall-clock budget for timing the two ONNX Runtime forms when --kernels auto
-KERNEL_TIMING_SECONDS = 3.0
 
 
 def default_output(model_path: Path) -> Path:
@@ -72,55 +88,59 @@ def compile_model(
     if nonfinite:  # --allow-nonfinite: those weights (and what is computed from them) stay float
         options = dataclasses.replace(options, keep_fp32=options.keep_fp32.union(*(f.reaches for f in nonfinite)))
     names = _with_calibration(resolve_pipeline(passes, DEFAULT_PIPELINE), options, save_calib is not None)
-    pass_objects = [find_pass(n)() for n in names]
     converted = g.convert_opset(model, _target_opset(options))
     graph = g.import_graph(converted)
+    ctx = _context(converted, options, samples, sample_progress)
+    for f in nonfinite:
+        ctx.warn(f"{f.describe()}: kept in float (--allow-nonfinite)")
+    Pipeline([find_pass(n)() for n in names], dump_dir=dump_dir, check_each=check_each, audit=check_each,
+             like=converted, progress=progress).run(graph, ctx)
+    out = g.export_model(graph, like=converted)
+    if "quantize-weights" in names and not ctx.quantized:
+        raise ModelLoadError(_nothing_quantized(graph, options))
+    if ctx.kernel_choice is not None and ctx.kernel_choice["chosen"] == "fp32-at-load":
+        # Folded at load anyway, so a tied output projection can read the embedding's codes.
+        ctx.kernel_choice["tied_tables_shared"] = share_transposed_tables(out)
+    config = _session_config(out, ctx)
+    report = _report(converted, graph, out, ctx, config)
+    if ctx.calibration is not None and save_calib is not None:
+        ctx.calibration.save(save_calib)
+    if verify:
+        _verify(report, out, converted, ctx)
+    return out, report
+
+
+def _context(converted: onnx.ModelProto, options: CompileOptions,
+             samples: CalibrationReader | list[Sample] | None, sample_progress: Progress | None) -> PassContext:
+    """The pass context: at most `options.calib_samples` samples, one complete feed dict per call
+    (synthetic ones from the input signature when none are given), grouped by sequence."""
     if samples is None:
-        samples = synthetic_samples(model, count=1, seed=options.seed)
+        samples = synthetic_samples(converted, count=1, seed=options.seed)
         logger.warning("no --calib data: analysing and verifying on synthetic inputs built from the input signature")
     reader = samples if isinstance(samples, CalibrationReader) else SamplesReader(samples)
     taken = SamplesReader(itertools.islice(reader, options.calib_samples), reader.state_pairs)
-    samples = materialize(converted, taken)
-    state_pairs, sequences = group_sequences(converted, taken, samples)
-    ctx = PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET, samples=samples,
-                      sample_progress=sample_progress, sequences=sequences, state_pairs=state_pairs)
-    for f in nonfinite:
-        ctx.warn(f"{f.describe()}: kept in float (--allow-nonfinite)")
-    # Run up to the kernel lowering, keep that (DequantizeLinear) form, then lower: for
-    # kernels="auto" both forms are timed and the faster one is kept.
-    split = names.index("lower-ort-kernels") if "lower-ort-kernels" in names else len(names)
-    # Weights are quantized from here on: "auto" may redo it with float16 scales (see below).
-    qsplit = names.index("quantize-weights") if "quantize-weights" in names else split
-    common = dict(dump_dir=dump_dir, check_each=check_each, like=converted, progress=progress)
-    Pipeline(pass_objects[:qsplit], **common).run(graph, ctx)
-    auto = options.kernels == "auto" and options.activations == "none" and qsplit < split < len(names)
-    unquantized = g.export_model(graph, like=converted) if auto else None
-    Pipeline(pass_objects[qsplit:split], first_index=qsplit + 1, **common).run(graph, ctx)
-    dq_form = g.export_model(graph, like=converted) if split < len(names) else None
-    Pipeline(pass_objects[split:], first_index=split + 1, **common).run(graph, ctx)
-    out = g.export_model(graph, like=converted)
+    feeds = materialize(converted, taken)
+    state_pairs, sequences = group_sequences(converted, taken, feeds)
+    return PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET, samples=feeds,
+                       sample_progress=sample_progress, sequences=sequences, state_pairs=state_pairs)
 
-    if "quantize-weights" in names and not ctx.quantized:
-        raise ModelLoadError(_nothing_quantized(graph, options))
-    kernel_choice = None
-    if auto and "com.microsoft::MatMulNBits" in g.op_histogram(out):
-        out, kernel_choice = _choose_kernels(out, dq_form, samples[0], ctx)
-        if kernel_choice["chosen"] == "fp32-at-load" and unquantized is not None:
-            # MatMul and embedding weights got float32 scales for kernels that will not run:
-            # quantize again with float16 scales, as --kernels fp32-at-load does. Same bytes
-            # (auto blocks: 32 x float16 = 64 x float32 per weight), half the block: less error.
-            graph, out = _requantize_for_fp32_at_load(unquantized, pass_objects[qsplit:], ctx, common, qsplit)
-            kernel_choice["tied_tables_shared"] = share_transposed_tables(out)
+
+def _session_config(out: onnx.ModelProto, ctx: PassContext) -> dict[str, str]:
+    """What ONNX Runtime needs to run `out` as planned, written into its metadata."""
     config, slow_ops = q4ort.needed_session_config(out)
-    if options.activations == "int8":
+    if ctx.options.activations == "int8":
         config, slow_ops = _int8_session_config(out, config, slow_ops, ctx)
-    if options.kernels == "fp32-at-load" or (kernel_choice is not None and kernel_choice["chosen"] == "fp32-at-load"):
+    if ctx.plan is not None and Form.FP32_AT_LOAD in ctx.plan.forms().values():
         config["session.disable_quant_qdq"] = "1"  # else ORT re-fuses DQ -> MatMul into MatMulNBits
     if slow_ops:
         ctx.warn(f"weights of {', '.join(slow_ops)} have no low-bit kernel in ONNX Runtime: they are stored "
                  f"in low bits but folded to FP32 at session load (session.disable_quant_qdq=1)")
     q4ort.set_session_config(out, config)
+    return config
 
+
+def _report(converted: onnx.ModelProto, graph: gs.Graph, out: onnx.ModelProto, ctx: PassContext,
+            config: dict[str, str]) -> dict[str, Any]:
     _add_sensitivity(ctx)
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA,
@@ -133,8 +153,8 @@ def compile_model(
         "session_config": config,
         "warnings": ctx.warnings,
     }
-    if kernel_choice is not None:
-        report["kernel_choice"] = kernel_choice
+    if ctx.kernel_choice is not None:
+        report["kernel_choice"] = ctx.kernel_choice
     if ctx.sensitivity is not None:
         report["sensitivity"] = ctx.sensitivity.summary()
     if ctx.pareto:
@@ -148,18 +168,19 @@ def compile_model(
         table = ctx.calibration
         report["calibration"] = {"observer": table.observer, "samples": table.samples, "calls": table.calls,
                                  "tensors": len(table.tensors), "state_pairs": table.state_pairs}
-        if save_calib is not None:
-            table.save(save_calib)
-    if verify:
-        units, judged_on = _quality_units(ctx, samples)
-        report["verification"] = verify_model(out, samples[:1], reference=converted, quality_units=units,
-                                              objectives=objectives_for(converted, options, ctx.state_pairs),
-                                              state_pairs=ctx.state_pairs)
-        report["verification"]["quality_judged_on"] = judged_on
-        report["quality"] = judge_quality(report["verification"]["measurements"])
-        for lost in report["quality"]["lost"]:
-            ctx.warn(describe_loss(lost))
-    return out, report
+    return report
+
+
+def _verify(report: dict[str, Any], out: onnx.ModelProto, converted: onnx.ModelProto, ctx: PassContext) -> None:
+    """The verification stage: the compiled model against the FP32 one on held-out or first samples."""
+    units, judged_on = _quality_units(ctx, ctx.samples)
+    report["verification"] = verify_model(out, ctx.samples[:1], reference=converted, quality_units=units,
+                                          objectives=objectives_for(converted, ctx.options, ctx.state_pairs),
+                                          state_pairs=ctx.state_pairs)
+    report["verification"]["quality_judged_on"] = judged_on
+    report["quality"] = judge_quality(report["verification"]["measurements"])
+    for lost in report["quality"]["lost"]:
+        ctx.warn(describe_loss(lost))
 
 
 def _quality_units(ctx: PassContext, samples: list[Feeds]) -> tuple[list[list[Feeds]], str]:
@@ -279,7 +300,10 @@ def _target_opset(options: CompileOptions) -> int:
     if options.bits is None and options.plan_path is None:
         two_bit = 2 in options.candidates
     elif options.plan_path is not None:
-        two_bit = any(tp.bits == 2 for tp in PrecisionPlan.load(options.plan_path).tensors.values())
+        plan = PrecisionPlan.load(options.plan_path)
+        if plan.opset is not None:  # the opset the plan was made for (INT2 candidates measured or not)
+            return plan.opset
+        two_bit = any(tp.bits == 2 for tp in plan.tensors.values())
     return INT2_OPSET if two_bit else g.TARGET_OPSET
 
 
@@ -323,75 +347,6 @@ def _add_sensitivity(ctx: PassContext) -> None:
         measured = table.measure_plan(point["choice"], ctx.options.granularity)
         if measured is not None:
             point["measured"] = measured
-
-
-def _requantize_for_fp32_at_load(unquantized: onnx.ModelProto, passes: list[Pass], ctx: PassContext,
-                                 common: dict[str, Any], first: int) -> tuple[gs.Graph, onnx.ModelProto]:
-    """Run the quantizing passes again on `unquantized` with --kernels fp32-at-load: the plan's
-    bits and schemes stay; weights whose granularity was the auto block for float32 scales take
-    the auto block for float16 ones."""
-    options = dataclasses.replace(ctx.options, kernels="fp32-at-load")
-    graph = g.import_graph(unquantized)
-    ctx.options = options
-    if ctx.plan is not None and options.granularity.kind == "block" and options.granularity.block == 0:
-        wide, narrow = str(options.granularity.resolve(True)), str(options.granularity.resolve(False))
-        # (Codebook granularities name tables or nf4's scale blocks, not kernel scales: kept.)
-        ctx.plan = PrecisionPlan({n: dataclasses.replace(tp, granularity=narrow)
-                                  if tp.granularity == wide and tp.scheme not in CODEBOOK_SCHEMES else tp
-                                  for n, tp in ctx.plan.tensors.items()}, dict(ctx.plan.defaults))
-    redone = {p.name for p in passes}
-    ctx.records = [r for r in ctx.records if r.name not in redone]
-    ctx.quantized = []
-    Pipeline(passes, first_index=first + 1, **common).run(graph, ctx)
-    return graph, g.export_model(graph, like=unquantized)
-
-
-def _choose_kernels(lowered: onnx.ModelProto, dq_form: onnx.ModelProto, feeds: Feeds,
-                    ctx: PassContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Keep the faster ORT form: the decision cached for this machine, model and input shape
-    (q4c.kernel_cache), else measured now (1 thread, interleaved, median process-CPU time:
-    q4c.timing) and cached, so the same command on the same machine writes the same bytes.
-
-    MatMulNBits keeps weights 4-bit in memory and wins where few rows go through a large weight
-    per call (streaming, big layers); on small layers with many rows per call, quantizing the
-    activations costs more than it saves, and DequantizeLinear folded to FP32 at load is faster.
-    """
-    from q4c import kernel_cache
-    from q4c.timing import interleaved
-
-    # Folded at load anyway, so a tied output projection can read the embedding's codes.
-    tied = share_transposed_tables(dq_form)
-    cache_key = kernel_cache.key([lowered, dq_form], feeds)
-    cached = kernel_cache.lookup(cache_key)
-    if cached is not None:
-        median = {"low-bit": cached["low_bit_ms"] / 1e3, "fp32-at-load": cached["fp32_at_load_ms"] / 1e3}
-        chosen, runs, source, stored = cached["chosen"], cached["runs"], "cache", True
-        measured_on = cached.get("measured_on")
-    else:
-        fold = {"session.disable_quant_qdq": "1"}
-        sessions = {"low-bit": q4ort.make_session(lowered, threads=1, config=q4ort.needed_session_config(lowered)[0]),
-                    "fp32-at-load": q4ort.make_session(dq_form, threads=1, config=fold)}
-        # q4ort.run: a sample the model cannot take is a one-line DataError, not ORT's exception
-        timing = interleaved({k: (lambda s=s: q4ort.run(s, feeds)) for k, s in sessions.items()}, rounds=25, warmup=1,
-                             min_rounds=5, max_seconds=KERNEL_TIMING_SECONDS)
-        median = {k: timing.median(k) for k in sessions}
-        chosen = "fp32-at-load" if median["fp32-at-load"] < 0.95 * median["low-bit"] else "low-bit"
-        runs, source, measured_on = timing.rounds, "measured", time.strftime("%Y-%m-%d")
-        stored = kernel_cache.record(cache_key, {
-            "chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
-            "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs, "measured_on": measured_on,
-            "machine": kernel_cache.machine()})
-    if chosen == "fp32-at-load":
-        ctx.warn(f"MatMulNBits was slower than FP32 MatMul for this model's input shape "
-                 f"({1e3 * median['low-bit']:.2f} vs {1e3 * median['fp32-at-load']:.2f} ms, {source}): MatMul weights "
-                 f"stay low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
-                 f"in memory, or --data with inputs shaped like your deployment")
-    result = {"chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
-              "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs,
-              "tied_tables_shared": tied, "source": source, "measured_on": measured_on,
-              "clock": "process-CPU time", "cache": str(kernel_cache.cache_path()), "cache_key": cache_key,
-              "cached": stored}
-    return (dq_form if chosen == "fp32-at-load" else lowered), result
 
 
 def _float_params(model: onnx.ModelProto) -> int:

@@ -19,7 +19,7 @@ from q4c.errors import PassError, PostconditionError, PreconditionError, Q4cErro
 
 if TYPE_CHECKING:
     from q4c.config import CompileOptions
-    from q4c.quant.plan import PrecisionPlan
+    from q4c.quant.plan import Form, PrecisionPlan
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class PassContext:
     #: assign-precision's predicted damage-vs-bytes points (budgeted plans only)
     pareto: list[dict[str, Any]] = field(default_factory=list)
     plan: PrecisionPlan | None = None
+    #: choose-kernels' timing of the two ONNX Runtime forms (--kernels auto), for the report
+    kernel_choice: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     session_config: dict[str, str] = field(default_factory=dict)
     quantized: list[dict[str, Any]] = field(default_factory=list)
@@ -78,6 +80,24 @@ class PassContext:
         if self.plan is None:
             raise PreconditionError("no precision plan; run 'assign-precision' first or pass --plan")
         return self.plan
+
+    def forms_by_codes(self) -> dict[str, Form]:
+        """Codes initializer name -> the plan's form of that weight, for the quantized weights."""
+        plan = self.plan
+        if plan is None:
+            return {}
+        return {q["codes"]: plan.tensors[q["name"]].form for q in self.quantized
+                if "codes" in q and q["name"] in plan.tensors and plan.tensors[q["name"]].form is not None}
+
+    def require_forms(self, pass_name: str) -> None:
+        """A lowering pass reads each quantized weight's form from the plan (choose-kernels writes them)."""
+        plan = self.plan
+        missing = [q["name"] for q in self.quantized
+                   if plan is None or q["name"] not in plan.tensors or plan.tensors[q["name"]].form is None]
+        if missing:
+            raise PreconditionError(f"{pass_name}: the plan has no lowering form for {missing[0]}"
+                                    f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
+                                    f"run 'choose-kernels' after 'assign-precision'")
 
     def warn(self, message: str) -> None:
         if message not in self.warnings:

@@ -123,7 +123,7 @@ def test_saved_plan_replays_with_hand_edits(runner, model_path, tmp_path):
     assert runner.invoke(main, ["compile", str(model_path), "-o", str(tmp_path / "a.onnx"), "--bits", "4",
                                 "--save-plan", str(plan)]).exit_code == 0
     doc = json.loads(plan.read_text())
-    assert doc["schema"] == "q4c.plan/1" and doc["tensors"]["W"]["bits"] == 4
+    assert doc["schema"] == "q4c.plan/2" and doc["tensors"]["W"]["bits"] == 4
     doc["tensors"]["W"]["bits"] = 8
     plan.write_text(json.dumps(doc))
     result = runner.invoke(main, ["compile", str(model_path), "-o", str(tmp_path / "b.onnx"), "--plan", str(plan), "--json"])

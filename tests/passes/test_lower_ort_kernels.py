@@ -6,14 +6,17 @@ from onnx import TensorProto, helper
 from q4c.config import CompileOptions, Granularity
 from q4c.passes.assign_precision import AssignPrecisionPass
 from q4c.passes.lower_ort_kernels import LowerOrtKernelsPass
+from q4c.passes.choose_kernels import ChooseKernelsPass
 from q4c.passes.quantize_weights import QuantizeWeightsPass
 from q4c.pipeline import PassContext
+from q4c.quant.plan import Form, FormBasis
 from q4c.testing import heavy_tailed, make_model, matmul_model, op_histogram, run_interp, run_ort, run_pass
 
 
 def _lower(model, options):
     ctx = PassContext(options=options)
     m, _ = run_pass(AssignPrecisionPass(), model, ctx=ctx)
+    m, _ = run_pass(ChooseKernelsPass(), m, ctx=ctx)  # the plan's forms
     dq, _ = run_pass(QuantizeWeightsPass(), m, ctx=ctx)
     lowered, result = run_pass(LowerOrtKernelsPass(), dq, ctx=ctx)
     return dq, lowered, result, ctx
@@ -62,8 +65,11 @@ def test_embedding_gather_becomes_gather_block_quantized(rng):
 def test_block_sizes_without_a_kernel_keep_dequantize(rng):
     # K=40 < block 32*2 with channel granularity works (block 64); K=300 per channel has no kernel block.
     model = matmul_model(rng, m=2, k=300, n=8)
-    _, lowered, result, _ = _lower(model, CompileOptions(granularity=Granularity("channel")))
-    assert result.stats == {"skipped_block_size": 1}
+    _, lowered, result, ctx = _lower(model, CompileOptions(granularity=Granularity("channel")))
+    # choose-kernels saw that no kernel block fits and planned plain DequantizeLinear
+    (tp,) = [tp for tp in ctx.plan.tensors.values() if tp.bits != 32]
+    assert (tp.form, tp.chosen_for) == (Form.DEQUANTIZE_LINEAR, FormBasis.REQUIRED)
+    assert result.stats == {}
     assert op_histogram(lowered) == {"DequantizeLinear": 1, "MatMul": 1}
 
 
@@ -91,6 +97,7 @@ def test_tied_tables_share_codes_in_dequantize_form_too(rng):
                        {"E": table, "E_t": np.ascontiguousarray(table.T)})
     ctx = PassContext(options=CompileOptions(bits=4))
     m, _ = run_pass(AssignPrecisionPass(), model, ctx=ctx)
+    m, _ = run_pass(ChooseKernelsPass(), m, ctx=ctx)  # the plan's forms
     dq, _ = run_pass(QuantizeWeightsPass(), m, ctx=ctx)
     shared = onnx.ModelProto()
     shared.CopyFrom(dq)

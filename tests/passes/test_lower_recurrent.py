@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 from q4c.passes.assign_precision import AssignPrecisionPass
 from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
+from q4c.passes.choose_kernels import ChooseKernelsPass
 from q4c.passes.quantize_weights import QuantizeWeightsPass
 
 from q4c import graph as g
@@ -61,6 +62,7 @@ def _recurrent_model(rng, op="LSTM", t=5, b=2, i=40, h=32, direction="forward", 
 def _quantize(model, options=LOW_BIT):
     ctx = PassContext(options=options, opset=g.default_opset(model))
     planned, _ = run_pass(AssignPrecisionPass(), model, ctx=ctx)
+    planned, _ = run_pass(ChooseKernelsPass(), planned, ctx=ctx)  # the plan's forms
     dq, _ = run_pass(QuantizeWeightsPass(), planned, ctx=ctx)
     return dq, ctx
 

@@ -1,0 +1,164 @@
+"""Decide each quantized weight's lowering form and write it into the plan (an analysis).
+
+Runs after assign-precision and before any weight is quantized, so quantize-weights stores each
+weight once with the scales its form reads, and a replayed plan (`--plan`) writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from q4c import graph as g
+from q4c import kernel_cache
+from q4c import ort as q4ort
+from q4c.config import CODEBOOK_SCHEMES, Target
+from q4c.errors import ConfigError
+from q4c.forms import Decision, check_form, rule_forms
+from q4c.pipeline import Pass, PassContext, PassResult, run_one
+from q4c.quant.plan import Form, FormBasis, PrecisionPlan
+from q4c.quant.tying import share_transposed_tables
+from q4c.quant.weights import WeightSlot, find_weight_slots
+from q4c.registry import find_pass
+from q4c.timing import interleaved
+
+#: wall-clock budget for timing the two ONNX Runtime forms when --kernels auto
+KERNEL_TIMING_SECONDS = 3.0
+#: what the two alternatives of --kernels auto are built with, on copies of the graph
+_MATERIALISE = ("quantize-weights", "lower-ort-kernels", "lower-recurrent")
+
+
+class ChooseKernelsPass(Pass):
+    """Write every quantized weight's lowering form (q4c.quant.plan.Form) and the basis it was
+    chosen on into the plan, by q4c.forms' rules; with `--kernels auto`, when MatMulNBits would
+    be used, both ONNX Runtime forms are built on copies and timed (q4c.timing, cached per machine
+    by q4c.kernel_cache) and the faster kept: if folding at load wins, every weight takes
+    FP32_AT_LOAD and auto-block weights the float16-scale block (32 instead of 64).
+
+    Forms already in the plan (a replayed or hand-edited `--plan`, a latency planner) are kept
+    when they can be honoured, else refused with a one-line reason. Also records the target
+    opset in the plan. Requires: ctx.plan.  Stats: one count per form, timed.
+    """
+
+    name = "choose-kernels"
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        ctx.require_plan()
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        plan = ctx.require_plan()
+        if plan.opset is None:
+            plan.opset = ctx.opset
+        _check_planned(graph, plan, ctx)
+        opts = ctx.options
+        decisions = rule_forms(graph, plan, opts.target, opts.kernels)
+        stats: dict[str, int] = defaultdict(int)
+        timed = (opts.kernels == "auto" and opts.activations == "none" and opts.target is Target.ORT_CPU
+                 and any(d.form is Form.MATMULNBITS for d in decisions.values()))
+        _write(plan, decisions)
+        if timed and not ctx.samples:
+            ctx.warn("--kernels auto: no input sample to time MatMulNBits against folding at load; kept MatMulNBits")
+        elif timed:
+            stats["timed"] = 1
+            if _time_forms(graph, plan, ctx) == "fp32-at-load":
+                _fold_all(plan, decisions, opts)
+        for tp in plan.tensors.values():
+            if tp.form is not None:
+                stats[tp.form.value] += 1
+        return PassResult(False, dict(stats))
+
+
+def _write(plan: PrecisionPlan, decisions: dict[str, Decision]) -> None:
+    for name, d in decisions.items():
+        plan.tensors[name] = plan.tensors[name].with_form(d.form, d.basis)
+
+
+def _check_planned(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> None:
+    """Refuse, in one line, a form in the plan this weight cannot take."""
+    if not plan.forms():
+        return
+    slots: dict[str, list[WeightSlot]] = defaultdict(list)
+    for slot in find_weight_slots(graph):
+        if isinstance(slot, WeightSlot):
+            slots[slot.tensor.name].append(slot)
+    for name, tp in sorted(plan.tensors.items()):
+        if tp.form is None or name not in slots:
+            continue
+        why = check_form(name, tp, slots[name], ctx.options.target)
+        if why is None and tp.form is Form.INT8_ACTIVATIONS and ctx.options.activations != "int8":
+            why = "form 'int8-activations' needs --activations int8"
+        if why is not None:
+            raise ConfigError(f"plan: tensor {name!r}: {why}")
+
+
+def _fold_all(plan: PrecisionPlan, decisions: dict[str, Decision], opts: Any) -> None:
+    """Every decided weight folds at load; weights at the auto block of float32 scales take the
+    auto block of float16 ones (same bytes, half the block: less error). Codebook granularities
+    name tables or nf4's scale blocks, not kernel scales: kept."""
+    wide = narrow = None
+    if opts.granularity.kind == "block" and opts.granularity.block == 0:
+        wide, narrow = str(opts.granularity.resolve(True)), str(opts.granularity.resolve(False))
+    for name in decisions:
+        tp = plan.tensors[name]
+        if wide is not None and tp.granularity == wide and tp.scheme not in CODEBOOK_SCHEMES:
+            tp = dataclasses.replace(tp, granularity=narrow)
+        plan.tensors[name] = tp.with_form(Form.FP32_AT_LOAD, FormBasis.SPEED_MEASURED)
+
+
+def materialise_copy(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> onnx.ModelProto:
+    """The model the materialising passes would write for `plan`, built on a copy (ctx untouched)."""
+    scratch = dataclasses.replace(ctx, plan=plan, quantized=[], records=[], warnings=[])
+    copy = graph.copy()
+    for name in _MATERIALISE:
+        run_one(find_pass(name)(), copy, scratch)
+    return g.export_model(copy)
+
+
+def _time_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:
+    """Build the kernel form and the folded form on copies, time them (or read the machine's
+    cached verdict) and return the faster; the measurement goes to ctx.kernel_choice."""
+    folded_plan = PrecisionPlan({n: tp for n, tp in plan.tensors.items()}, dict(plan.defaults), plan.opset)
+    _fold_all(folded_plan, {n: Decision(Form.FP32_AT_LOAD, FormBasis.SPEED_MEASURED)
+                            for n, tp in plan.tensors.items() if tp.form is not None}, ctx.options)
+    lowered = materialise_copy(graph, plan, ctx)
+    folded = materialise_copy(graph, folded_plan, ctx)
+    tied = share_transposed_tables(folded)
+    feeds = ctx.samples[0]
+    key = kernel_cache.key([lowered, folded], feeds)
+    cached = kernel_cache.lookup(key)
+    if cached is not None:
+        median = {"low-bit": cached["low_bit_ms"] / 1e3, "fp32-at-load": cached["fp32_at_load_ms"] / 1e3}
+        chosen, runs, source, stored = cached["chosen"], cached["runs"], "cache", True
+        measured_on = cached.get("measured_on")
+    else:
+        sessions = {"low-bit": q4ort.make_session(lowered, threads=1, config=q4ort.needed_session_config(lowered)[0]),
+                    "fp32-at-load": q4ort.make_session(folded, threads=1, config={"session.disable_quant_qdq": "1"})}
+        # q4ort.run: a sample the model cannot take is a one-line DataError, not ORT's exception
+        timing = interleaved({k: (lambda s=s: q4ort.run(s, feeds)) for k, s in sessions.items()}, rounds=25, warmup=1,
+                             min_rounds=5, max_seconds=KERNEL_TIMING_SECONDS)
+        median = {k: timing.median(k) for k in sessions}
+        chosen = "fp32-at-load" if median["fp32-at-load"] < 0.95 * median["low-bit"] else "low-bit"
+        runs, source, measured_on = timing.rounds, "measured", time.strftime("%Y-%m-%d")
+        stored = kernel_cache.record(key, {
+            "chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
+            "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs, "measured_on": measured_on,
+            "machine": kernel_cache.machine()})
+    if chosen == "fp32-at-load":
+        ctx.warn(f"MatMulNBits was slower than FP32 MatMul for this model's input shape "
+                 f"({1e3 * median['low-bit']:.2f} vs {1e3 * median['fp32-at-load']:.2f} ms, {source}): MatMul weights "
+                 f"stay low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
+                 f"in memory, or --data with inputs shaped like your deployment")
+    ctx.kernel_choice = {
+        "chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
+        "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs,
+        "tied_tables_shared": tied if chosen == "fp32-at-load" else 0, "source": source, "measured_on": measured_on,
+        "clock": "process-CPU time", "cache": str(kernel_cache.cache_path()), "cache_key": key, "cached": stored}
+    return chosen
+
+
+__all__ = ["ChooseKernelsPass", "materialise_copy"]
