@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, numpy_helper
+from onnx import AttributeProto
 
 from q4c.errors import DataError, ModelLoadError, Q4cError, UnsupportedOpError
 from q4c.interp.ops.dtypes import np_dtype
+from q4c.interp.protos import attribute_value, declared_type, sparse_to_array, to_array
 from q4c.interp.registry import lookup, normalize_domain
 
 RNN_OPS = frozenset({("", "LSTM"), ("", "GRU"), ("", "RNN"), ("com.microsoft", "DynamicQuantizeLSTM")})
@@ -71,12 +72,12 @@ class Graph:
         self.name = graph.name or "main"
         self.input_names = [i.name for i in graph.input]
         self.output_names = [o.name for o in graph.output]
-        self.output_types = [_declared_type(o) for o in graph.output]
+        self.output_types = [declared_type(o) for o in graph.output]
         self.constants: dict[str, np.ndarray] = {}
         for init in graph.initializer:
-            self.constants[init.name] = _to_array(init, base_dir)
+            self.constants[init.name] = to_array(init, base_dir)
         for sparse in graph.sparse_initializer:
-            self.constants[sparse.values.name] = _sparse_to_array(sparse, base_dir)
+            self.constants[sparse.values.name] = sparse_to_array(sparse, base_dir)
         self.required_inputs = [n for n in self.input_names if n not in self.constants]
 
         defined = set(self.input_names) | set(self.constants)
@@ -354,7 +355,7 @@ def _compile_node(
         elif attr.type == AttributeProto.GRAPHS:
             raise UnsupportedOpError(f"node '{name}': GRAPHS attributes are not supported")
         else:
-            attrs[attr.name] = _attribute_value(attr, base_dir)
+            attrs[attr.name] = attribute_value(attr, base_dir)
     if N_OUTPUTS in keywords:
         attrs[N_OUTPUTS] = len(node.output)
     named = [i for i, out in enumerate(node.output) if out]
@@ -371,58 +372,3 @@ def _compile_node(
         probe_key=probe_key,
         n_required=(named[-1] + 1) if named else 0,
     )
-
-
-def _attribute_value(attr: onnx.AttributeProto, base_dir: str) -> Any:
-    kind = attr.type
-    if kind == AttributeProto.FLOAT:
-        return float(attr.f)
-    if kind == AttributeProto.INT:
-        return int(attr.i)
-    if kind == AttributeProto.STRING:
-        return attr.s.decode("utf-8")
-    if kind == AttributeProto.TENSOR:
-        return _to_array(attr.t, base_dir)
-    if kind == AttributeProto.SPARSE_TENSOR:
-        return _sparse_to_array(attr.sparse_tensor, base_dir)
-    if kind == AttributeProto.FLOATS:
-        return [float(v) for v in attr.floats]
-    if kind == AttributeProto.INTS:
-        return [int(v) for v in attr.ints]
-    if kind == AttributeProto.STRINGS:
-        return [s.decode("utf-8") for s in attr.strings]
-    if kind == AttributeProto.TENSORS:
-        return [_to_array(t, base_dir) for t in attr.tensors]
-    raise UnsupportedOpError(f"attribute '{attr.name}' of type {kind} is not supported")
-
-
-def _to_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
-    try:
-        return numpy_helper.to_array(tensor, base_dir)
-    except (FileNotFoundError, OSError) as e:
-        raise ModelLoadError(
-            f"tensor '{tensor.name}': external data not found ({e}); load the model with its data "
-            "or pass base_dir"
-        ) from e
-
-
-def _sparse_to_array(sparse: onnx.SparseTensorProto, base_dir: str) -> np.ndarray:
-    values = _to_array(sparse.values, base_dir)
-    indices = _to_array(sparse.indices, base_dir).astype(np.int64)
-    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
-    if indices.ndim == 1:  # linearised indices
-        dense.reshape(-1)[indices] = values
-    else:
-        dense[tuple(indices.T)] = values
-    return dense
-
-
-def _declared_type(value_info: onnx.ValueInfoProto) -> tuple[np.dtype | None, tuple[int, ...] | None]:
-    if not value_info.type.HasField("tensor_type"):
-        return None, None
-    tt = value_info.type.tensor_type
-    dtype = np_dtype(tt.elem_type) if tt.elem_type else None
-    shape = None
-    if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-        shape = tuple(d.dim_value for d in tt.shape.dim)
-    return dtype, shape
