@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from q4c.config import CompileOptions
@@ -15,10 +15,12 @@ logger = logging.getLogger(__name__)
 
 
 def smallest_meeting(items: list[list[Option]], cap: int, capped: bool, uniform: tuple[int, ...] | None,
-                      measure: Callable[..., dict[str, Any]], count: int, options: CompileOptions) -> tuple[Solution, dict]:
+                     measure: Callable[..., dict[str, Any]], held: Sequence[int],
+                     options: CompileOptions) -> tuple[Solution, dict]:
     """--require on the system's outputs: the smallest knapsack plan (bisection over the byte
-    budget up to `cap`) whose measured figures on the held-out driver samples (the last quarter,
-    never scored) meet every requirement; uniform 4-bit is tried too. RequirementError if none."""
+    budget up to `cap`) whose measured figures on the `held` driver samples (held out, never
+    scored, unless there were too few to hold any out) meet every requirement; uniform 4-bit is
+    tried too. RequirementError if none."""
     from q4c.requirements import (
         RequirementError,
         check_all,
@@ -27,9 +29,7 @@ def smallest_meeting(items: list[list[Option]], cap: int, capped: bool, uniform:
     )
 
     reqs = [parse_requirement(t) for t in options.requirements]
-    held = list(range(count - max(1, count // 4), count)) if count >= 2 else list(range(count))
-    if count < 2:
-        logger.warning("--require: a single driver sample; the requirement is judged on it, not on held-out data")
+    held = list(held)
     tried: dict[tuple[int, ...], tuple[int, dict[str, Any], bool, list[str]]] = {}
 
     def evaluate(choice: tuple[int, ...]) -> tuple[int, dict[str, Any], bool, list[str]]:
