@@ -127,6 +127,9 @@ class CompileOptions:
     scoring: str = "auto"
     #: --require quality requirements, e.g. "flips<=0.5%" (see q4c.requirements)
     requirements: tuple[str, ...] = ()
+    #: --latency-budget: "0.6" (x the FP32 model's time on the sample input) or "12ms"; the
+    #: choose-forms pass then picks bits x form per layer under both budgets (q4c.latency)
+    latency_budget: str | None = None
 
     @property
     def resolved_workers(self) -> int:
@@ -198,6 +201,16 @@ class CompileOptions:
                     raise ConfigError(f"--require: {e}") from None
             if self.bits is not None or self.plan_path is not None:
                 raise ConfigError("--require chooses the plan; it excludes --bits and --plan")
+        if self.latency_budget is not None:
+            from q4c.latency.planner import latency_budget_seconds
+
+            try:
+                latency_budget_seconds(self.latency_budget, 1.0)
+            except ValueError:
+                raise ConfigError(f"--latency-budget must be a positive ratio to FP32 (0.6) or milliseconds (12ms), "
+                                  f"not {self.latency_budget!r}") from None
+            if self.plan_path is not None or self.target is not Target.ORT_CPU:
+                raise ConfigError("--latency-budget plans forms for --target ort-cpu; it excludes --plan")
         if self.scoring not in SCORING_MODES:
             raise ConfigError(f"--scoring must be one of {', '.join(SCORING_MODES)}, not {self.scoring!r}")
         if self.calib_samples < 1:

@@ -85,6 +85,11 @@ from q4c.graph import check_writable, write_text
                    "Runtime folds to FP32 when the session loads (same file size, smaller blocks, so more accurate; "
                    "FP32 memory and speed); 'auto' builds both, times them on the sample input and keeps the faster "
                    "(once per machine, model and input shape: cached in ~/.cache/q4c/kernels.json).")
+@click.option("--latency-budget", "latency_budget", default=None, metavar="X|Nms",
+              help="ort-cpu: also plan for speed. X times the FP32 model's time on the sample input (0.6), or "
+                   "milliseconds (12ms): each layer's bits and form (MatMulNBits, INT8 dynamic, Scan, "
+                   "DynamicQuantizeLSTM, FP32 at load) are chosen for the least measured damage within the byte "
+                   "budget and the predicted time; forms are timed on this machine (cached in ~/.cache/q4c/costs/).")
 @click.option("--passes", "passes", default=None, metavar="LIST",
               help="Comma-separated passes. Bare names replace the pipeline ('--passes fold-constants'); "
                    "'default' is the default pipeline; '+name'/'-name' add/drop; 'module:Class' loads a pass. "
@@ -141,7 +146,8 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, strict: bool,
                 allow_nonfinite: bool, as_json: bool, objective: tuple[str, ...] = (), scoring: str = "auto",
-                schemes: str | None = None, require: tuple[str, ...] = (), system: Path | None = None) -> None:
+                schemes: str | None = None, require: tuple[str, ...] = (), system: Path | None = None,
+                latency_budget: str | None = None) -> None:
     """Compile MODEL (FP32 ONNX, opset >= 11) into a low-bit ONNX model (or --system SPEC: several).
 
     \b
@@ -181,6 +187,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         scoring=scoring,
         schemes=_parse_schemes(schemes),
         requirements=_parse_requirements(require),
+        latency_budget=latency_budget,
     )
     if system is not None or model is None:
         if system is None or model is not None:
