@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from q4c.passes.assign_precision import AssignPrecisionPass
 from q4c.passes.calibrate import CalibratePass
+from q4c.passes.choose_forms import ChooseFormsPass
 from q4c.passes.choose_kernels import ChooseKernelsPass
 from q4c.passes.dedupe_weights import DedupeWeightsPass
 from q4c.passes.fold_constants import FoldConstantsPass
 from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
 from q4c.passes.insert_qdq import InsertActivationQdqPass
 from q4c.passes.lower_gemm import LowerGemmPass
+from q4c.passes.lower_int8_dynamic import LowerInt8DynamicPass
 from q4c.passes.lower_ort_kernels import LowerOrtKernelsPass
 from q4c.passes.lower_pointwise_conv import LowerPointwiseConvPass
 from q4c.passes.lower_recurrent import LowerRecurrentPass
@@ -29,9 +31,11 @@ BUILTIN_PASSES = {
         CalibratePass,
         MeasureSensitivityPass,
         AssignPrecisionPass,
+        ChooseFormsPass,
         ChooseKernelsPass,
         InsertActivationQdqPass,
         QuantizeWeightsPass,
+        LowerInt8DynamicPass,
         LowerOrtKernelsPass,
         LowerRecurrentPass,
     )
@@ -50,8 +54,10 @@ DEFAULT_PIPELINE = (
     "dedupe-weights",
     "measure-sensitivity",
     "assign-precision",
+    "choose-forms",
     "choose-kernels",
     "quantize-weights",
+    "lower-int8-dynamic",
     "lower-ort-kernels",
     "lower-recurrent",
 )

@@ -169,4 +169,7 @@ def check_form(name: str, tp: TensorPrecision, slots: list[WeightSlot], target: 
         return f"form 'gather-block-quantized' needs an embedding read by Gather with row blocks (16-256) at {tp.granularity}"
     if tp.form in (Form.SCAN_MATMULNBITS, Form.DYNAMIC_QUANTIZE_LSTM):
         return f"form {tp.form.value!r} is for LSTM/GRU/RNN weights, not {'/'.join(sorted(ops))}"
+    if tp.form is Form.INT8_DYNAMIC and (tp.bits != 8 or tp.granularity != "channel" or tp.scheme in CODEBOOK_SCHEMES
+                                         or any(s.role != "matmul_b" or len(s.tensor.shape) != 2 for s in slots)):
+        return "form 'int8-dynamic' takes 2-D MatMul B weights planned at 8 bits per channel"
     return None

@@ -22,6 +22,8 @@ from q4c.errors import ConfigError
 
 #: Table size: bytes columns x latency columns (and one int8 pick per cell per item).
 BYTE_COLUMNS, LATENCY_COLUMNS = 2000, 250
+#: Finer tables tried in turn when rounding costs up to whole units loses every plan that fits.
+GRIDS = ((BYTE_COLUMNS, LATENCY_COLUMNS), (2000, 1000), (1000, 4000))
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def _dp(items: list[list[Option2]], bu: float, lu: float, cb: int, cl: int,
     picks = []
     for opts in items:
         new = np.full_like(best, np.inf)
-        pick = np.full(best.shape, -1, dtype=np.int16)
+        pick = np.full(best.shape, -1, dtype=np.int8)
         for k, o in enumerate(opts):
             wb, wl = rounding(o.nbytes / bu), rounding(o.latency / lu)
             if wb > cb or wl > cl:
@@ -120,22 +122,22 @@ def solve2(items: Sequence[Sequence[Option2]], byte_budget: int, latency_budget:
         raise ConfigError(f"latency budget {latency_budget:.4g} is below the fastest possible {least_latency:.4g}")
     kept = [_pareto(opts) for opts in items]
     reduced = [[opts[k] for k in ks] for opts, ks in zip(items, kept, strict=True)]
-    bu = byte_unit or max(1.0, byte_budget / BYTE_COLUMNS)
-    lu = latency_unit or max(latency_budget / LATENCY_COLUMNS, 1e-12)
-    cb, cl = int(byte_budget / bu + 1e-9), int(latency_budget / lu + 1e-9)
-    _, up = _dp(reduced, bu, lu, cb, cl, _up)
-    lower, down = _dp(reduced, bu, lu, cb, cl, _down)
-    if down is None:  # the relaxation has no solution: neither has the true problem
-        raise ConfigError(f"no choice fits both {byte_budget} bytes and latency {latency_budget:.4g}")
-    if up is None:  # rounding up lost every plan; the relaxation's plan may still fit in true costs
-        up = down
-    choice = tuple(ks[k] for ks, k in zip(kept, up, strict=True))
-    plan = _plan(items, choice, lower, bu, lu)
-    if plan.nbytes > byte_budget or plan.latency > latency_budget * (1 + 1e-12):
-        raise ConfigError(f"no choice found within {byte_budget} bytes and latency {latency_budget:.4g} "
-                          f"at this resolution (the best relaxed plan needs {plan.nbytes} bytes, "
-                          f"latency {plan.latency:.4g})")
-    return plan
+    grids = [(byte_unit, latency_unit)] if byte_unit or latency_unit else [
+        (max(1.0, byte_budget / cb), max(latency_budget / cl, 1e-12)) for cb, cl in GRIDS]
+    plan = None
+    for bu, lu in grids:
+        bu, lu = bu or max(1.0, byte_budget / BYTE_COLUMNS), lu or max(latency_budget / LATENCY_COLUMNS, 1e-12)
+        cb, cl = int(byte_budget / bu + 1e-9), int(latency_budget / lu + 1e-9)
+        _, up = _dp(reduced, bu, lu, cb, cl, _up)
+        lower, down = _dp(reduced, bu, lu, cb, cl, _down)
+        if down is None:  # the relaxation has no solution: neither has the true problem
+            raise ConfigError(f"no choice fits both {byte_budget} bytes and latency {latency_budget:.4g}")
+        choice = tuple(ks[k] for ks, k in zip(kept, up or down, strict=True))
+        plan = _plan(items, choice, lower, bu, lu)
+        if plan.nbytes <= byte_budget and plan.latency <= latency_budget * (1 + 1e-12):
+            return plan  # rounding up lost nothing needed, or the relaxation's plan fits in true costs
+    raise ConfigError(f"no choice found within {byte_budget} bytes and latency {latency_budget:.4g} at the finest "
+                      f"resolution (the best relaxed plan needs {plan.nbytes} bytes, latency {plan.latency:.4g})")
 
 
 def _plan(items: Sequence[Sequence[Option2]], choice: tuple[int, ...], lower: float, bu: float, lu: float) -> Plan2:

@@ -80,6 +80,9 @@ class Form(enum.StrEnum):
     DYNAMIC_QUANTIZE_LSTM = "dynamic-quantize-lstm"
     #: uint8 activations with int8 per-channel weights in a QDQ group ORT fuses (--activations int8)
     INT8_ACTIVATIONS = "int8-activations"
+    #: com.microsoft DynamicQuantizeMatMul: int8 per-channel [K, N] MatMul weights, activations
+    #: quantized on the fly (passes/lower_int8_dynamic.py; chosen by --latency-budget)
+    INT8_DYNAMIC = "int8-dynamic"
 
 
 #: forms of LSTM/GRU/RNN layers

@@ -1,0 +1,153 @@
+"""Re-plan bits x lowering form per layer under the byte budget AND a latency budget (an analysis).
+
+Runs after assign-precision (which chose bits under the byte budget alone) and before
+choose-kernels (which keeps forms already in the plan). With `--latency-budget X` (X times the
+FP32 model's time, or `Nms`), it measures each plannable layer's forms on the shape the sample
+input calls it with (q4c.latency.costs, cached per machine and ONNX Runtime version), times the
+FP32 model once, and solves the two-resource knapsack of q4c.latency.planner; every weight then
+gets the candidate and form of that solution, basis `latency`. Without a latency budget it does
+nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import onnx_graphsurgeon as gs
+
+from q4c import graph as g
+from q4c import ort as q4ort
+from q4c.config import Target
+from q4c.errors import ConfigError, PreconditionError
+from q4c.latency.costs import costs
+from q4c.latency.forms import Form as LatencyForm
+from q4c.latency.layers import find_layers
+from q4c.latency.planner import (
+    LatencyPlan,
+    latency_budget_seconds,
+    plan_latency,
+    variants,
+)
+from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.quant.plan import FLOAT, Form, FormBasis, PrecisionPlan, TensorPrecision
+from q4c.timing import interleaved
+
+logger = logging.getLogger(__name__)
+
+#: Wall-clock cap for timing the FP32 model (at least 5 runs).
+FP32_TIMING_SECONDS = 2.0
+
+
+def plan_form(form: LatencyForm) -> Form:
+    """The plan's Form of a planner form (same string values); ConfigError if the plan has none."""
+    try:
+        return Form(form.value)
+    except ValueError:
+        raise ConfigError(f"--latency-budget: form {form.value!r} has no lowering in this q4c") from None
+
+
+def lowerable_forms() -> frozenset[LatencyForm]:
+    """Planner forms the plan (and so the materialising passes) can express."""
+    values = {f.value for f in Form}
+    return frozenset(f for f in LatencyForm if f.value in values)
+
+
+class ChooseFormsPass(Pass):
+    """With a latency budget: bits x form per layer, least damage under bytes and predicted time.
+
+    Requires: ctx.plan, ctx.sensitivity (measure-sensitivity), an input sample.
+    Ensures: every planned layer's weights carry a form with basis `latency`.
+    Stats: planned_layers, one count per chosen form, measured_costs, cached_costs.
+    """
+
+    name = "choose-forms"
+
+    def __init__(self, latency_budget: str | None = None) -> None:
+        self.latency_budget = latency_budget
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        budget = self.latency_budget or getattr(ctx.options, "latency_budget", None)
+        if budget is None or ctx.options.target is not Target.ORT_CPU:
+            return PassResult(False)
+        plan = ctx.require_plan()
+        table = ctx.sensitivity
+        if table is None or not table.candidates:
+            raise PreconditionError("--latency-budget needs the sensitivity measurement; run 'measure-sensitivity'")
+        if not ctx.samples:
+            raise PreconditionError("--latency-budget needs an input sample shaped like the deployment; pass --calib")
+        names = [n for n in table.candidates if n in plan.tensors]
+        tied = {n for group in plan.defaults.get("tied", []) for n in group}
+        allowed = lowerable_forms()
+        layers = [layer for layer in find_layers(graph, ctx.samples[0])
+                  if all(w in names and w not in tied for w in layer.weights)]
+        in_layers = {w for layer in layers for w in layer.weights}
+        candidates = {n: list(table.candidates[n]) for n in names}
+        if plan.defaults.get("mode") == "uniform":  # --bits: only the form is free
+            candidates = {n: [c for c in cs if c.key == _key(plan.tensors[n])] or cs for n, cs in candidates.items()}
+        wanted: dict = defaultdict(set)
+        for layer in layers:
+            wanted[layer.shape] |= {v for v in variants(layer, candidates) if v[0] in allowed}
+        cost_table = costs(wanted)
+        fp32_s = _fp32_seconds(graph, ctx)
+        seconds = latency_budget_seconds(str(budget), fp32_s)
+        byte_budget = _byte_budget(plan, candidates)
+        shapes = {n: tuple(int(d) for d in table.slots[n].tensor.shape) for n in names}
+        lp = plan_latency(layers, [n for n in names if n not in in_layers], candidates, table.scores, cost_table,
+                          shapes, byte_budget=byte_budget, fp32_s=fp32_s, budget_s=seconds, forms=allowed)
+        if not lp.met:
+            ctx.warn(f"--latency-budget {budget}: no plan within {byte_budget} bytes is predicted to run in "
+                     f"{1e3 * seconds:.3f} ms; kept the fastest, predicted {1e3 * lp.predicted_s:.3f} ms "
+                     f"({lp.predicted_s / fp32_s:.2f}x FP32)")
+        stats = _write(plan, lp, candidates)
+        plan.defaults["latency"] = {**lp.report(), "budget": str(budget), "costs": cost_table.report()}
+        stats.update(planned_layers=len(layers), measured_costs=cost_table.measured, cached_costs=cost_table.cached)
+        logger.info("choose-forms: predicted %.3f ms (%.3fx FP32 %.3f ms), budget %.3f ms, %d bytes",
+                    1e3 * lp.predicted_s, lp.predicted_s / fp32_s, 1e3 * fp32_s, 1e3 * seconds, lp.nbytes)
+        return PassResult(False, {k: v for k, v in stats.items() if v})
+
+
+def _key(tp: TensorPrecision) -> str:
+    from q4c.quant.candidates import scheme_key
+
+    return scheme_key(tp.bits, tp.scheme)
+
+
+def _byte_budget(plan: PrecisionPlan, candidates: dict) -> int:
+    """The byte budget assign-precision planned under; a uniform plan's own bytes for --bits."""
+    budget = plan.defaults.get("budget_bytes")
+    if isinstance(budget, int):
+        return budget
+    total = 0
+    for name, cands in candidates.items():
+        key = _key(plan.tensors[name])
+        total += next((c.nbytes for c in cands if c.key == key), max(c.nbytes for c in cands))
+    return total
+
+
+def _fp32_seconds(graph: gs.Graph, ctx: PassContext) -> float:
+    model = g.export_model(graph.copy())
+    session = q4ort.make_session(model, threads=1, config={})
+    feeds = ctx.samples[0]
+    timing = interleaved({"fp32": lambda: q4ort.run(session, feeds)}, rounds=25, min_rounds=5,
+                         max_seconds=FP32_TIMING_SECONDS)
+    return timing.median("fp32")
+
+
+def _write(plan: PrecisionPlan, lp: LatencyPlan, candidates: dict) -> dict[str, int]:
+    stats: dict[str, int] = defaultdict(int)
+    for name, key in lp.keys.items():
+        cand = next(c for c in candidates[name] if c.key == key)
+        form = lp.forms.get(name)
+        if cand.bits == FLOAT or form is None:
+            plan.tensors[name] = TensorPrecision(FLOAT, cand.granularity) if cand.bits == FLOAT else \
+                TensorPrecision(cand.bits, cand.granularity, cand.scheme)
+            continue
+        granularity = "channel" if form is LatencyForm.INT8_DYNAMIC else cand.granularity
+        plan.tensors[name] = TensorPrecision(cand.bits, granularity, cand.scheme, form=plan_form(form),
+                                             chosen_for=FormBasis.LATENCY)
+        stats[form.value] += 1
+    return dict(stats)
+
+
+__all__ = ["ChooseFormsPass", "lowerable_forms", "plan_form"]

@@ -1,0 +1,187 @@
+"""Choose bits x form per layer under a byte budget and a latency budget, least measured damage.
+
+Items of the two-resource knapsack (q4c.latency.mckp):
+- every plannable layer (q4c.latency.layers): one option per (candidate of its weights, form
+  that can run it); LSTM/GRU W and R take the same candidate key. Latency = the measured cost of
+  that form at that width on the layer's shape (q4c.latency.costs); bytes and damage = the
+  candidates' (damage summed over the layer's weights, from the sensitivity table).
+- every other quantizable weight (Conv, Gather, tied tables, weights inside subgraphs): its
+  candidates, at no latency (they run as they would without a latency budget).
+
+Predicted model latency = FP32 model time - sum of the planned layers' FP32 costs + sum of their
+chosen costs (the rest of the graph is taken to run as in FP32). The latency budget applies to
+that prediction.
+
+Modelling limits, said as they are: a form's extra error is not scored (MatMulNBits at accuracy
+level 4 and DynamicQuantizeMatMul quantize activations to int8 on the fly, ~0.5 % relative
+error; the INT8 dynamic form re-uses the 8-bit block-wise candidate's score and counts per-channel
+bytes); FP32-at-load weights are counted at the candidate's bytes (their scales are float16 in
+the file, a few bytes fewer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from q4c.config import CODEBOOK_SCHEMES
+from q4c.latency.costs import CostTable
+from q4c.latency.forms import FORMS, Form, LayerKind, allows, timed_bits
+from q4c.latency.layers import Layer
+from q4c.latency.mckp import Option2, Plan2, solve2
+from q4c.quant.candidates import Candidate
+from q4c.quant.plan import FLOAT
+
+#: When no plan meets the latency budget: the least-damage plan within this factor of the fastest
+#: (exactly the fastest would leave no room for the DP's rounding of latencies up to whole units).
+FASTEST_SLACK = 1.02
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One option of a knapsack item: a candidate per weight and the layer's form (None: not a layer)."""
+
+    keys: tuple[str, ...]
+    form: Form | None
+    option: Option2
+
+
+@dataclass
+class LatencyPlan:
+    """The chosen candidate key and form per weight tensor, and what the planner predicted."""
+
+    keys: dict[str, str] = field(default_factory=dict)
+    forms: dict[str, Form] = field(default_factory=dict)
+    predicted_s: float = 0.0
+    fp32_s: float = 0.0
+    budget_s: float = 0.0
+    nbytes: int = 0
+    byte_budget: int = 0
+    damage: float = 0.0
+    gap: float = 0.0
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    #: False: no plan within the byte budget is predicted to meet the latency budget; this is the
+    #: fastest one (least damage among the fastest)
+    met: bool = True
+
+    def report(self) -> dict[str, Any]:
+        return {"predicted_ms": round(1e3 * self.predicted_s, 4), "fp32_ms": round(1e3 * self.fp32_s, 4),
+                "budget_ms": round(1e3 * self.budget_s, 4),
+                "predicted_ratio": round(self.predicted_s / self.fp32_s, 4) if self.fp32_s > 0 else None,
+                "bytes": self.nbytes, "byte_budget": self.byte_budget, "predicted_damage": self.damage,
+                "optimality_gap": self.gap, "budget_met": self.met, "layers": self.layers}
+
+
+def _uniform(c: Candidate) -> bool:
+    return c.scheme not in CODEBOOK_SCHEMES
+
+
+def _form_ok(form: Form, kind: LayerKind, cands: Sequence[Candidate]) -> bool:
+    bits = cands[0].bits
+    if not allows(form, bits):
+        return False
+    if form is Form.FP32_AT_LOAD:
+        return True
+    if not all(_uniform(c) for c in cands):
+        return False  # kernels read scale x integer codes, not codebook indices
+    return form is not Form.DYNAMIC_QUANTIZE_LSTM or kind is LayerKind.LSTM
+
+
+def _int8_channel_bytes(cand: Candidate, shape: tuple[int, ...]) -> int:
+    k, n = shape
+    return k * n + 4 * n  # int8 codes + float32 scale per output channel
+
+
+def variants(layer: Layer, candidates: Mapping[str, Sequence[Candidate]]) -> list[tuple[Form, int]]:
+    """The (form, timed bits) a layer's options need costs for."""
+    out = {(Form.FP32_AT_LOAD, FLOAT)}
+    first = candidates[layer.weights[0]]
+    for c in first:
+        for form in FORMS[layer.shape.kind]:
+            if _form_ok(form, layer.shape.kind, [c]):
+                out.add((form, timed_bits(form, c.bits)))
+    return sorted(out, key=lambda v: (v[0].value, v[1]))
+
+
+def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], scores: Mapping[str, Mapping[str, float]],
+                costs: CostTable, weight_shapes: Mapping[str, tuple[int, ...]],
+                forms: frozenset[Form] | None = None) -> list[Pick]:
+    """Every (candidate key shared by the layer's weights, form) option of one layer (`forms`:
+    the forms allowed, None = all)."""
+    per_weight = [{c.key: c for c in candidates[w]} for w in layer.weights]
+    keys = [k for k in per_weight[0] if all(k in pw for pw in per_weight[1:])]
+    picks = []
+    for key in keys:
+        cands = [pw[key] for pw in per_weight]
+        damage = sum(max(scores[w].get(key, 0.0), 0.0) for w in layer.weights)
+        if cands[0].bits == FLOAT:
+            latency = costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT)
+            picks.append(Pick((key,) * len(cands), None, Option2(sum(c.nbytes for c in cands), latency, damage)))
+            continue
+        for form in FORMS[layer.shape.kind]:
+            if not _form_ok(form, layer.shape.kind, cands) or (forms is not None and form not in forms):
+                continue
+            nbytes = sum(c.nbytes for c in cands)
+            if form is Form.INT8_DYNAMIC:
+                nbytes = sum(_int8_channel_bytes(c, weight_shapes[w]) for c, w in zip(cands, layer.weights, strict=True))
+            latency = costs.cost(layer.shape, form, cands[0].bits)
+            picks.append(Pick((key,) * len(cands), form, Option2(nbytes, latency, damage)))
+    return picks
+
+
+def plan_latency(layers: Iterable[Layer], others: Iterable[str], candidates: Mapping[str, Sequence[Candidate]],
+                 scores: Mapping[str, Mapping[str, float]], costs: CostTable, weight_shapes: Mapping[str, tuple[int, ...]],
+                 *, byte_budget: int, fp32_s: float, budget_s: float, forms: frozenset[Form] | None = None) -> LatencyPlan:
+    """Least summed damage with bytes <= byte_budget and predicted model time <= budget_s (`forms`:
+    the forms layers may take, None = all)."""
+    layers = list(layers)
+    items: list[list[Pick]] = [layer_picks(layer, candidates, scores, costs, weight_shapes, forms) for layer in layers]
+    others = list(others)
+    for name in others:
+        items.append([Pick((c.key,), None, Option2(c.nbytes, 0.0, max(scores[name].get(c.key, 0.0), 0.0)))
+                      for c in candidates[name]])
+    fp32_layers = sum(costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT) for layer in layers)
+    rest = max(fp32_s - fp32_layers, 0.0)
+    options = [[p.option for p in picks] for picks in items]
+    fastest = fastest_latency(options, byte_budget)
+    met = fastest <= budget_s - rest
+    solved: Plan2 = solve2(options, byte_budget, max(budget_s - rest, 0.0) if met else fastest * FASTEST_SLACK)
+    out = LatencyPlan(met=met, fp32_s=fp32_s, budget_s=budget_s, byte_budget=byte_budget, nbytes=solved.nbytes,
+                      damage=solved.damage, gap=solved.gap, predicted_s=rest + solved.latency)
+    for i, (picks, k) in enumerate(zip(items, solved.choice, strict=True)):
+        pick = picks[k]
+        names = layers[i].weights if i < len(layers) else (others[i - len(layers)],)
+        for name, key in zip(names, pick.keys, strict=True):
+            out.keys[name] = key
+            if pick.form is not None:
+                out.forms[name] = pick.form
+        if i < len(layers):
+            fp32 = costs.cost(layers[i].shape, Form.FP32_AT_LOAD, FLOAT)
+            out.layers.append({"node": layers[i].node, "shape": layers[i].shape.label(), "key": pick.keys[0],
+                               "form": pick.form.value if pick.form else "float", "us": round(1e6 * pick.option.latency, 2),
+                               "fp32_us": round(1e6 * fp32, 2), "bytes": pick.option.nbytes,
+                               "damage": pick.option.damage})
+    return out
+
+
+def fastest_latency(options: Sequence[Sequence[Option2]], byte_budget: int) -> float:
+    """Least summed latency of one option per item within the byte budget (the latency as the
+    knapsack's damage: same exact DP, latency budget unbounded)."""
+    swapped = [[Option2(o.nbytes, 0.0, o.latency) for o in opts] for opts in options]
+    return solve2(swapped, byte_budget, 1.0).damage
+
+
+def latency_budget_seconds(budget: str, fp32_s: float) -> float:
+    """'0.6' (x FP32) or '12ms' -> seconds."""
+    text = budget.strip().lower()
+    if text.endswith("ms"):
+        return float(text[:-2]) / 1e3
+    value = float(text.rstrip("x"))
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"latency budget must be positive, not {budget!r}")
+    return value * fp32_s
+
+
+__all__ = ["LatencyPlan", "Pick", "fastest_latency", "latency_budget_seconds", "layer_picks", "plan_latency", "variants"]
