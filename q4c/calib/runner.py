@@ -81,6 +81,50 @@ def collect(
     pairs = resolve_state_pairs(model, samples, state_pairs)
     specs = input_specs(model)
     fingerprint = g.fingerprint(model)  # before the session exists: one model copy at a time
+    graph_names, probe_names, use_probes = _selection(model, tensors, probes)
+    session = _session(model, graph_names, threads)
+    fetch = list(dict.fromkeys([o.name for o in session.get_outputs()]))
+    # fetched as long as their dtype is unknown; after the first call, only float tensors and state
+    keep = {o.name for o in model.graph.output} | set(pairs)
+    interp = None
+    if use_probes:
+        from q4c.interp import Interpreter
+
+        interp = Interpreter(model)
+    seen = _Observations(observer, bins, percentile, strict=set(graph_names) if tensors is not None else set())
+    graph_set, probe_set = set(graph_names), set(probe_names)
+    reader = samples if isinstance(samples, CalibrationReader) else SamplesReader(samples)
+    total = len(reader) if hasattr(reader, "__len__") else None  # type: ignore[arg-type]
+    n_samples = n_calls = 0
+    for index, sample in enumerate(reader):
+        where = source_of(sample, f"sample {index}")
+        for outputs, step_feeds in run_sequence(session, fetch, as_sequence(sample, specs, pairs, where), pairs, where):
+            for name, value in [*step_feeds.items(), *outputs.items()]:
+                if name in graph_set:
+                    seen.observe(name, value, "ort")
+            if n_calls == 0:
+                fetch[:] = [n for n in fetch if n in keep or _is_float(outputs[n])]
+            if interp is not None and (probe_calls is None or n_calls < probe_calls):
+                for key, value in interp.run(step_feeds, probes=True).items():
+                    if "::" in key and (tensors is None or key in probe_set):
+                        seen.observe(key, value, "probe")
+            n_calls += 1
+        n_samples += 1
+        if progress is not None:
+            progress(n_samples, total)
+    if n_samples == 0:
+        raise DataError("no calibration samples: the data or reader yielded nothing")
+    table = CalibrationTable(observer=observer, samples=n_samples, calls=n_calls, state_pairs=dict(pairs),
+                             model=fingerprint)
+    seen.fill(table, set(pairs.values()))
+    logger.debug("calibrated %d tensors over %d samples (%d calls), observer %s", len(table.tensors),
+                 n_samples, n_calls, observer)
+    return table
+
+
+def _selection(model: onnx.ModelProto, tensors: Iterable[str] | None, probes: bool | None
+               ) -> tuple[list[str], list[str], bool]:
+    """(graph tensors to fetch, interpreter probes to keep, whether to run the interpreter)."""
     available = dynamic_tensors(model)
     wanted = list(available) if tensors is None else list(dict.fromkeys(tensors))
     probe_names = [n for n in wanted if "::" in n]
@@ -91,65 +135,33 @@ def collect(
                         f"the inputs")
     has_rnn = any(n.op_type in _RNN_OPS for n in model.graph.node)
     use_probes = has_rnn and (tensors is None or bool(probe_names)) if probes is None else probes
-    session = _session(model, graph_names, threads)
-    fetch = list(dict.fromkeys([o.name for o in session.get_outputs()]))
-    # fetched as long as their dtype is unknown; after the first call, only float tensors and state
-    keep = {o.name for o in model.graph.output} | set(pairs)
-    interp = None
-    if use_probes:
-        from q4c.interp import Interpreter
+    return graph_names, probe_names, use_probes
 
-        interp = Interpreter(model)
 
-    observers: dict[str, MinMaxObserver] = {}
-    sources: dict[str, str] = {}
+class _Observations:
+    """One observer per float tensor seen (created on first sight) and the engine that saw it;
+    a non-float tensor in `strict` (asked for by name) is an error, others are skipped."""
 
-    def observe(name: str, value: np.ndarray, source: str) -> None:
+    def __init__(self, kind: str, bins: int, percentile: float, strict: set[str]) -> None:
+        self.kind, self.bins, self.percentile, self.strict = kind, bins, percentile, strict
+        self.observers: dict[str, MinMaxObserver] = {}
+        self.sources: dict[str, str] = {}
+
+    def observe(self, name: str, value: np.ndarray, source: str) -> None:
         if not _is_float(value):
-            if tensors is not None and name in graph_set:
+            if name in self.strict:
                 raise DataError(f"cannot observe {name!r}: a {value.dtype} tensor, not a float one")
             return
-        if name not in observers:
-            observers[name] = make_observer(observer, bins=bins, percentile=percentile)
-            sources[name] = source
-        observers[name].update(value)
+        if name not in self.observers:
+            self.observers[name] = make_observer(self.kind, bins=self.bins, percentile=self.percentile)
+            self.sources[name] = source
+        self.observers[name].update(value)
 
-    graph_set = set(graph_names)
-    probe_set = set(probe_names)
-    reader = samples if isinstance(samples, CalibrationReader) else SamplesReader(samples)
-    total = len(reader) if hasattr(reader, "__len__") else None  # type: ignore[arg-type]
-    n_samples = n_calls = 0
-    for index, sample in enumerate(reader):
-        where = source_of(sample, f"sample {index}")
-        for outputs, step_feeds in run_sequence(session, fetch, as_sequence(sample, specs, pairs, where), pairs, where):
-            for name, value in step_feeds.items():
-                if name in graph_set:
-                    observe(name, value, "ort")
-            for name, value in outputs.items():
-                if name in graph_set:
-                    observe(name, value, "ort")
-            if n_calls == 0:
-                fetch[:] = [n for n in fetch if n in keep or _is_float(outputs[n])]
-            if interp is not None and (probe_calls is None or n_calls < probe_calls):
-                for key, value in interp.run(step_feeds, probes=True).items():
-                    if "::" in key and (tensors is None or key in probe_set):
-                        observe(key, value, "probe")
-            n_calls += 1
-        n_samples += 1
-        if progress is not None:
-            progress(n_samples, total)
-    if n_samples == 0:
-        raise DataError("no calibration samples: the data or reader yielded nothing")
-    state_inputs = set(pairs.values())
-    table = CalibrationTable(observer=observer, samples=n_samples, calls=n_calls, state_pairs=dict(pairs),
-                             model=fingerprint)
-    for name, obs in observers.items():
-        lo, hi = obs.range()
-        table.tensors[name] = TensorStats(obs.min, obs.max, obs.mean, obs.std, obs.count, lo, hi,
-                                          sources[name], name in state_inputs)
-    logger.debug("calibrated %d tensors over %d samples (%d calls), observer %s", len(table.tensors),
-                 n_samples, n_calls, observer)
-    return table
+    def fill(self, table: CalibrationTable, state_inputs: set[str]) -> None:
+        for name, obs in self.observers.items():
+            lo, hi = obs.range()
+            table.tensors[name] = TensorStats(obs.min, obs.max, obs.mean, obs.std, obs.count, lo, hi,
+                                              self.sources[name], name in state_inputs)
 
 
 def run_sequence(session: ort.InferenceSession, fetch: list[str], steps: list[Feeds], pairs: Mapping[str, str],
