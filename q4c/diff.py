@@ -119,13 +119,7 @@ def diff_models(
     output_names = [o.name for o in reference.graph.output]
     acoustic = all(np.issubdtype(s.dtype, np.floating) for s in input_specs(reference))
 
-    use_interp = tensors or run_reference is None or run_other is None
-    if use_interp:  # the interpreter trusts shapes; a graph that contradicts them is refused in one line
-        from q4c.verify import refuse_inconsistent_model
-
-        refuse_inconsistent_model(reference)
-        refuse_inconsistent_model(other)
-    interp_ref, interp_other = (Interpreter(reference), Interpreter(other)) if use_interp else (None, None)
+    interp_ref, interp_other = _interpreters(reference, other, tensors or run_reference is None or run_other is None)
     keep = True if tensors else None
 
     out_stats = {name: ErrorStats() for name in output_names}
@@ -158,15 +152,8 @@ def diff_models(
             _update_tensors(order, full_ref, full_other, tensor_stats, tensor_shapes, skipped if index == 0 else None)
             _update_steps(reference, full_ref, full_other, step_stats)
 
-    outputs = {}
-    for name in output_names:
-        entry: dict[str, Any] = {"kind": _probability_kind(out_refs[name]), **out_stats[name].metrics()}
-        if entry["kind"] != "other":
-            entry["kl"] = _kl(out_refs[name], out_others[name], entry["kind"])
-            entry["argmax_agreement"] = _argmax_agreement(out_refs[name], out_others[name])
-            if entry["kind"] == "log_prob" and acoustic and all(a.ndim == 3 for a in out_refs[name]):
-                entry["ctc"] = _ctc_agreement(out_refs[name], out_others[name])
-        outputs[name] = entry
+    outputs = {name: _output_entry(out_stats[name], out_refs[name], out_others[name], acoustic)
+               for name in output_names}
     doc: dict[str, Any] = {"schema": SCHEMA, "samples": len(samples), "outputs": outputs}
     if tensors:
         rows = [{"name": n, "op": producers[n], "shape": tensor_shapes[n], **tensor_stats[n].metrics()}
@@ -177,6 +164,30 @@ def diff_models(
         doc["tensors_skipped"] = {**skipped, "only_in_other": _only_in_other(other, set(order))}
         doc["recurrent"] = {node: s.summary() for node, s in step_stats.items()}
     return doc
+
+
+def _output_entry(stats: ErrorStats, refs: list[np.ndarray], others: list[np.ndarray], acoustic: bool) -> dict[str, Any]:
+    """One output's row: error statistics, and for probability-like outputs KL, argmax agreement
+    and (log-probabilities over [T, B, V] of an acoustic model) greedy CTC agreement."""
+    entry: dict[str, Any] = {"kind": _probability_kind(refs), **stats.metrics()}
+    if entry["kind"] != "other":
+        entry["kl"] = _kl(refs, others, entry["kind"])
+        entry["argmax_agreement"] = _argmax_agreement(refs, others)
+        if entry["kind"] == "log_prob" and acoustic and all(a.ndim == 3 for a in refs):
+            entry["ctc"] = _ctc_agreement(refs, others)
+    return entry
+
+
+def _interpreters(reference: onnx.ModelProto, other: onnx.ModelProto, needed: bool
+                  ) -> tuple[Interpreter, Interpreter] | tuple[None, None]:
+    if not needed:
+        return None, None
+    # the interpreter trusts shapes; a graph that contradicts them is refused in one line
+    from q4c.verify import refuse_inconsistent_model
+
+    refuse_inconsistent_model(reference)
+    refuse_inconsistent_model(other)
+    return Interpreter(reference), Interpreter(other)
 
 
 def below_tolerance(doc: Mapping[str, Any], tolerance_db: float) -> list[str]:
