@@ -12,12 +12,24 @@ import onnx_graphsurgeon as gs
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions
 from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
-from q4c.quant.holdout import PlanKind, damage, pick, plan_metrics, unseen_units, without_codebooks
+from q4c.quant.holdout import (
+    PlanKind,
+    damage,
+    pick,
+    plan_metrics,
+    unseen_units,
+    without_codebooks,
+)
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.sensitivity import SensitivityTable, gptq_eligible, measure
 from q4c.quant.tying import tied_groups
-from q4c.quant.weights import WeightSlot, element_count, find_weight_slots, float32_scales
+from q4c.quant.weights import (
+    WeightSlot,
+    element_count,
+    find_weight_slots,
+    float32_scales,
+)
 from q4c.requirements import RequirementError, check_all, parse_requirement, shortfall
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ resampled with replacement (``flips_upper``); the point figure is reported besid
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class Requirement:
         return max(values) if _LOWER[self.metric] else min(values)
 
     def met(self, figure: float | None) -> bool:
-        if figure is None or figure != figure:  # nan
+        if figure is None or math.isnan(figure):
             return False
         return {"<=": figure <= self.value, "<": figure < self.value,
                 ">=": figure >= self.value, ">": figure > self.value}[self.op]
@@ -140,7 +141,7 @@ def shortfall(requirements: list[Requirement], metrics: Mapping[str, Mapping[str
     total = 0.0
     for r in requirements:
         f = r.figure(metrics)
-        if f is None or f != f:
+        if f is None or math.isnan(f):
             total += 1e9
         elif not r.met(f):
             if r.metric == "sqnr":

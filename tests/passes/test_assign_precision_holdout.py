@@ -59,7 +59,7 @@ def test_a_codebook_plan_that_overfits_its_fit_samples_is_rejected_on_unseen_one
 
 
 def test_with_too_few_samples_the_guard_says_it_judged_on_the_fitted_ones(rng, tmp_path):
-    a, calib = _overfit_setup(rng, tmp_path)
+    _, calib = _overfit_setup(rng, tmp_path)
     for path in sorted(calib.glob("*.npz"))[4:]:
         path.unlink()
     report = q4c.compile_file(tmp_path / "m.onnx", tmp_path / "out.onnx", CompileOptions(), data=calib, verify=False)

@@ -4,9 +4,9 @@
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+from q4c.passes.measure_sensitivity import MeasureSensitivityPass
 
 from q4c.config import CompileOptions
-from q4c.passes.measure_sensitivity import MeasureSensitivityPass
 from q4c.pipeline import PassContext
 from q4c.quant.holdout import plan_metrics
 from q4c.requirements import check_all, parse_requirement, upper_bound
