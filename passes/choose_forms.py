@@ -83,8 +83,9 @@ class ChooseFormsPass(Pass):
                   if all(w in names and w not in tied for w in layer.weights)]
         in_layers = {w for layer in layers for w in layer.weights}
         candidates = {n: list(table.candidates[n]) for n in names}
+        own = {n: [c for c in cs if c.key == _key(plan.tensors[n])] or cs for n, cs in candidates.items()}
         if plan.defaults.get("mode") == "uniform":  # --bits: only the form is free
-            candidates = {n: [c for c in cs if c.key == _key(plan.tensors[n])] or cs for n, cs in candidates.items()}
+            candidates = own
         wanted: dict = defaultdict(set)
         for layer in layers:
             wanted[layer.shape] |= {v for v in variants(layer, candidates) if v[0] in allowed}
@@ -93,15 +94,23 @@ class ChooseFormsPass(Pass):
         seconds = latency_budget_seconds(str(budget), fp32_s)
         byte_budget = _byte_budget(plan, candidates)
         shapes = {n: tuple(int(d) for d in table.slots[n].tensor.shape) for n in names}
-        lp = plan_latency(layers, [n for n in names if n not in in_layers], candidates, table.scores, cost_table,
-                          shapes, byte_budget=byte_budget, fp32_s=fp32_s, budget_s=seconds, forms=allowed)
+        rest = [n for n in names if n not in in_layers]
+        common = {"byte_budget": byte_budget, "fp32_s": fp32_s, "budget_s": seconds, "forms": allowed}
+        # assign-precision's bits (its guard may have preferred them to the knapsack's on held-out
+        # data) with their fastest forms, if that meets the budget; else re-plan bits and forms
+        lp = plan_latency(layers, rest, own, table.scores, cost_table, shapes, fastest=True, **common)
+        kept_bits = lp.met
+        if not kept_bits:
+            lp = plan_latency(layers, rest, candidates, table.scores, cost_table, shapes, **common)
         if not lp.met:
             ctx.warn(f"--latency-budget {budget}: no plan within {byte_budget} bytes is predicted to run in "
                      f"{1e3 * seconds:.3f} ms; kept the fastest, predicted {1e3 * lp.predicted_s:.3f} ms "
                      f"({lp.predicted_s / fp32_s:.2f}x FP32)")
         stats = _write(plan, lp, candidates)
-        plan.defaults["latency"] = {**lp.report(), "budget": str(budget), "costs": cost_table.report()}
-        stats.update(planned_layers=len(layers), measured_costs=cost_table.measured, cached_costs=cost_table.cached)
+        plan.defaults["latency"] = {**lp.report(), "budget": str(budget), "kept_assigned_bits": kept_bits,
+                                    "costs": cost_table.report()}
+        stats.update(planned_layers=len(layers), measured_costs=cost_table.measured, cached_costs=cost_table.cached,
+                     kept_assigned_bits=int(kept_bits))
         logger.info("choose-forms: predicted %.3f ms (%.3fx FP32 %.3f ms), budget %.3f ms, %d bytes",
                     1e3 * lp.predicted_s, lp.predicted_s / fp32_s, 1e3 * fp32_s, 1e3 * seconds, lp.nbytes)
         return PassResult(False, {k: v for k, v in stats.items() if v})

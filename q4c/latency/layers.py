@@ -90,12 +90,12 @@ def find_layers(graph: gs.Graph, feeds: Mapping[str, np.ndarray], like: onnx.Mod
             continue
         if node.op == "MatMul":
             k, n = node.inputs[1].values.shape
-            layers.append(Layer(node.name, weights, LayerShape(LayerKind.MATMUL, int(k), int(n), math.prod(shape[:-1]))))
+            layers.append(Layer(node.name or node.outputs[0].name, weights, LayerShape(LayerKind.MATMUL, int(k), int(n), math.prod(shape[:-1]))))
             continue
         w = node.inputs[1].values  # [nd, gates*H, I]
         hidden = int(node.attrs.get("hidden_size") or node.inputs[2].values.shape[-1])
         steps, batch = (shape[1], shape[0]) if int(node.attrs.get("layout", 0)) else (shape[0], shape[1])
-        layers.append(Layer(node.name, weights, LayerShape(_RECURRENT[node.op], int(w.shape[2]), hidden, int(batch),
+        layers.append(Layer(node.name or node.outputs[0].name, weights, LayerShape(_RECURRENT[node.op], int(w.shape[2]), hidden, int(batch),
                                                            int(steps), int(w.shape[0]))))
     return layers
 

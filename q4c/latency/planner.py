@@ -133,24 +133,40 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
 
 def plan_latency(layers: Iterable[Layer], others: Iterable[str], candidates: Mapping[str, Sequence[Candidate]],
                  scores: Mapping[str, Mapping[str, float]], costs: CostTable, weight_shapes: Mapping[str, tuple[int, ...]],
-                 *, byte_budget: int, fp32_s: float, budget_s: float, forms: frozenset[Form] | None = None) -> LatencyPlan:
+                 *, byte_budget: int, fp32_s: float, budget_s: float, forms: frozenset[Form] | None = None,
+                 fastest: bool = False) -> LatencyPlan:
     """Least summed damage with bytes <= byte_budget and predicted model time <= budget_s (`forms`:
-    the forms layers may take, None = all)."""
-    layers = list(layers)
+    the forms layers may take, None = all). With `fastest`, the least predicted time within the
+    byte budget instead (for candidates fixed per weight: the fastest forms of a given plan);
+    `met` then says whether it is within budget_s."""
+    layers, others = list(layers), list(others)
     items: list[list[Pick]] = [layer_picks(layer, candidates, scores, costs, weight_shapes, forms) for layer in layers]
-    others = list(others)
     for name in others:
         items.append([Pick((c.key,), None, Option2(c.nbytes, 0.0, max(scores[name].get(c.key, 0.0), 0.0)))
                       for c in candidates[name]])
-    fp32_layers = sum(costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT) for layer in layers)
-    rest = max(fp32_s - fp32_layers, 0.0)
+    rest = max(fp32_s - sum(costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT) for layer in layers), 0.0)
     options = [[p.option for p in picks] for picks in items]
-    fastest = fastest_latency(options, byte_budget)
-    met = fastest <= budget_s - rest
-    solved: Plan2 = solve2(options, byte_budget, max(budget_s - rest, 0.0) if met else fastest * FASTEST_SLACK)
+    if fastest:  # latency as the knapsack's damage (ties: less damage), latency budget unbounded
+        top = max((o.damage for opts in options for o in opts), default=0.0) or 1.0
+        swapped = [[Option2(o.nbytes, 0.0, o.latency + 1e-9 * o.damage / top) for o in opts] for opts in options]
+        choice = solve2(swapped, byte_budget, 1.0).choice
+        solved = Plan2(choice, sum(options[i][k].nbytes for i, k in enumerate(choice)),
+                       sum(options[i][k].latency for i, k in enumerate(choice)),
+                       sum(options[i][k].damage for i, k in enumerate(choice)), 0.0, 1.0, 1.0)
+        met = rest + solved.latency <= budget_s
+    else:
+        least = fastest_latency(options, byte_budget)
+        met = least <= budget_s - rest
+        solved = solve2(options, byte_budget, max(budget_s - rest, 0.0) if met else least * FASTEST_SLACK)
     out = LatencyPlan(met=met, fp32_s=fp32_s, budget_s=budget_s, byte_budget=byte_budget, nbytes=solved.nbytes,
                       damage=solved.damage, gap=solved.gap, predicted_s=rest + solved.latency)
-    for i, (picks, k) in enumerate(zip(items, solved.choice, strict=True)):
+    _record(out, layers, others, items, solved.choice, costs)
+    return out
+
+
+def _record(out: LatencyPlan, layers: list[Layer], others: list[str], items: list[list[Pick]],
+            choice: tuple[int, ...], costs: CostTable) -> None:
+    for i, (picks, k) in enumerate(zip(items, choice, strict=True)):
         pick = picks[k]
         names = layers[i].weights if i < len(layers) else (others[i - len(layers)],)
         for name, key in zip(names, pick.keys, strict=True):
@@ -163,7 +179,6 @@ def plan_latency(layers: Iterable[Layer], others: Iterable[str], candidates: Map
                                "form": pick.form.value if pick.form else "float", "us": round(1e6 * pick.option.latency, 2),
                                "fp32_us": round(1e6 * fp32, 2), "bytes": pick.option.nbytes,
                                "damage": pick.option.damage})
-    return out
 
 
 def fastest_latency(options: Sequence[Sequence[Option2]], byte_budget: int) -> float:
