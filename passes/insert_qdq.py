@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from q4c import graph as g
 from q4c.calib.table import CalibrationTable
 from q4c.pipeline import Pass, PassContext, PassResult
-from q4c.quant.plan import FLOAT, TensorPrecision
+from q4c.quant.plan import FLOAT, Form, FormBasis, TensorPrecision
 from q4c.quant.qparams import quantize
 from q4c.quant.weights import WeightSlot, find_weight_slots
 
@@ -97,6 +97,7 @@ class InsertActivationQdqPass(Pass):
             decided.append((slot, slot.node.op))
         weights: dict[str, _Codes] = {}
         promoted: set[str] = set()
+        decided_names = {slot.tensor.name for slot, _ in decided}
         for slot, op in decided:
             x = slot.node.inputs[0]
             x_name = x.name
@@ -118,9 +119,9 @@ class InsertActivationQdqPass(Pass):
                     self._quantize_bias(graph, node, table.qparams(x_name)[0], w_scale)
                 self._quantize_output(graph, node, table)
             stats[f"quantized_{op.lower()}"] += 1
-        for name in promoted:
+        for name in decided_names:
             old = plan.tensors[name]
-            plan.tensors[name] = TensorPrecision(8, "channel", old.scheme)
+            plan.tensors[name] = TensorPrecision(8, "channel", old.scheme, Form.INT8_ACTIVATIONS, FormBasis.OPTION)
         if promoted:
             stats["weights_to_int8"] = len(promoted)
         stats["kept_float_activation_matmul"] = analysis.activation_matmuls()

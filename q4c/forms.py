@@ -29,7 +29,7 @@ from q4c.quant.plan import (
     PrecisionPlan,
     TensorPrecision,
 )
-from q4c.quant.weights import WeightSlot, find_weight_slots
+from q4c.quant.weights import WeightSlot, find_weight_slots, scale_layout
 from q4c.recurrent_lowering import RecurrentLayer, kernel_block, match_layer
 from q4c.recurrent_lowering.emit import KERNEL_BLOCKS
 from q4c.recurrent_lowering.layer import Weight
@@ -96,15 +96,16 @@ def _kernel_form(slots: list[WeightSlot], tp: TensorPrecision) -> Form | None:
     shape = [int(d) for d in slots[0].tensor.shape]
     if len(shape) != 2:
         return None
-    gran = Granularity.parse(tp.granularity.partition("@")[0])
+    gran = Granularity.parse(tp.granularity.partition("@")[0]).resolve(float32_scales=True)
+    kind, axis, block = scale_layout(tuple(shape), slots[0], gran.kind, gran.block)
     if all(s.role == "matmul_b" for s in slots):
-        if gran.kind == "block":
-            return Form.MATMULNBITS if gran.block in KERNEL_BLOCKS else None
-        fits = gran.kind == "channel" and any(b >= shape[0] for b in KERNEL_BLOCKS)
+        if kind == "block":
+            return Form.MATMULNBITS if axis == 0 and block in KERNEL_BLOCKS else None
+        fits = kind == "channel" and any(b >= shape[0] for b in KERNEL_BLOCKS)
         return Form.MATMULNBITS if fits else None
-    if all(s.role == "embedding" and int(s.node.attrs.get("axis", 0)) == 0 for s in slots):
-        if gran.kind == "block" and gran.block in KERNEL_BLOCKS and shape[1] % gran.block == 0 and "@" not in tp.granularity:
-            return Form.GATHER_BLOCK_QUANTIZED
+    embedding = all(s.role == "embedding" and int(s.node.attrs.get("axis", 0)) == 0 for s in slots)
+    if embedding and kind == "block" and axis == 1 and block in KERNEL_BLOCKS and shape[1] % block == 0:
+        return Form.GATHER_BLOCK_QUANTIZED
     return None
 
 

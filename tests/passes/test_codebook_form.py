@@ -212,7 +212,8 @@ def test_a_saved_codebook_plan_replays_to_the_same_bytes(rng, tmp_path):
     plan = tmp_path / "plan.json"
     first = q4c.compile_file(src, tmp_path / "a.onnx", CompileOptions(bits=3, scheme="kmeans", granularity=
                              q4c.config.Granularity("channel")), save_plan=plan, verify=False)
-    assert json.loads(plan.read_text())["tensors"]["W"] == {"bits": 3, "granularity": "channel", "scheme": "kmeans"}
+    assert json.loads(plan.read_text())["tensors"]["W"] == {"bits": 3, "granularity": "channel", "scheme": "kmeans",
+                                                            "form": "dequantize-linear", "chosen_for": "required"}
     q4c.compile_file(src, tmp_path / "b.onnx", CompileOptions(plan_path=plan), verify=False)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert first["tensors"][0]["codebook"]["tables"] == 64

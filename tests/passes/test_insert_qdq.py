@@ -20,7 +20,7 @@ from q4c.compiler import compile_model
 from q4c.config import CompileOptions
 from q4c.passes.insert_qdq import InsertActivationQdqPass
 from q4c.pipeline import PassContext
-from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
+from q4c.quant.plan import FLOAT, Form, FormBasis, PrecisionPlan, TensorPrecision
 from q4c.testing import heavy_tailed, make_model, op_histogram, run_interp, run_ort, run_pass, sqnr_db
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -71,7 +71,7 @@ def test_matmul_gets_uint8_activations_and_int8_channel_weights(rng, tmp_path):
     out, result = run_pass(InsertActivationQdqPass(), model, ctx=ctx)
     assert result.modified and result.stats == {"quantized_matmul": 1, "weights_to_int8": 1}
     assert op_histogram(out) == {"Add": 1, "DequantizeLinear": 3, "MatMul": 1, "QuantizeLinear": 1}  # x, W, bias
-    assert ctx.plan.tensors["W"] == TensorPrecision(8, "channel")
+    assert ctx.plan.tensors["W"] == TensorPrecision(8, "channel", form=Form.INT8_ACTIVATIONS, chosen_for=FormBasis.OPTION)
     assert ctx.quantized[0]["bits"] == 8 and ctx.quantized[0]["activations"] == "uint8"
     g.check(out)
     assert not run_pass(InsertActivationQdqPass(), out, ctx=ctx)[1].modified  # idempotent
