@@ -11,7 +11,10 @@ KL: 16 test samples vs FP32 (benchmarks/_common.py bench_data); task metric on t
 (benchmarks/stats.py). All compiles use `--kernels fp32-at-load` (codebooks are folded to FP32 at
 load anyway; the same bytes as MatMulNBits' blocks, without the kernel timing).
 
-    python benchmarks/bench_codebook.py [--models bilstm_am,lstm_lm] [--write]
+The real models (the six Silero VAD exports, DeepFilterNet3: `--models silero_vad,...,dfn3`)
+get the same four kl-guided plans judged by their task on the test audio: benchmarks/codebook_real.py.
+
+    python benchmarks/bench_codebook.py [--models bilstm_am,lstm_lm,silero_vad,dfn3] [--merge] [--write]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402
 from _common import MODELS, RESULTS, TASKS, bench_data, publish, stamp, stamped_rows, task_eval, with_stamp  # noqa: E402
 from bench_mixed import error  # noqa: E402
+from codebook_real import is_real, real_rows, render_real  # noqa: E402
 
 UNIFORM_ONLY = ("symmetric", "symmetric-absmax", "gptq")
 CONFIGS: list[tuple[str, dict]] = [
@@ -144,7 +148,7 @@ def render(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("kind") == "kernel":
+        if r.get("kind") == "kernel" or is_real(r.get("model", "")):
             continue
         kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "-"
         wer = f"{100 * r['wer']:.2f}" if "wer" in r else "-"
@@ -152,7 +156,7 @@ def render(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['config']} | {r['bytes']} | {r.get('weight_bytes', '-')} | "
                      f"{r.get('avg_weight_bits', '-')} | {r.get('picks', '-')} | {kl} | {wer} | {ppl} | "
                      f"{r.get('compile_s', '-')} |")
-    lines += ["", *_verdicts(rows), *_where_not(rows)]
+    lines += ["", *_verdicts(rows), *_where_not(rows), *render_real(rows)]
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     if kernels:
         lines += ["", "ONNX Runtime's NF4 kernel, `com.microsoft::MatMulBnb4` (quant_type 1, block 64), vs "
@@ -220,6 +224,9 @@ def main() -> int:
     parser.add_argument("--no-kernels", action="store_true", help="skip the MatMulBnb4 timing")
     parser.add_argument("--from-results", action="store_true",
                         help="re-render from benchmarks/results/codebooks.json instead of measuring")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the saved rows (benchmarks/results/codebooks.json) of the models not rerun, and the "
+                             "kernel rows with --no-kernels")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     import json
@@ -232,9 +239,15 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.models.split(","):
                 print(f"bench: {name}", file=sys.stderr)
-                rows.extend(measure(name, Path(tmp)))
+                rows.extend(real_rows(name, Path(tmp)) if is_real(name) else measure(name, Path(tmp)))
         if not args.no_kernels:
             rows.extend(kernel_rows())
+        if args.merge and (RESULTS / "codebooks.json").exists():
+            names = args.models.split(",")
+            saved = json.loads((RESULTS / "codebooks.json").read_text())
+            kept = [r for r in saved if (r.get("kind") == "kernel" and args.no_kernels)
+                    or (r.get("kind") != "kernel" and r.get("model") not in names)]
+            rows = [r for r in rows if r.get("kind") != "kernel"] + kept + [r for r in rows if r.get("kind") == "kernel"]
     rows = stamped_rows(rows)
     section = render(rows)
     print(with_stamp(section, stamp("codebooks", rows)[0]))

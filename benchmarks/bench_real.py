@@ -221,7 +221,9 @@ def _first_line(e: Exception) -> str:
 
 # -- Silero -----------------------------------------------------------------------------------
 
-def silero_rows(export: str, tmp: Path) -> list[dict]:
+def silero_rows(export: str, tmp: Path, only: tuple[str, ...] = ()) -> list[dict]:
+    """FP32 and every contender's row on one export (`only`: the contenders whose label contains
+    one of these strings)."""
     fetch, silero, audio = _real("fetch"), _real("silero"), _real("audio")
     src = fetch.model_path(export)
     reader = f"{REAL / 'silero.py'}:calib_{export}"
@@ -249,6 +251,7 @@ def silero_rows(export: str, tmp: Path) -> list[dict]:
     calib = Calibration(feeds=calib_feeds, reader=reader)
     builds = [(label, build, None) for label, build in CONTENDERS + SILERO_EXTRA]
     builds += [(label, build, calib_flips) for label, build in TUNED]
+    builds = [b for b in builds if not only or any(text in b[0] for text in only)]
     for label, build, score in builds:
         dst = tmp / f"{export}_{len(rows)}.onnx"
         row: dict = {"model": export, "method": label}
@@ -464,6 +467,9 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/real.json and BENCHMARKS.md")
     parser.add_argument("--merge", action="store_true", help="keep the saved rows of the models not rerun now")
     parser.add_argument("--render-only", action="store_true", help="re-render the saved rows (no measuring)")
+    parser.add_argument("--methods", default=None,
+                        help="Silero: rerun only the methods whose label contains one of these comma-separated "
+                             "strings (e.g. 'require'); the saved rows of the other methods are kept")
     args = parser.parse_args()
     fetch = _real("fetch")
     names = args.models.split(",") if args.models else [*fetch.SILERO, "dfn3"]
@@ -478,8 +484,13 @@ def main() -> int:
                 rows.extend(dfn3_rows(Path(tmp)))
                 hashes.update({n: fetch.SHA256[f"{n}.onnx"] for n in fetch.DFN3})
             else:
-                rows.extend(silero_rows(name, Path(tmp)))
+                rows.extend(silero_rows(name, Path(tmp), tuple(args.methods.split(",")) if args.methods else ()))
                 hashes[name] = fetch.SHA256[f"{name}.onnx"]
+    if args.methods:  # the saved rows of these models, the rerun ones replaced in place
+        fresh = {(r["model"], r["method"]): r for r in rows}
+        saved = [r for r in merged(KEY, [], []) if r["model"] in names]
+        rows = [fresh.pop((r["model"], r["method"]), r) for r in saved] + list(fresh.values())
+        rows.sort(key=lambda r: names.index(r["model"]))
     if args.merge:
         saved = {r["model"] for r in merged(KEY, [], [])}
         rows = merged(KEY, rows, names)
