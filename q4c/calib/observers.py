@@ -246,7 +246,6 @@ class MseObserver(HistogramObserver):
         centers = self.centers()
         used = self.counts > 0
         c, n = centers[used], self.counts[used].astype(np.float64)
-        width = 2.0 * self.half_range / self.bins
         shrinks = self.SHRINKS[:, None]
         lo, hi = lo0 * shrinks, hi0 * shrinks
         scale = np.float32((hi - lo) / LEVELS).astype(np.float64)

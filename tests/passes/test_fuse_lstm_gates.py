@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
-from q4c.passes.fold_constants import FoldConstantsPass
-from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
 
 from q4c import graph as g
 from q4c.config import CompileOptions
+from q4c.passes.fold_constants import FoldConstantsPass
+from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
 from q4c.pipeline import PassContext, Pipeline
 from q4c.testing import check_pass, make_model, op_histogram, run_interp, run_ort, run_pass
 

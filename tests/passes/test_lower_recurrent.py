@@ -11,14 +11,14 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
-from q4c.passes.assign_precision import AssignPrecisionPass
-from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
-from q4c.passes.choose_kernels import ChooseKernelsPass
-from q4c.passes.quantize_weights import QuantizeWeightsPass
 
 from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.config import CompileOptions, Target
+from q4c.passes.assign_precision import AssignPrecisionPass
+from q4c.passes.choose_kernels import ChooseKernelsPass
+from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
+from q4c.passes.quantize_weights import QuantizeWeightsPass
 from q4c.pipeline import PassContext
 from q4c.recurrent_lowering import dequantized_lstm_copy, match_layer
 from q4c.testing import make_model, op_histogram, run_interp, run_ort, run_pass, sqnr_db

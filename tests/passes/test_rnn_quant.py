@@ -11,11 +11,6 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
-from q4c.passes.assign_precision import AssignPrecisionPass
-from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
-from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
-from q4c.passes.choose_kernels import ChooseKernelsPass
-from q4c.passes.quantize_weights import QuantizeWeightsPass
 
 from q4c import graph as g
 from q4c import ort as q4ort
@@ -23,6 +18,11 @@ from q4c.compiler import compile_model
 from q4c.config import CompileOptions, Granularity
 from q4c.errors import ModelLoadError
 from q4c.metrics import sqnr_db
+from q4c.passes.assign_precision import AssignPrecisionPass
+from q4c.passes.choose_kernels import ChooseKernelsPass
+from q4c.passes.fuse_lstm_gates import FuseLstmGatesPass
+from q4c.passes.lower_recurrent import LowerRecurrentPass, choose_form
+from q4c.passes.quantize_weights import QuantizeWeightsPass
 from q4c.pipeline import PassContext
 from q4c.quant.gptq import input_hessians
 from q4c.quant.sensitivity import gptq_eligible
