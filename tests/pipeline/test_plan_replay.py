@@ -1,0 +1,111 @@
+"""The plan holds every decision: a saved plan replays to the same bytes and an equal plan file, and
+a hand edit of a form is honoured or refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import q4c
+from q4c.config import CompileOptions
+from q4c.errors import ConfigError
+from q4c.testing import heavy_tailed, make_model, op_histogram, run_ort
+
+H, I, T = 32, 16, 5
+
+
+def _lstm_matmul_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [T, 1, I] -> LSTM (H) -> MatMul [H, 64]: a recurrent layer and a kernel-form MatMul."""
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y"], hidden_size=H),
+             helper.make_node("Squeeze", ["Y", "axes"], ["h"]),
+             helper.make_node("MatMul", ["h", "P"], ["y"])]
+    inits = {"W": heavy_tailed(rng, (1, 4 * H, I)), "R": heavy_tailed(rng, (1, 4 * H, H)),
+             "B": np.zeros((1, 8 * H), np.float32), "axes": np.array([1], np.int64), "P": heavy_tailed(rng, (H, 64))}
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, 1, I])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [T, 1, 64])], inits)
+
+
+@pytest.fixture
+def model_path(rng, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_lstm_matmul_model(rng), path)
+    return path
+
+
+def _compile(src, out, options, **kw):
+    return q4c.compile_file(src, out, options, verify=False, **kw)
+
+
+@pytest.mark.parametrize("kernels", ["low-bit", "fp32-at-load"])
+def test_a_saved_budgeted_plan_replays_to_the_same_bytes_and_plan(model_path, tmp_path, kernels):
+    # the default budget with 2-bit candidates converts to opset 25 (INT2 storage): the plan says
+    # so, and the replay converts to the same opset even if the plan holds no 2-bit weight
+    base = CompileOptions(kernels=kernels, min_elements=0, workers=1)
+    first = _compile(model_path, tmp_path / "a.onnx", base, save_plan=tmp_path / "p.json")
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["opset"] == 25 and plan["schema"] == "q4c.plan/2"
+    assert {t["form"] for t in plan["tensors"].values() if t["bits"] != 32} <= {
+        "matmulnbits-acc4", "scan-matmulnbits", "dynamic-quantize-lstm", "fp32-at-load", "dequantize-linear"}
+    again = _compile(model_path, tmp_path / "b.onnx", CompileOptions(kernels=kernels, plan_path=tmp_path / "p.json"),
+                     save_plan=tmp_path / "p2.json")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert json.loads((tmp_path / "p2.json").read_text()) == plan
+    assert first["session_config"] == again["session_config"]
+
+
+def test_a_hand_edited_form_is_honoured(model_path, tmp_path):
+    _compile(model_path, tmp_path / "a.onnx", CompileOptions(bits=4, kernels="low-bit"), save_plan=tmp_path / "p.json")
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["tensors"]["P"]["form"] == "matmulnbits-acc4" and plan["tensors"]["W"]["form"] == "scan-matmulnbits"
+    assert "com.microsoft::MatMulNBits" in op_histogram(onnx.load(tmp_path / "a.onnx"))
+    # fold the MatMul at load, keep the LSTM as an LSTM (both folded at load)
+    for name in ("P", "W", "R"):
+        plan["tensors"][name].update(form="fp32-at-load", chosen_for="user")
+    (tmp_path / "edited.json").write_text(json.dumps(plan))
+    report = _compile(model_path, tmp_path / "b.onnx", CompileOptions(plan_path=tmp_path / "edited.json"))
+    out = onnx.load(tmp_path / "b.onnx")
+    ops = op_histogram(out)
+    assert "com.microsoft::MatMulNBits" not in ops and "Scan" not in ops and ops["LSTM"] == 1 and ops["MatMul"] == 1
+    assert report["session_config"] == {"session.disable_quant_qdq": "1"}
+    scale_types = {t.data_type for t in out.graph.initializer if t.name.endswith("_scale")}
+    assert scale_types == {TensorProto.FLOAT16}  # folded at load: no kernel reads float32 scales
+    x = np.random.default_rng(1).standard_normal((T, 1, I)).astype(np.float32)
+    ref = run_ort(onnx.load(model_path), {"x": x})["y"]
+    got = run_ort(out, {"x": x})["y"]
+    assert q4c.testing.sqnr_db(ref, got) > 15
+
+
+@pytest.mark.parametrize(("tensor", "edit", "reason"), [
+    ("W", {"form": "dynamic-quantize-lstm"}, "takes LSTM weights planned at 8 bits"),
+    ("W", {"form": "matmulnbits-acc4"}, "is not a form of LSTM layers"),
+    ("P", {"form": "scan-matmulnbits"}, "is for LSTM/GRU/RNN weights"),
+    ("P", {"form": "int8-activations"}, "needs --activations int8"),
+    ("P", {"form": "warp-speed"}, "form must be one of"),
+    ("P", {"chosen_for": "vibes"}, "chosen_for must be one of"),
+    ("P", {"bits": 32}, r"a float \(bits 32\) weight has no lowering form"),
+])
+def test_a_hand_edit_that_cannot_be_honoured_is_refused_in_one_line(model_path, tmp_path, tensor, edit, reason):
+    _compile(model_path, tmp_path / "a.onnx", CompileOptions(bits=4, kernels="low-bit"), save_plan=tmp_path / "p.json")
+    plan = json.loads((tmp_path / "p.json").read_text())
+    plan["tensors"][tensor].update(edit)
+    (tmp_path / "edited.json").write_text(json.dumps(plan))
+    with pytest.raises(ConfigError, match=reason) as err:
+        _compile(model_path, tmp_path / "b.onnx", CompileOptions(plan_path=tmp_path / "edited.json"))
+    assert "\n" not in str(err.value) and tensor in str(err.value)
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_a_plan_of_schema_1_still_replays(model_path, tmp_path):
+    # no forms, no opset: decided again as they were (4-bit only: opset 21)
+    plan = {"schema": "q4c.plan/1", "defaults": {}, "tensors": {
+        "P": {"bits": 4, "granularity": "block:32", "scheme": "symmetric"}}}
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    _compile(model_path, tmp_path / "b.onnx", CompileOptions(plan_path=tmp_path / "p.json", kernels="low-bit"),
+             save_plan=tmp_path / "p2.json")
+    saved = json.loads((tmp_path / "p2.json").read_text())
+    assert saved["opset"] == 21 and saved["tensors"]["P"]["form"] == "matmulnbits-acc4"
+    assert op_histogram(onnx.load(tmp_path / "b.onnx"))["com.microsoft::MatMulNBits"] == 1
