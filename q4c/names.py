@@ -25,14 +25,14 @@ def used_names(root: gs.Graph) -> set[str]:
 
 
 class NameGenerator:
-    """Names unique in one model; `prefix` (when given) is prepended as `prefix/base`."""
+    """Names unique in one model; `prefix` (when given, even empty) is prepended as `prefix/base`."""
 
-    def __init__(self, root: gs.Graph, prefix: str = "") -> None:
+    def __init__(self, root: gs.Graph, prefix: str | None = None) -> None:
         self.taken = used_names(root)
         self.prefix = prefix
 
     def __call__(self, base: str) -> str:
-        stem = f"{self.prefix}/{base}" if self.prefix else base
+        stem = base if self.prefix is None else f"{self.prefix}/{base}"
         name, i = stem, 0
         while name in self.taken:
             i += 1

@@ -45,3 +45,7 @@ def test_nomatch_code_is_a_stats_key():
     assert NoMatch("skipped_peephole").detail == ""
     with pytest.raises(ValueError, match="skipped_"):
         NoMatch("peephole", "no prefix")
+
+
+def test_an_empty_prefix_still_separates():
+    assert NameGenerator(_graph_with_body(), "")("a") == "/a"
