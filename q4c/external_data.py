@@ -25,6 +25,26 @@ def _is_large(t: onnx.TensorProto) -> bool:
     return t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") and len(t.raw_data) >= MIN_DETACHED_BYTES
 
 
+def approx_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialized size, from its initializers' shapes: ModelProto.ByteSize() under
+    upb serializes the whole model (a copy of every weight) and fails past 2 GiB."""
+    from q4c.graph import iter_graph_protos
+
+    total = 0
+    for graph in iter_graph_protos(model.graph):
+        for t in graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+            try:
+                item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except (KeyError, TypeError):
+                item = 8
+            total += n * item
+    nodes = sum(len(graph.node) for graph in iter_graph_protos(model.graph))
+    return total + 200 * nodes  # node protos: a rough bound, weights dominate
+
+
 def has_external_data(model: onnx.ModelProto) -> bool:
     """True if some initializer (any graph level) names an external data file."""
     from q4c.graph import iter_graph_protos

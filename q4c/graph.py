@@ -351,7 +351,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() > _PROTOBUF_LIMIT:
+    if external_data.approx_bytes(model) > _PROTOBUF_LIMIT:
         _save_with_external_data(model, path)
         return path.stat().st_size
     with atomic_write(path) as tmp_path:

@@ -86,7 +86,7 @@ def make_session(
     for key, value in (session_config(proto) if config is None else config).items():
         options.add_session_config_entry(key, value)
     detached: list[ort.OrtValue] = []
-    if proto.ByteSize() > SESSION_DETACH_BYTES:  # large weights go to ORT as buffers, not serialized
+    if external_data.approx_bytes(proto) > SESSION_DETACH_BYTES:  # large weights go to ORT as buffers, not serialized
         proto, names, arrays = external_data.detach_for_session(proto)
         detached = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         options.add_external_initializers(names, detached)

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from q4c import external_data
 from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.calib.qdq import (
@@ -381,7 +382,7 @@ def refuse_inconsistent_model(model: onnx.ModelProto) -> None:
     contradict the graph and attributes out of range (Softmax axis 2**40) are the model's fault,
     said in one line before any pass or the interpreter trips over them. Models over protobuf's
     2 GiB limit cannot be checked in memory and are left to the passes."""
-    if model.ByteSize() >= 2**31 - 1:
+    if external_data.approx_bytes(model) >= 2**31 - 1:  # ByteSize() would serialize it: see there
         return
     try:
         g.check(model)
