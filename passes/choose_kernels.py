@@ -46,6 +46,7 @@ class ChooseKernelsPass(Pass):
     """
 
     name = "choose-kernels"
+    analysis = True
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         ctx.require_plan()

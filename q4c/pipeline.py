@@ -109,6 +109,8 @@ class Pass(abc.ABC):
     """An in-place transformation (or analysis) of a graph-surgeon graph."""
 
     name: ClassVar[str]
+    #: an analysis fills the context (plan, tables) and never edits the graph: the audit holds it to that
+    analysis: ClassVar[bool] = False
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:  # noqa: B027 - optional hook
         """Raise PreconditionError if the pass cannot run on this graph/context."""
@@ -217,11 +219,14 @@ class Pipeline:
                         "".join(f" {k}={v}" for k, v in sorted(result.stats.items())), seconds * 1e3)
             if self.audit or self.dump_dir is not None or self.check_each:
                 model = self._export(graph)
-                if self.audit and (g.fingerprint(model) != before) != result.modified:
+                changed = self.audit and g.fingerprint(model) != before
+                if self.audit and changed != result.modified:
                     raise PostconditionError(
                         f"pass '{pass_.name}' reported modified={result.modified} but the graph "
                         f"{'changed' if not result.modified else 'did not change'}"
                     )
+                if changed and pass_.analysis:
+                    raise PostconditionError(f"pass '{pass_.name}' is an analysis but edited the graph")
                 if self.dump_dir is not None:
                     self.dump_dir.mkdir(parents=True, exist_ok=True)
                     g.save(model, self.dump_dir / f"{index:03d}_{pass_.name}.onnx")
