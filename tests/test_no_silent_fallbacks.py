@@ -58,3 +58,39 @@ def test_reading_int4_codes_leaves_the_constant_exportable():
     graph = gs.Graph(nodes=[gs.Node("DequantizeLinear", inputs=[const, scale], outputs=[out])], outputs=[out], opset=21)
     exported = {t.name: t for t in gs.export_onnx(graph).graph.initializer}
     assert exported["codes"].data_type == TensorProto.INT4  # still the INT4 proto, not a cast copy
+
+
+def _int4_lstm() -> gs.Graph:
+    """LSTM (H=2, I=4) whose W and R are DequantizeLinear of INT4 codes, blocks along K."""
+    rng = np.random.default_rng(0)
+    hidden, inputs = 2, 4
+    x = gs.Variable("x", np.float32, [3, 1, inputs])
+    y = gs.Variable("y", np.float32, [3, 1, 1, hidden])
+
+    def dq(name: str, k: int) -> gs.Variable:
+        codes = g.make_constant(f"{name}_codes", rng.integers(-8, 8, (1, 4 * hidden, k)).astype(ml_dtypes.int4))
+        scale = gs.Constant(f"{name}_scale", np.full((1, 4 * hidden, 1), 0.1, np.float32))
+        out = gs.Variable(name, np.float32, [1, 4 * hidden, k])
+        nodes.append(gs.Node("DequantizeLinear", f"{name}_dq", {"axis": 2, "block_size": k}, [codes, scale], [out]))
+        return out
+
+    nodes: list[gs.Node] = []
+    w, r = dq("W", inputs), dq("R", hidden)
+    nodes.append(gs.Node("LSTM", "lstm", {"hidden_size": hidden}, [x, w, r], [y]))
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=21)
+
+
+def test_lowering_warns_when_the_plan_misses_a_codes_tensor(caplog):
+    graph = _int4_lstm()
+    node = next(n for n in graph.nodes if n.op == "LSTM")
+    with caplog.at_level(logging.WARNING, logger="q4c"):
+        planned = layer.match_layer(graph, node, {"W_codes": 3, "R_codes": 3})
+    assert [w.bits for w in planned.w + planned.r] == [3, 3] and not caplog.text
+    with caplog.at_level(logging.WARNING, logger="q4c"):
+        partial = layer.match_layer(graph, node, {"W_codes": 3})
+    assert [w.bits for w in partial.w + partial.r] == [3, 4]
+    assert "R_codes is not in the precision plan: its width is taken from its int4 storage type (4 bits)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="q4c"):
+        unplanned = layer.match_layer(graph, node, {})  # no plan at all: storage width, nothing to warn about
+    assert [w.bits for w in unplanned.w + unplanned.r] == [4, 4] and not caplog.text

@@ -6,6 +6,7 @@ graph tensors) or a `NoMatch` whose `code` is a stable stats key (STYLE.md §4).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,8 @@ import onnx_graphsurgeon as gs
 
 from q4c import graph as g
 from q4c.nomatch import NoMatch
+
+logger = logging.getLogger(__name__)
 
 #: The activations q4c's lowerings implement for LSTM/GRU: the ops' defaults (ONNX LSTM f, g, h;
 #: GRU f, g). RNN takes any of RNN_ACTIVATIONS.
@@ -160,12 +163,22 @@ def _weight_dirs(tensor: gs.Tensor, bits_of: dict[str, int], nd: int, rows: int)
         scale, block = np.broadcast_to(scale.reshape(nd, 1, 1), (nd, rows, 1)).copy(), k
     else:
         return NoMatch("skipped_weight_layout", f"{dq.name}: axis {axis}, block {block}, scale {scale.shape}")
-    bits = bits_of.get(codes_t.name, _CODE_BITS[storage])
+    bits = bits_of.get(codes_t.name)
+    if bits is None:  # no plan entry: the widest value the storage type holds is the safe width
+        bits = _CODE_BITS[storage]
+        if bits_of:
+            logger.warning("%s is not in the precision plan: its width is taken from its %s storage type (%d bits)",
+                           codes_t.name, storage, bits)
     return [Weight(codes=codes[d], scale=scale[d], block=block, bits=bits, codes_name=codes_t.name) for d in range(nd)]
 
 
 def match_layer(graph: gs.Graph, node: gs.Node, bits_of: dict[str, int]) -> RecurrentLayer | NoMatch:
-    """The layer `node` computes, if q4c's lowerings can express it, else why not."""
+    """The layer `node` computes, if q4c's lowerings can express it, else why not.
+
+    `bits_of` maps codes tensors to their planned bit width. Codes it does not name (a model
+    quantized elsewhere; every codes tensor when it is empty) count as wide as their storage
+    type; a non-empty plan that misses one is warned about.
+    """
     op = node.op
     if op not in GATES or node.domain not in ("", "ai.onnx", None):
         return NoMatch("skipped_op", op)
