@@ -8,6 +8,7 @@ constant whatever the amount of data, and the resolution is never coarser than 2
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import ClassVar, Protocol
 
@@ -20,6 +21,15 @@ DEFAULT_BINS = 4096
 DEFAULT_PERCENTILE = 99.99
 #: quantization levels of uint8 activations
 LEVELS = 255
+
+
+class Method(enum.StrEnum):
+    """The clipping-range methods (a StrEnum: equal to, and stored as, their names)."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
 
 
 class Observer(Protocol):
@@ -35,7 +45,7 @@ class Observer(Protocol):
 class MinMaxObserver:
     """Exact min, max, mean and standard deviation; range = [min, max]."""
 
-    method: ClassVar[str] = "minmax"
+    method: ClassVar[Method] = Method.MINMAX
 
     def __init__(self) -> None:
         self.count = 0
@@ -144,7 +154,7 @@ class HistogramObserver(MinMaxObserver):
 class PercentileObserver(HistogramObserver):
     """Range = [p_low, p_high] quantiles: each tail beyond them holds (100 - p) % of the values."""
 
-    method: ClassVar[str] = "percentile"
+    method: ClassVar[Method] = Method.PERCENTILE
 
     def __init__(self, bins: int = DEFAULT_BINS, percentile: float = DEFAULT_PERCENTILE) -> None:
         super().__init__(bins)
@@ -170,7 +180,7 @@ class EntropyObserver(HistogramObserver):
     255 steps over that range, [0, T] gets 255 T / (min(max, T) + min(-min, T)) of them: 255 for
     a one-signed tensor, ~128 for a symmetric one (TensorRT's int8 case)."""
 
-    method: ClassVar[str] = "entropy"
+    method: ClassVar[Method] = Method.ENTROPY
     #: thresholds tried (evenly spaced bin counts of the |x| histogram)
     CANDIDATES = 256
 
@@ -236,7 +246,7 @@ class MseObserver(HistogramObserver):
     """Range = the shrink of [min(min, 0), max(max, 0)] minimizing the expected squared error of
     uint8 asymmetric quantization (clipping + rounding), estimated on the histogram."""
 
-    method: ClassVar[str] = "mse"
+    method: ClassVar[Method] = Method.MSE
     SHRINKS = np.linspace(1.0, 0.05, 96)
 
     def range(self) -> tuple[float, float]:
@@ -265,11 +275,12 @@ OBSERVERS: dict[str, type[MinMaxObserver]] = {
 def make_observer(method: str, *, bins: int = DEFAULT_BINS, percentile: float = DEFAULT_PERCENTILE) -> MinMaxObserver:
     if method not in OBSERVERS:
         raise ConfigError(f"observer must be one of {', '.join(OBSERVERS)}, not {method!r}")
-    if method == "minmax":
+    kind = Method(method)
+    if kind is Method.MINMAX:
         return MinMaxObserver()
-    if method == "percentile":
+    if kind is Method.PERCENTILE:
         return PercentileObserver(bins, percentile)
-    return OBSERVERS[method](bins)  # type: ignore[call-arg]
+    return OBSERVERS[kind](bins)  # type: ignore[call-arg]
 
 
 def uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
