@@ -28,8 +28,8 @@ from q4c.signature import input_specs
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed iterations first.")
 @click.option("--chunk", type=click.IntRange(min=1), default=None, metavar="N",
               help="Streaming: split axis 1 of the inputs into chunks of N and run them in order, carrying "
-                   "state outputs to state inputs (h_in/h_out, h0/h_n, state_in/state_out, or unique "
-                   "same-shaped pairs).")
+                   "state outputs to state inputs, paired by name as compile --calib pairs them (h_in/h_out, "
+                   "h0/h_n, state/stateN, cache_prev/cache_next).")
 @click.option("--hop-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Frame hop of [batch, T, 80] feature inputs, for the real-time factor (0: no RTF).")
 @click.option("--memory/--no-memory", default=True, show_default=True,
