@@ -56,6 +56,8 @@ def test_the_contracts_hold():
     ("passes/fold_constants.py", "import q4c.cli", {PASSES}),
     ("q4c/recurrent_fusion/view.py", "import q4c.recurrent_lowering.emit", {HALVES}),
     ("q4c/graph.py", "import q4c.calib.table", {LAYERS}),
+    ("q4c/metrics.py", "import q4c.interp", {LAYERS}),
+    ("q4c/calib/table.py", "import q4c.recurrent_fusion.view", {LAYERS}),  # siblings stay independent
 ])
 def test_a_planted_import_breaks_its_contract(tmp_path, path, line, broken):
     for name in ("q4c", "passes"):
