@@ -29,7 +29,7 @@ def sqnr_db_from_energy(power: float, noise: float) -> float:
         return float("inf")
     if math.isinf(noise):
         return float("-inf")
-    return round(10 * math.log10(max(power, 1e-30) / noise), 2)
+    return round(10 * np.log10(max(power, 1e-30) / noise), 2)  # np, as sqnr_db always computed it
 
 
 def decision_flips(reference: np.ndarray, actual: np.ndarray, threshold: float = 0.5) -> float:
