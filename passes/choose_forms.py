@@ -12,6 +12,7 @@ nothing.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 
 import onnx_graphsurgeon as gs
@@ -92,16 +93,24 @@ class ChooseFormsPass(Pass):
         cost_table = costs(wanted)
         fp32_s = _fp32_seconds(graph, ctx)
         seconds = latency_budget_seconds(str(budget), fp32_s)
-        byte_budget = _byte_budget(plan, candidates)
         shapes = {n: tuple(int(d) for d in table.slots[n].tensor.shape) for n in names}
-        rest = [n for n in names if n not in in_layers]
-        common = {"byte_budget": byte_budget, "fp32_s": fp32_s, "budget_s": seconds, "forms": allowed}
+        rest = [n for n in names if n not in in_layers and n not in tied]
+        # tied tables keep assign-precision's choice (their shared codes are counted once there)
+        fixed = _tied_bytes(plan, candidates, tied, table)
+        byte_budget = _byte_budget(plan, candidates, tied, fixed)
+        common = {"byte_budget": byte_budget - fixed, "fp32_s": fp32_s, "budget_s": seconds, "forms": allowed}
         # assign-precision's bits (its guard may have preferred them to the knapsack's on held-out
         # data) with their fastest forms, if that meets the budget; else re-plan bits and forms
-        lp = plan_latency(layers, rest, own, table.scores, cost_table, shapes, fastest=True, **common)
-        kept_bits = lp.met
+        try:
+            lp = plan_latency(layers, rest, own, table.scores, cost_table, shapes, fastest=True, **common)
+        except ConfigError as e:  # e.g. INT8 codes do not fit: re-plan below
+            logger.debug("choose-forms: assigned bits cannot be kept: %s", e)
+            lp = None
+        kept_bits = lp is not None and lp.met
         if not kept_bits:
             lp = plan_latency(layers, rest, candidates, table.scores, cost_table, shapes, **common)
+        lp.nbytes += fixed
+        lp.byte_budget = byte_budget
         if not lp.met:
             ctx.warn(f"--latency-budget {budget}: no plan within {byte_budget} bytes is predicted to run in "
                      f"{1e3 * seconds:.3f} ms; kept the fastest, predicted {1e3 * lp.predicted_s:.3f} ms "
@@ -122,13 +131,30 @@ def _key(tp: TensorPrecision) -> str:
     return scheme_key(tp.bits, tp.scheme)
 
 
-def _byte_budget(plan: PrecisionPlan, candidates: dict) -> int:
-    """The byte budget assign-precision planned under; a uniform plan's own bytes for --bits."""
+def _tied_bytes(plan: PrecisionPlan, candidates: dict, tied: set[str], table) -> int:
+    """Bytes of the tied tables as planned, their shared codes counted once (as assign-precision does)."""
+    total = 0
+    for group in plan.defaults.get("tied", []):
+        for i, name in enumerate(group):
+            if name not in candidates:
+                continue
+            cand = next((c for c in candidates[name] if c.key == _key(plan.tensors[name])), None)
+            if cand is None:
+                continue
+            total += cand.nbytes
+            if i and cand.bits != FLOAT:
+                total -= math.ceil(math.prod(table.slots[group[0]].tensor.shape) * cand.storage_bits / 8)
+    return total
+
+
+def _byte_budget(plan: PrecisionPlan, candidates: dict, tied: set[str], fixed: int) -> int:
+    """The byte budget assign-precision planned under; a uniform plan's own bytes for --bits
+    (`fixed`: the tied tables' bytes, counted by _tied_bytes)."""
     budget = plan.defaults.get("budget_bytes")
     if isinstance(budget, int):
         return budget
-    total = 0
-    for name, cands in candidates.items():
+    total = fixed
+    for name, cands in ((n, cs) for n, cs in candidates.items() if n not in tied):
         key = _key(plan.tensors[name])
         total += next((c.nbytes for c in cands if c.key == key), max(c.nbytes for c in cands))
     return total

@@ -1,0 +1,162 @@
+"""Latency-aware planning (--latency-budget): measured speed, size and accuracy beside ONNX Runtime's INT8.
+
+Sections (one run writes all of them with --write):
+
+- budget rows: conformer, transformer_lm, rnnt_joiner compiled by q4c at its default (bytes of
+  uniform 4-bit) and with `--latency-budget 0.6` (default byte budget, and with `--ratio 0.2`),
+  beside ONNX Runtime `quantize_dynamic` INT8 per channel after `quant_pre_process`
+  (benchmarks/contenders.py). Latency: median process-CPU time at 1 thread, every row of a model
+  interleaved with FP32 (q4c.timing) on the model's sample input; the planner's predicted ratio
+  beside the measured one. Accuracy: mean SQNR and KL vs FP32 on 16 held-out input variants
+  (benchmarks/_common.bench_data), calibration on 16 others.
+- rnnt_encoder (2-layer LSTM-512) at 20 and 200 feature frames, batch 2: compiled with samples
+  of that shape, q4c default, `--latency-budget 0.6` and `0.45`, uniform 8-bit (DynamicQuantizeLSTM)
+  and uniform 4-bit low-bit (Scan + MatMulNBits).
+- default compile on every bundled model and every cached real model (models/real/fetch.py):
+  latency ratio vs FP32 (must stay <= 1.05).
+- a Pareto PNG for transformer_lm: predicted latency vs bytes vs damage of the planner's
+  solutions over a grid of byte and latency budgets (benchmarks/results/latency_pareto.png).
+
+    python benchmarks/bench_latency.py [--parts budget,encoder,default,pareto] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import q4c
+from q4c import ort as q4ort
+from q4c.timing import interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MODELS, REAL_CACHE, RESULTS, bench_data, bundled_models, publish  # noqa: E402
+from bench_compare import accuracy  # noqa: E402
+from contenders import Calibration, ort_dynamic  # noqa: E402
+
+BUDGET_MODELS = ("conformer", "transformer_lm", "rnnt_joiner")
+ROUNDS = 25
+ENCODER_FRAMES = (20, 200)
+
+
+def _load_feeds(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def ratios(paths: dict[str, Path | onnx.ModelProto], feeds: dict, rounds: int = ROUNDS) -> dict[str, float]:
+    """Median process-CPU time of each model over FP32's ('fp32' key), interleaved, 1 thread."""
+    sessions = {k: q4ort.make_session(p if isinstance(p, onnx.ModelProto) else onnx.load(p), threads=1)
+                for k, p in paths.items()}
+    timing = interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, rounds=rounds, warmup=3)
+    return {k: timing.ratio(k, "fp32") for k in sessions} | {"fp32_ms": timing.median("fp32") * 1e3}
+
+
+def _compile(src: Path, dst: Path, calib_dir: Path, **options) -> dict:
+    report = q4c.compile_file(src, dst, q4c.CompileOptions(**options), data=calib_dir, verify=False)
+    latency = report.get("plan", {}).get("defaults", {}).get("latency") or {}
+    return {"predicted_ratio": latency.get("predicted_ratio"), "budget_met": latency.get("budget_met"),
+            "kept_assigned_bits": latency.get("kept_assigned_bits"), "optimality_gap": latency.get("optimality_gap"),
+            "forms": _form_counts(report), "costs": latency.get("costs")}
+
+
+def _form_counts(report: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for tp in (report.get("plan") or {}).get("tensors", {}).values():
+        key = tp.get("form") or ("float" if tp.get("bits") == 32 else "none")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+BUDGET_ROWS = (
+    ("q4c default", {}),
+    ("q4c --latency-budget 0.6", {"latency_budget": "0.6"}),
+    ("q4c --latency-budget 0.6 --ratio 0.2", {"latency_budget": "0.6", "ratio": 0.2}),
+)
+
+
+def measure_budget(name: str, tmp: Path) -> list[dict]:
+    src, sample = MODELS / f"{name}.onnx", _load_feeds(MODELS / f"{name}.npz")
+    calib, held_out, _ = bench_data(name, tmp)
+    calib_feeds = [dict(np.load(p)) for p in sorted(calib.glob("*.npz"))]
+    built: dict[str, tuple[Path, dict]] = {}
+    dst = tmp / f"{name}_ort_int8.onnx"
+    ort_dynamic(src, dst, Calibration(feeds=lambda: calib_feeds, data=calib))
+    built["ORT quantize_dynamic INT8 per-channel (pre-processed)"] = (dst, {})
+    for i, (label, options) in enumerate(BUDGET_ROWS):
+        dst = tmp / f"{name}_q4c_{i}.onnx"
+        try:
+            built[label] = (dst, _compile(src, dst, calib, workers=1, **options))
+        except q4c.Q4cError as e:
+            built[label] = (None, {"error": str(e).splitlines()[0][:200]})
+    paths = {"fp32": src, **{k: p for k, (p, _) in built.items() if p is not None}}
+    measured = ratios(paths, sample)
+    rows = [{"model": name, "method": "FP32", "size_ratio": 1.0, "latency_ratio": 1.0, "fp32_ms": measured["fp32_ms"]}]
+    for label, (path, info) in built.items():
+        row = {"model": name, "method": label, **info}
+        if path is not None:
+            acc = accuracy(src, path, held_out)
+            row.update(size_ratio=path.stat().st_size / src.stat().st_size, latency_ratio=measured[label],
+                       sqnr_db=acc["sqnr_db"], kl=acc["kl"])
+        rows.append(row)
+        print(f"  {label}: {json.dumps({k: v for k, v in row.items() if k != 'costs'}, default=str)}", file=sys.stderr)
+    return rows
+
+
+ENCODER_ROWS = (
+    ("q4c default", {}),
+    ("q4c --latency-budget 0.6", {"latency_budget": "0.6"}),
+    ("q4c --latency-budget 0.45", {"latency_budget": "0.45"}),
+    ("q4c --bits 8 (DynamicQuantizeLSTM)", {"bits": 8, "kernels": "low-bit"}),
+    ("q4c --bits 4 --kernels low-bit (Scan + MatMulNBits)", {"bits": 4, "kernels": "low-bit"}),
+)
+
+
+def measure_encoder(frames: int, tmp: Path) -> list[dict]:
+    src = MODELS / "rnnt_encoder.onnx"
+    rng = np.random.default_rng(frames)
+    sample = {"features": rng.standard_normal((2, frames, 80)).astype(np.float32)}
+    calib = tmp / f"enc{frames}_calib"
+    calib.mkdir()
+    for i in range(8):
+        np.savez(calib / f"{i:03d}.npz", features=rng.standard_normal((2, frames, 80)).astype(np.float32))
+    held_out = [{"features": rng.standard_normal((2, frames, 80)).astype(np.float32)} for _ in range(8)]
+    built = {}
+    for i, (label, options) in enumerate(ENCODER_ROWS):
+        dst = tmp / f"enc{frames}_{i}.onnx"
+        built[label] = (dst, _compile(src, dst, calib, workers=1, **options))
+    measured = ratios({"fp32": src, **{k: p for k, (p, _) in built.items()}}, sample)
+    rows = [{"model": f"rnnt_encoder ({frames} frames, batch 2)", "method": "FP32", "size_ratio": 1.0,
+             "latency_ratio": 1.0, "fp32_ms": measured["fp32_ms"]}]
+    for label, (path, info) in built.items():
+        acc = accuracy(src, path, held_out)
+        rows.append({"model": rows[0]["model"], "method": label, **info, "latency_ratio": measured[label],
+                     "size_ratio": path.stat().st_size / src.stat().st_size, "sqnr_db": acc["sqnr_db"]})
+        print(f"  {label}: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+def real_models() -> list[tuple[str, Path]]:
+    return sorted((p.stem, p) for p in REAL_CACHE.glob("*.onnx")) if REAL_CACHE.is_dir() else []
+
+
+def measure_default(name: str, src: Path, tmp: Path, feeds: dict | None) -> dict:
+    """Default compile (synthetic samples when the model has no sample file) and its latency ratio."""
+    dst = tmp / f"{name}_default.onnx"
+    model = onnx.load(src)
+    samples = [feeds] if feeds is not None else None
+    out, _ = q4c.compile_model(model, q4c.CompileOptions(workers=1), samples=samples, verify=False)
+    onnx.save(out, dst)
+    if feeds is None:
+        from q4c.calib.readers import synthetic_samples
+
+        feeds = synthetic_samples(model, count=1, seed=0)[0]
+    measured = ratios({"fp32": src, "q4c": dst}, feeds, rounds=15)
+    return {"model": name, "method": "q4c default", "latency_ratio": measured["q4c"], "fp32_ms": measured["fp32_ms"],
+            "size_ratio": dst.stat().st_size / src.stat().st_size}
