@@ -11,6 +11,8 @@ A SPEC is a TOML file::
     [driver]
     run = "driver.py:run"         # run(graphs, sample) -> {name: array}; graphs[name](feeds) -> {output: array}
     samples = "driver.py:samples" # samples() -> iterable of whatever run() takes
+    [objectives]                  # optional: driver output = kind, as --objective (which wins)
+    aligned = "kl"
 
 Compiling a system (one budget, sensitivity on the system's outputs) is q4c.system_compile.
 """
@@ -52,6 +54,8 @@ class SystemSpec:
     samples: Callable[[], Iterable[Any]]
     run_name: str
     samples_name: str
+    #: [objectives]: (driver output, kind) pairs, the SPEC's defaults for --objective
+    objectives: tuple[tuple[str, str], ...] = ()
 
     def load_samples(self, limit: int | None = None) -> list[Any]:
         """The driver's samples (at most `limit`); its exceptions become one-line DriverErrors."""
@@ -96,9 +100,24 @@ def load_spec(path: str | Path) -> SystemSpec:
         if not full.is_file():
             raise ModelLoadError(f"{path}: graph {name!r}: no such file {full}")
         graphs[name] = full
+    objectives = _objectives(path, doc.get("objectives", {}))
     run = _load_function(path, base, "run", driver["run"])
     samples = _load_function(path, base, "samples", driver["samples"])
-    return SystemSpec(path, graphs, run, samples, driver["run"], driver["samples"])
+    return SystemSpec(path, graphs, run, samples, driver["run"], driver["samples"], objectives)
+
+
+def _objectives(path: Path, table: Any) -> tuple[tuple[str, str], ...]:
+    from q4c.objectives import parse_objective
+
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [objectives] must be a table of output = \"kind\"")
+    pairs = []
+    for name, kind in table.items():
+        try:
+            pairs.append(parse_objective(f"{name}={kind}" if isinstance(kind, str) else f"{name}=?"))
+        except ValueError as e:
+            raise ConfigError(f"{path}: [objectives]: {e}") from None
+    return tuple(pairs)
 
 
 def _load_function(spec: Path, base: Path, key: str, text: str) -> Callable[..., Any]:
@@ -210,20 +229,23 @@ def check_all_called(spec: SystemSpec, logs: Sequence[CallLog]) -> None:
 # ---------------------------------------------------------------- scoring the system's outputs
 
 
-def system_objectives(outputs: Mapping[str, np.ndarray], overrides: Sequence[tuple[str, str]] = ()) -> dict[str, Objective]:
-    """Per driver output: snr for float arrays, ignore for others; `--objective NAME=KIND` wins
-    (kl takes the output as logits over its last axis). An override naming no output is an error."""
+def system_objectives(outputs: Mapping[str, np.ndarray], overrides: Sequence[tuple[str, str]] = (),
+                      spec: Sequence[tuple[str, str]] = ()) -> dict[str, Objective]:
+    """Per driver output: snr for float arrays, ignore for others; the SPEC's [objectives] win over
+    that and `--objective NAME=KIND` over both (kl takes the output as logits over its last axis).
+    An objective naming no output is an error."""
     found = {}
     for name, value in outputs.items():
         if np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.complexfloating):
             found[name] = Objective(name, "snr", "float system output")
         else:
             found[name] = Objective(name, "ignore", "not a float output")
-    for name, kind in overrides:
-        if name not in found:
-            raise ConfigError(f"--objective names {name!r}, not an output of the system's driver "
-                              f"(outputs: {', '.join(found)})")
-        found[name] = Objective(name, kind, "--objective", "logits" if kind == "kl" else "real")
+    for where, pairs in (("[objectives] of the SPEC", spec), ("--objective", overrides)):
+        for name, kind in pairs:
+            if name not in found:
+                raise ConfigError(f"{where} names {name!r}, not an output of the system's driver "
+                                  f"(outputs: {', '.join(found)})")
+            found[name] = Objective(name, kind, where, "logits" if kind == "kl" else "real")
     return found
 
 

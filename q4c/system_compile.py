@@ -152,7 +152,7 @@ def _fp32_runs(spec: SystemSpec, members: Mapping[str, Member], samples: Sequenc
         references.append(runner.run(sample, i, log=log))
         logs.append(log)
     check_all_called(spec, logs)
-    objectives = system_objectives(references[0], options.objectives)
+    objectives = system_objectives(references[0], options.objectives, spec.objectives)
     return Scoring(members, runner, samples, references, logs, objectives, split_samples(len(samples), options.seed))
 
 

@@ -98,7 +98,7 @@ def diff_system(spec_path: Path, compiled_dir: Path, samples: int, tolerance: fl
     quant_runner = SystemRunner(spec, session_graph_runner(quant))
     refs = [ref_runner.run(s, i) for i, s in enumerate(data)]
     outs = [quant_runner.run(s, i) for i, s in enumerate(data)]
-    objectives = system_objectives(refs[0])
+    objectives = system_objectives(refs[0], spec=spec.objectives)
     metrics = score_outputs(objectives, refs, outs, keep=True).metrics()
     per_sample = {n: [sqnr_db(r[n], o[n]) for r, o in zip(refs, outs, strict=True)] for n in metrics}
     doc = {"schema": "q4c.diff-system/1", "spec": str(spec_path), "quant": str(compiled_dir), "samples": len(data),
