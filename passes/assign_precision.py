@@ -10,7 +10,7 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions
-from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
 from q4c.quant.holdout import (
     PlanKind,
@@ -22,6 +22,7 @@ from q4c.quant.holdout import (
 )
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
+from q4c.quant.require_search import smallest_meeting
 from q4c.quant.sensitivity import SensitivityTable, gptq_eligible, measure
 from q4c.quant.tying import tied_groups
 from q4c.quant.weights import (
@@ -36,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 #: Average code bits of the default budget: the bytes of a uniform 4-bit plan.
 DEFAULT_AVG_BITS = 4.0
-#: Bisection steps of the --require search (each: one knapsack solve and one plan measured).
-REQUIRE_STEPS = 12
 #: Budgets (average code bits) of the predicted Pareto curve in the report.
 PARETO_AVG_BITS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 
@@ -53,6 +52,8 @@ class AssignPrecisionPass(Pass):
     """
 
     name = "assign-precision"
+    analysis = True
+    provides = frozenset({Artifact.PLAN})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = ctx.options
@@ -137,11 +138,10 @@ class AssignPrecisionPass(Pass):
                           uniform: tuple[int, ...] | None, table: SensitivityTable,
                           ctx: PassContext) -> tuple[Solution, bool]:
         """--require: the smallest plan whose measured figures on the held-out calibration samples
-        meet every requirement. Bisection over the byte budget between the cheapest plan and the
-        cap (--avg-bits/--size-budget/--ratio if given, else one byte under FP32), each step an
-        exact knapsack plan measured (closed loop for a stateful model's sequences, whatever
-        --scoring says); uniform
-        4-bit is tried too. Raises RequirementError (best figure and its size) when none meets it."""
+        meet every requirement, below the cap (--avg-bits/--size-budget/--ratio if given, else one
+        byte under FP32): q4c.quant.require_search (bisection over the budget, then single-tensor
+        downgrades), every plan measured (closed loop for a stateful model's sequences, whatever
+        --scoring says). Raises RequirementError (best figure and its size) when none meets it."""
         opts = ctx.options
         reqs = [parse_requirement(t) for t in opts.requirements]
         if table.runner is None:
@@ -170,25 +170,7 @@ class AssignPrecisionPass(Pass):
             return tried[choice]
 
         lowest = sum(min(o.cost for o in options) for options in items)
-        top = solve(items, cap).choice if cap >= lowest else None
-        best: tuple[int, ...] | None = top if top is not None and evaluate(top)[2] else None
-        if best is not None:
-            low, high = lowest, tried[best][0]
-            bottom = solve(items, lowest).choice
-            if evaluate(bottom)[2]:
-                best, high = bottom, lowest
-            for _ in range(REQUIRE_STEPS):
-                if high - low <= max(64, high // 200):
-                    break
-                mid = (low + high) // 2
-                choice = solve(items, mid).choice
-                if evaluate(choice)[2]:
-                    best, high = choice, min(tried[choice][0], mid)
-                else:
-                    low = mid
-        if uniform is not None and _cost(items, uniform) <= cap and evaluate(uniform)[2] and (
-                best is None or tried[uniform][0] < tried[best][0]):
-            best = uniform
+        best = smallest_meeting(items, cap, uniform, lambda choice: evaluate(choice)[2])
         if best is None and not tried:
             raise RequirementError(f"--require: the size cap ({cap} bytes) is below the smallest plan ({lowest} bytes)")
         if best is None:
