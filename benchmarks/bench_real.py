@@ -296,7 +296,15 @@ def _fp32_state_calls(run: Callable[[dict], dict], sample: list[dict] | dict, pa
 DFN_GRAPHS = ("enc", "erb_dec", "df_dec")
 
 
-def dfn3_rows(tmp: Path) -> list[dict]:
+#: the system compile of DeepFilterNet3 once per seed (how the driver samples are split into
+#: scoring and held-out, CompileOptions.seed): the spread of the plan over splits
+DFN3_SYSTEM_SEEDS = (0, 1)
+DFN3_SYSTEM = "q4c --system (one budget, scored on the enhanced audio)"
+
+
+def dfn3_rows(tmp: Path, only: tuple[str, ...] = ()) -> list[dict]:
+    """FP32 and every row of DeepFilterNet3 (`only`: the methods whose label contains one of
+    these strings; the FP32 row always)."""
     fetch, dfn3, audio = _real("fetch"), _real("dfn3"), _real("audio")
     src = {g: fetch.model_path(f"dfn3_{g}") for g in DFN_GRAPHS}
     fp32_bytes = sum(p.stat().st_size for p in src.values())
@@ -330,9 +338,10 @@ def dfn3_rows(tmp: Path) -> list[dict]:
                     clip_sqnr_min=min(sqnr_db(r, o) for r, o in zip(ref_out, out)),
                     latency_ratio=ratio, ms=ms, **_intelligibility(clean, out))
 
-    rows.append(_dfn3_system_row(tmp, judge))
+    wanted = lambda label: not only or any(o in label for o in only)  # noqa: E731
+    rows += [_dfn3_system_row(tmp, judge, seed) for seed in DFN3_SYSTEM_SEEDS if wanted(DFN3_SYSTEM)]
     builds = [(label, build, False) for label, build in CONTENDERS] + [(label, build, True) for label, build in TUNED]
-    for label, build, tuned in builds:
+    for label, build, tuned in (b for b in builds if wanted(b[0])):
         row: dict = {"model": "dfn3", "method": f"{label} (graph by graph)"}
         try:
             dst, chosen = {}, []
@@ -358,15 +367,19 @@ def dfn3_rows(tmp: Path) -> list[dict]:
     return rows
 
 
-def _dfn3_system_row(tmp: Path, judge: Callable[[dict[str, Path]], dict]) -> dict:
+def _dfn3_system_row(tmp: Path, judge: Callable[[dict[str, Path]], dict], seed: int = 0) -> dict:
     """The three graphs compiled as one system (q4c compile --system, issue 14): one byte budget
-    (the bytes of uniform 4-bit over all three) and sensitivity on the enhanced audio."""
+    (the bytes of uniform 4-bit over all three) and sensitivity on the enhanced audio; `seed`
+    splits the driver samples into scoring and held-out differently (seed 0: the last quarter held out)."""
+    from q4c.config import CompileOptions
     from q4c.system_compile import compile_system
 
-    row: dict = {"model": "dfn3", "method": "q4c --system (one budget, scored on the enhanced audio)"}
+    method = DFN3_SYSTEM if seed == 0 else f"{DFN3_SYSTEM[:-1]}, samples split by seed {seed})"
+    row: dict = {"model": "dfn3", "method": method}
     try:
-        outdir = tmp / "dfn3_system"
-        compile_system(REAL / "dfn3_system.toml", outdir, verify=False)
+        outdir = tmp / f"dfn3_system_{seed}"
+        report = compile_system(REAL / "dfn3_system.toml", outdir, CompileOptions(seed=seed), verify=False)
+        row["kept"] = report["sensitivity"]["measured"].get("kept")
         row.update(judge({g: outdir / f"{g}.onnx" for g in DFN_GRAPHS}))
     except Exception as e:  # noqa: BLE001
         row.update(ok=False, error=_first_line(e))
@@ -468,8 +481,8 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true", help="keep the saved rows of the models not rerun now")
     parser.add_argument("--render-only", action="store_true", help="re-render the saved rows (no measuring)")
     parser.add_argument("--methods", default=None,
-                        help="Silero: rerun only the methods whose label contains one of these comma-separated "
-                             "strings (e.g. 'require'); the saved rows of the other methods are kept")
+                        help="rerun only the methods whose label contains one of these comma-separated "
+                             "strings (e.g. 'require', 'q4c --system'); the saved rows of the other methods are kept")
     args = parser.parse_args()
     fetch = _real("fetch")
     names = args.models.split(",") if args.models else [*fetch.SILERO, "dfn3"]
@@ -481,7 +494,7 @@ def main() -> int:
         for name in names:
             print(f"bench: {name}", file=sys.stderr)
             if name == "dfn3":
-                rows.extend(dfn3_rows(Path(tmp)))
+                rows.extend(dfn3_rows(Path(tmp), tuple(args.methods.split(",")) if args.methods else ()))
                 hashes.update({n: fetch.SHA256[f"{n}.onnx"] for n in fetch.DFN3})
             else:
                 rows.extend(silero_rows(name, Path(tmp), tuple(args.methods.split(",")) if args.methods else ()))
