@@ -11,7 +11,7 @@ from q4c import graph as g
 from q4c.calib.readers import synthetic_samples
 from q4c.calib.runner import collect, float_tensors
 from q4c.calib.table import CalibrationTable
-from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ class CalibratePass(Pass):
     """
 
     name = "calibrate"
+    analysis = True
+    provides = frozenset({Artifact.CALIBRATION})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = ctx.options

@@ -17,10 +17,10 @@ import onnx_graphsurgeon as gs
 from q4c import graph as g
 from q4c import kernel_cache
 from q4c import ort as q4ort
-from q4c.config import CODEBOOK_SCHEMES, Target
+from q4c.config import CODEBOOK_SCHEMES, CompileOptions, Target
 from q4c.errors import ConfigError
 from q4c.forms import Decision, check_form, rule_forms
-from q4c.pipeline import Pass, PassContext, PassResult, run_one
+from q4c.pipeline import Artifact, Pass, PassContext, PassResult, run_one
 from q4c.quant.plan import Form, FormBasis, PrecisionPlan
 from q4c.quant.tying import share_transposed_tables
 from q4c.quant.weights import WeightSlot, find_weight_slots
@@ -47,6 +47,10 @@ class ChooseKernelsPass(Pass):
 
     name = "choose-kernels"
     analysis = True
+    provides = frozenset({Artifact.FORMS})
+
+    def needs(self, options: CompileOptions) -> frozenset[Artifact]:
+        return frozenset({Artifact.PLAN})
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         ctx.require_plan()

@@ -25,7 +25,8 @@ import onnx_graphsurgeon as gs
 
 from q4c import graph as g
 from q4c.calib.table import CalibrationTable
-from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.config import CompileOptions
+from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant.plan import FLOAT, Form, FormBasis, TensorPrecision
 from q4c.quant.qparams import quantize
 from q4c.quant.weights import WeightSlot, find_weight_slots
@@ -64,6 +65,10 @@ class InsertActivationQdqPass(Pass):
     """
 
     name = "insert-activation-qdq"
+    provides = frozenset({Artifact.INT8_ACTIVATIONS})
+
+    def needs(self, options: CompileOptions) -> frozenset[Artifact]:
+        return frozenset({Artifact.CALIBRATION, Artifact.PLAN}) if options.activations == "int8" else frozenset()
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.options.activations == "int8":

@@ -15,8 +15,9 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from q4c import graph as g
+from q4c.config import CompileOptions
 from q4c.errors import PostconditionError
-from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant.packing import (
     gather_block_quantized_weights,
     kernel_bits,
@@ -40,6 +41,9 @@ class LowerOrtKernelsPass(Pass):
     """
 
     name = "lower-ort-kernels"
+
+    def needs(self, options: CompileOptions) -> frozenset[Artifact]:
+        return frozenset({Artifact.FORMS})
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         ctx.require_forms(self.name)

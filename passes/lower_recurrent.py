@@ -22,9 +22,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from q4c import graph as g
+from q4c.config import CompileOptions
 from q4c.errors import PostconditionError
 from q4c.forms import DYNAMIC_LSTM_MIN_HIDDEN, SCAN_MIN_HIDDEN, choose_form
-from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant.plan import Form
 from q4c.recurrent_lowering import (
     Emitter,
@@ -80,6 +81,9 @@ class LowerRecurrentPass(Pass):
     """
 
     name = "lower-recurrent"
+
+    def needs(self, options: CompileOptions) -> frozenset[Artifact]:
+        return frozenset({Artifact.FORMS})
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         ctx.require_forms(self.name)

@@ -28,6 +28,7 @@ class MeasureSensitivityPass(Pass):
     """
 
     name = "measure-sensitivity"
+    analysis = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = ctx.options

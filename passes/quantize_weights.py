@@ -10,9 +10,9 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from q4c import graph as g
-from q4c.config import CODEBOOK_SCHEMES, Granularity
+from q4c.config import CODEBOOK_SCHEMES, CompileOptions, Granularity
 from q4c.errors import ConfigError
-from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant.codebook import CodebookWeight, emit_decoder
 from q4c.quant.gptq import input_hessians
 from q4c.quant.packing import onnx_codes, storage_bits
@@ -45,6 +45,10 @@ class QuantizeWeightsPass(Pass):
     """
 
     name = "quantize-weights"
+
+    def needs(self, options: CompileOptions) -> frozenset[Artifact]:
+        int8 = {Artifact.INT8_ACTIVATIONS} if options.activations == "int8" else set()
+        return frozenset({Artifact.PLAN, Artifact.FORMS, *int8})
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         ctx.require_plan()

@@ -35,13 +35,13 @@ from q4c.errors import (
 )
 from q4c.metrics import sqnr_db  # noqa: F401  (re-exported: q4c.testing and the benchmarks import it from here)
 from q4c.objectives import group_sequences
-from q4c.pipeline import PassContext, Pipeline
+from q4c.pipeline import Artifact, PassContext, Pipeline
 from q4c.quant.packing import INT2_OPSET
 from q4c.quant.plan import FLOAT, Form, PrecisionPlan
 from q4c.quant.sensitivity import objectives_for
 from q4c.quant.tying import share_transposed_tables
 from q4c.quant.weights import WeightSlot, find_weight_slots
-from q4c.registry import find_pass, resolve_pipeline
+from q4c.registry import complete_pipeline, find_pass, resolve_pipeline
 from q4c.verify import (
     QUALITY_SAMPLES,
     describe_loss,
@@ -87,7 +87,10 @@ def compile_model(
     model, nonfinite = refuse_nonfinite_weights(model, allow=options.allow_nonfinite)
     if nonfinite:  # --allow-nonfinite: those weights (and what is computed from them) stay float
         options = dataclasses.replace(options, keep_fp32=options.keep_fp32.union(*(f.reaches for f in nonfinite)))
-    names = _with_calibration(resolve_pipeline(passes, DEFAULT_PIPELINE), options, save_calib is not None)
+    # a table to save or load, or ranges for int8 activations: calibrated before the analyses
+    calibrated = save_calib is not None or options.calib_table is not None or options.activations == "int8"
+    wanted = frozenset({Artifact.CALIBRATION}) if calibrated else frozenset()
+    names = complete_pipeline(resolve_pipeline(passes, DEFAULT_PIPELINE), options, wanted)
     converted = g.convert_opset(model, _target_opset(options))
     graph = g.import_graph(converted)
     ctx = _context(converted, options, samples, sample_progress)
@@ -250,20 +253,6 @@ def compile_file(
     report["compression"] = round(in_bytes / out_bytes, 3)
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
-
-
-def _with_calibration(names: list[str], options: CompileOptions, save_calib: bool) -> list[str]:
-    """Add 'insert-activation-qdq' (before quantize-weights) for --activations int8, and
-    'calibrate' (before the analyses) when something needs or saves a calibration table."""
-    names = list(names)
-    if options.activations == "int8" and "insert-activation-qdq" not in names and "quantize-weights" in names:
-        names.insert(names.index("quantize-weights"), "insert-activation-qdq")
-    wanted = save_calib or options.calib_table is not None or (
-        options.activations == "int8" and "insert-activation-qdq" in names)
-    if wanted and "calibrate" not in names:
-        anchors = [n for n in ("measure-sensitivity", "assign-precision", "insert-activation-qdq") if n in names]
-        names.insert(names.index(anchors[0]) if anchors else len(names), "calibrate")
-    return names
 
 
 def _int8_session_config(model: onnx.ModelProto, config: dict[str, str], slow_ops: list[str],

@@ -4,6 +4,7 @@ their chores: preconditions, cleanup, postconditions, timing, dumps, and honesty
 from __future__ import annotations
 
 import abc
+import enum
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -105,12 +106,30 @@ class PassContext:
             logger.warning("%s", message)
 
 
+class Artifact(enum.Enum):
+    """What a pass leaves in the context for later passes (see Pass.provides / Pass.needs)."""
+
+    CALIBRATION = "calibration"  # ctx.calibration: activation ranges
+    PLAN = "plan"  # ctx.plan: bits, scheme, granularity per weight
+    FORMS = "forms"  # the plan's lowering form per quantized weight
+    INT8_ACTIVATIONS = "int8-activations"  # Q/DQ on activations, their weights int8 (before quantize-weights)
+
+
 class Pass(abc.ABC):
-    """An in-place transformation (or analysis) of a graph-surgeon graph."""
+    """An in-place transformation (or analysis) of a graph-surgeon graph.
+
+    `provides` and `needs(options)` declare what flows between passes through the context; the
+    compiler completes a pipeline with the built-in providers of unmet needs
+    (q4c.registry.complete_pipeline), so a pass runs once, where its inputs are ready."""
 
     name: ClassVar[str]
+    provides: ClassVar[frozenset[Artifact]] = frozenset()
     #: an analysis fills the context (plan, tables) and never edits the graph: the audit holds it to that
     analysis: ClassVar[bool] = False
+
+    def needs(self, options: CompileOptions) -> frozenset[Artifact]:
+        """What must be in the context before this pass runs, with these options."""
+        return frozenset()
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:  # noqa: B027 - optional hook
         """Raise PreconditionError if the pass cannot run on this graph/context."""

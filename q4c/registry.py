@@ -7,9 +7,13 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from q4c.errors import ConfigError
-from q4c.pipeline import Pass
+from q4c.pipeline import Artifact, Pass
+
+if TYPE_CHECKING:
+    from q4c.config import CompileOptions
 
 ENTRY_POINT_GROUP = "q4c.passes"
 
@@ -118,3 +122,38 @@ def resolve_pipeline(spec: str | None, default: tuple[str, ...]) -> list[str]:
     if not names:
         raise ConfigError("--passes leaves no pass to run")
     return names
+
+
+#: built-in passes the compiler inserts when a pass needs what they provide and none came before
+AUTO_PROVIDERS: dict[Artifact, str] = {
+    Artifact.CALIBRATION: "calibrate",
+    Artifact.FORMS: "choose-kernels",
+    Artifact.INT8_ACTIVATIONS: "insert-activation-qdq",
+}
+
+
+def complete_pipeline(names: list[str], options: CompileOptions, wanted: frozenset[Artifact] = frozenset()) -> list[str]:
+    """`names` with the providers of unmet needs inserted: each right before the first pass that
+    needs it (after that provider's own needs), and `wanted` artifacts (e.g. a calibration table
+    to save) before the first analysis. Needs without an automatic provider (the plan) are checked
+    when the pass runs (its `requires`)."""
+    names = list(names)
+    for artifact in sorted(wanted, key=lambda a: a.value):
+        if not any(artifact in find_pass(n).provides for n in names):
+            anchor = next((i for i, n in enumerate(names) if find_pass(n).analysis or artifact in _needs(n, options)),
+                          len(names))
+            names.insert(anchor, AUTO_PROVIDERS[artifact])
+    i = 0
+    while i < len(names):
+        provided = {a for n in names[:i] for a in find_pass(n).provides}
+        missing = [a for a in sorted(_needs(names[i], options), key=lambda a: a.value)
+                   if a not in provided and a in AUTO_PROVIDERS and AUTO_PROVIDERS[a] not in names[i:]]
+        if missing:
+            names.insert(i, AUTO_PROVIDERS[missing[0]])  # then its own needs, on the next turn
+            continue
+        i += 1
+    return names
+
+
+def _needs(name: str, options: CompileOptions) -> frozenset[Artifact]:
+    return find_pass(name)().needs(options)
