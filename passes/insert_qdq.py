@@ -30,6 +30,7 @@ from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant.plan import FLOAT, Form, FormBasis, TensorPrecision
 from q4c.quant.qparams import quantize
 from q4c.quant.weights import WeightSlot, find_weight_slots
+from q4c.records import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +188,10 @@ class InsertActivationQdqPass(Pass):
             error = qw.dequantize() - values
             noise = float(np.sum(np.square(error, dtype=np.float64)))
             power = float(np.sum(np.square(values, dtype=np.float64)))
-            ctx.quantized.append({
-                "name": weight.name, "codes": codes.name, "op": slot.node.op, "role": slot.role,
-                "shape": list(values.shape), "bits": 8, "granularity": "channel", "scheme": "symmetric",
-                "stored_bits": 8, "activations": "uint8",
-                "sensitivity": {"weight_sqnr_db": float("inf") if noise == 0 else round(10 * np.log10(power / noise), 2)},
-            })
+            ctx.quantized.append(QuantizedTensor(
+                name=weight.name, codes=codes.name, op=slot.node.op, role=slot.role, shape=list(values.shape), bits=8,
+                granularity="channel", scheme="symmetric", stored_bits=8, activations="uint8",
+                sensitivity={"weight_sqnr_db": float("inf") if noise == 0 else round(10 * np.log10(power / noise), 2)}))
         codes, scale, zp = done[weight.name]
         out = gs.Variable(g.unique_name(root, f"{weight.name}_dq"), dtype=np.float32, shape=list(values.shape))
         root.nodes.append(gs.Node("DequantizeLinear", g.unique_name(root, f"{weight.name}_DequantizeLinear"),

@@ -50,7 +50,7 @@ class LowerOrtKernelsPass(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         forms = ctx.forms_by_codes()
-        bits_of = {q["codes"]: q["bits"] for q in ctx.quantized}
+        bits_of = {q.codes: q.bits for q in ctx.quantized if q.has_codes}
         self._packed: dict[str, gs.Constant] = {}  # content hash -> packed initializer, shared
         stats = {"matmulnbits": 0, "gather_block_quantized": 0}
         for sub in list(g.iter_graphs(graph)):

@@ -90,7 +90,7 @@ class LowerRecurrentPass(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         forms = ctx.forms_by_codes()
-        bits_of = {q["codes"]: q["bits"] for q in ctx.quantized if "codes" in q}
+        bits_of = {q.codes: q.bits for q in ctx.quantized if q.has_codes}
         stats: dict[str, int] = defaultdict(int)
         for sub in list(g.iter_graphs(graph)):
             for node in [n for n in sub.nodes if n.op in ("LSTM", "GRU", "RNN") and n.domain in ("", "ai.onnx", None)]:
@@ -131,17 +131,17 @@ def _planned_form(layer: RecurrentLayer, forms: dict[str, Form]) -> Form | None:
 def _record_requantized(ctx: PassContext, req: Requantized, layer: RecurrentLayer) -> None:
     """Per-channel re-quantization adds error: fold it into the report's weight SQNR."""
     for entry in ctx.quantized:
-        if entry.get("codes") != req.codes_name:
+        if entry.codes != req.codes_name:
             continue
         weights = layer.w if layer.w[0].codes_name == req.codes_name else layer.r
         power = float(sum(np.sum(np.square(w.dequantize(), dtype=np.float64)) for w in weights))
-        sens = dict(entry.get("sensitivity") or {})
+        sens = dict(entry.sensitivity)
         old = sens.get("weight_sqnr_db")
         noise = req.noise + (power / 10 ** (old / 10) if isinstance(old, (int, float)) and math.isfinite(old) else 0.0)
         if noise > 0:
             sens["weight_sqnr_db"] = round(10 * math.log10(power / noise), 2)
-        entry["sensitivity"] = sens
-        entry["granularity"] = "channel"
+        entry.sensitivity = sens
+        entry.granularity = "channel"
 
 
 __all__ = ["DYNAMIC_LSTM_MIN_HIDDEN", "SCAN_MIN_HIDDEN", "LowerRecurrentPass", "choose_form"]

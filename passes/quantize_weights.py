@@ -19,6 +19,7 @@ from q4c.quant.packing import onnx_codes, storage_bits
 from q4c.quant.plan import FLOAT, Form, TensorPrecision
 from q4c.quant.sensitivity import gptq_eligible
 from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
+from q4c.records import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -150,19 +151,11 @@ class QuantizeWeightsPass(Pass):
                 dq_out[key] = out
             slot.node.inputs[slot.index] = dq_out[key]
         error = qw.dequantize() - values  # what DequantizeLinear reproduces, up to float16 rounding
-        ctx.quantized.append({
-            "name": weight.name,
-            "codes": codes.name,
-            "op": first.node.op,
-            "role": first.role,
-            "shape": list(values.shape),
-            "bits": bits,
-            "granularity": _granularity(kind, qw.block_size, int(qw.axis), first.reduce_axis),
-            "block_axis": int(qw.axis) if kind == "block" else None,
-            "stored_bits": storage_bits(bits, ctx.opset),
-            "scheme": scheme,
-            "sensitivity": {"weight_sqnr_db": _sqnr_db(values, error)},
-        })
+        ctx.quantized.append(QuantizedTensor(
+            name=weight.name, codes=codes.name, op=first.node.op, role=first.role, shape=list(values.shape), bits=bits,
+            granularity=_granularity(kind, qw.block_size, int(qw.axis), first.reduce_axis),
+            block_axis=int(qw.axis) if kind == "block" else None, stored_bits=storage_bits(bits, ctx.opset),
+            scheme=scheme, sensitivity={"weight_sqnr_db": _sqnr_db(values, error)}))
 
 
 def _kernel_scales(precision: TensorPrecision, ctx: PassContext) -> bool:
@@ -174,22 +167,13 @@ def _kernel_scales(precision: TensorPrecision, ctx: PassContext) -> bool:
 
 
 def _codebook_entry(name: str, codes: str, first: WeightSlot, values: np.ndarray, cw: CodebookWeight,
-                    error: np.ndarray) -> dict:
-    return {
-        "name": name,
-        "codes": codes,
-        "op": first.node.op,
-        "role": first.role,
-        "shape": list(values.shape),
-        "bits": cw.bits,
-        "granularity": cw.granularity,
-        "block_axis": None,
-        "stored_bits": cw.bits,
-        "scheme": cw.scheme,
-        "codebook": {"index_bytes": cw.index_bytes, "table_bytes": cw.table_bytes, "scale_bytes": cw.scale_bytes,
-                     "tables": int(cw.table.shape[0]), "mu": cw.mu},
-        "sensitivity": {"weight_sqnr_db": _sqnr_db(values, error)},
-    }
+                    error: np.ndarray) -> QuantizedTensor:
+    return QuantizedTensor(
+        name=name, codes=codes, op=first.node.op, role=first.role, shape=list(values.shape), bits=cw.bits,
+        granularity=cw.granularity, block_axis=None, stored_bits=cw.bits, scheme=cw.scheme,
+        codebook={"index_bytes": cw.index_bytes, "table_bytes": cw.table_bytes, "scale_bytes": cw.scale_bytes,
+                  "tables": int(cw.table.shape[0]), "mu": cw.mu},
+        sensitivity={"weight_sqnr_db": _sqnr_db(values, error)})
 
 
 def _granularity(kind: str, block_size: int, axis: int, reduce_axis: int) -> str:

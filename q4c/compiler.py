@@ -41,6 +41,7 @@ from q4c.quant.plan import FLOAT, Form, PrecisionPlan
 from q4c.quant.sensitivity import objectives_for
 from q4c.quant.tying import share_transposed_tables
 from q4c.quant.weights import WeightSlot, find_weight_slots
+from q4c.records import QuantizedTensor
 from q4c.registry import complete_pipeline, find_pass, resolve_pipeline
 from q4c.verify import (
     QUALITY_SAMPLES,
@@ -150,7 +151,7 @@ def _report(converted: onnx.ModelProto, graph: gs.Graph, out: onnx.ModelProto, c
         "input": {"params": _float_params(converted)},
         "avg_weight_bits": _avg_weight_bits(graph, ctx),
         "weight_bytes": _weight_bytes(out),
-        "tensors": ctx.quantized,
+        "tensors": [q.to_json() for q in ctx.quantized],
         "passes": [{"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 4), "stats": r.stats}
                    for r in ctx.records],
         "session_config": config,
@@ -162,7 +163,7 @@ def _report(converted: onnx.ModelProto, graph: gs.Graph, out: onnx.ModelProto, c
         report["sensitivity"] = ctx.sensitivity.summary()
     if ctx.pareto:
         report["pareto"] = ctx.pareto
-    stored = [(int(np.prod(q["shape"])), q.get("stored_bits", q["bits"])) for q in ctx.quantized]
+    stored = [(int(np.prod(q.shape)), q.stored_bits) for q in ctx.quantized]
     if stored:
         report["avg_stored_bits"] = round(sum(n * b for n, b in stored) / sum(n for n, _ in stored), 3)
     if ctx.plan is not None:
@@ -322,16 +323,15 @@ def _add_sensitivity(ctx: PassContext) -> None:
     table = ctx.sensitivity
     if table is None:
         return
-    done = {q["name"] for q in ctx.quantized}
+    done = {q.name for q in ctx.quantized}
     for q in ctx.quantized:
-        if q["name"] in table.scores:
-            q["sensitivity"][table.measure] = dict(table.scores[q["name"]])
+        if q.name in table.scores:
+            q.sensitivity[table.measure] = dict(table.scores[q.name])
     for name, slot in table.slots.items():
         if name not in done and ctx.plan is not None and name in ctx.plan.tensors:
-            ctx.quantized.append({"name": name, "op": slot.node.op, "role": slot.role,
-                                  "shape": [int(d) for d in slot.tensor.shape], "bits": FLOAT, "granularity": "none",
-                                  "scheme": "float", "stored_bits": 32,
-                                  "sensitivity": {table.measure: dict(table.scores[name])}})
+            ctx.quantized.append(QuantizedTensor(
+                name=name, op=slot.node.op, role=slot.role, shape=[int(d) for d in slot.tensor.shape], bits=FLOAT,
+                granularity="none", scheme="float", stored_bits=32, sensitivity={table.measure: dict(table.scores[name])}))
     for point in ctx.pareto:
         measured = table.measure_plan(point["choice"], ctx.options.granularity)
         if measured is not None:
@@ -345,12 +345,12 @@ def _float_params(model: onnx.ModelProto) -> int:
 
 def _avg_weight_bits(graph: Any, ctx: PassContext) -> float | None:
     """Mean code bits over every quantizable weight (float ones count 32)."""
-    quantized = {q["name"]: q for q in ctx.quantized if q["bits"] != FLOAT}
+    quantized = {q.name: q for q in ctx.quantized if q.bits != FLOAT}
     total = weighted = 0
-    for name, entry in quantized.items():
-        n = int(np.prod(entry["shape"]))
+    for entry in quantized.values():
+        n = int(np.prod(entry.shape))
         total += n
-        weighted += n * entry["bits"]
+        weighted += n * entry.bits
     if ctx.plan is not None:
         # Planned-but-float tensors are still float constants in the graph: they count 32 bits.
         still_float = {s.tensor.name: s.tensor for s in find_weight_slots(graph) if isinstance(s, WeightSlot)}

@@ -19,8 +19,11 @@ from q4c import graph as g
 from q4c.errors import PassError, PostconditionError, PreconditionError, Q4cError
 
 if TYPE_CHECKING:
+    from q4c.calib.table import CalibrationTable
     from q4c.config import CompileOptions
+    from q4c.quant.sensitivity import SensitivityTable
     from q4c.quant.plan import Form, PrecisionPlan
+    from q4c.records import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +62,10 @@ class PassContext:
     state_pairs: dict[str, str] = field(default_factory=dict)
     #: called by passes that loop over samples with (done, total or None): the CLI's progress bar
     sample_progress: Callable[[int, int | None], None] | None = None
-    calibration: Any = None
+    #: calibrate's activation ranges, read by insert-activation-qdq
+    calibration: CalibrationTable | None = None
     #: measure-sensitivity's table, read by assign-precision
-    sensitivity: Any = None
+    sensitivity: SensitivityTable | None = None
     #: assign-precision's predicted damage-vs-bytes points (budgeted plans only)
     pareto: list[dict[str, Any]] = field(default_factory=list)
     plan: PrecisionPlan | None = None
@@ -69,10 +73,11 @@ class PassContext:
     kernel_choice: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     session_config: dict[str, str] = field(default_factory=dict)
-    quantized: list[dict[str, Any]] = field(default_factory=list)
+    #: what quantize-weights / insert-activation-qdq stored, one record per weight
+    quantized: list[QuantizedTensor] = field(default_factory=list)
     records: list[PassRecord] = field(default_factory=list)
 
-    def require_calibration(self) -> Any:
+    def require_calibration(self) -> CalibrationTable:
         if self.calibration is None:
             raise PreconditionError("no calibration table; run 'calibrate' first or pass --calib")
         return self.calibration
@@ -87,14 +92,14 @@ class PassContext:
         plan = self.plan
         if plan is None:
             return {}
-        return {q["codes"]: plan.tensors[q["name"]].form for q in self.quantized
-                if "codes" in q and q["name"] in plan.tensors and plan.tensors[q["name"]].form is not None}
+        return {q.codes: plan.tensors[q.name].form for q in self.quantized
+                if q.has_codes and q.name in plan.tensors and plan.tensors[q.name].form is not None}
 
     def require_forms(self, pass_name: str) -> None:
         """A lowering pass reads each quantized weight's form from the plan (choose-kernels writes them)."""
         plan = self.plan
-        missing = [q["name"] for q in self.quantized
-                   if plan is None or q["name"] not in plan.tensors or plan.tensors[q["name"]].form is None]
+        missing = [q.name for q in self.quantized
+                   if plan is None or q.name not in plan.tensors or plan.tensors[q.name].form is None]
         if missing:
             raise PreconditionError(f"{pass_name}: the plan has no lowering form for {missing[0]}"
                                     f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
