@@ -24,6 +24,13 @@ class Target(enum.Enum):
     ONNX = "onnx"  # standard ONNX only: DequantizeLinear feeding the float op
 
 
+class WorkerBackend(enum.Enum):
+    """Where measure-sensitivity scores: threads of this process, or Ray workers (q4c.distributed)."""
+
+    THREADS = "threads"
+    RAY = "ray"
+
+
 @dataclass(frozen=True)
 class Granularity:
     """How scales are shared: one per output channel, or one per `block` along the reduction axis.
@@ -115,6 +122,10 @@ class CompileOptions:
     schemes: tuple[str, ...] = ()
     #: threads that score tensors in measure-sensitivity (0: one per CPU, at most 4)
     workers: int = 0
+    #: threads, or Ray workers (then `workers` counts Ray actors, 0: one per CPU of the cluster)
+    workers_backend: WorkerBackend = WorkerBackend.THREADS
+    #: Ray cluster to join (None: $RAY_ADDRESS if set, else a local Ray started for the compile)
+    ray_address: str | None = None
     #: compile a model whose weights hold NaN or infinite values (refused otherwise); those
     #: weights stay float, with a warning
     allow_nonfinite: bool = False

@@ -11,7 +11,15 @@ import click
 
 from q4c.cli.render import emit_json, human_bytes, table
 from q4c.compiler import compile_file
-from q4c.config import CODEBOOK_SCHEMES, KERNELS, UNIFORM_SCHEMES, CompileOptions, Granularity, Target
+from q4c.config import (
+    CODEBOOK_SCHEMES,
+    KERNELS,
+    UNIFORM_SCHEMES,
+    CompileOptions,
+    Granularity,
+    Target,
+    WorkerBackend,
+)
 from q4c.errors import QualityLostError
 from q4c.graph import check_writable, write_text
 
@@ -46,8 +54,11 @@ from q4c.graph import check_writable, write_text
 @click.option("--schemes", "schemes", default=None, metavar="LIST",
               help="Schemes a budgeted plan may choose from per tensor (comma-separated; symmetric always "
                    "stays). Default: all (symmetric-absmax, gptq, mulaw, kmeans, nf4 where they apply).")
-@click.option("--workers", type=int, default=0, show_default=True,
-              help="Threads that measure sensitivity in parallel (0: one per CPU, at most 4).")
+@click.option("--workers", "workers", default="0", show_default=True, metavar="N|ray|ray:N",
+              help="Threads that measure sensitivity in parallel (0: one per CPU, at most 4); 'ray': Ray workers, "
+                   "one per CPU of the cluster ('ray:N': N of them), see --ray-address.")
+@click.option("--ray-address", "ray_address", default=None, metavar="ADDR",
+              help="--workers ray: the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray for this run).")
 @click.option("--candidates", default="2,3,4,8", show_default=True,
               help="Bit widths the allocation may choose from (keeping FP32 is always a choice).")
 @click.option("--sensitivity", type=click.Choice(["kl", "hessian", "mse"]), default="kl", show_default=True,
@@ -140,7 +151,7 @@ from q4c.graph import check_writable, write_text
                    "export); those weights stay float, with a warning.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: float | None, size_budget: int | None,
-                ratio: float | None, scheme: str, workers: int, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
+                ratio: float | None, scheme: str, workers: str, ray_address: str | None, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
                 passes: str | None,
                 data: Path | None, calib_reader: str | None, calib_samples: int, activations: str, observer: str,
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
@@ -170,7 +181,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         size_budget=size_budget,
         ratio=ratio,
         scheme=scheme,
-        workers=workers,
+        **_parse_workers(workers, ray_address),
         candidates=_parse_candidates(candidates),
         sensitivity=sensitivity,
         granularity=Granularity.parse(granularity),
@@ -348,6 +359,22 @@ def _print_objectives(report: dict) -> None:
         click.echo(f"required {', '.join(req['requirements'])}: met with {', '.join(req['figures'])} at "
                    f"{req['bytes']} of {req['fp32_bytes']} FP32 weight bytes ({req['plans_measured']} plans measured "
                    f"on held-out samples {held})")
+
+
+def _parse_workers(text: str, ray_address: str | None) -> dict[str, Any]:
+    """--workers N (threads), ray or ray:N (Ray workers; N = 0: one per cluster CPU)."""
+    backend, _, count = text.strip().partition(":") if text.strip().startswith("ray") else ("", "", text)
+    try:
+        n = int(count or 0)
+    except ValueError:
+        raise click.BadParameter(f"expected a thread count, 'ray' or 'ray:N', not {text!r}",
+                                 param_hint="--workers") from None
+    if ray_address is not None and backend != "ray":
+        raise click.BadParameter("--ray-address needs --workers ray", param_hint="--ray-address")
+    if backend not in ("", "ray"):
+        raise click.BadParameter(f"expected a thread count, 'ray' or 'ray:N', not {text!r}", param_hint="--workers")
+    return {"workers": n, "workers_backend": WorkerBackend.RAY if backend else WorkerBackend.THREADS,
+            "ray_address": ray_address}
 
 
 def _parse_candidates(text: str) -> tuple[int, ...]:

@@ -1,0 +1,108 @@
+"""Sensitivity on Ray workers (q4c.distributed): the same scores and plan as threads, a worker
+killed mid-run is retried, and a clear error without Ray installed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from q4c import graph as g
+from q4c.calib.readers import synthetic_samples
+from q4c.cli import main
+from q4c.config import CompileOptions, WorkerBackend
+from q4c.errors import ConfigError
+from q4c.quant.sensitivity import measure
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def _mlp(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [1, 8, 64] -> MatMul 64x128 -> Relu -> MatMul 128x64 -> MatMul 64x16 -> Softmax (kl objective)."""
+    weights = [("w1", (64, 128)), ("w2", (128, 64)), ("w3", (64, 16))]
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, s,
+                                (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32).ravel())
+             for n, s in weights]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("MatMul", ["h2", "w3"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["p"], axis=-1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 8, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def _measure(model: onnx.ModelProto, opts: CompileOptions, **kwargs):
+    samples = synthetic_samples(model, count=2, seed=1)
+    return measure(g.import_graph(model), opts, 21, samples, **kwargs)
+
+
+def test_without_ray_installed_the_ray_backend_is_a_one_line_error(monkeypatch, rng):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ConfigError, match=r"needs Ray, which is not installed: pip install 'q4c\[ray\]'"):
+        _measure(_mlp(rng), CompileOptions(workers=2, workers_backend=WorkerBackend.RAY))
+
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("sensitivity", ["kl", "hessian"])
+def test_ray_workers_give_the_scores_threads_give(local_ray, rng, sensitivity):
+    model = _mlp(rng)
+    threads = _measure(model, CompileOptions(workers=1, sensitivity=sensitivity))
+    on_ray = _measure(model, CompileOptions(workers=2, workers_backend=WorkerBackend.RAY, sensitivity=sensitivity))
+    assert on_ray.scores == threads.scores  # bit-identical, in the same order
+    assert on_ray.trace == threads.trace
+    assert on_ray.distributed["workers"] == 2
+    per_tensor = {n: len(s) for n, s in threads.scores.items()}
+    want = sum(per_tensor.values()) if sensitivity == "kl" else len(per_tensor)  # kl: one task per pair
+    assert on_ray.distributed["tasks"] == want
+    assert all(v > 0 for s in on_ray.scores.values() for v in s.values())
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_its_task_retried(local_ray, rng, monkeypatch):
+    from q4c import distributed
+
+    model = _mlp(rng)
+    threads = _measure(model, CompileOptions(workers=1))
+    killed: list[int] = []
+    pids: list[int] = []
+
+    def kill_once(done: int, actors: list) -> None:
+        if not killed:  # the first worker, with a task still in flight, dies once
+            pids.append(ray.get(actors[0].pid.remote()))
+            ray.kill(actors[0], no_restart=False)
+            killed.append(done)
+
+    real = distributed.score_on_ray
+    monkeypatch.setattr(distributed, "score_on_ray",
+                        lambda job, tasks, opts, progress=None: real(job, tasks, opts, progress, on_result=kill_once))
+    on_ray = _measure(model, CompileOptions(workers=2, workers_backend=WorkerBackend.RAY))
+    assert killed == [1]
+    assert on_ray.scores == threads.scores
+
+
+def test_cli_workers_ray_writes_the_plan_workers_1_writes(local_ray, tmp_path):
+    plans = []
+    for workers in ("1", "ray:2"):
+        plan = tmp_path / f"plan_{workers.replace(':', '_')}.json"
+        result = CliRunner().invoke(main, ["compile", str(MODELS / "lstm_scan.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                           "--workers", workers, "--calib-samples", "2", "--no-verify",
+                                           "--save-plan", str(plan), "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["sensitivity"]["workers"] == (1 if workers == "1" else 2)
+        plans.append(json.loads(plan.read_text()))
+    assert plans[0] == plans[1]
