@@ -63,7 +63,8 @@ def _compile(src: Path, dst: Path, calib_dir: Path, **options) -> dict:
     latency = report.get("plan", {}).get("defaults", {}).get("latency") or {}
     return {"predicted_ratio": latency.get("predicted_ratio"), "budget_met": latency.get("budget_met"),
             "kept_assigned_bits": latency.get("kept_assigned_bits"), "optimality_gap": latency.get("optimality_gap"),
-            "forms": _form_counts(report), "costs": latency.get("costs")}
+            "forms": _form_counts(report), "costs": latency.get("costs"), "attempts": latency.get("attempts"),
+            "compile_measured_ratio": latency.get("measured_ratio")}
 
 
 def _form_counts(report: dict) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
@@ -21,16 +22,20 @@ from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.config import Target
 from q4c.errors import ConfigError, PreconditionError
-from q4c.latency.costs import costs
+from q4c.latency.costs import CostTable, costs
 from q4c.latency.forms import Form as LatencyForm
 from q4c.latency.layers import find_layers
+from q4c.latency.measure import Calibration, corrected, materialise, time_against_fp32
 from q4c.latency.planner import (
     LatencyPlan,
+    fp32_layer_seconds,
     latency_budget_seconds,
+    layer_seconds,
     plan_latency,
     variants,
 )
 from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.quant.candidates import scheme_key
 from q4c.quant.plan import FLOAT, Form, FormBasis, PrecisionPlan, TensorPrecision
 from q4c.timing import interleaved
 
@@ -38,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Wall-clock cap for timing the FP32 model (at least 5 runs).
 FP32_TIMING_SECONDS = 2.0
+#: Plans built and timed at most (each measurement corrects the next prediction).
+MEASURE_ROUNDS = 3
 
 
 def plan_form(form: LatencyForm) -> Form:
@@ -99,35 +106,94 @@ class ChooseFormsPass(Pass):
         fixed = _tied_bytes(plan, candidates, tied, table)
         byte_budget = _byte_budget(plan, candidates, tied, fixed)
         common = {"byte_budget": byte_budget - fixed, "fp32_s": fp32_s, "budget_s": seconds, "forms": allowed}
-        # assign-precision's bits (its guard may have preferred them to the knapsack's on held-out
-        # data) with their fastest forms, if that meets the budget; else re-plan bits and forms
-        try:
-            lp = plan_latency(layers, rest, own, table.scores, cost_table, shapes, fastest=True, **common)
-        except ConfigError as e:  # e.g. INT8 codes do not fit: re-plan below
-            logger.debug("choose-forms: assigned bits cannot be kept: %s", e)
-            lp = None
-        kept_bits = lp is not None and lp.met
-        if not kept_bits:
-            lp = plan_latency(layers, rest, candidates, table.scores, cost_table, shapes, **common)
+        solve = _Solver(layers, rest, own, candidates, table.scores, cost_table, shapes, common)
+        lp, attempts = _plan_measured(graph, ctx, plan, solve, seconds / fp32_s if _is_ratio(budget) else None)
         lp.nbytes += fixed
         lp.byte_budget = byte_budget
         if not lp.met:
-            ctx.warn(f"--latency-budget {budget}: no plan within {byte_budget} bytes is predicted to run in "
-                     f"{1e3 * seconds:.3f} ms; kept the fastest, predicted {1e3 * lp.predicted_s:.3f} ms "
-                     f"({lp.predicted_s / fp32_s:.2f}x FP32)")
+            ctx.warn(f"--latency-budget {budget}: no plan within {byte_budget} bytes met the budget "
+                     f"({1e3 * seconds:.3f} ms); kept the fastest measured, {lp.measured_ratio:.2f}x FP32 "
+                     f"(predicted {lp.predicted_s / fp32_s:.2f}x)")
         stats = _write(plan, lp, candidates)
-        plan.defaults["latency"] = {**lp.report(), "budget": str(budget), "kept_assigned_bits": kept_bits,
+        plan.defaults["latency"] = {**lp.report(), "budget": str(budget), "attempts": attempts,
                                     "costs": cost_table.report()}
         stats.update(planned_layers=len(layers), measured_costs=cost_table.measured, cached_costs=cost_table.cached,
-                     kept_assigned_bits=int(kept_bits))
+                     kept_assigned_bits=int(lp.kept_bits), plans_measured=len(attempts))
         logger.info("choose-forms: predicted %.3f ms (%.3fx FP32 %.3f ms), budget %.3f ms, %d bytes",
                     1e3 * lp.predicted_s, lp.predicted_s / fp32_s, 1e3 * fp32_s, 1e3 * seconds, lp.nbytes)
         return PassResult(False, {k: v for k, v in stats.items() if v})
 
 
-def _key(tp: TensorPrecision) -> str:
-    from q4c.quant.candidates import scheme_key
+def _is_ratio(budget: str) -> bool:
+    return not str(budget).strip().lower().endswith("ms")
 
+
+@dataclass
+class _Solver:
+    """The planner with everything fixed but the calibration of predicted time."""
+
+    layers: list
+    rest: list[str]
+    own: dict
+    candidates: dict
+    scores: dict
+    costs: CostTable
+    shapes: dict
+    common: dict
+
+    def __call__(self, calibration: Calibration | None) -> LatencyPlan:
+        """assign-precision's bits (its guard may have preferred them to the knapsack's on held-out
+        data) with their fastest forms if that meets the budget, else bits and forms re-planned."""
+        args = (self.layers, self.rest)
+        try:
+            lp = plan_latency(*args, self.own, self.scores, self.costs, self.shapes, fastest=True,
+                              calibration=calibration, **self.common)
+        except ConfigError as e:  # e.g. INT8 codes do not fit the byte budget: re-plan below
+            logger.debug("choose-forms: assigned bits cannot be kept: %s", e)
+            lp = None
+        if lp is not None and lp.met:
+            lp.kept_bits = True
+            return lp
+        return plan_latency(*args, self.candidates, self.scores, self.costs, self.shapes, calibration=calibration,
+                            **self.common)
+
+
+def _plan_measured(graph: gs.Graph, ctx: PassContext, plan: PrecisionPlan, solve: _Solver,
+                   ratio: float | None) -> tuple[LatencyPlan, list[dict]]:
+    """Solve, build the plan's model on a copy, time it against FP32, correct the prediction from
+    the measurement (q4c.latency.measure.corrected) and solve again, MEASURE_ROUNDS times at most.
+    Returns the least-damage plan that measured within budget, else the fastest measured one."""
+    fp32_model = g.export_model(graph.copy())
+    fp32_layers = fp32_layer_seconds(solve.layers, solve.costs)
+    calibration: Calibration | None = None
+    tried: list[tuple[LatencyPlan, float, float]] = []
+    attempts: list[dict] = []
+    for _ in range(MEASURE_ROUNDS):
+        lp = solve(calibration)
+        if any(lp.keys == t[0].keys and lp.forms == t[0].forms for t in tried):
+            break  # the corrected prediction chose a plan already measured
+        scratch = PrecisionPlan(dict(plan.tensors), dict(plan.defaults), plan.opset)
+        _write(scratch, lp, solve.candidates)
+        t_fp32, t_plan = time_against_fp32(fp32_model, materialise(graph, scratch, ctx), ctx.samples[0])
+        within = t_plan <= ratio * t_fp32 if ratio is not None else t_plan <= solve.common["budget_s"]
+        tried.append((lp, t_plan / t_fp32, within))
+        attempts.append({"kept_assigned_bits": lp.kept_bits, "predicted_ratio": round(lp.predicted_s / lp.fp32_s, 4), "measured_ratio": round(t_plan / t_fp32, 4),
+                         "within_budget": within, "damage": lp.damage, "bytes": lp.nbytes,
+                         "calibration": None if calibration is None else
+                         {"factor": round(calibration.factor, 4), "rest_ms": round(1e3 * calibration.rest, 4)}})
+        fallback = calibration or Calibration(1.0, max(t_fp32 - fp32_layers, 0.0))
+        new = corrected(t_fp32, t_plan, fp32_layers, layer_seconds(lp), fallback)
+        if calibration is not None and abs(new.factor - calibration.factor) < 0.02 * calibration.factor:
+            break
+        calibration = new
+    good = [t for t in tried if t[2]]
+    lp, measured, within = min(good, key=lambda t: t[0].damage) if good else min(tried, key=lambda t: t[1])
+    lp.met = within
+    lp.measured_ratio = measured
+    return lp, attempts
+
+
+def _key(tp: TensorPrecision) -> str:
     return scheme_key(tp.bits, tp.scheme)
 
 

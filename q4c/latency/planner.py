@@ -31,6 +31,7 @@ from q4c.latency.costs import CostTable
 from q4c.latency.forms import FORMS, Form, LayerKind, allows, timed_bits
 from q4c.latency.layers import Layer
 from q4c.latency.mckp import Option2, Plan2, solve2
+from q4c.latency.measure import Calibration
 from q4c.quant.candidates import Candidate
 from q4c.quant.plan import FLOAT
 
@@ -65,13 +66,19 @@ class LatencyPlan:
     #: False: no plan within the byte budget is predicted to meet the latency budget; this is the
     #: fastest one (least damage among the fastest)
     met: bool = True
+    #: set by callers that built and timed the plan: measured time / FP32 time
+    measured_ratio: float | None = None
+    #: the candidates were the byte plan's own (only the forms chosen here)
+    kept_bits: bool = False
 
     def report(self) -> dict[str, Any]:
         return {"predicted_ms": round(1e3 * self.predicted_s, 4), "fp32_ms": round(1e3 * self.fp32_s, 4),
                 "budget_ms": round(1e3 * self.budget_s, 4),
                 "predicted_ratio": round(self.predicted_s / self.fp32_s, 4) if self.fp32_s > 0 else None,
                 "bytes": self.nbytes, "byte_budget": self.byte_budget, "predicted_damage": self.damage,
-                "optimality_gap": self.gap, "budget_met": self.met, "layers": self.layers}
+                "optimality_gap": self.gap, "budget_met": self.met, "kept_assigned_bits": self.kept_bits,
+                "measured_ratio": None if self.measured_ratio is None else round(self.measured_ratio, 4),
+                "layers": self.layers}
 
 
 def _uniform(c: Candidate) -> bool:
@@ -107,9 +114,9 @@ def variants(layer: Layer, candidates: Mapping[str, Sequence[Candidate]]) -> lis
 
 def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], scores: Mapping[str, Mapping[str, float]],
                 costs: CostTable, weight_shapes: Mapping[str, tuple[int, ...]],
-                forms: frozenset[Form] | None = None) -> list[Pick]:
+                forms: frozenset[Form] | None = None, factor: float = 1.0) -> list[Pick]:
     """Every (candidate key shared by the layer's weights, form) option of one layer (`forms`:
-    the forms allowed, None = all)."""
+    the forms allowed, None = all; latencies are the measured costs x `factor`)."""
     per_weight = [{c.key: c for c in candidates[w]} for w in layer.weights]
     keys = [k for k in per_weight[0] if all(k in pw for pw in per_weight[1:])]
     picks = []
@@ -117,7 +124,7 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
         cands = [pw[key] for pw in per_weight]
         damage = sum(max(scores[w].get(key, 0.0), 0.0) for w in layer.weights)
         if cands[0].bits == FLOAT:
-            latency = costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT)
+            latency = factor * costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT)
             picks.append(Pick((key,) * len(cands), None, Option2(sum(c.nbytes for c in cands), latency, damage)))
             continue
         for form in FORMS[layer.shape.kind]:
@@ -126,7 +133,7 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
             nbytes = sum(c.nbytes for c in cands)
             if form is Form.INT8_DYNAMIC:
                 nbytes = sum(_int8_channel_bytes(c, weight_shapes[w]) for c, w in zip(cands, layer.weights, strict=True))
-            latency = costs.cost(layer.shape, form, cands[0].bits)
+            latency = factor * costs.cost(layer.shape, form, cands[0].bits)
             picks.append(Pick((key,) * len(cands), form, Option2(nbytes, latency, damage)))
     return picks
 
@@ -134,17 +141,21 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
 def plan_latency(layers: Iterable[Layer], others: Iterable[str], candidates: Mapping[str, Sequence[Candidate]],
                  scores: Mapping[str, Mapping[str, float]], costs: CostTable, weight_shapes: Mapping[str, tuple[int, ...]],
                  *, byte_budget: int, fp32_s: float, budget_s: float, forms: frozenset[Form] | None = None,
-                 fastest: bool = False) -> LatencyPlan:
+                 fastest: bool = False, calibration: Calibration | None = None) -> LatencyPlan:
     """Least summed damage with bytes <= byte_budget and predicted model time <= budget_s (`forms`:
     the forms layers may take, None = all). With `fastest`, the least predicted time within the
     byte budget instead (for candidates fixed per weight: the fastest forms of a given plan);
-    `met` then says whether it is within budget_s."""
+    `met` then says whether it is within budget_s. `calibration`: model time = rest + factor x
+    layer costs, from a measured plan (q4c.latency.measure); default: factor 1, rest = FP32 model
+    time - FP32 layer costs."""
     layers, others = list(layers), list(others)
-    items: list[list[Pick]] = [layer_picks(layer, candidates, scores, costs, weight_shapes, forms) for layer in layers]
+    factor = calibration.factor if calibration is not None else 1.0
+    items: list[list[Pick]] = [layer_picks(layer, candidates, scores, costs, weight_shapes, forms, factor)
+                               for layer in layers]
     for name in others:
         items.append([Pick((c.key,), None, Option2(c.nbytes, 0.0, max(scores[name].get(c.key, 0.0), 0.0)))
                       for c in candidates[name]])
-    rest = max(fp32_s - sum(costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT) for layer in layers), 0.0)
+    rest = calibration.rest if calibration is not None else max(fp32_s - fp32_layer_seconds(layers, costs), 0.0)
     options = [[p.option for p in picks] for picks in items]
     if fastest:  # latency as the knapsack's damage (ties: less damage), latency budget unbounded
         top = max((o.damage for opts in options for o in opts), default=0.0) or 1.0
@@ -160,12 +171,12 @@ def plan_latency(layers: Iterable[Layer], others: Iterable[str], candidates: Map
         solved = solve2(options, byte_budget, max(budget_s - rest, 0.0) if met else least * FASTEST_SLACK)
     out = LatencyPlan(met=met, fp32_s=fp32_s, budget_s=budget_s, byte_budget=byte_budget, nbytes=solved.nbytes,
                       damage=solved.damage, gap=solved.gap, predicted_s=rest + solved.latency)
-    _record(out, layers, others, items, solved.choice, costs)
+    _record(out, layers, others, items, solved.choice, costs, factor)
     return out
 
 
 def _record(out: LatencyPlan, layers: list[Layer], others: list[str], items: list[list[Pick]],
-            choice: tuple[int, ...], costs: CostTable) -> None:
+            choice: tuple[int, ...], costs: CostTable, factor: float) -> None:
     for i, (picks, k) in enumerate(zip(items, choice, strict=True)):
         pick = picks[k]
         names = layers[i].weights if i < len(layers) else (others[i - len(layers)],)
@@ -177,8 +188,18 @@ def _record(out: LatencyPlan, layers: list[Layer], others: list[str], items: lis
             fp32 = costs.cost(layers[i].shape, Form.FP32_AT_LOAD, FLOAT)
             out.layers.append({"node": layers[i].node, "shape": layers[i].shape.label(), "key": pick.keys[0],
                                "form": pick.form.value if pick.form else "float", "us": round(1e6 * pick.option.latency, 2),
+                               "raw_us": 1e6 * pick.option.latency / factor,
                                "fp32_us": round(1e6 * fp32, 2), "bytes": pick.option.nbytes,
                                "damage": pick.option.damage})
+
+
+def fp32_layer_seconds(layers: Iterable[Layer], costs: CostTable) -> float:
+    return sum(costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT) for layer in layers)
+
+
+def layer_seconds(plan: LatencyPlan) -> float:
+    """The micro-benchmarked seconds of the plan's layers (before any calibration factor)."""
+    return sum(row["raw_us"] for row in plan.layers) / 1e6
 
 
 def fastest_latency(options: Sequence[Sequence[Option2]], byte_budget: int) -> float:
@@ -199,4 +220,4 @@ def latency_budget_seconds(budget: str, fp32_s: float) -> float:
     return value * fp32_s
 
 
-__all__ = ["LatencyPlan", "Pick", "fastest_latency", "latency_budget_seconds", "layer_picks", "plan_latency", "variants"]
+__all__ = ["LatencyPlan", "Pick", "fastest_latency", "fp32_layer_seconds", "layer_seconds", "latency_budget_seconds", "layer_picks", "plan_latency", "variants"]

@@ -12,6 +12,7 @@ from q4c.errors import ConfigError
 from q4c.latency.costs import CostTable
 from q4c.latency.forms import Form as LForm
 from q4c.latency.forms import timed_bits
+from q4c.latency.measure import Calibration, corrected
 from q4c.metrics import sqnr_db
 from q4c.passes import choose_forms
 from q4c.passes.assign_precision import AssignPrecisionPass
@@ -76,8 +77,16 @@ def synthetic_costs(monkeypatch):
             table.seconds[(shape, LForm.FP32_AT_LOAD, 32)] = per_form[LForm.FP32_AT_LOAD]
         return table
 
+    def fake_timing(fp32, model, feeds):
+        """The built model's time from its ops: the same per-form costs, 20 us elsewhere."""
+        ops = op_histogram(model)
+        layers = (100e-6 * ops.get("MatMul", 0) + 90e-6 * ops.get("com.microsoft::MatMulNBits", 0)
+                  + 30e-6 * ops.get("com.microsoft::DynamicQuantizeMatMul", 0))
+        return 220e-6, 20e-6 + layers
+
     monkeypatch.setattr(choose_forms, "costs", fake_costs)
     monkeypatch.setattr(choose_forms, "_fp32_seconds", lambda graph, ctx: 220e-6)
+    monkeypatch.setattr(choose_forms, "time_against_fp32", fake_timing)
 
 
 def _compile(model, rng, **options):
@@ -111,6 +120,17 @@ def test_loose_latency_budget_keeps_the_assigned_bits_with_their_fastest_forms(r
         elif tp["scheme"] in ("symmetric", "symmetric-absmax", "gptq"):
             assert tp["form"] == "matmulnbits-acc4"  # 90 us beats FP32's 100 and acc 0's 150
         assert tp["chosen_for"] == "latency"
+
+
+def test_calibration_solves_rest_and_factor_from_one_measured_plan():
+    # FP32: rest + F x 100 = 300; plan: rest + F x 50 = 200  ->  F = 2, rest = 100
+    cal = corrected(300.0, 200.0, 100.0, 50.0, fallback=Calibration(1.0, 0.0))
+    assert cal.factor == pytest.approx(2.0) and cal.rest == pytest.approx(100.0)
+    # layer costs too close to separate the two unknowns: the fallback
+    assert corrected(300.0, 299.0, 100.0, 99.0, fallback=Calibration(1.0, 7.0)) == Calibration(1.0, 7.0)
+    # a negative rest is noise: no rest, one factor for both
+    cal = corrected(100.0, 20.0, 100.0, 50.0, fallback=Calibration(1.0, 0.0))
+    assert cal.rest == 0.0 and cal.factor == pytest.approx(120.0 / 150.0)
 
 
 def test_latency_budget_is_validated():
