@@ -75,6 +75,7 @@ class SensitivityTable:
     fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> why it fell back to mse
     runner: WeightInputRunner | None = None
     seconds: float = 0.0
+    prepare_seconds: float = 0.0  # of `seconds`, before scoring (slots, gptq statistics, candidates)
     kernel_scales: bool = True  # see CompileOptions.kernel_scales
     workers: int = 1  # threads (or Ray workers) that scored tensors
     distributed: dict[str, Any] = field(default_factory=dict)  # Ray: workers, tasks, forward runs, seconds
@@ -124,7 +125,8 @@ class SensitivityTable:
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"measure": self.measure, "seconds": round(self.seconds, 3), "tensors": len(self.scores),
-                               "workers": self.workers}
+                               "workers": self.workers, "prepare_seconds": round(self.prepare_seconds, 3),
+                               "pairs": sum(len(s) for s in self.scores.values())}
         if self.distributed:
             out["distributed"] = dict(self.distributed)
         if self.runner is not None:
@@ -225,6 +227,7 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
         context = {n: quantized[n]["4"] for n in measured if "4" in quantized[n]}
         table.context = {"plan": "uniform 4-bit", "damage": table.runner.divergence(context, limit)}
     job = ScoreJob(opts.sensitivity, weights, frozenset(measured), quantized, context, limit, opts.seed, table.runner)
+    table.prepare_seconds = time.perf_counter() - start  # candidates quantized: the part no worker shares
     names = list(weights)
     if opts.workers_backend is WorkerBackend.RAY and table.runner is not None and opts.sensitivity != "mse":
         from q4c.distributed import score_on_ray
