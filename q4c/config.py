@@ -31,6 +31,43 @@ class WorkerBackend(enum.Enum):
     RAY = "ray"
 
 
+class Kernels(enum.StrEnum):
+    """--kernels: which ONNX Runtime forms MatMul/embedding weights take (see CompileOptions.kernels)."""
+
+    AUTO = "auto"
+    LOW_BIT = "low-bit"
+    FP32_AT_LOAD = "fp32-at-load"
+
+
+class Activations(enum.StrEnum):
+    NONE = "none"
+    INT8 = "int8"
+
+
+class Observer(enum.StrEnum):
+    """How calibration picks activation ranges."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class GranularityKind(enum.StrEnum):
+    CHANNEL = "channel"
+    BLOCK = "block"
+    TENSOR = "tensor"
+
+
+def _member(cls: type[enum.StrEnum], value: object, what: str):  # returns a member of cls
+    """A StrEnum member from its value (members equal their strings, so comparisons with
+    literals keep working), or a one-line ConfigError."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise ConfigError(f"{what} must be one of {', '.join(m.value for m in cls)}, not {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Granularity:
     """How scales are shared: one per output channel, or one per `block` along the reduction axis.
@@ -40,12 +77,13 @@ class Granularity:
     GatherBlockQuantized); either way scales cost 0.5 bit per weight.
     """
 
-    kind: str = "block"  # "channel" | "block" | "tensor"
+    kind: GranularityKind = GranularityKind.BLOCK
     block: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("channel", "block", "tensor"):
+        if self.kind not in tuple(GranularityKind):
             raise ConfigError(f"granularity must be channel, tensor or block:N, not {self.kind!r}")
+        object.__setattr__(self, "kind", GranularityKind(self.kind))
         if self.kind == "block" and self.block != 0 and self.block not in BLOCK_SIZES:
             raise ConfigError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block}")
 
@@ -77,7 +115,7 @@ SCORING_OBJECTIVES = ("kl", "bce", "snr", "ignore")
 SCORING_MODES = ("auto", "closed-loop", "open-loop")
 
 #: --kernels choices (see CompileOptions.kernels)
-KERNELS = ("auto", "low-bit", "fp32-at-load")
+KERNELS = tuple(k.value for k in Kernels)
 
 
 @dataclass(frozen=True)
@@ -100,9 +138,9 @@ class CompileOptions:
     keep_fp32: frozenset[str] = frozenset()
     seed: int = 0
     #: "int8": uint8 Q/DQ on MatMul/Gemm/Conv activations, ranges from calibration (W8A8 there)
-    activations: str = "none"
+    activations: Activations = Activations.NONE
     #: how calibration picks activation ranges: minmax | percentile | entropy | mse
-    observer: str = "percentile"
+    observer: Observer = Observer.PERCENTILE
     #: at most this many samples of --calib DATA are used
     calib_samples: int = 32
     #: --load-calib: replay a calibration table instead of calibrating
@@ -111,7 +149,7 @@ class CompileOptions:
     #: float32 scales); "fp32-at-load" feeds every weight through DequantizeLinear with float16
     #: scales, which ONNX Runtime folds to FP32 at session load; "auto" builds both, times them on
     #: the sample input and keeps the faster.
-    kernels: str = "auto"
+    kernels: Kernels = Kernels.AUTO
     #: rounding scheme of a uniform (--bits) plan: "symmetric" (nearest level, MSE-chosen
     #: clipping), "symmetric-absmax" (no clipping) or "gptq" (error-compensating rounding against
     #: the calibration inputs; weights it cannot serve, embeddings and convolutions, stay
@@ -188,14 +226,11 @@ class CompileOptions:
         if self.scheme not in (*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES):
             raise ConfigError(f"scheme must be one of {', '.join((*UNIFORM_SCHEMES, *CODEBOOK_SCHEMES))}, "
                               f"not {self.scheme!r}")
-        if self.kernels not in KERNELS:
-            raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, not {self.kernels!r}")
+        object.__setattr__(self, "kernels", _member(Kernels, self.kernels, "kernels"))
         if self.min_elements < 0:
             raise ConfigError(f"min_elements must be >= 0, not {self.min_elements}")
-        if self.activations not in ("none", "int8"):
-            raise ConfigError(f"--activations must be 'none' or 'int8', not {self.activations!r}")
-        if self.observer not in ("minmax", "percentile", "entropy", "mse"):
-            raise ConfigError(f"--observer must be minmax, percentile, entropy or mse, not {self.observer!r}")
+        object.__setattr__(self, "activations", _member(Activations, self.activations, "--activations"))
+        object.__setattr__(self, "observer", _member(Observer, self.observer, "--observer"))
         if not isinstance(self.allow_nonfinite, bool):
             raise ConfigError(f"allow_nonfinite must be True or False, not {self.allow_nonfinite!r}")
         for output, kind in self.objectives:
