@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from q4c.cli.render import emit_json, human_bytes, table
+from q4c.cli.compile_summary import print_summary
+from q4c.cli.render import emit_json
 from q4c.compiler import compile_file
 from q4c.config import (
     CODEBOOK_SCHEMES,
@@ -139,7 +140,9 @@ from q4c.graph import check_writable, write_text
               help="Write the compile report (JSON) here.")
 @click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write the graph after each pass as NNN_<pass>.onnx.")
-@click.option("--check/--no-check", default=False, help="Run the full ONNX checker after every pass.")
+@click.option("--check/--no-check", default=False,
+              help="After every pass: run the full ONNX checker and audit the pass (an edit it did not report, "
+                   "or an analysis that edits, is an error).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the output: ONNX checker, ONNX Runtime loads it, interpreter agrees with ONNX Runtime.")
 @click.option("--strict", is_flag=True,
@@ -211,6 +214,16 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
                                         "--save-calib": save_calib, "--load-calib": load_calib, "--dump-dir": dump_dir,
                                         "--plot-pareto": plot_pareto, "--check": check})
         return
+    _compile_one(model, output, options, passes=passes, data=data, calib_reader=calib_reader, dump_dir=dump_dir,
+                 check=check, verify=verify, save_plan=save_plan, save_calib=save_calib, strict=strict,
+                 plot_pareto=plot_pareto, report_path=report_path, as_json=as_json)
+
+
+def _compile_one(model: Path, output: Path | None, options: CompileOptions, *, passes: str | None, data: Path | None,
+                 calib_reader: str | None, dump_dir: Path | None, check: bool, verify: bool, save_plan: Path | None,
+                 save_calib: Path | None, strict: bool, plot_pareto: Path | None, report_path: Path | None,
+                 as_json: bool) -> None:
+    """One model: compile with a progress line per pass and a bar over samples, then the outputs."""
     total = [0]
 
     def progress(name: str) -> None:
@@ -245,7 +258,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
     if as_json:
         emit_json(report)
         return
-    _print_summary(report)
+    print_summary(report)
 
 
 class _SampleBar:
@@ -277,12 +290,6 @@ class _SampleBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _key(t: dict) -> str:
-    from q4c.quant.candidates import scheme_key
-
-    return scheme_key(t["bits"], t.get("scheme", ""))
 
 
 def _parse_schemes(text: str | None) -> tuple[str, ...]:
@@ -332,35 +339,6 @@ def _parse_requirements(texts: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(texts)
 
 
-def _print_objectives(report: dict) -> None:
-    """One line on what sensitivity scored, one on what the plan measured (task outputs)."""
-    sens = report.get("sensitivity", {})
-    if "objectives" not in sens:
-        return
-    parts = [f"{n} {o['objective']} ({o['reason']})" for n, o in sens["objectives"].items()]
-    click.echo(f"objectives: {'; '.join(parts)}; scored {sens['scoring']} over {sens['units']} sample(s), "
-               f"{sens['calls']} call(s)")
-    plan = sens.get("measured", {}).get("plan")
-    if plan:
-        figures = []
-        for name, m in plan.items():
-            text = f"{name} {m['objective']} {m['damage']:.4g}"
-            if "flips" in m:
-                text += f", decision flips {100 * m['flips']:.2f} % of {m['values']}"
-            if "sqnr_db" in m:
-                text += f", SQNR {m['sqnr_db']:.1f} dB"
-            figures.append(text)
-        where = "held-out calibration samples" if "require" in sens.get("measured", {}) else "calibration samples"
-        click.echo(f"plan measured on the {where} ({sens.get('plans_measured', sens['scoring'])}): "
-                   f"{'; '.join(figures)}")
-    if "require" in sens.get("measured", {}):
-        req = sens["measured"]["require"]
-        held = sens.get("held_out", {}).get("samples", [])
-        click.echo(f"required {', '.join(req['requirements'])}: met with {', '.join(req['figures'])} at "
-                   f"{req['bytes']} of {req['fp32_bytes']} FP32 weight bytes ({req['plans_measured']} plans measured "
-                   f"on held-out samples {held})")
-
-
 def _parse_workers(text: str, ray_address: str | None) -> dict[str, Any]:
     """--workers N (threads), ray or ray:N (Ray workers; N = 0: one per cluster CPU)."""
     backend, _, count = text.strip().partition(":") if text.strip().startswith("ray") else ("", "", text)
@@ -383,36 +361,3 @@ def _parse_candidates(text: str) -> tuple[int, ...]:
     except ValueError:
         raise click.BadParameter(f"expected comma-separated bit widths like 2,4,8, not {text!r}",
                                  param_hint="--candidates") from None
-
-
-def _print_summary(report: dict) -> None:
-    inp, out = report["input"], report["output"]
-    click.echo(f"{inp['path']} ({human_bytes(inp['bytes'])}) -> {out['path']} ({human_bytes(out['bytes'])}), "
-               f"{report['compression']:.2f}x smaller")
-    if report.get("avg_weight_bits") is not None:
-        click.echo(f"average weight bits: {report['avg_weight_bits']:.2f} over {len(report['tensors'])} quantized tensors")
-    measure = report.get("sensitivity", {}).get("measure")
-    rows = [(t["name"], t["op"], "x".join(map(str, t["shape"])), _key(t), t["granularity"],
-             t["sensitivity"].get("weight_sqnr_db", "-"),
-             (t["sensitivity"].get(measure, {}).get(_key(t), "-") if measure else "-"))
-            for t in report["tensors"]]
-    if rows:
-        click.echo(table(["tensor", "op", "shape", "bits", "granularity", "weight SQNR dB", f"{measure or 'sensitivity'} score"],
-                         rows))
-    _print_objectives(report)
-    plan = report.get("plan", {}).get("defaults", {})
-    if plan.get("mode") == "budgeted":
-        click.echo(f"budget: {plan['used_bytes']} of {plan['budget_bytes']} bytes used "
-                   f"({plan['sensitivity']} sensitivity, predicted damage {plan['predicted_damage']:.4g})")
-    verification = report.get("verification")
-    if verification:
-        line = (f"verified: checker ok, ONNX Runtime loads it, interpreter vs ONNX Runtime max |diff| "
-                f"{verification['interp_vs_ort_max_abs']:.3g}")
-        if "output_sqnr_db" in verification:
-            line += "; output SQNR vs FP32: " + ", ".join(f"{k} {v:.1f} dB" for k, v in verification["output_sqnr_db"].items())
-        click.echo(line)
-    quality = report.get("quality")
-    if quality and not quality["ok"]:
-        # The warnings went to stderr as they happened; the table says it once more beside the figures.
-        click.echo(f"quality: {len(quality['lost'])} output figure(s) below the thresholds (see warnings; "
-                   f"--strict makes this exit 4)")
