@@ -48,6 +48,18 @@ def test_without_ray_installed_the_ray_backend_is_a_one_line_error(monkeypatch, 
         _measure(_mlp(rng), CompileOptions(workers=2, workers_backend=WorkerBackend.RAY))
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--workers", "many"], "expected a thread count, 'ray' or 'ray:N', not 'many'"),
+    (["--workers", "ray:two"], "expected a thread count, 'ray' or 'ray:N', not 'ray:two'"),
+    (["--workers", "2", "--ray-address", "head:6379"], "--ray-address needs --workers ray"),
+])
+def test_cli_refuses_bad_worker_options_before_compiling(tmp_path, args, message):
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(main, ["compile", str(MODELS / "lstm_scan.onnx"), "-o", str(out), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert not out.exists()
+
+
 ray = pytest.importorskip("ray")
 
 
