@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from q4c import external_data
 from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.objectives import Objective, Scorer, detect_objectives
@@ -163,8 +164,8 @@ def _weights_as_inputs(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
     """A copy of `model` whose initializers named in `weights` are main-graph inputs instead. A
     weight that lives in a subgraph (an If branch, a Loop body) moves out too: the main graph's
     inputs are visible in subgraphs, so its outer-scope references keep working."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    # the weights leave as placeholders (q4c.external_data): not copied only to be dropped
+    copy = external_data.skeleton(model, keep=lambda t: t.name not in weights)
     found: dict[str, onnx.TensorProto] = {}
     for graph in g.iter_graph_protos(copy.graph):
         if not any(t.name in weights for t in graph.initializer):
