@@ -21,7 +21,8 @@ from q4c.config import CODEBOOK_SCHEMES, CompileOptions, Target
 from q4c.errors import ConfigError
 from q4c.forms import Decision, check_form, rule_forms
 from q4c.pipeline import Artifact, Pass, PassContext, PassResult, run_one
-from q4c.quant.plan import Form, FormBasis, PrecisionPlan
+from q4c.quant.int8_activations import int8_slots
+from q4c.quant.plan import Form, FormBasis, PrecisionPlan, TensorPrecision
 from q4c.quant.tying import share_transposed_tables
 from q4c.quant.weights import WeightSlot, find_weight_slots
 from q4c.registry import find_pass
@@ -50,7 +51,8 @@ class ChooseKernelsPass(Pass):
     provides = frozenset({Artifact.FORMS})
 
     def needs(self, options: CompileOptions) -> frozenset[Artifact]:
-        return frozenset({Artifact.PLAN})
+        calibration = {Artifact.CALIBRATION} if options.activations == "int8" else set()
+        return frozenset({Artifact.PLAN, *calibration})
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         ctx.require_plan()
@@ -61,8 +63,10 @@ class ChooseKernelsPass(Pass):
             plan.opset = ctx.opset
         _check_planned(graph, plan, ctx)
         opts = ctx.options
-        decisions = rule_forms(graph, plan, opts.target, opts.kernels)
         stats: dict[str, int] = defaultdict(int)
+        if opts.activations == "int8":
+            stats["weights_to_int8"] = _int8_forms(graph, plan, ctx)
+        decisions = rule_forms(graph, plan, opts.target, opts.kernels)
         timed = (opts.kernels == "auto" and opts.activations == "none" and opts.target is Target.ORT_CPU
                  and any(d.form is Form.MATMULNBITS for d in decisions.values()))
         _write(plan, decisions)
@@ -75,7 +79,25 @@ class ChooseKernelsPass(Pass):
         for tp in plan.tensors.values():
             if tp.form is not None:
                 stats[tp.form.value] += 1
-        return PassResult(False, dict(stats))
+        return PassResult(False, {k: v for k, v in stats.items() if v})
+
+
+def _int8_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> int:
+    """--activations int8: the weights whose activation q4c.quant.int8_activations quantizes take
+    form int8-activations at 8 bits per channel (ORT's integer kernels take nothing else).
+    Returns how many changed precision."""
+    slots, _ = int8_slots(graph, ctx.require_calibration(), plan)
+    changed = 0
+    for name in dict.fromkeys(s.tensor.name for s in slots):
+        old = plan.tensors[name]
+        if old.form is not None:  # a replayed or hand-edited plan decided already
+            continue
+        changed += (old.bits, old.granularity) != (8, "channel")
+        plan.tensors[name] = TensorPrecision(8, "channel", old.scheme, Form.INT8_ACTIVATIONS, FormBasis.OPTION)
+    if changed:
+        ctx.warn(f"--activations int8: {changed} weight(s) stored as int8 per channel instead of the planned "
+                 f"precision: ONNX Runtime's integer MatMul/Conv kernels take int8 weights only")
+    return changed
 
 
 def _write(plan: PrecisionPlan, decisions: dict[str, Decision]) -> None:

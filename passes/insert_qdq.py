@@ -17,8 +17,6 @@ blocked or 4-bit weights), whatever bits the plan gave them (the plan is updated
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -26,28 +24,15 @@ import onnx_graphsurgeon as gs
 from q4c import graph as g
 from q4c.calib.table import CalibrationTable
 from q4c.config import CompileOptions
+from q4c.errors import ConfigError
 from q4c.pipeline import Artifact, Pass, PassContext, PassResult
-from q4c.quant.plan import FLOAT, Form, FormBasis, TensorPrecision
+from q4c.quant.int8_activations import int8_slots, kept_float_warning
+from q4c.quant.plan import Form
 from q4c.quant.qparams import quantize
 from q4c.quant.weights import WeightSlot, find_weight_slots
 from q4c.records import QuantizedTensor
 
 logger = logging.getLogger(__name__)
-
-#: ops a value passes through unchanged in meaning (layout, selection, concatenation)
-_PASS_THROUGH = frozenset({"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice",
-                           "Split", "Gather", "Cast", "Expand", "Tile"})
-#: between a projection and its gate nonlinearities in a decomposed LSTM/GRU cell
-_GATE_PATH = _PASS_THROUGH | {"Add", "Sub", "Mul"}
-_RNN_OPS = frozenset({"LSTM", "GRU", "RNN", "Scan", "Loop"})
-_FRONT_END = frozenset({"STFT", "DFT", "MelWeightMatrix"})
-_COMPUTE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "QLinearConv"})
-#: where quantized activations are known to hurt: a Conv/Gemm output feeding these keeps float
-_KEEP_FLOAT_INPUTS = frozenset({"Softmax", "LogSoftmax", "LayerNormalization", "BatchNormalization",
-                                "InstanceNormalization", "GroupNormalization", "RMSNormalization",
-                                "SimplifiedLayerNormalization", "SkipLayerNormalization", "ReduceMean"})
-_SEARCH_DEPTH = 6
-
 
 class InsertActivationQdqPass(Pass):
     """Q/DQ (uint8, per tensor, calibrated range) on the activation input of every MatMul, Gemm
@@ -69,7 +54,7 @@ class InsertActivationQdqPass(Pass):
     provides = frozenset({Artifact.INT8_ACTIVATIONS})
 
     def needs(self, options: CompileOptions) -> frozenset[Artifact]:
-        return frozenset({Artifact.CALIBRATION, Artifact.PLAN}) if options.activations == "int8" else frozenset()
+        return frozenset({Artifact.CALIBRATION, Artifact.FORMS}) if options.activations == "int8" else frozenset()
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.options.activations == "int8":
@@ -81,36 +66,24 @@ class InsertActivationQdqPass(Pass):
             return PassResult(False)
         table: CalibrationTable = ctx.require_calibration()
         plan = ctx.require_plan()
-        stats: dict[str, int] = defaultdict(int)
-        analysis = _Analysis(graph, table)
         self._q_cache: dict[str, tuple[gs.Variable, gs.Constant, gs.Constant]] = {}
-        decided: list[tuple[WeightSlot, str]] = []
-        for slot in find_weight_slots(graph):
-            if not isinstance(slot, WeightSlot) or slot.role not in ("matmul_b", "gemm_b", "conv"):
-                continue
-            if slot.graph is not graph:
-                stats["kept_float_subgraph"] += 1
-                continue
-            precision = plan.tensors.get(slot.tensor.name)
-            reason = None
-            if precision is None or precision.bits == FLOAT:
-                reason = "kept_float_weight"
-            else:
-                reason = analysis.keep_float(slot)
-            if reason is not None:
-                stats[reason] += 1
-                continue
-            decided.append((slot, slot.node.op))
+        eligible, stats = int8_slots(graph, table, plan)
+        decided = [(slot, slot.node.op) for slot in find_weight_slots(graph) if isinstance(slot, WeightSlot)
+                   and slot.role in ("matmul_b", "gemm_b", "conv") and slot.graph is graph
+                   and plan.tensors.get(slot.tensor.name) is not None
+                   and plan.tensors[slot.tensor.name].form is Form.INT8_ACTIVATIONS]
+        for slot, _ in decided:
+            if slot.node.inputs[0].name not in table or isinstance(slot.node.inputs[0], gs.Constant):
+                raise ConfigError(f"plan: tensor {slot.tensor.name!r}: form 'int8-activations' needs a calibrated "
+                                  f"activation input, not {slot.node.inputs[0].name!r}")
+        for slot in eligible:  # counted above as eligible; not chosen by the plan: say so
+            if not any(s.node is slot.node and s.index == slot.index for s, _ in decided):
+                stats["kept_float_plan"] = stats.get("kept_float_plan", 0) + 1
         weights: dict[str, _Codes] = {}
-        promoted: set[str] = set()
-        decided_names = {slot.tensor.name for slot, _ in decided}
         for slot, op in decided:
             x = slot.node.inputs[0]
             x_name = x.name
             self._quantize_input(graph, slot.node, 0, table)
-            name = slot.tensor.name
-            if plan.tensors[name].bits != 8 or plan.tensors[name].granularity != "channel":
-                promoted.add(name)
             w_scale = self._quantize_weight(graph, slot, weights, ctx)
             if op == "MatMul" and _gemm_fusable(x):
                 add = _bias_add(slot.node, w_scale.size)
@@ -124,21 +97,10 @@ class InsertActivationQdqPass(Pass):
                 if len(node.inputs) > 2 and g.is_float_constant(node.inputs[2]) and np.asarray(node.inputs[2].values).ndim == 1:
                     self._quantize_bias(graph, node, table.qparams(x_name)[0], w_scale)
                 self._quantize_output(graph, node, table)
-            stats[f"quantized_{op.lower()}"] += 1
-        for name in decided_names:
-            old = plan.tensors[name]
-            plan.tensors[name] = TensorPrecision(8, "channel", old.scheme, Form.INT8_ACTIVATIONS, FormBasis.OPTION)
-        if promoted:
-            stats["weights_to_int8"] = len(promoted)
-        stats["kept_float_activation_matmul"] = analysis.activation_matmuls()
-        stats["kept_float_recurrent_op"] = sum(1 for sub in g.iter_graphs(graph) for n in sub.nodes if n.op in _RNN_OPS)
-        kept = {k[len("kept_float_"):]: v for k, v in stats.items() if k.startswith("kept_float_") and v}
-        if kept:
-            ctx.warn("--activations int8: kept float " + ", ".join(f"{v} {_REASONS[k]}" for k, v in sorted(kept.items()))
-                     + "; Softmax and normalization inputs always stay float")
-        if promoted:
-            ctx.warn(f"--activations int8: {len(promoted)} weight(s) stored as int8 per channel instead of the planned "
-                     f"precision: ONNX Runtime's integer MatMul/Conv kernels take int8 weights only")
+            stats[f"quantized_{op.lower()}"] = stats.get(f"quantized_{op.lower()}", 0) + 1
+        warning = kept_float_warning(stats)
+        if warning is not None:
+            ctx.warn(warning)
         changed = sum(v for k, v in stats.items() if k.startswith("quantized_"))
         return PassResult(changed > 0, {k: v for k, v in stats.items() if v})
 
@@ -235,131 +197,3 @@ def _bias_add(matmul: gs.Node, n: int) -> gs.Node | None:
 
 
 _Codes = tuple[gs.Constant, gs.Constant, gs.Constant]
-
-_REASONS = {
-    "weight": "op(s) whose weight the plan keeps float",
-    "recurrent": "op(s) fed recurrent state",
-    "cell": "LSTM/GRU cell projection(s)",
-    "front_end": "op(s) on an STFT/DFT front end",
-    "output_to_norm": "Conv/Gemm whose output feeds Softmax/normalization",
-    "uncalibrated": "op(s) with an uncalibrated or constant input",
-    "subgraph": "op(s) inside Scan/Loop/If bodies",
-    "activation_matmul": "MatMul(s) of two activations (attention)",
-    "recurrent_op": "LSTM/GRU/RNN/Scan/Loop op(s) with their gates and state",
-    "layout": "op(s) in a layout ONNX Runtime does not fuse",
-}
-
-
-class _Analysis:
-    """Why an op's activation should stay float, from the graph's structure."""
-
-    def __init__(self, graph: gs.Graph, table: CalibrationTable) -> None:
-        self.graph = graph
-        self.table = table
-        self.state_inputs = {name for name, s in table.tensors.items() if s.state} | set(table.state_pairs.values())
-
-    def keep_float(self, slot: WeightSlot) -> str | None:
-        node = slot.node
-        if node.op == "Gemm" and (int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0):
-            return "kept_float_layout"
-        if node.op == "Conv" and len(node.inputs[1].shape) not in (3, 4):
-            return "kept_float_layout"
-        x = node.inputs[0]
-        if x.name not in self.table or isinstance(x, gs.Constant):
-            return "kept_float_uncalibrated"
-        if self._recurrent(x):
-            return "kept_float_recurrent"
-        if self._feeds_gates(node.outputs[0]):
-            return "kept_float_cell"
-        if self._front_end(x):
-            return "kept_float_front_end"
-        if node.op in ("Conv", "Gemm"):
-            y = node.outputs[0]
-            if y.name not in self.table:
-                return "kept_float_uncalibrated"
-            if any(c.op in _KEEP_FLOAT_INPUTS for c in _through(y, _PASS_THROUGH)):
-                return "kept_float_output_to_norm"
-        return None
-
-    def _recurrent(self, tensor: gs.Tensor) -> bool:
-        """Reached backwards through layout ops: a state input, an RNN state output, or the
-        hidden state h = o * tanh(c) of a decomposed LSTM cell."""
-        for t in _back(tensor, _PASS_THROUGH):
-            if t.name in self.state_inputs:
-                return True
-            prod = g.producer(t)
-            if prod is None:
-                continue
-            if prod.op in _RNN_OPS and any(o is t for o in prod.outputs[1:]):
-                return True
-            if prod.op == "Mul" and {_op(i) for i in prod.inputs} == {"Sigmoid", "Tanh"}:
-                return True
-        return False
-
-    @staticmethod
-    def _feeds_gates(out: gs.Tensor) -> bool:
-        """A projection whose output reaches both Sigmoid and Tanh through adds and splits: the
-        gate pre-activations of a decomposed LSTM/GRU cell."""
-        reached = {c.op for c in _through(out, _GATE_PATH)}
-        return "Sigmoid" in reached and "Tanh" in reached
-
-    @staticmethod
-    def _front_end(tensor: gs.Tensor) -> bool:
-        """Computed from STFT/DFT without a MatMul/Conv in between."""
-        seen: set[str] = set()
-        stack = [tensor]
-        while stack:
-            t = stack.pop()
-            if t.name in seen:
-                continue
-            seen.add(t.name)
-            prod = g.producer(t)
-            if prod is None:
-                continue
-            if prod.op in _FRONT_END:
-                return True
-            if prod.op in _COMPUTE:
-                continue
-            stack.extend(i for i in prod.inputs if not isinstance(i, gs.Constant))
-        return False
-
-    def activation_matmuls(self) -> int:
-        return sum(1 for n in self.graph.nodes if n.op == "MatMul"
-                   and not any(isinstance(i, gs.Constant) for i in n.inputs)
-                   and not any(_op(i) == "DequantizeLinear" for i in n.inputs))
-
-
-def _op(tensor: gs.Tensor) -> str | None:
-    prod = g.producer(tensor)
-    return prod.op if prod is not None else None
-
-
-def _back(tensor: gs.Tensor, through: frozenset[str]) -> Iterable[gs.Tensor]:
-    """`tensor` and the tensors it is computed from through `through` ops (data inputs only)."""
-    seen: set[str] = set()
-    stack = [(tensor, 0)]
-    while stack:
-        t, depth = stack.pop()
-        if t.name in seen or isinstance(t, gs.Constant):
-            continue
-        seen.add(t.name)
-        yield t
-        prod = g.producer(t)
-        if prod is not None and prod.op in through and depth < _SEARCH_DEPTH:
-            data = prod.inputs[:1] if prod.op in ("Reshape", "Slice", "Gather", "Expand", "Tile") else prod.inputs
-            stack.extend((i, depth + 1) for i in data)
-
-
-def _through(tensor: gs.Tensor, through: frozenset[str]) -> Iterable[gs.Node]:
-    """Consumers of `tensor`, following `through` ops forward a few levels."""
-    seen: set[str] = set()
-    stack = [(tensor, 0)]
-    while stack:
-        t, depth = stack.pop()
-        if t.name in seen:
-            continue
-        seen.add(t.name)
-        for consumer in g.consumers(t):
-            yield consumer
-            if consumer.op in through and depth < _SEARCH_DEPTH:
-                stack.extend((o, depth + 1) for o in consumer.outputs)

@@ -18,6 +18,7 @@ from q4c.calib.runner import collect
 from q4c.calib.table import CalibrationTable, TensorStats
 from q4c.compiler import compile_model
 from q4c.config import CompileOptions
+from q4c.passes.choose_kernels import ChooseKernelsPass
 from q4c.passes.insert_qdq import InsertActivationQdqPass
 from q4c.pipeline import PassContext
 from q4c.quant.plan import FLOAT, Form, FormBasis, PrecisionPlan, TensorPrecision
@@ -54,6 +55,7 @@ def _ctx(model, samples, plan) -> PassContext:
     ctx = PassContext(options=CompileOptions(activations="int8", observer="minmax"), samples=samples)
     ctx.calibration = collect(model, samples, observer="minmax")
     ctx.plan = plan
+    run_pass(ChooseKernelsPass(), model, ctx=ctx)  # the int8-activations forms (an analysis: model unchanged)
     return ctx
 
 
@@ -69,7 +71,7 @@ def test_matmul_gets_uint8_activations_and_int8_channel_weights(rng, tmp_path):
     samples = [{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(8)]
     ctx = _ctx(model, samples, PrecisionPlan({"W": TensorPrecision(4, "block:64")}))
     out, result = run_pass(InsertActivationQdqPass(), model, ctx=ctx)
-    assert result.modified and result.stats == {"quantized_matmul": 1, "weights_to_int8": 1}
+    assert result.modified and result.stats == {"quantized_matmul": 1}
     assert op_histogram(out) == {"Add": 1, "DequantizeLinear": 3, "MatMul": 1, "QuantizeLinear": 1}  # x, W, bias
     assert ctx.plan.tensors["W"] == TensorPrecision(8, "channel", form=Form.INT8_ACTIVATIONS, chosen_for=FormBasis.OPTION)
     assert ctx.quantized[0]["bits"] == 8 and ctx.quantized[0]["activations"] == "uint8"
@@ -93,7 +95,7 @@ def test_conv_with_bias_becomes_qlinearconv(rng, tmp_path):
     samples = [{"x": rng.standard_normal((1, 8, 10, 10)).astype(np.float32)} for _ in range(4)]
     ctx = _ctx(model, samples, PrecisionPlan({"W": TensorPrecision(4, "block:32")}))
     out, result = run_pass(InsertActivationQdqPass(), model, ctx=ctx)
-    assert result.stats == {"quantized_conv": 1, "weights_to_int8": 1}
+    assert result.stats == {"quantized_conv": 1}
     assert op_histogram(out) == {"Conv": 1, "DequantizeLinear": 4, "QuantizeLinear": 2, "Relu": 1}
     bias_dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and "B_int32" in n.input[0])
     assert bias_dq is not None
@@ -116,6 +118,7 @@ def _run_structural(model, table, weights):
     ctx = PassContext(options=CompileOptions(activations="int8"))
     ctx.calibration = table
     ctx.plan = PrecisionPlan({w: TensorPrecision(4, "block:32") for w in weights})
+    run_pass(ChooseKernelsPass(), model, ctx=ctx)  # the int8-activations forms
     return run_pass(InsertActivationQdqPass(), model, ctx=ctx)[1], ctx
 
 
@@ -128,7 +131,7 @@ def test_recurrent_state_stays_float(rng):
         {"Wx": heavy_tailed(rng, (64, 64)), "Wh": heavy_tailed(rng, (64, 64))})
     table = _stats("x", "h", "a", "b", "y", "h_out", state={"h"})
     result, ctx = _run_structural(model, table, ["Wx", "Wh"])
-    assert result.stats == {"quantized_matmul": 1, "kept_float_recurrent": 1, "weights_to_int8": 1}
+    assert result.stats == {"quantized_matmul": 1, "kept_float_recurrent": 1}
     assert any("1 op(s) fed recurrent state" in w for w in ctx.warnings)
 
 

@@ -24,7 +24,7 @@ def test_int8_activations_bring_their_qdq_pass_and_its_calibration():
         "insert-activation-qdq", "quantize-weights"]
     # without a table wanted up front, the calibration lands right before the pass that reads it
     assert complete_pipeline(["assign-precision", "quantize-weights"], CompileOptions(activations="int8")) == [
-        "assign-precision", "choose-kernels", "calibrate", "insert-activation-qdq", "quantize-weights"]
+        "assign-precision", "calibrate", "choose-kernels", "insert-activation-qdq", "quantize-weights"]
     assert "insert-activation-qdq" not in complete_pipeline(names, CompileOptions())
 
 

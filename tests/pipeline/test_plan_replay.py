@@ -3,6 +3,7 @@ a hand edit of a form is honoured or refused in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -109,3 +110,17 @@ def test_a_plan_of_schema_1_still_replays(model_path, tmp_path):
     saved = json.loads((tmp_path / "p2.json").read_text())
     assert saved["opset"] == 21 and saved["tensors"]["P"]["form"] == "matmulnbits-acc4"
     assert op_histogram(onnx.load(tmp_path / "b.onnx"))["com.microsoft::MatMulNBits"] == 1
+
+
+def test_int8_activations_are_a_plan_decision_that_replays(model_path, tmp_path):
+    options = CompileOptions(bits=4, kernels="low-bit", activations="int8", observer="minmax")
+    first = _compile(model_path, tmp_path / "a.onnx", options, save_plan=tmp_path / "p.json")
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["tensors"]["P"] == {"bits": 8, "granularity": "channel", "scheme": "symmetric",
+                                    "form": "int8-activations", "chosen_for": "option"}
+    assert next(p for p in first["passes"] if p["name"] == "choose-kernels")["stats"]["weights_to_int8"] == 1
+    _compile(model_path, tmp_path / "b.onnx", dataclasses.replace(options, plan_path=tmp_path / "p.json"),
+             save_plan=tmp_path / "p2.json")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert json.loads((tmp_path / "p2.json").read_text()) == plan
+    assert op_histogram(onnx.load(tmp_path / "b.onnx"))["QuantizeLinear"] == 1
