@@ -49,8 +49,8 @@ from q4c import ort as q4ort
 from q4c.timing import interleaved
 from q4c.compiler import compile_model, sqnr_db
 from q4c.config import CompileOptions
-from q4c.passes.lower_recurrent import LowerRecurrentPass
-from q4c.pipeline import PassContext, Pipeline
+from q4c.forms import choose_form
+from q4c.recurrent_lowering import Emitter, NoMatch, lower_to_dynamic_lstm, lower_to_scan, match_layer
 from q4c.testing import heavy_tailed, make_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,8 +184,18 @@ def _with_config(model: onnx.ModelProto, config: dict[str, str]) -> onnx.ModelPr
 
 
 def _lower(model: onnx.ModelProto, kernels: str) -> onnx.ModelProto:
+    """Every LSTM/GRU/RNN of a DequantizeLinear-form model in the form lower-recurrent's rule
+    (q4c.forms.choose_form) gives it under `kernels` (the compiler writes these forms into the plan)."""
     graph = g.import_graph(model)
-    Pipeline([LowerRecurrentPass()]).run(graph, PassContext(options=CompileOptions(kernels=kernels)))
+    for sub in list(g.iter_graphs(graph)):
+        for node in [n for n in sub.nodes if n.op in ("LSTM", "GRU", "RNN")]:
+            layer = match_layer(sub, node, {})
+            form = "kept" if isinstance(layer, NoMatch) else choose_form(layer, kernels)
+            if form == "scan":
+                lower_to_scan(layer, Emitter(graph, node.name or layer.op))
+            elif form == "dynamic_quantize_lstm":
+                lower_to_dynamic_lstm(layer, Emitter(graph, node.name or layer.op))
+    graph.cleanup().toposort()
     out = g.export_model(graph, like=model)
     q4ort.set_session_config(out, q4ort.needed_session_config(out)[0])
     return out
