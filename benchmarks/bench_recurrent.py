@@ -55,7 +55,7 @@ from q4c.testing import heavy_tailed, make_model
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _common import write_section  # noqa: E402
+from _common import stamp, stamped_rows, with_stamp, write_section  # noqa: E402
 MODELS = REPO / "models"
 BUNDLED = ("bilstm_am", "gru_am", "rnnt_encoder", "rnnt_predictor", "lstm_lm")
 SYNTHETIC = ("synthetic_lstm128", "synthetic_lstm256", "synthetic_lstm384", "synthetic_lstm512", "synthetic_lstm1024", "synthetic_gru512")
@@ -239,13 +239,22 @@ def recurrent_weight_bytes(model: onnx.ModelProto) -> int:
         in_scan_body = graph is not model.graph and graph.name in scan_bodies
         counted: set[str] = set()
 
-        def source(name: str) -> list[str]:  # initializers behind a value through DQ / Cast
+        def constant_source(name: str) -> list[str] | None:
+            """Initializers behind a value computed from constants only (None if it is not): through
+            DQ (codes and scales) or any constant chain (a codebook's Gather of its table by codes)."""
             if name in sizes:
                 return [name]
             node = producer.get(name)
-            if node is not None and node.op_type in ("DequantizeLinear", "Cast"):
-                return [s for i in node.input[:2] for s in source(i)]
-            return []
+            if node is None:
+                return None  # a graph input or an outer-scope value
+            if node.op_type == "Constant":
+                return []
+            inputs = node.input[:2] if node.op_type == "DequantizeLinear" else [i for i in node.input if i]
+            parts = [constant_source(i) for i in inputs]
+            return None if any(part is None for part in parts) else [s for part in parts for s in part]
+
+        def source(name: str) -> list[str]:
+            return constant_source(name) or []
 
         def feeds_scan(name: str) -> bool:
             for n in consumers.get(name, []):
@@ -332,7 +341,9 @@ def memory(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp: Path) -> d
     g.save(model, path)
     np.savez(feeds_path, **feeds)
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(feeds_path)], capture_output=True, text=True,
-                          timeout=600, check=True)
+                          timeout=600)
+    if proc.returncode != 0:  # say why (the probe's last stderr line), not just its exit status
+        raise RuntimeError(f"memory probe failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1][:300]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -404,8 +415,8 @@ def render(rows: list[dict], seconds: float, date: str | None = None) -> str:
         "<!-- recurrent:begin -->",
         "## Low-bit LSTM/GRU forms in ONNX Runtime",
         "",
-        f"Produced by `python benchmarks/bench_recurrent.py --write` ({date or time.strftime('%Y-%m-%d')}, ONNX Runtime "
-        f"{ort.__version__}, {platform.machine()}, {os.cpu_count()} vCPU): ONNX Runtime CPU provider, **1 intra-op "
+        f"Measured {date or time.strftime('%Y-%m-%d')} (ONNX Runtime {ort.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} vCPU shared with other jobs): ONNX Runtime CPU provider, **1 intra-op "
         f"thread**, all forms interleaved call by call (order alternating each round) for ~{seconds:g} s per pattern, "
         "median per form of process-CPU time (q4c.timing; ONNX Runtime computes in the calling thread at 1 thread; this "
         "machine is shared and loaded, so CPU time is the steadier estimate; wall-clock ratios are in the JSON), "
@@ -458,6 +469,14 @@ def summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def _publish(section: str, doc: dict) -> None:
+    """The section into BENCHMARKS.md, stamped with the bundled models' hashes as measured (the
+    synthetic layers are built by this script and have no file)."""
+    rows = doc.get("stamp_rows") or [{"model": r["model"], "model_sha256": None} for r in doc["models"]
+                                     if r["model"] in BUNDLED]
+    write_section(REPO / "BENCHMARKS.md", with_stamp(section, stamp("recurrent", rows)[0]), "recurrent")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="timing budget per model and call pattern")
@@ -470,7 +489,7 @@ def main() -> int:
         doc = json.loads(results.read_text())
         section = render(doc["models"], doc.get("seconds", args.seconds), doc.get("date"))
         print(section)
-        write_section(REPO / "BENCHMARKS.md", section, "recurrent")
+        _publish(section, doc)
         return 0
     names = args.models.split(",") if args.models else list(SYNTHETIC + BUNDLED)
     rows = []
@@ -483,9 +502,10 @@ def main() -> int:
     if args.write:
         (REPO / "benchmarks" / "results").mkdir(exist_ok=True)
         doc = {"schema": "q4c.bench-recurrent/1", "onnxruntime": ort.__version__, "threads": 1, "timer": "thread CPU time",
-               "seconds": args.seconds, "date": time.strftime("%Y-%m-%d"), "models": rows}
+               "seconds": args.seconds, "date": time.strftime("%Y-%m-%d"), "models": rows,
+               "stamp_rows": stamped_rows([{"model": r["model"]} for r in rows if r["model"] in BUNDLED])}
         results.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-        write_section(REPO / "BENCHMARKS.md", section, "recurrent")
+        _publish(section, doc)
     return 0
 
 
