@@ -124,37 +124,48 @@ def ray_rows() -> list[dict]:
 
     from q4c import graph as g
     from q4c.calib.readers import synthetic_samples
-    from q4c.config import CompileOptions, WorkerBackend
-    from q4c.quant.sensitivity import measure
+    from q4c.config import WorkerBackend
 
     model = g.convert_opset(g.load(MODELS / f"{RAY_MODEL}.onnx"))
     samples = synthetic_samples(model, count=4, seed=0)
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - start
-    rows, reference = [], None
+    rows, reference = [], {}
     try:
-        for backend, workers in ((WorkerBackend.THREADS, 1), (WorkerBackend.THREADS, 2),
-                                 (WorkerBackend.RAY, 1), (WorkerBackend.RAY, 2)):
-            graph = g.import_graph(model)
-            start = time.perf_counter()
-            table = measure(graph, CompileOptions(workers=workers, workers_backend=backend), 21, samples)
-            seconds = time.perf_counter() - start
-            reference = reference or table.scores
-            pairs = sum(len(s) for s in table.scores.values())
-            row = {"kind": "sensitivity", "model": RAY_MODEL, "backend": backend.value, "workers": workers,
-                   "seconds": round(seconds, 2), "tensors": len(table.scores), "pairs": pairs,
-                   "same_scores_as_1_thread": table.scores == reference, "ray_local_start_seconds": round(ray_start, 2)}
-            if table.distributed:
-                row.update(scoring_seconds=table.distributed["seconds"], tasks=table.distributed["tasks"],
-                           forward_runs=table.distributed["forward_runs"])
-            else:
-                row.update(forward_runs=table.runner.runs if table.runner else 0)
-            rows.append(row)
-            print(f"bench: {row}", file=sys.stderr)
+        for sensitivity in ("kl", "hessian"):
+            for backend, workers in ((WorkerBackend.THREADS, 1), (WorkerBackend.THREADS, 2),
+                                     (WorkerBackend.RAY, 1), (WorkerBackend.RAY, 2)):
+                rows.append(_sensitivity_row(model, samples, sensitivity, backend, workers, ray_start, reference))
+                print(f"bench: {rows[-1]}", file=sys.stderr)
     finally:
         ray.shutdown()
     return rows
+
+
+def _sensitivity_row(model, samples, sensitivity: str, backend, workers: int, ray_start: float,
+                     reference: dict) -> dict:
+    from q4c import graph as g
+    from q4c.config import CompileOptions
+    from q4c.quant.sensitivity import measure
+
+    graph = g.import_graph(model)
+    start = time.perf_counter()
+    table = measure(graph, CompileOptions(workers=workers, workers_backend=backend, sensitivity=sensitivity), 21,
+                    samples)
+    seconds = time.perf_counter() - start
+    reference.setdefault(sensitivity, table.scores)
+    pairs = sum(len(s) for s in table.scores.values())
+    row = {"kind": "sensitivity", "model": RAY_MODEL, "sensitivity": sensitivity, "backend": backend.value,
+           "workers": workers, "seconds": round(seconds, 2), "prepare_seconds": round(table.prepare_seconds, 2),
+           "scoring_seconds": round(seconds - table.prepare_seconds, 2), "tensors": len(table.scores), "pairs": pairs,
+           "same_scores_as_1_thread": table.scores == reference[sensitivity],
+           "ray_local_start_seconds": round(ray_start, 2)}
+    if table.distributed:
+        row.update(tasks=table.distributed["tasks"], forward_runs=table.distributed["forward_runs"])
+    else:
+        row.update(forward_runs=table.runner.runs if table.runner else 0)
+    return row
 
 
 def proj_rows() -> list[dict]:
@@ -235,14 +246,15 @@ def render(rows: list[dict]) -> str:
                 f"{small['prepare_seconds']:.0f} s | {small['tensors']} | {small['pairs']} | {small['forward_runs']} |",
                 ""]
     if ray_rows:
-        out += [f"Sensitivity (kl, 4 synthetic samples) on the bundled `{RAY_MODEL}`: wall time of measure-sensitivity "
-                f"with threads of one process vs Ray workers (a local Ray started once beforehand, "
-                f"{ray_rows[0]['ray_local_start_seconds']:.1f} s, not included):", "",
-                "| backend | workers | wall time | Ray scoring (incl. worker start) | tasks | forward runs | "
-                "scores identical to 1 thread |", "|---|---:|---:|---:|---:|---:|---|"]
+        out += [f"measure-sensitivity on the bundled `{RAY_MODEL}` (4 synthetic samples): threads of one process vs "
+                f"Ray workers (a local Ray started once beforehand, {ray_rows[0]['ray_local_start_seconds']:.1f} s, not "
+                "included). Preparing (slots, gptq statistics, every candidate's rounding) runs in the driver either "
+                "way; scoring is what the workers share (for Ray it includes starting the workers and their sessions):",
+                "", "| sensitivity | backend | workers | wall time | preparing | scoring | tasks | forward runs | "
+                "scores identical to 1 thread |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in ray_rows:
-            out.append(f"| {r['backend']} | {r['workers']} | {r['seconds']:.1f} s | "
-                       f"{str(r.get('scoring_seconds', '')) + ' s' if 'scoring_seconds' in r else '-'} | "
+            out.append(f"| {r.get('sensitivity', 'kl')} | {r['backend']} | {r['workers']} | {r['seconds']:.1f} s | "
+                       f"{r.get('prepare_seconds', float('nan')):.1f} s | {r['scoring_seconds']:.1f} s | "
                        f"{r.get('tasks') or '-'} | {r['forward_runs']} | {'yes' if r['same_scores_as_1_thread'] else 'NO'} |")
         out.append("")
     forward = by.get("proj")

@@ -53,6 +53,8 @@ class ScoreWorker:
             import ray
 
             job, runner_spec = ray.get(refs)
+            # the runner feeds the measured weights: the job's own arrays, shipped once
+            runner_spec = {**runner_spec, "weights": {n: job["weights"][n] for n in runner_spec["weights"]}}
             self.job = ScoreJob(**job, runner=WeightInputRunner(**runner_spec))
         return self.job.run(task)
 
@@ -97,19 +99,21 @@ def score_on_ray(job: ScoreJob, tasks: list[Task], opts: CompileOptions,
     start = time.perf_counter()
     wanted = opts.workers if opts.workers > 0 else None
     started = _connect(ray, opts.ray_address, wanted or (os.cpu_count() or 1))
+    actors: list[Any] = []
     try:
         count = wanted or max(1, int(ray.cluster_resources().get("CPU", 1)))
         count = max(1, min(count, len(tasks)))
         actor_class = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(ScoreWorker)
-        refs = [ray.put(job.for_workers()), ray.put(job.runner.spec())]
+        spec = {**job.runner.spec(), "weights": list(job.runner.weights)}  # names: the arrays are the job's
+        refs = [ray.put(job.for_workers()), ray.put(spec)]
         actors = [actor_class.remote() for _ in range(count)]
         logger.info("measure-sensitivity on Ray: %d tasks on %d workers", len(tasks), count)
         results = _dispatch(ray, actors, refs, tasks, progress, on_result)
         summary = {"backend": "ray", "workers": count, "tasks": len(tasks),
                    "forward_runs": sum(r.runs for r in results), "seconds": round(time.perf_counter() - start, 3)}
-        for actor in actors:
-            ray.kill(actor)
     finally:
+        for actor in actors:  # also on a failure: a joined cluster must not keep them
+            ray.kill(actor)
         if started:
             ray.shutdown()
     return _merge(tasks, results), summary
