@@ -161,3 +161,158 @@ def measure_default(name: str, src: Path, tmp: Path, feeds: dict | None) -> dict
     measured = ratios({"fp32": src, "q4c": dst}, feeds, rounds=15)
     return {"model": name, "method": "q4c default", "latency_ratio": measured["q4c"], "fp32_ms": measured["fp32_ms"],
             "size_ratio": dst.stat().st_size / src.stat().st_size}
+
+
+PARETO_MODEL = "transformer_lm"
+PARETO_LATENCY = (None, "0.9", "0.8", "0.7", "0.6")
+PARETO_RATIO = (None, 0.2, 0.27)
+
+
+def measure_pareto(tmp: Path) -> list[dict]:
+    """transformer_lm compiled over a grid of latency and byte budgets: measured latency ratio,
+    size and held-out KL of every plan (the points of the Pareto PNG)."""
+    name = PARETO_MODEL
+    src, sample = MODELS / f"{name}.onnx", _load_feeds(MODELS / f"{name}.npz")
+    calib, held_out, _ = bench_data(name, tmp)
+    rows = []
+    for lat in PARETO_LATENCY:
+        for ratio in PARETO_RATIO:
+            dst = tmp / f"pareto_{lat}_{ratio}.onnx"
+            options = {k: v for k, v in (("latency_budget", lat), ("ratio", ratio)) if v is not None}
+            try:
+                info = _compile(src, dst, calib, workers=1, **options)
+            except q4c.Q4cError as e:
+                rows.append({"part": "pareto", "model": name, "latency_budget": lat, "byte_ratio": ratio, "error": str(e)})
+                continue
+            measured = ratios({"fp32": src, "q4c": dst}, sample, rounds=15)
+            acc = accuracy(src, dst, held_out)
+            rows.append({"part": "pareto", "model": name, "latency_budget": lat, "byte_ratio": ratio,
+                         "size_ratio": dst.stat().st_size / src.stat().st_size, "latency_ratio": measured["q4c"],
+                         "kl": acc["kl"], "sqnr_db": acc["sqnr_db"], "predicted_ratio": info["predicted_ratio"]})
+            print(f"  pareto {lat} {ratio}: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+def plot_pareto(rows: list[dict], path: Path) -> None:
+    """Measured latency ratio vs size, colour = held-out KL (log), one point per plan; ORT INT8 marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    points = [r for r in rows if r.get("part") == "pareto" and "latency_ratio" in r]
+    ort = [r for r in rows if r.get("part") == "budget" and r.get("model") == PARETO_MODEL
+           and r.get("method", "").startswith("ORT") and "latency_ratio" in r]
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    kls = [max(r["kl"], 1e-4) for r in points + ort]
+    norm = LogNorm(min(kls), max(kls))
+    sc = ax.scatter([r["size_ratio"] for r in points], [r["latency_ratio"] for r in points],
+                    c=[max(r["kl"], 1e-4) for r in points], norm=norm, cmap="viridis", s=50, label="q4c plans")
+    for r in ort:
+        ax.scatter([r["size_ratio"]], [r["latency_ratio"]], c=[max(r["kl"], 1e-4)], norm=norm, cmap="viridis", marker="*",
+                   s=200, edgecolors="red", label="ORT quantize_dynamic INT8")
+    for r in points:
+        ax.annotate(f"L{r['latency_budget'] or '-'} B{r['byte_ratio'] or 'def'}", (r["size_ratio"], r["latency_ratio"]),
+                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+    fig.colorbar(sc, ax=ax, label="held-out KL vs FP32 (nats)")
+    ax.set_xlabel("file size / FP32")
+    ax.set_ylabel("latency / FP32 (1 thread, interleaved median)")
+    ax.set_title(f"{PARETO_MODEL}: plans over latency (L) and byte (B) budgets")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def _f(x: object, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def render(rows: list[dict]) -> str:
+    out = ["<!-- latency:begin -->", "## latency: --latency-budget (bits x form per layer under bytes and time)", "",
+           "Latency: median process-CPU time at 1 intra-op thread, each model's rows interleaved with FP32 on its "
+           "sample input (`q4c.timing`); this machine is shared and noisy (identical models measure 0.85-1.2x of "
+           "each other). Accuracy: mean over 16 held-out input variants (calibration on 16 others). "
+           "`predicted` is the planner's final prediction, `compile` the ratio choose-forms measured itself.", "",
+           "| model | method | size / FP32 | latency / FP32 | predicted | compile | SQNR dB | KL | forms | note |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("part") not in ("budget", "encoder"):
+            continue
+        forms = ", ".join(f"{k} {v}" for k, v in sorted((r.get("forms") or {}).items()))
+        note = r.get("error") or ("budget met" if r.get("budget_met") else "budget not met: fastest measured plan"
+                                  if r.get("budget_met") is False else "")
+        out.append(f"| {r['model']} | {r['method']} | {_f(r.get('size_ratio'), 3)} | {_f(r.get('latency_ratio'))} | "
+                   f"{_f(r.get('predicted_ratio'))} | {_f(r.get('compile_measured_ratio'))} | {_f(r.get('sqnr_db'))} | "
+                   f"{_f(r.get('kl'), 4)} | {forms} | {note} |")
+    defaults = [r for r in rows if r.get("part") == "default"]
+    if defaults:
+        worst = max(defaults, key=lambda r: r.get("latency_ratio") or 0)
+        out += ["", "Default compile (no --latency-budget), latency / FP32 on every bundled and cached real model "
+                f"(worst {worst['model']} {_f(worst.get('latency_ratio'))}; the bar is 1.05):", "",
+                "| model | size / FP32 | latency / FP32 | FP32 ms |", "|---|---|---|---|"]
+        out += [f"| {r['model']} | {_f(r.get('size_ratio'), 3)} | {_f(r.get('latency_ratio'))} | {_f(r.get('fp32_ms'), 3)} |"
+                if "error" not in r else f"| {r['model']} | — | — | {r['error']} |" for r in defaults]
+    if any(r.get("part") == "pareto" for r in rows):
+        out += ["", f"Pareto plot ({PARETO_MODEL}, measured plans over a grid of budgets): "
+                "`benchmarks/results/latency_pareto.png`."]
+    out.append("<!-- latency:end -->")
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="budget,encoder,default,pareto")
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--from-results", action="store_true", help="re-render benchmarks/results/latency.json")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    saved = json.loads((RESULTS / "latency.json").read_text()) if (RESULTS / "latency.json").exists() else []
+    rows = [r for r in saved if r.get("part") not in parts] if not args.from_results else saved
+    if not args.from_results:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += _measure(parts, Path(tmp))
+    if any(r.get("part") == "pareto" for r in rows):
+        plot_pareto(rows, RESULTS / "latency_pareto.png")
+    section = render(rows)
+    print(section)
+    if args.write:
+        publish("latency", rows, section)
+    return 0
+
+
+def _measure(parts: list[str], tmp: Path) -> list[dict]:
+    rows: list[dict] = []
+    if "budget" in parts:
+        for name in BUDGET_MODELS:
+            print(f"bench: {name}", file=sys.stderr)
+            rows += [{"part": "budget", **r} for r in measure_budget(name, tmp)]
+    if "encoder" in parts:
+        for frames in ENCODER_FRAMES:
+            rows += [{"part": "encoder", **r} for r in measure_encoder(frames, tmp)]
+    if "default" in parts:
+        for name in bundled_models():
+            feeds = _load_feeds(MODELS / f"{name}.npz") if (MODELS / f"{name}.npz").exists() else None
+            rows.append({"part": "default", **_safe_default(name, MODELS / f"{name}.onnx", tmp, feeds)})
+        for name, path in real_models():
+            rows.append({"part": "default", **_safe_default(name, path, tmp, None)})
+    if "pareto" in parts:
+        rows += measure_pareto(tmp)
+    for r in rows:
+        r.pop("costs", None)
+    return rows
+
+
+def _safe_default(name: str, src: Path, tmp: Path, feeds: dict | None) -> dict:
+    print(f"bench default: {name}", file=sys.stderr)
+    try:
+        row = measure_default(name, src, tmp, feeds)
+    except Exception as e:  # noqa: BLE001 - the exact failure is the row's result
+        row = {"model": name, "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+    print(f"  {row}", file=sys.stderr)
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(main())

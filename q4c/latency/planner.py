@@ -86,8 +86,7 @@ def _uniform(c: Candidate) -> bool:
 
 
 def _form_ok(form: Form, kind: LayerKind, cands: Sequence[Candidate]) -> bool:
-    bits = cands[0].bits
-    if not allows(form, bits):
+    if not all(allows(form, c.bits) for c in cands):
         return False
     if form is Form.FP32_AT_LOAD:
         return True
@@ -104,8 +103,7 @@ def _int8_channel_bytes(cand: Candidate, shape: tuple[int, ...]) -> int:
 def variants(layer: Layer, candidates: Mapping[str, Sequence[Candidate]]) -> list[tuple[Form, int]]:
     """The (form, timed bits) a layer's options need costs for."""
     out = {(Form.FP32_AT_LOAD, FLOAT)}
-    first = candidates[layer.weights[0]]
-    for c in first:
+    for c in (c for w in layer.weights for c in candidates[w]):
         for form in FORMS[layer.shape.kind]:
             if _form_ok(form, layer.shape.kind, [c]):
                 out.add((form, timed_bits(form, c.bits)))
@@ -118,14 +116,19 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
     """Every (candidate key shared by the layer's weights, form) option of one layer (`forms`:
     the forms allowed, None = all; latencies are the measured costs x `factor`)."""
     per_weight = [{c.key: c for c in candidates[w]} for w in layer.weights]
-    keys = [k for k in per_weight[0] if all(k in pw for pw in per_weight[1:])]
+    if all(len(pw) == 1 for pw in per_weight):  # one candidate each (a given plan): that combination
+        combos = [tuple(next(iter(pw)) for pw in per_weight)]
+    else:  # LSTM/GRU W and R take the same candidate key
+        combos = [(k,) * len(per_weight) for k in per_weight[0] if all(k in pw for pw in per_weight[1:])]
     picks = []
-    for key in keys:
-        cands = [pw[key] for pw in per_weight]
-        damage = sum(max(scores[w].get(key, 0.0), 0.0) for w in layer.weights)
-        if cands[0].bits == FLOAT:
+    for keys in combos:
+        cands = [pw[k] for pw, k in zip(per_weight, keys, strict=True)]
+        damage = sum(max(scores[w].get(k, 0.0), 0.0) for w, k in zip(layer.weights, keys, strict=True))
+        if any(c.bits == FLOAT for c in cands):
+            if not all(c.bits == FLOAT for c in cands):
+                continue  # one layer, one form: a float weight beside a quantized one runs as FP32 at load
             latency = factor * costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT)
-            picks.append(Pick((key,) * len(cands), None, Option2(sum(c.nbytes for c in cands), latency, damage)))
+            picks.append(Pick(keys, None, Option2(sum(c.nbytes for c in cands), latency, damage)))
             continue
         for form in FORMS[layer.shape.kind]:
             if not _form_ok(form, layer.shape.kind, cands) or (forms is not None and form not in forms):
@@ -133,8 +136,8 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
             nbytes = sum(c.nbytes for c in cands)
             if form is Form.INT8_DYNAMIC:
                 nbytes = sum(_int8_channel_bytes(c, weight_shapes[w]) for c, w in zip(cands, layer.weights, strict=True))
-            latency = factor * costs.cost(layer.shape, form, cands[0].bits)
-            picks.append(Pick((key,) * len(cands), form, Option2(nbytes, latency, damage)))
+            latency = factor * costs.cost(layer.shape, form, max(c.bits for c in cands))
+            picks.append(Pick(keys, form, Option2(nbytes, latency, damage)))
     return picks
 
 
