@@ -34,9 +34,11 @@ from q4c.records import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
+
 class InsertActivationQdqPass(Pass):
     """Q/DQ (uint8, per tensor, calibrated range) on the activation input of every MatMul, Gemm
-    and Conv with a planned quantized weight, whose weight becomes int8 per output channel.
+    and Conv whose weight the plan gives form int8-activations (choose-kernels decides which, by
+    q4c.quant.int8_activations); the weight is stored int8 per output channel.
 
     Kept float, with the reason counted: recurrent state (a stateful model's state inputs, LSTM/
     GRU state outputs, h = o * tanh(c) of decomposed cells), LSTM/GRU internals (projections
@@ -46,8 +48,9 @@ class InsertActivationQdqPass(Pass):
     activations (attention) stay float too.
     Requires: ctx.calibration, ctx.plan (when --activations int8; otherwise a no-op).
     Ensures: every quantized op is in a form ORT fuses.
-    Stats: quantized_matmul, quantized_conv, quantized_gemm, weights_to_int8, kept_float_* (the
-    ops above by reason, plus kept_float_recurrent_op: LSTM/GRU/RNN/Scan/Loop nodes).
+    Stats: quantized_matmul, quantized_conv, quantized_gemm, kept_float_* (the ops above by
+    reason, plus kept_float_recurrent_op: LSTM/GRU/RNN/Scan/Loop nodes, kept_float_plan: eligible
+    ops the plan did not give int8-activations). choose-kernels counts weights_to_int8.
     """
 
     name = "insert-activation-qdq"

@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 class LowerRecurrentPass(Pass):
-    """For `--target ort-cpu`: LSTM/GRU with DequantizeLinear weights -> the fastest form per layer.
+    """LSTM/GRU/RNN with DequantizeLinear weights -> the form the plan gives the layer (by default
+    the fastest, by the rule below).
 
     The rule, from `python benchmarks/bench_recurrent.py` (ONNX Runtime 1.31, 1 thread, batch 1;
     time as a ratio of the FP32 op for one step / an 8-step chunk / a 100-step utterance per call;
