@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from q4c import external_data
 from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.calib.readers import (
@@ -233,6 +234,8 @@ def compile_file(
     if strict and not verify:
         raise ConfigError("--strict judges the compile's verification; drop --no-verify")
     model = g.load(model_path)
+    if external_data.approx_bytes(model) > q4ort.SESSION_DETACH_BYTES:  # large: no second copy of every weight
+        model = g.convert_opset(model, _target_opset(options or CompileOptions()), consume=True)
     samples = open_reader(model, data, reader=reader) if data is not None or reader is not None else None
     try:
         out, report = compile_model(model, options, passes=passes, samples=samples, dump_dir=dump_dir,

@@ -92,14 +92,18 @@ def placeholders(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield t
 
 
-def restore(skel: onnx.ModelProto, source: onnx.ModelProto) -> None:
-    """Fill `skel`'s placeholders (in place) with the data of `source`'s initializers of the same name."""
+def restore(skel: onnx.ModelProto, source: onnx.ModelProto, consume: bool = False) -> None:
+    """Fill `skel`'s placeholders (in place) with the data of `source`'s initializers of the same
+    name; `consume` empties each source tensor once copied (one tensor at a time in two places,
+    not the whole model: for a caller that drops `source` anyway)."""
     full = {t.name: t for t in source.graph.initializer}
     for t in list(placeholders(skel)):
         original = full.get(t.name)
         if original is None:
             raise KeyError(t.name)
         t.CopyFrom(original)
+        if consume:
+            original.ClearField("raw_data")
 
 
 def detach_for_session(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:

@@ -144,9 +144,12 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def convert_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> onnx.ModelProto:
+def convert_opset(model: onnx.ModelProto, target: int = TARGET_OPSET, *, consume: bool = False) -> onnx.ModelProto:
     """Convert to `target` with onnx's version converter (bumping opset_import alone breaks
-    graphs: ReduceMean axes, Unsqueeze/Split arity, ...). Models at or above `target` pass."""
+    graphs: ReduceMean axes, Unsqueeze/Split arity, ...). Models at or above `target` pass.
+
+    `consume`: the caller drops `model` afterwards, so its weights move into the result (emptied
+    in `model` tensor by tensor) instead of existing twice."""
     opset = default_opset(model)
     if opset is not None and opset >= target:
         return model
@@ -159,7 +162,7 @@ def convert_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> onnx.Mo
             f"cannot convert opset {opset} to {target}: {e}; re-export the model at opset >= {target}"
         ) from e
     try:
-        external_data.restore(converted, model)
+        external_data.restore(converted, model, consume=consume)
     except KeyError as e:
         raise ModelLoadError(f"cannot convert opset {opset} to {target}: the converter dropped initializer "
                              f"{e.args[0]!r}; re-export the model at opset >= {target}") from e

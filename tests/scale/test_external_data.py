@@ -114,3 +114,16 @@ def test_output_over_the_protobuf_limit_is_written_with_external_data(tiny, tmp_
     feeds = _mel(rng)
     got = q4ort.run(q4ort.make_session(str(out)), feeds)["hidden"]
     np.testing.assert_allclose(got, run_interp(g.load(out), feeds)["hidden"], rtol=1e-4, atol=1e-4)
+
+
+def test_large_model_path_converts_in_place_of_the_loaded_copy_and_writes_the_same_bytes(tiny, tmp_path, monkeypatch):
+    plain = tmp_path / "plain.onnx"
+    compile_file(tiny, plain, CompileOptions(bits=4), verify=False)
+    monkeypatch.setattr(q4ort, "SESSION_DETACH_BYTES", 0)  # the tiny model takes the large-model path
+    converted = []
+    real = g.convert_opset
+    monkeypatch.setattr(g, "convert_opset", lambda m, t=21, consume=False: converted.append(consume) or real(m, t, consume=consume))
+    large = tmp_path / "large.onnx"
+    compile_file(tiny, large, CompileOptions(bits=4), verify=False)
+    assert converted[0] is True  # compile_file gave its loaded copy away
+    assert large.read_bytes() == plain.read_bytes()
