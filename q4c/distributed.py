@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 MAX_RESTARTS = 3
 #: tasks in flight per worker: one running, one queued, so no worker idles between tasks
 IN_FLIGHT = 2
+
+#: seconds to wait for a --ray-address to accept a connection
+PROBE_SECONDS = 5.0
 
 INSTALL_HINT = "pip install 'q4c[ray]' (or pip install ray)"
 
@@ -75,6 +79,8 @@ def _connect(ray: Any, address: str | None, cpus: int) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        _probe(address)
     try:
         if address is None:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
@@ -84,6 +90,18 @@ def _connect(ray: Any, address: str | None, cpus: int) -> bool:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise ConfigError(f"cannot start or join {where}: {' '.join(str(e).split())[:200]}") from e
     return True
+
+
+def _probe(address: str) -> None:
+    """Fail in one line if a host:port address does not answer (ray.init would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray://..., or no port: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as e:
+        raise ConfigError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}); start one with "
+                          f"'ray start --head' or fix --ray-address / RAY_ADDRESS") from e
 
 
 def score_on_ray(job: ScoreJob, tasks: list[Task], opts: CompileOptions,

@@ -63,6 +63,12 @@ def test_cli_refuses_bad_worker_options_before_compiling(tmp_path, args, message
 ray = pytest.importorskip("ray")
 
 
+def test_an_unreachable_ray_address_is_a_one_line_error(rng):
+    assert not ray.is_initialized()  # runs before the module's local Ray starts
+    with pytest.raises(ConfigError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:1 .*ray start --head"):
+        _measure(_mlp(rng), CompileOptions(workers=2, workers_backend=WorkerBackend.RAY, ray_address="127.0.0.1:1"))
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
