@@ -97,16 +97,19 @@ class LowerRecurrentPass(Pass):
             for node in [n for n in sub.nodes if n.op in ("LSTM", "GRU", "RNN") and n.domain in ("", "ai.onnx", None)]:
                 layer = match_layer(sub, node, bits_of)
                 planned = _planned_form(layer, forms) if not isinstance(layer, NoMatch) else None
-                if planned not in (Form.SCAN_MATMULNBITS, Form.DYNAMIC_QUANTIZE_LSTM):
+                if planned not in (Form.SCAN_MATMULNBITS, Form.SCAN_INT8_PROJECTION, Form.DYNAMIC_QUANTIZE_LSTM):
                     stats["kept_dq" if planned is not None else getattr(layer, "code", "skipped_float_weights")] += 1
                     continue
                 assert not isinstance(layer, NoMatch)
                 logger.debug("%s (%s, H=%d, bits %s): %s", node.name, layer.op, layer.hidden, sorted(layer.bits()), planned)
-                if planned is Form.SCAN_MATMULNBITS:
-                    if any(w.quantized and kernel_block(w) is None for w in layer.w + layer.r):
-                        raise PostconditionError(f"{node.name}: the plan's form 'scan-matmulnbits' needs weight blocks "
+                if planned in (Form.SCAN_MATMULNBITS, Form.SCAN_INT8_PROJECTION):
+                    int8 = planned is Form.SCAN_INT8_PROJECTION
+                    if any(w.quantized and kernel_block(w) is None for w in (layer.r if int8 else layer.w + layer.r)):
+                        raise PostconditionError(f"{node.name}: the plan's form {planned.value!r} needs weight blocks "
                                                  f"a MatMulNBits block (16-256) covers")
-                    lower_to_scan(layer, Emitter(graph, node.name or layer.op))
+                    if int8 and not all(w.quantized and w.bits == 8 for w in layer.w):
+                        raise PostconditionError(f"{node.name}: the plan's form 'scan-int8-projection' needs W at 8 bits")
+                    lower_to_scan(layer, Emitter(graph, node.name or layer.op), int8_projection=int8)
                     stats["scan"] += 1
                 else:
                     if layer.op != "LSTM" or not all(w.quantized and w.bits == 8 for w in layer.w + layer.r):

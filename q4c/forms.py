@@ -128,6 +128,10 @@ def _recurrent_decisions(graph: gs.Graph, node: gs.Node, plan: PrecisionPlan, ke
                          basis: FormBasis) -> dict[str, Decision]:
     names = [t.name for t in node.inputs[1:3] if isinstance(t, gs.Constant) and plan.tensors.get(t.name)
              and plan.tensors[t.name].quantized]
+    decided = [plan.tensors[n] for n in names if plan.tensors[n].form is not None]
+    if decided:  # a layer has one form: the rest of its weights take the one the plan gives
+        return {n: Decision(decided[0].form, decided[0].chosen_for or FormBasis.USER)
+                for n in names if plan.tensors[n].form is None}
     sub = next((s for s in _graphs_of(graph) if any(n is node for n in s.nodes)), graph)
     layer = match_layer(sub, node, {})
     if any(plan.tensors[n].scheme in CODEBOOK_SCHEMES for n in names):  # decoded by constant folding at load
@@ -161,8 +165,10 @@ def check_form(name: str, tp: TensorPrecision, slots: list[WeightSlot], target: 
             return f"form {tp.form.value!r} is not a form of {'/'.join(sorted(ops))} layers"
         if tp.form is Form.DYNAMIC_QUANTIZE_LSTM and (ops != {"LSTM"} or tp.bits != 8):
             return "form 'dynamic-quantize-lstm' takes LSTM weights planned at 8 bits"
-        if tp.form is Form.SCAN_MATMULNBITS and tp.scheme in CODEBOOK_SCHEMES:
-            return f"form 'scan-matmulnbits' cannot read {tp.scheme} codebook weights"
+        if tp.form in (Form.SCAN_MATMULNBITS, Form.SCAN_INT8_PROJECTION) and tp.scheme in CODEBOOK_SCHEMES:
+            return f"form {tp.form.value!r} cannot read {tp.scheme} codebook weights"
+        if tp.form is Form.SCAN_INT8_PROJECTION and tp.bits != 8 and any(s.role.endswith("_w") for s in slots):
+            return "form 'scan-int8-projection' takes W planned at 8 bits"
         return None
     if tp.form in MATMULNBITS_FORMS and _kernel_form(slots, replace(tp, form=None)) is not Form.MATMULNBITS:
         return f"form {tp.form.value!r} needs a 2-D MatMul B weight with a MatMulNBits block (16-256) at {tp.granularity}"

@@ -27,6 +27,8 @@ class Form(enum.Enum):
     NBITS_ACC0 = "matmulnbits-acc0"  # same, float compute
     INT8_DYNAMIC = "int8-dynamic"  # com.microsoft DynamicQuantizeMatMul, int8 per-channel [K, N]
     SCAN_NBITS = "scan-matmulnbits"  # LSTM/GRU: hoisted MatMulNBits + Scan (q4c.recurrent_lowering.scan)
+    #: the same with the hoisted projection as DynamicQuantizeMatMul (W 8-bit; R any width)
+    SCAN_INT8_PROJECTION = "scan-int8-projection"
     DYNAMIC_QUANTIZE_LSTM = "dynamic-quantize-lstm"  # LSTM: com.microsoft DynamicQuantizeLSTM (INT8)
 
 
@@ -34,8 +36,8 @@ class Form(enum.Enum):
 #: are kept in the file but the op runs in float; any planned width is allowed there).
 FORMS: dict[LayerKind, tuple[Form, ...]] = {
     LayerKind.MATMUL: (Form.FP32_AT_LOAD, Form.NBITS_ACC4, Form.NBITS_ACC0, Form.INT8_DYNAMIC),
-    LayerKind.LSTM: (Form.FP32_AT_LOAD, Form.SCAN_NBITS, Form.DYNAMIC_QUANTIZE_LSTM),
-    LayerKind.GRU: (Form.FP32_AT_LOAD, Form.SCAN_NBITS),
+    LayerKind.LSTM: (Form.FP32_AT_LOAD, Form.SCAN_NBITS, Form.SCAN_INT8_PROJECTION, Form.DYNAMIC_QUANTIZE_LSTM),
+    LayerKind.GRU: (Form.FP32_AT_LOAD, Form.SCAN_NBITS, Form.SCAN_INT8_PROJECTION),
 }
 #: Bit widths a form computes with; None = any (the weight is dequantized to FP32 at load).
 FORM_BITS: dict[Form, tuple[int, ...] | None] = {
@@ -44,6 +46,7 @@ FORM_BITS: dict[Form, tuple[int, ...] | None] = {
     Form.NBITS_ACC0: (2, 3, 4, 8),
     Form.INT8_DYNAMIC: (8,),
     Form.SCAN_NBITS: (2, 3, 4, 8),
+    Form.SCAN_INT8_PROJECTION: (2, 3, 4, 8),  # R's width (W is 8-bit)
     Form.DYNAMIC_QUANTIZE_LSTM: (8,),
 }
 

@@ -92,15 +92,18 @@ def recurrent_model(shape: LayerShape, form: Form, bits: int, seed: int = 0) -> 
         return _model([helper.make_node(op, node_inputs, ["Y", "Y_h"], **attrs)], [x, h0], outs, inits)
     if form is Form.DYNAMIC_QUANTIZE_LSTM and (op != "LSTM" or bits != 8):
         raise ValueError("DynamicQuantizeLSTM runs 8-bit LSTM weights only")
-    if form not in (Form.SCAN_NBITS, Form.DYNAMIC_QUANTIZE_LSTM):
+    if form not in (Form.SCAN_NBITS, Form.SCAN_INT8_PROJECTION, Form.DYNAMIC_QUANTIZE_LSTM):
         raise ValueError(f"{form.value} is not a recurrent form")
     store = {2: ml_dtypes.int2, 3: ml_dtypes.int4, 4: ml_dtypes.int4, 8: np.int8}[bits]
     graph = gs.Graph(opset=g.TARGET_OPSET)
     tensors = {"X": gs.Variable("X", np.float32, [shape.steps, shape.rows, i]),
                "h0": gs.Variable("h0", np.float32, [nd, shape.rows, h])}
+    int8_projection = form is Form.SCAN_INT8_PROJECTION
+    widths = {"W": 8 if int8_projection else bits, "R": bits}
     for name, width in (("W", i), ("R", h)):
         block = width if form is Form.DYNAMIC_QUANTIZE_LSTM else RECURRENT_BLOCK
-        codes = gs.Constant(f"{name}_codes", _codes(rng, (nd, gates * h, width), bits).astype(store))
+        kind = np.int8 if widths[name] == 8 else store
+        codes = gs.Constant(f"{name}_codes", _codes(rng, (nd, gates * h, width), widths[name]).astype(kind))
         scale = gs.Constant(f"{name}_scale", np.full((nd, gates * h, -(-width // block)), 0.01, np.float32))
         tensors[name] = gs.Variable(name, np.float32)
         graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_dq", {"axis": 2, "block_size": block},
@@ -114,10 +117,10 @@ def recurrent_model(shape: LayerShape, form: Form, bits: int, seed: int = 0) -> 
     graph.nodes.append(node)
     graph.inputs = [tensors["X"], tensors["h0"]]
     graph.outputs = out_vars[:2]
-    layer = match_layer(graph, node, {f"{n}_codes": bits for n in ("W", "R")})
+    layer = match_layer(graph, node, {f"{n}_codes": widths[n] for n in ("W", "R")})
     assert not hasattr(layer, "code"), f"micro model did not match: {layer}"
-    if form is Form.SCAN_NBITS:
-        lower_to_scan(layer, Emitter(graph, "layer"))
+    if form in (Form.SCAN_NBITS, Form.SCAN_INT8_PROJECTION):
+        lower_to_scan(layer, Emitter(graph, "layer"), int8_projection=int8_projection)
     else:
         lower_to_dynamic_lstm(layer, Emitter(graph, "layer"))
     graph.cleanup().toposort()

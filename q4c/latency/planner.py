@@ -86,6 +86,11 @@ def _uniform(c: Candidate) -> bool:
 
 
 def _form_ok(form: Form, kind: LayerKind, cands: Sequence[Candidate]) -> bool:
+    """Can weights planned as `cands` (a layer's W, R; or one candidate, for timing) run in `form`?"""
+    if form is Form.SCAN_INT8_PROJECTION:  # W at 8 bits, R any width MatMulNBits runs
+        if len(cands) > 1 and cands[0].bits != 8:
+            return False
+        return allows(form, cands[-1].bits) and all(_uniform(c) for c in cands)
     if not all(allows(form, c.bits) for c in cands):
         return False
     if form is Form.FP32_AT_LOAD:
@@ -118,8 +123,10 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
     per_weight = [{c.key: c for c in candidates[w]} for w in layer.weights]
     if all(len(pw) == 1 for pw in per_weight):  # one candidate each (a given plan): that combination
         combos = [tuple(next(iter(pw)) for pw in per_weight)]
-    else:  # LSTM/GRU W and R take the same candidate key
+    else:  # LSTM/GRU W and R take the same candidate key, or W 8-bit beside any R (scan-int8-projection)
         combos = [(k,) * len(per_weight) for k in per_weight[0] if all(k in pw for pw in per_weight[1:])]
+        if len(per_weight) == 2 and "8" in per_weight[0]:
+            combos += [("8", k) for k in per_weight[1] if k != "8"]
     picks = []
     for keys in combos:
         cands = [pw[k] for pw, k in zip(per_weight, keys, strict=True)]
@@ -136,7 +143,8 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
             nbytes = sum(c.nbytes for c in cands)
             if form is Form.INT8_DYNAMIC:
                 nbytes = sum(_int8_channel_bytes(c, weight_shapes[w]) for c, w in zip(cands, layer.weights, strict=True))
-            latency = factor * costs.cost(layer.shape, form, max(c.bits for c in cands))
+            timed = cands[-1].bits if form is Form.SCAN_INT8_PROJECTION else max(c.bits for c in cands)
+            latency = factor * costs.cost(layer.shape, form, timed)
             picks.append(Pick(keys, form, Option2(nbytes, latency, damage)))
     return picks
 

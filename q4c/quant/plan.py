@@ -76,6 +76,9 @@ class Form(enum.StrEnum):
     DEQUANTIZE_LINEAR = "dequantize-linear"
     #: LSTM/GRU/RNN as a hoisted MatMulNBits input projection plus a Scan of MatMulNBits steps
     SCAN_MATMULNBITS = "scan-matmulnbits"
+    #: the Scan form with the hoisted input projection as com.microsoft DynamicQuantizeMatMul (W
+    #: planned at 8 bits, int8 per channel; R any width, MatMulNBits in the Scan): chosen by --latency-budget
+    SCAN_INT8_PROJECTION = "scan-int8-projection"
     #: com.microsoft DynamicQuantizeLSTM (LSTM with 8-bit W and R, re-quantized per channel)
     DYNAMIC_QUANTIZE_LSTM = "dynamic-quantize-lstm"
     #: uint8 activations with int8 per-channel weights in a QDQ group ORT fuses (--activations int8)
@@ -86,7 +89,7 @@ class Form(enum.StrEnum):
 
 
 #: forms of LSTM/GRU/RNN layers
-RECURRENT_FORMS = frozenset({Form.SCAN_MATMULNBITS, Form.DYNAMIC_QUANTIZE_LSTM, Form.FP32_AT_LOAD,
+RECURRENT_FORMS = frozenset({Form.SCAN_MATMULNBITS, Form.SCAN_INT8_PROJECTION, Form.DYNAMIC_QUANTIZE_LSTM, Form.FP32_AT_LOAD,
                              Form.DEQUANTIZE_LINEAR})
 #: forms of MatMul weights lowered by lower-ort-kernels, and their MatMulNBits accuracy_level
 MATMULNBITS_FORMS = {Form.MATMULNBITS: 4, Form.MATMULNBITS_ACC0: 0}
