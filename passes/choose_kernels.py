@@ -93,7 +93,8 @@ def _int8_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> int:
         if old.form is not None:  # a replayed or hand-edited plan decided already
             continue
         changed += (old.bits, old.granularity) != (8, "channel")
-        plan.tensors[name] = TensorPrecision(8, "channel", old.scheme, Form.INT8_ACTIVATIONS, FormBasis.OPTION)
+        scheme = "symmetric" if old.scheme in CODEBOOK_SCHEMES else old.scheme  # int8 codes: uniform levels
+        plan.tensors[name] = TensorPrecision(8, "channel", scheme, Form.INT8_ACTIVATIONS, FormBasis.OPTION)
     if changed:
         ctx.warn(f"--activations int8: {changed} weight(s) stored as int8 per channel instead of the planned "
                  f"precision: ONNX Runtime's integer MatMul/Conv kernels take int8 weights only")
