@@ -122,6 +122,22 @@ def _check_planned(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> No
             why = "form 'int8-activations' needs --activations int8"
         if why is not None:
             raise ConfigError(f"plan: tensor {name!r}: {why}")
+    for name, tp in sorted(plan.tensors.items()):
+        why = _layer_mismatch(name, tp, slots[name], plan) if tp.form is not None and name in slots else None
+        if why is not None:
+            raise ConfigError(f"plan: tensor {name!r}: {why}")
+
+
+def _layer_mismatch(name: str, tp: TensorPrecision, slots: list[WeightSlot], plan: PrecisionPlan) -> str | None:
+    """An LSTM/GRU/RNN runs in one form: its weights cannot be given two."""
+    for slot in slots:
+        if slot.node.op not in ("LSTM", "GRU", "RNN"):
+            continue
+        for other in slot.node.inputs[1:3]:
+            form = plan.tensors[other.name].form if other.name in plan.tensors else None
+            if other.name != name and form is not None and form is not tp.form:
+                return f"its {slot.node.op} layer's other weight {other.name!r} has form {form.value!r}; a layer has one form"
+    return None
 
 
 def _fold_all(plan: PrecisionPlan, decisions: dict[str, Decision], opts: Any) -> None:

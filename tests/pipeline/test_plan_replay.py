@@ -124,3 +124,21 @@ def test_int8_activations_are_a_plan_decision_that_replays(model_path, tmp_path)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert json.loads((tmp_path / "p2.json").read_text()) == plan
     assert op_histogram(onnx.load(tmp_path / "b.onnx"))["QuantizeLinear"] == 1
+
+
+def test_a_form_given_to_one_weight_of_a_layer_is_its_layers_form(model_path, tmp_path):
+    # only W says fp32-at-load: R (form removed) follows it, the LSTM stays an LSTM
+    _compile(model_path, tmp_path / "a.onnx", CompileOptions(bits=4, kernels="low-bit"), save_plan=tmp_path / "p.json")
+    plan = json.loads((tmp_path / "p.json").read_text())
+    plan["tensors"]["W"].update(form="fp32-at-load", chosen_for="user")
+    del plan["tensors"]["R"]["form"], plan["tensors"]["R"]["chosen_for"]
+    (tmp_path / "one.json").write_text(json.dumps(plan))
+    _compile(model_path, tmp_path / "b.onnx", CompileOptions(plan_path=tmp_path / "one.json", kernels="low-bit"),
+             save_plan=tmp_path / "p2.json")
+    assert json.loads((tmp_path / "p2.json").read_text())["tensors"]["R"]["form"] == "fp32-at-load"
+    assert op_histogram(onnx.load(tmp_path / "b.onnx"))["LSTM"] == 1
+    # two forms for one layer: refused
+    plan["tensors"]["R"].update(form="scan-matmulnbits", chosen_for="user")
+    (tmp_path / "two.json").write_text(json.dumps(plan))
+    with pytest.raises(ConfigError, match="a layer has one form"):
+        _compile(model_path, tmp_path / "c.onnx", CompileOptions(plan_path=tmp_path / "two.json"))
