@@ -14,13 +14,14 @@ def print_summary(report: dict) -> None:
     if report.get("avg_weight_bits") is not None:
         click.echo(f"average weight bits: {report['avg_weight_bits']:.2f} over {len(report['tensors'])} quantized tensors")
     measure = report.get("sensitivity", {}).get("measure")
+    planned = report.get("plan", {}).get("tensors", {})
     rows = [(t["name"], t["op"], "x".join(map(str, t["shape"])), _key(t), t["granularity"],
-             t["sensitivity"].get("weight_sqnr_db", "-"),
+             planned.get(t["name"], {}).get("form", "-"), t["sensitivity"].get("weight_sqnr_db", "-"),
              (t["sensitivity"].get(measure, {}).get(_key(t), "-") if measure else "-"))
             for t in report["tensors"]]
     if rows:
-        click.echo(table(["tensor", "op", "shape", "bits", "granularity", "weight SQNR dB", f"{measure or 'sensitivity'} score"],
-                         rows))
+        click.echo(table(["tensor", "op", "shape", "bits", "granularity", "form", "weight SQNR dB",
+                          f"{measure or 'sensitivity'} score"], rows))
     _print_objectives(report)
     plan = report.get("plan", {}).get("defaults", {})
     if plan.get("mode") == "budgeted":
