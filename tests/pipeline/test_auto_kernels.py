@@ -53,3 +53,17 @@ def test_auto_writes_the_bytes_of_the_kernel_setting_it_chose(home, tmp_path, rn
     if planted == "fp32-at-load":
         model = onnx.load(tmp_path / "again.onnx")
         assert {i.domain for i in model.opset_import} == {""}  # nothing from the timed MatMulNBits copy
+
+
+def test_a_timed_compile_replays_without_timing(home, tmp_path, rng):
+    src = tmp_path / "m.onnx"
+    onnx.save(_lm(rng), src)
+    first = q4c.compile_file(src, tmp_path / "a.onnx", q4c.CompileOptions(bits=4), verify=False,
+                             save_plan=tmp_path / "p.json")
+    assert first["kernel_choice"]["source"] == "measured"
+    kernel_cache.cache_path().write_text("{}")  # forget the verdict: the plan alone must reproduce it
+    again = q4c.compile_file(src, tmp_path / "b.onnx", q4c.CompileOptions(plan_path=tmp_path / "p.json"),
+                             verify=False, save_plan=tmp_path / "p2.json")
+    assert "kernel_choice" not in again  # nothing timed
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert json.loads((tmp_path / "p2.json").read_text()) == json.loads((tmp_path / "p.json").read_text())
