@@ -46,6 +46,7 @@ class QuantizeWeightsPass(Pass):
     """
 
     name = "quantize-weights"
+    provides = frozenset({Artifact.QUANTIZED_WEIGHTS})
 
     def needs(self, options: CompileOptions) -> frozenset[Artifact]:
         int8 = {Artifact.INT8_ACTIVATIONS} if options.activations == "int8" else set()

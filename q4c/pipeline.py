@@ -118,6 +118,7 @@ class Artifact(enum.Enum):
     PLAN = "plan"  # ctx.plan: bits, scheme, granularity per weight
     FORMS = "forms"  # the plan's lowering form per quantized weight
     INT8_ACTIVATIONS = "int8-activations"  # Q/DQ on activations, their weights int8 (before quantize-weights)
+    QUANTIZED_WEIGHTS = "quantized-weights"  # ctx.quantized: the planned weights stored low-bit
 
 
 class Pass(abc.ABC):
