@@ -3,7 +3,7 @@ is quantized (the choose-kernels analysis writes these into the plan; the materi
 quantize-weights, lower-ort-kernels and lower-recurrent, only read them).
 
 Rules (the measured ones are in passes/lower_recurrent.py's docstring, BENCHMARKS.md "recurrent"):
-- `--target onnx`: DEQUANTIZE_LINEAR everywhere; `--kernels fp32-at-load`: FP32_AT_LOAD everywhere.
+- `--kernels fp32-at-load`: FP32_AT_LOAD everywhere (any target); `--target onnx`: DEQUANTIZE_LINEAR.
 - MatMul weights (all consumers MatMul, weight as B, a MatMulNBits block fits): MATMULNBITS;
   embeddings read only by Gather on axis 0 with blocks along the row: GATHER_BLOCK_QUANTIZED;
   other weights DEQUANTIZE_LINEAR (scales as the op reads them).
@@ -72,10 +72,10 @@ def rule_forms(graph: gs.Graph, plan: PrecisionPlan, target: Target, kernels: st
     for slot in find_weight_slots(graph):
         if isinstance(slot, WeightSlot) and slot.tensor.name in wanted:
             slots[slot.tensor.name].append(slot)
+    if kernels == "fp32-at-load":  # standard ONNX too: DequantizeLinear with float16 scales
+        return {n: Decision(Form.FP32_AT_LOAD, FormBasis.OPTION) for n in slots}
     if target is not Target.ORT_CPU:
         return {n: Decision(Form.DEQUANTIZE_LINEAR, FormBasis.OPTION) for n in slots}
-    if kernels == "fp32-at-load":
-        return {n: Decision(Form.FP32_AT_LOAD, FormBasis.OPTION) for n in slots}
     basis = FormBasis.OPTION if kernels == "low-bit" else FormBasis.SPEED_RULE
     out: dict[str, Decision] = {}
     for name, group in slots.items():
@@ -158,7 +158,7 @@ def check_form(name: str, tp: TensorPrecision, slots: list[WeightSlot], target: 
     """Why a plan's form cannot be honoured for this weight (one line), or None if it can."""
     assert tp.form is not None
     ops = {s.node.op for s in slots}
-    if target is not Target.ORT_CPU and tp.form is not Form.DEQUANTIZE_LINEAR:
+    if target is not Target.ORT_CPU and tp.form not in (Form.DEQUANTIZE_LINEAR, Form.FP32_AT_LOAD):
         return f"form {tp.form.value!r} needs --target ort-cpu"
     if ops & set(_RECURRENT):
         if tp.form not in RECURRENT_FORMS:
