@@ -9,8 +9,9 @@ Sections (one run writes all of them with --write):
   interleaved with FP32 (q4c.timing) on the model's sample input; the planner's predicted ratio
   beside the measured one. Accuracy: mean SQNR and KL vs FP32 on 16 held-out input variants
   (benchmarks/_common.bench_data), calibration on 16 others.
-- rnnt_encoder (2-layer LSTM-512) at 20 and 200 feature frames, batch 2: compiled with samples
-  of that shape, q4c default, `--latency-budget 0.6` and `0.45`, uniform 8-bit (DynamicQuantizeLSTM)
+- rnnt_encoder (2-layer LSTM-512) at 20 and 200 feature frames, batch 2 (windows of its sample
+  features, rolled and jittered): compiled with samples of that shape, q4c default,
+  `--latency-budget 0.6`, `--latency-budget 0.45 --ratio 0.25`, uniform 8-bit (DynamicQuantizeLSTM)
   and uniform 4-bit low-bit (Scan + MatMulNBits).
 - default compile on every bundled model and every cached real model (models/real/fetch.py):
   latency ratio vs FP32 (must stay <= 1.05).
@@ -79,6 +80,7 @@ BUDGET_ROWS = (
     ("q4c default", {}),
     ("q4c --latency-budget 0.6", {"latency_budget": "0.6"}),
     ("q4c --latency-budget 0.6 --ratio 0.2", {"latency_budget": "0.6", "ratio": 0.2}),
+    ("q4c --latency-budget 0.6 --ratio 0.3", {"latency_budget": "0.6", "ratio": 0.3}),
 )
 
 
@@ -113,21 +115,34 @@ def measure_budget(name: str, tmp: Path) -> list[dict]:
 ENCODER_ROWS = (
     ("q4c default", {}),
     ("q4c --latency-budget 0.6", {"latency_budget": "0.6"}),
-    ("q4c --latency-budget 0.45", {"latency_budget": "0.45"}),
+    ("q4c --latency-budget 0.45 --ratio 0.25", {"latency_budget": "0.45", "ratio": 0.25}),
     ("q4c --bits 8 (DynamicQuantizeLSTM)", {"bits": 8, "kernels": "low-bit"}),
     ("q4c --bits 4 --kernels low-bit (Scan + MatMulNBits)", {"bits": 4, "kernels": "low-bit"}),
 )
 
 
+def _encoder_inputs(frames: int, seeds: range) -> list[dict]:
+    """Batches of 2 windows of `frames` frames of the encoder's sample features (its real input,
+    mirrored to reach 200 frames), rolled and jittered per seed (benchmarks/_common.variants)."""
+    from _common import variants
+
+    x = _load_feeds(MODELS / "rnnt_encoder.npz")["features"]  # [1, 160, 80]
+    long = np.concatenate([x, x[:, ::-1], x], axis=1)  # 480 frames
+    out = []
+    for feeds in variants({"features": long}, seeds):
+        f = feeds["features"]
+        out.append({"features": np.concatenate([f[:, :frames], f[:, 240:240 + frames]], axis=0).astype(np.float32)})
+    return out
+
+
 def measure_encoder(frames: int, tmp: Path) -> list[dict]:
     src = MODELS / "rnnt_encoder.onnx"
-    rng = np.random.default_rng(frames)
-    sample = {"features": rng.standard_normal((2, frames, 80)).astype(np.float32)}
+    sample = _encoder_inputs(frames, range(1))[0]
     calib = tmp / f"enc{frames}_calib"
     calib.mkdir()
-    for i in range(8):
-        np.savez(calib / f"{i:03d}.npz", features=rng.standard_normal((2, frames, 80)).astype(np.float32))
-    held_out = [{"features": rng.standard_normal((2, frames, 80)).astype(np.float32)} for _ in range(8)]
+    for i, feeds in enumerate(_encoder_inputs(frames, range(1, 9))):
+        np.savez(calib / f"{i:03d}.npz", **feeds)
+    held_out = _encoder_inputs(frames, range(100, 108))
     built = {}
     for i, (label, options) in enumerate(ENCODER_ROWS):
         dst = tmp / f"enc{frames}_{i}.onnx"
@@ -164,8 +179,8 @@ def measure_default(name: str, src: Path, tmp: Path, feeds: dict | None) -> dict
 
 
 PARETO_MODEL = "transformer_lm"
-PARETO_LATENCY = (None, "0.9", "0.8", "0.7", "0.6")
-PARETO_RATIO = (None, 0.2, 0.27)
+PARETO_LATENCY = (None, "0.8", "0.6")
+PARETO_RATIO = (None, 0.2, 0.3)
 
 
 def measure_pareto(tmp: Path) -> list[dict]:
@@ -225,6 +240,33 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def kernel_rows() -> list[dict]:
+    """The measured per-layer form costs behind the plans (the cost cache of this machine and ONNX
+    Runtime, filled by the compiles above), as ratios to the FP32 op of the same shape."""
+    from q4c.latency.costs import CostCache
+
+    cache = CostCache.open()
+    by_shape: dict[str, dict[str, float]] = {}
+    for key, entry in cache.entries.items():
+        doc = json.loads(key)
+        shape = doc["shape"]
+        label = (f"MatMul K={shape['k']} N={shape['n']} M={shape['rows']}" if shape["kind"] == "matmul" else
+                 f"{shape['kind'].upper()} I={shape['k']} H={shape['n']} B={shape['rows']} T={shape['steps']} D={shape['directions']}")
+        by_shape.setdefault(label, {})[f"{doc['form']}:{doc['bits']}"] = entry["seconds"]
+    rows = []
+    for label, forms in sorted(by_shape.items()):
+        fp32 = forms.get("fp32-at-load:32")
+        if not fp32:
+            continue
+        rows.append({"part": "kernels", "shape": label, "fp32_us": round(1e6 * fp32, 2), "cache_key": cache.key,
+                     **{k: round(v / fp32, 3) for k, v in forms.items() if k != "fp32-at-load:32"}})
+    return rows
+
+
+KERNEL_COLUMNS = ("matmulnbits-acc4:4", "matmulnbits-acc4:8", "matmulnbits-acc0:4", "int8-dynamic:8",
+                  "scan-matmulnbits:4", "scan-int8-projection:4", "dynamic-quantize-lstm:8")
+
+
 def _f(x: object, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
@@ -254,6 +296,18 @@ def render(rows: list[dict]) -> str:
                 "| model | size / FP32 | latency / FP32 | FP32 ms |", "|---|---|---|---|"]
         out += [f"| {r['model']} | {_f(r.get('size_ratio'), 3)} | {_f(r.get('latency_ratio'))} | {_f(r.get('fp32_ms'), 3)} |"
                 if "error" not in r else f"| {r['model']} | — | — | {r['error']} |" for r in defaults]
+    kernels = [r for r in rows if r.get("part") == "kernels"]
+    if kernels:
+        out += ["", "Why the 0.6x / 0.20-size targets are not met together: the measured cost of each form per layer "
+                "shape (time / the FP32 op of the same shape, 1 thread; the cost cache these plans were made with). "
+                "At the 6-160 activation rows per call of these models, 4-bit MatMulNBits is no faster than FP32 "
+                "MatMul (it wins at 1-2 rows: streaming); the fast form is INT8 dynamic, whose weights take 8 bits "
+                "plus a float32 scale per column, so a plan within 0.20 of FP32 bytes (6.4 bits a weight) can run "
+                "only part of its weights in it. The recurrent encoder reaches the targets because at 2 rows per "
+                "step the recurrent product is bandwidth-bound.", "",
+                "| layer shape | FP32 us | " + " | ".join(KERNEL_COLUMNS) + " |", "|---|---|" + "---|" * len(KERNEL_COLUMNS)]
+        out += [f"| {r['shape']} | {r['fp32_us']} | " + " | ".join(_f(r.get(c)) for c in KERNEL_COLUMNS) + " |"
+                for r in kernels]
     if any(r.get("part") == "pareto" for r in rows):
         out += ["", f"Pareto plot ({PARETO_MODEL}, measured plans over a grid of budgets): "
                 "`benchmarks/results/latency_pareto.png`."]
@@ -269,10 +323,12 @@ def main() -> int:
     args = parser.parse_args()
     parts = args.parts.split(",")
     saved = json.loads((RESULTS / "latency.json").read_text()) if (RESULTS / "latency.json").exists() else []
-    rows = [r for r in saved if r.get("part") not in parts] if not args.from_results else saved
+    rows = [r for r in saved if r.get("part") not in parts and r.get("part") != "kernels"] \
+        if not args.from_results else [r for r in saved if r.get("part") != "kernels"]
     if not args.from_results:
         with tempfile.TemporaryDirectory() as tmp:
             rows += _measure(parts, Path(tmp))
+    rows += kernel_rows()
     if any(r.get("part") == "pareto" for r in rows):
         plot_pareto(rows, RESULTS / "latency_pareto.png")
     section = render(rows)
