@@ -27,6 +27,15 @@ def print_summary(report: dict) -> None:
     if plan.get("mode") == "budgeted":
         click.echo(f"budget: {plan['used_bytes']} of {plan['budget_bytes']} bytes used "
                    f"({plan['sensitivity']} sensitivity, predicted damage {plan['predicted_damage']:.4g})")
+    latency = plan.get("latency")
+    if latency:
+        measured = latency.get("measured_ratio")
+        click.echo(f"latency budget {latency['budget']}: {'met' if latency['budget_met'] else 'NOT met'}; predicted "
+                   f"{latency['predicted_ratio']:.2f}x FP32 ({latency['predicted_ms']:.3f} ms)"
+                   + (f", measured {measured:.2f}x" if measured is not None else "")
+                   + f" over {len(latency.get('attempts', []))} plan(s) built and timed; costs from "
+                   f"{latency['costs']['cache_path']} (key {latency['costs']['cache_key']}, oldest entry "
+                   f"{latency['costs']['oldest_entry_age_s']} s)")
     verification = report.get("verification")
     if verification:
         line = (f"verified: checker ok, ONNX Runtime loads it, interpreter vs ONNX Runtime max |diff| "

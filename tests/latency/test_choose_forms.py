@@ -139,3 +139,24 @@ def test_latency_budget_is_validated():
     with pytest.raises(ConfigError, match="latency-budget"):
         CompileOptions(latency_budget="-2")
     assert CompileOptions(latency_budget="12ms").latency_budget == "12ms"
+
+
+def test_cli_latency_budget_reports_predicted_and_measured(rng, synthetic_costs, tmp_path):
+    from click.testing import CliRunner
+
+    from q4c.cli import main
+
+    model_path, data = tmp_path / "m.onnx", tmp_path / "x.npz"
+    onnx_model = _two_layer_model(rng)
+    import onnx
+
+    onnx.save(onnx_model, model_path)
+    np.savez(data, x=rng.standard_normal((32, 128), dtype=np.float32))
+    result = CliRunner().invoke(main, ["compile", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calib", str(data),
+                                       "--latency-budget", "0.6", "--ratio", "0.3", "--workers", "1", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("latency budget 0.6"))
+    # synthetic costs: 20 us + 2 x 30 us (INT8 dynamic) = 80 of 220 us predicted and "measured"
+    assert "met" in line and "predicted 0.36x" in line and "measured 0.36x" in line
+    bad = CliRunner().invoke(main, ["compile", str(model_path), "--latency-budget", "soon"])
+    assert bad.exit_code == 1 and "Error: --latency-budget" in bad.output
