@@ -142,3 +142,17 @@ def test_a_form_given_to_one_weight_of_a_layer_is_its_layers_form(model_path, tm
     (tmp_path / "two.json").write_text(json.dumps(plan))
     with pytest.raises(ConfigError, match="a layer has one form"):
         _compile(model_path, tmp_path / "c.onnx", CompileOptions(plan_path=tmp_path / "two.json"))
+
+
+def test_hand_edited_bits_granularity_and_scheme_are_honoured(model_path, tmp_path):
+    _compile(model_path, tmp_path / "a.onnx", CompileOptions(bits=4, kernels="low-bit"), save_plan=tmp_path / "p.json")
+    plan = json.loads((tmp_path / "p.json").read_text())
+    plan["tensors"]["P"].update(bits=8, granularity="block:16", scheme="symmetric-absmax")
+    (tmp_path / "edited.json").write_text(json.dumps(plan))
+    report = _compile(model_path, tmp_path / "b.onnx", CompileOptions(plan_path=tmp_path / "edited.json"))
+    entry = next(t for t in report["tensors"] if t["name"] == "P")
+    assert (entry["bits"], entry["granularity"], entry["scheme"]) == (8, "block:16", "symmetric-absmax")
+    (mm,) = [n for n in onnx.load(tmp_path / "b.onnx").graph.node if n.op_type == "MatMulNBits"
+             and any(i.startswith("P") for i in n.input)]
+    attrs = {a.name: a.i for a in mm.attribute}
+    assert (attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"]) == (8, 16, H, 64)
