@@ -19,10 +19,11 @@ from q4c import graph as g
 from q4c.errors import PassError, PostconditionError, PreconditionError, Q4cError
 
 if TYPE_CHECKING:
+    from q4c.calib.readers import Feeds
     from q4c.calib.table import CalibrationTable
     from q4c.config import CompileOptions
-    from q4c.quant.sensitivity import SensitivityTable
     from q4c.quant.plan import Form, PrecisionPlan
+    from q4c.quant.sensitivity import SensitivityTable
     from q4c.records import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -55,10 +56,10 @@ class PassContext:
     options: CompileOptions
     opset: int = g.TARGET_OPSET
     #: input samples (feed dicts) for analyses: --calib data, or synthetic from the signature
-    samples: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[Feeds] = field(default_factory=list)
     #: the same calls grouped by sequence (a stateful model's consecutive calls; a stateless
     #: sample is a sequence of one), and the output -> input state pairs carried between them
-    sequences: list[list[dict[str, Any]]] = field(default_factory=list)
+    sequences: list[list[Feeds]] = field(default_factory=list)
     state_pairs: dict[str, str] = field(default_factory=dict)
     #: called by passes that loop over samples with (done, total or None): the CLI's progress bar
     sample_progress: Callable[[int, int | None], None] | None = None
