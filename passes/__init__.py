@@ -41,10 +41,11 @@ BUILTIN_PASSES = {
     )
 }
 
-#: canonicalize -> analyse -> materialise, in this order. 'calibrate' (before the analyses) and
-#: 'insert-activation-qdq' (before quantize-weights) are added by the compiler when asked for
-#: (--activations int8, --calib with --save-calib, --load-calib): calibration runs the model over
-#: every sample, too slow for a default that must stay fast.
+#: canonicalize -> analyse (the plan: bits, scheme, granularity, then forms) -> materialise (what
+#: the plan says, nothing decided), in this order. 'calibrate' and 'insert-activation-qdq' join
+#: when a pass needs what they provide (--activations int8, --save-calib, --load-calib;
+#: q4c.registry.complete_pipeline): calibration runs the model over every sample, too slow for
+#: a default that must stay fast.
 DEFAULT_PIPELINE = (
     "fold-constants",
     "fuse-lstm-gates",
