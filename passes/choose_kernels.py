@@ -63,6 +63,8 @@ class ChooseKernelsPass(Pass):
             plan.opset = ctx.opset
         _check_planned(graph, plan, ctx)
         opts = ctx.options
+        if opts.plan_path is not None and opts.kernels != "auto":
+            _say_plan_wins(graph, plan, ctx)
         stats: dict[str, int] = defaultdict(int)
         if opts.activations == "int8":
             stats["weights_to_int8"] = _int8_forms(graph, plan, ctx)
@@ -80,6 +82,19 @@ class ChooseKernelsPass(Pass):
             if tp.form is not None:
                 stats[tp.form.value] += 1
         return PassResult(False, {k: v for k, v in stats.items() if v})
+
+
+def _say_plan_wins(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> None:
+    """A replayed plan's forms are kept over an explicit --kernels: warn where they differ."""
+    stripped = PrecisionPlan({n: dataclasses.replace(tp, form=None, chosen_for=None) for n, tp in plan.tensors.items()},
+                             dict(plan.defaults), plan.opset)
+    wanted = rule_forms(graph, stripped, ctx.options.target, ctx.options.kernels)
+    differ = sorted(n for n, d in wanted.items() if plan.tensors[n].form not in (None, d.form, Form.INT8_ACTIVATIONS))
+    if differ:
+        first = differ[0]
+        ctx.warn(f"--plan: {len(differ)} weight(s) keep the plan's form over --kernels {ctx.options.kernels} "
+                 f"(e.g. {first}: {plan.tensors[first].form.value}, not {wanted[first].form.value}); "
+                 f"edit the plan's forms to change them")
 
 
 def _int8_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> int:

@@ -156,3 +156,11 @@ def test_hand_edited_bits_granularity_and_scheme_are_honoured(model_path, tmp_pa
              and any(i.startswith("P") for i in n.input)]
     attrs = {a.name: a.i for a in mm.attribute}
     assert (attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"]) == (8, 16, H, 64)
+
+
+def test_a_replayed_plan_keeps_its_forms_over_an_explicit_kernels_option_and_says_so(model_path, tmp_path):
+    _compile(model_path, tmp_path / "a.onnx", CompileOptions(bits=4, kernels="low-bit"), save_plan=tmp_path / "p.json")
+    report = _compile(model_path, tmp_path / "b.onnx",
+                      CompileOptions(plan_path=tmp_path / "p.json", kernels="fp32-at-load"))
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert any(w.startswith("--plan: 3 weight(s) keep the plan's form over --kernels fp32-at-load") for w in report["warnings"])
