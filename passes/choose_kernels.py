@@ -151,7 +151,8 @@ def _layer_mismatch(name: str, tp: TensorPrecision, slots: list[WeightSlot], pla
         for other in slot.node.inputs[1:3]:
             form = plan.tensors[other.name].form if other.name in plan.tensors else None
             if other.name != name and form is not None and form is not tp.form:
-                return f"its {slot.node.op} layer's other weight {other.name!r} has form {form.value!r}; a layer has one form"
+                return (f"its {slot.node.op} layer's other weight {other.name!r} has form {form.value!r}; "
+                        f"a layer has one form")
     return None
 
 
