@@ -132,10 +132,10 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
         cands = [pw[k] for pw, k in zip(per_weight, keys, strict=True)]
         damage = sum(max(scores[w].get(k, 0.0), 0.0) for w, k in zip(layer.weights, keys, strict=True))
         if any(c.bits == FLOAT for c in cands):
-            if not all(c.bits == FLOAT for c in cands):
-                continue  # one layer, one form: a float weight beside a quantized one runs as FP32 at load
+            # one layer, one form: beside a float weight the quantized one is folded to FP32 at load
+            form = None if all(c.bits == FLOAT for c in cands) else Form.FP32_AT_LOAD
             latency = factor * costs.cost(layer.shape, Form.FP32_AT_LOAD, FLOAT)
-            picks.append(Pick(keys, None, Option2(sum(c.nbytes for c in cands), latency, damage)))
+            picks.append(Pick(keys, form, Option2(sum(c.nbytes for c in cands), latency, damage)))
             continue
         for form in FORMS[layer.shape.kind]:
             if not _form_ok(form, layer.shape.kind, cands) or (forms is not None and form not in forms):
