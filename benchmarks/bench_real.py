@@ -296,9 +296,9 @@ def _fp32_state_calls(run: Callable[[dict], dict], sample: list[dict] | dict, pa
 DFN_GRAPHS = ("enc", "erb_dec", "df_dec")
 
 
-#: the system compile of DeepFilterNet3 once per seed (how the driver samples are split into
-#: scoring and held-out, CompileOptions.seed): the spread of the plan over splits
-DFN3_SYSTEM_SEEDS = (0,)
+#: the system compiles of DeepFilterNet3: (seed, --avg-bits); the seed splits the driver samples
+#: into scoring and held-out differently (CompileOptions.seed), None is the default budget
+DFN3_SYSTEM_RUNS = ((0, None), (0, 5.0))
 #: what the system rows can afford on a shared 2-core machine: the default (489 candidates scored
 #: on 16 clips, ~30 CPU-minutes) did not finish in 30 minutes beside six other jobs; symmetric
 #: rounding only (108 candidates) on 12 of the 24 clips (9 scored, 3 held out)
@@ -343,7 +343,7 @@ def dfn3_rows(tmp: Path, only: tuple[str, ...] = ()) -> list[dict]:
                     latency_ratio=ratio, ms=ms, **_intelligibility(clean, out))
 
     wanted = lambda label: not only or any(o in label for o in only)  # noqa: E731
-    rows += [_dfn3_system_row(tmp, judge, seed) for seed in DFN3_SYSTEM_SEEDS if wanted(DFN3_SYSTEM)]
+    rows += [_dfn3_system_row(tmp, judge, seed, bits) for seed, bits in DFN3_SYSTEM_RUNS if wanted(DFN3_SYSTEM)]
     builds = [(label, build, False) for label, build in CONTENDERS] + [(label, build, True) for label, build in TUNED]
     for label, build, tuned in (b for b in builds if wanted(b[0])):
         row: dict = {"model": "dfn3", "method": f"{label} (graph by graph)"}
@@ -371,7 +371,8 @@ def dfn3_rows(tmp: Path, only: tuple[str, ...] = ()) -> list[dict]:
     return rows
 
 
-def _dfn3_system_row(tmp: Path, judge: Callable[[dict[str, Path]], dict], seed: int = 0) -> dict:
+def _dfn3_system_row(tmp: Path, judge: Callable[[dict[str, Path]], dict], seed: int = 0,
+                     avg_bits: float | None = None) -> dict:
     """The three graphs compiled as one system (q4c compile --system, issue 14): one byte budget
     (the bytes of uniform 4-bit over all three) and sensitivity on the enhanced audio; `seed`
     splits the driver samples into scoring and held-out differently (seed 0: the last quarter held out)."""
@@ -379,11 +380,13 @@ def _dfn3_system_row(tmp: Path, judge: Callable[[dict[str, Path]], dict], seed: 
     from q4c.system_compile import compile_system
 
     method = DFN3_SYSTEM if seed == 0 else f"{DFN3_SYSTEM[:-1]}, samples split by seed {seed})"
+    if avg_bits is not None:
+        method = method.replace("--system", f"--system --avg-bits {avg_bits:g}", 1)
     row: dict = {"model": "dfn3", "method": method}
     try:
-        outdir = tmp / f"dfn3_system_{seed}"
-        report = compile_system(REAL / "dfn3_system.toml", outdir, CompileOptions(seed=seed, **DFN3_SYSTEM_OPTIONS),
-                                verify=False)
+        outdir = tmp / f"dfn3_system_{seed}_{avg_bits}"
+        options = CompileOptions(seed=seed, avg_bits=avg_bits, **DFN3_SYSTEM_OPTIONS)
+        report = compile_system(REAL / "dfn3_system.toml", outdir, options, verify=False)
         row["kept"] = report["sensitivity"]["measured"].get("kept")
         row.update(judge({g: outdir / f"{g}.onnx" for g in DFN_GRAPHS}))
     except Exception as e:  # noqa: BLE001
