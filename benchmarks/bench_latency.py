@@ -190,7 +190,7 @@ def measure_default(name: str, src: Path, tmp: Path, feeds: dict | None) -> dict
 
         inits = {t.name for t in model.graph.initializer}
         feeds = {k: v for k, v in synthetic_samples(model, count=1, seed=0)[0].items() if k not in inits}
-    measured = ratios({"fp32": src, "q4c": dst}, feeds, rounds=15)
+    measured = ratios({"fp32": src, "q4c": dst}, feeds, rounds=41)
     return {"model": name, "method": "q4c default", "latency_ratio": measured["q4c"], "fp32_ms": measured["fp32_ms"],
             "size_ratio": dst.stat().st_size / src.stat().st_size}
 
