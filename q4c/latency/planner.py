@@ -35,9 +35,11 @@ from q4c.latency.measure import Calibration
 from q4c.quant.candidates import Candidate
 from q4c.quant.plan import FLOAT
 
-#: When no plan meets the latency budget: the least-damage plan within this factor of the fastest
-#: (exactly the fastest would leave no room for the DP's rounding of latencies up to whole units).
-FASTEST_SLACK = 1.02
+#: When no plan meets the latency budget: the least-damage plan predicted within this factor of the
+#: fastest. Plans 5 % apart are not told apart by measurement on these machines (identical models
+#: measure 0.85-1.2x of each other), and insisting on the very fastest bought ~7 % of speed for 10x
+#: the held-out KL on transformer_lm.
+FASTEST_SLACK = 1.05
 
 
 @dataclass(frozen=True)
