@@ -106,7 +106,7 @@ def measure(budgets: list[float], seeds: list[int], tmp: Path) -> list[dict]:
 
 def render(rows: list[dict]) -> str:
     fp32 = next(r for r in rows if r["config"] == "FP32")
-    lines = ["## RNN-T as one system vs graph by graph (WER vs average bits)", "",
+    lines = ["<!-- system:begin -->", "## RNN-T as one system vs graph by graph (WER vs average bits)", "",
              "`models/rnnt_sys` (encoder, predictor, joiner and a greedy decode driver), test set of 160 utterances "
              f"({len(fp32['items'])} here). Intervals: paired bootstrap 95 % over utterances of the difference "
              "(benchmarks/stats.py); vs FP32, and system minus graph by graph at the same budget. System plans: "
@@ -126,7 +126,21 @@ def render(rows: list[dict]) -> str:
                  vs["wer"].describe(100, " pt").split(" 95 %")[0] if vs else "",
                  vs["cer"].describe(100, " pt").split(" 95 %")[0] if vs else "", pair, r.get("kept") or ""]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *_verdicts(rows), "<!-- system:end -->"])
+
+
+def _verdicts(rows: list[dict]) -> list[str]:
+    """Per budget and seed: the system plan's test WER vs graph by graph and vs FP32, in the words
+    of benchmarks/stats.py (better / worse / within noise at 95 %)."""
+    fp32 = next(r for r in rows if r["config"] == "FP32")
+    out = []
+    for r in (r for r in rows if r["config"] == "system"):
+        gbg = next((x for x in rows if x["config"] == "graph by graph" and x["avg_bits"] == r["avg_bits"]), None)
+        vs_gbg = task_difference("wer", gbg["items"], r["items"]).verdict() if gbg is not None else "-"
+        vs_fp32 = task_difference("wer", fp32["items"], r["items"])
+        out.append(f"- {r['avg_bits']:g} bits, seed {r.get('seed', 0)}: WER vs graph by graph: {vs_gbg}; vs FP32: "
+                   f"{100 * vs_fp32.estimate:+.2f} points, {vs_fp32.verdict(margin=0.003)} (0.3-point margin)")
+    return out
 
 
 def main() -> int:
@@ -143,14 +157,16 @@ def main() -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             rows = measure([float(b) for b in args.bits.split(",")], [int(s) for s in args.seeds.split(",")], Path(tmp))
-        # the three graphs' hashes in the stamp
-        rows += [{"model": f"rnnt_sys/{g}", "config": "stamp only"} for g in GRAPHS]
+        # the three graphs' hashes in the stamp, and the command that measured the rows
+        command = "python " + " ".join(["benchmarks/bench_system.py", *sys.argv[1:]])
+        rows += [{"model": f"rnnt_sys/{g}", "config": "stamp only", "command": command} for g in GRAPHS]
+    command = next((r["command"] for r in rows if "command" in r), None)
     rows = stamped_rows(rows)
     shown = [r for r in rows if r.get("config") != "stamp only"]
     section = render(shown)
-    print(with_stamp(section, stamp("system", rows)[0]))
+    print(with_stamp(section, stamp("system", rows, command)[0]))
     if args.write:
-        publish("system", rows, section)
+        publish("system", rows, section, command)
     return 0
 
 
