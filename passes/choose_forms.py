@@ -89,6 +89,10 @@ class ChooseFormsPass(Pass):
         allowed = lowerable_forms()
         layers = [layer for layer in find_layers(graph, ctx.samples[0])
                   if all(w in names and w not in tied for w in layer.weights)]
+        if not layers:
+            ctx.warn(f"--latency-budget {budget}: no MatMul/LSTM/GRU with a constant weight in the main graph to plan "
+                     f"(layers inside If/Loop/Scan bodies are not planned); forms left to choose-kernels")
+            return PassResult(False, {"planned_layers": 0})
         in_layers = {w for layer in layers for w in layer.weights}
         candidates = {n: list(table.candidates[n]) for n in names}
         own = {n: [c for c in cs if c.key == _key(plan.tensors[n])] or cs for n, cs in candidates.items()}

@@ -67,7 +67,7 @@ class Calibration:
 def corrected(fp32_s: float, plan_s: float, fp32_layers: float, plan_layers: float, fallback: Calibration) -> Calibration:
     """Solve rest + F x fp32_layers = fp32_s and rest + F x plan_layers = plan_s; `fallback` when the
     two plans' layer costs are too close to tell F apart, or the solution is not physical."""
-    if abs(fp32_layers - plan_layers) < 0.05 * fp32_layers:
+    if fp32_layers <= 0 or abs(fp32_layers - plan_layers) < 0.05 * fp32_layers:
         return fallback
     factor = (fp32_s - plan_s) / (fp32_layers - plan_layers)
     rest = fp32_s - factor * fp32_layers

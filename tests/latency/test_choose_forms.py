@@ -128,6 +128,8 @@ def test_calibration_solves_rest_and_factor_from_one_measured_plan():
     assert cal.factor == pytest.approx(2.0) and cal.rest == pytest.approx(100.0)
     # layer costs too close to separate the two unknowns: the fallback
     assert corrected(300.0, 299.0, 100.0, 99.0, fallback=Calibration(1.0, 7.0)) == Calibration(1.0, 7.0)
+    # no planned layer time at all: nothing to separate
+    assert corrected(300.0, 290.0, 0.0, 0.0, fallback=Calibration(1.0, 3.0)) == Calibration(1.0, 3.0)
     # a negative rest is noise: no rest, one factor for both
     cal = corrected(100.0, 20.0, 100.0, 50.0, fallback=Calibration(1.0, 0.0))
     assert cal.rest == 0.0 and cal.factor == pytest.approx(120.0 / 150.0)
