@@ -129,12 +129,12 @@ def render_real(rows: list[dict]) -> list[str]:
              "options on its own reader): SQNR of the enhanced audio vs FP32's, pooled over the 64 test clips. "
              "`guard`: the whole plan the guard kept on the unseen calibration units (mixed / mixed without "
              "codebook candidates / uniform 4-bit). Both rows of a pair have the same byte budget and their plans "
-             "fit it, but on silero_vad, silero_vad_16k_op15 and silero_vad_op18_ifless the files of the codebook "
+             "fit it, but on silero_vad and silero_vad_16k_op15 the files of the codebook "
              "rows are 15-40 % larger than the plan says (`bytes`; weight bytes 164,012 vs 106,608 planned at 3 "
              "bits on 16k_op15): their LSTM weights live in both branches of an `If`, and quantize-weights writes a "
              "codebook weight's indices and tables into each branch (`idx2` and `idx2_1`: twice the planned bytes) "
              "where a uniform weight is stored once; an emission bug this benchmark found, not yet fixed. On those "
-             "three exports the codebook rows therefore hold more bytes than the uniform ones.", "",
+             "two exports the codebook rows therefore hold more bytes than the uniform ones.", "",
              "| model | config | bytes | size ratio | picks | guard | flips % | enhanced SQNR dB | compile s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in real:
