@@ -15,8 +15,8 @@ kl measure (the default) and hessian. Calibration: the model's committed calibra
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 from pathlib import Path
 
 import q4c
@@ -24,7 +24,7 @@ from q4c.timing import timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402
-from _common import DATA, MODELS, TASKS, run, task_eval  # noqa: E402
+from _common import DATA, MODELS, RESULTS, TASKS, publish, run, stamp, task_eval, with_stamp, write_section  # noqa: E402
 
 CONFIGS: list[tuple[str, dict]] = [
     ("uniform 4-bit", {"bits": 4}),
@@ -74,7 +74,7 @@ def render(rows: list[dict]) -> str:
         "<!-- task:begin -->",
         "## Task metrics of the trained models",
         "",
-        f"Produced by `python benchmarks/bench_task.py --write` ({time.strftime('%Y-%m-%d')}). Calibration on the "
+        "Calibration on the "
         "model's committed calibration set (bilstm_am: 24 dev utterances; lstm_lm: 32 training-text windows), metric "
         "on its test set (bilstm_am: 160 utterances, greedy CTC, `models/eval_asr.py`; lstm_lm: 349 windows of 64 "
         "tokens, `models/eval_lm.py`). Default kernels. `avg bits`: code bits per quantized weight as planned "
@@ -130,13 +130,54 @@ def _verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+#: the rows models/README.md shows per trained model (its "Trained models" tables), in this order
+README_ROWS = (("FP32", "FP32"), ("uniform 4-bit", "q4c `--bits 4`"), ("uniform 2-bit", "q4c `--bits 2`"),
+               ("q4c default (kl, bytes of 4-bit)", "q4c default"))
+
+
+def readme_block(model: str, rows: list[dict], command: str) -> str:
+    """The stamped table of `model` in models/README.md (the `task-<model>` block): a few rows of
+    this benchmark, so that file's q4c figures are regenerated with it instead of copied."""
+    by = {r["config"]: r for r in rows if r["model"] == model}
+    key = f"task-{model}"
+    if TASKS[model][1] == "wer":
+        lines = [f"| `{model}` on the test set | file | WER | CER | WER seen / held-out voice |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {label} | {by[c]['bytes']:,} | {100 * by[c]['wer']:.2f} % | {100 * by[c]['cer']:.2f} % | "
+                  f"{100 * by[c]['wer_seen_voices']:.2f} / {100 * by[c]['wer_held_out_voice']:.2f} % |"
+                  for c, label in README_ROWS]
+    else:
+        lines = [f"| `{model}` on the test text | file | perplexity |", "| --- | ---: | ---: |"]
+        lines += [f"| {label} | {by[c]['bytes']:,} | {by[c]['perplexity']:.2f} |" for c, label in README_ROWS]
+    line, _ = stamp(key, [by[c] for c, _ in README_ROWS], command)
+    return "\n".join([f"<!-- {key}:begin -->", *lines, "", line, f"<!-- {key}:end -->"])
+
+
+def write_readme(rows: list[dict], command: str) -> None:
+    for model in dict.fromkeys(r["model"] for r in rows):
+        write_section(MODELS / "README.md", readme_block(model, rows, command), f"task-{model}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(TASKS))
     parser.add_argument("--merge", action="store_true", help="keep the other models' rows from benchmarks/results/task.json")
-    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--write", action="store_true",
+                        help="update BENCHMARKS.md, benchmarks/results/task.json and the tables in models/README.md")
+    parser.add_argument("--render-only", action="store_true", help="re-render from benchmarks/results/task.json")
     args = parser.parse_args()
+    if args.render_only:
+        rows = json.loads((RESULTS / "task.json").read_text())
+        section = render(rows)
+        print(section)
+        if args.write:
+            command = "python benchmarks/bench_task.py --write, then --render-only --write"
+            publish("task", rows, section, command)
+            write_readme(rows, command)
+        return 0
     run("task", args.models.split(","), measure, render, merge=args.merge, write=args.write)
+    if args.write:
+        write_readme(json.loads((RESULTS / "task.json").read_text()), "python benchmarks/bench_task.py --write")
     return 0
 
 
