@@ -10,7 +10,7 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions
-from q4c.pipeline import Pass, PassContext, PassResult
+from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant.candidates import Candidate, candidate
 from q4c.quant.holdout import (
     PlanKind,
@@ -52,6 +52,8 @@ class AssignPrecisionPass(Pass):
     """
 
     name = "assign-precision"
+    analysis = True
+    provides = frozenset({Artifact.PLAN})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts = ctx.options
