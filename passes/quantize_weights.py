@@ -113,10 +113,11 @@ class QuantizeWeightsPass(Pass):
         cw = quantize_slot(first, values, bits, granularity, scheme, hessians=hessians)
         assert isinstance(cw, CodebookWeight)
         decoded: dict[int, tuple[gs.Variable, str]] = {}
+        stored: dict[str, gs.Constant] = {}  # one set of indices/table/scales for every graph level
         for slot in slots:
             key = id(slot.graph)
             if key not in decoded:
-                decoded[key] = emit_decoder(root, slot.graph, weight.name, cw)
+                decoded[key] = emit_decoder(root, slot.graph, weight.name, cw, stored)
             slot.node.inputs[slot.index] = decoded[key][0]
         codes = decoded[id(first.graph)][1]
         ctx.quantized.append(_codebook_entry(weight.name, codes, first, values, cw, cw.dequantize() - values))

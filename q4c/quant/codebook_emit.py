@@ -24,10 +24,14 @@ def _fresh_tag(root: gs.Graph) -> str:
     return f"cb{i}"
 
 
-def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight) -> tuple[gs.Variable, str]:
+def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight,
+                 stored: dict[str, gs.Constant] | None = None) -> tuple[gs.Variable, str]:
     """Append to `graph` the nodes that rebuild `cw` as a float32 tensor of the weight's shape
     from initializers alone (see the module docstring); returns that tensor and the name of the
-    packed-index initializer."""
+    packed-index initializer. `stored` keeps the indices, table and scales between calls for
+    several graph levels (If branches reading one weight): each level gets its own decoder
+    nodes, but the bytes are one set of initializers, which export stores once."""
+    stored = {} if stored is None else stored
     k = 2**cw.bits
     c, l_, rp = cw.codes.shape
     t = cw.table.shape[0]
@@ -56,7 +60,9 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight)
 
     count = cw.codes.size
     words = -(-count // 8)
-    packed = g.make_constant(g.unique_name(root, f"{name}.idx{cw.bits}"), pack_indices(cw.codes, cw.bits))
+    if "packed" not in stored:
+        stored["packed"] = g.make_constant(g.unique_name(root, f"{name}.idx{cw.bits}"), pack_indices(cw.codes, cw.bits))
+    packed = stored["packed"]
     x = node("Reshape", [packed, const("shape_w", np.array([words, cw.bits], np.int64))], np.uint8, [words, cw.bits])
     x = node("Cast", [x], np.int64, [words, cw.bits], to=TensorProto.INT64)
     x = node("Mul", [x, const("byte_w", 256 ** np.arange(cw.bits, dtype=np.int64))], np.int64, [words, cw.bits])
@@ -73,14 +79,18 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight)
         offsets = node("Unsqueeze", [offsets, const("axis1", np.array([1], np.int64))], np.int64, [t, 1])
         x = node("Reshape", [x, const("shape_t", np.array([t, count // t], np.int64))], np.int64, [t, count // t])
         x = node("Add", [x, offsets], np.int64, [t, count // t])
-    table = gs.Constant(g.unique_name(root, f"{name}.table"), np.ascontiguousarray(cw.table.reshape(-1)))
+    if "table" not in stored:
+        stored["table"] = gs.Constant(g.unique_name(root, f"{name}.table"), np.ascontiguousarray(cw.table.reshape(-1)))
+    table = stored["table"]
     x = node("Gather", [table, x], np.float16, [t, count // t], axis=0)
     x = node("Cast", [x], np.float32, [t, count // t], to=TensorProto.FLOAT)
     if cw.scale is not None:
         nb = rp // cw.block_size
         x = node("Reshape", [x, const("shape_b", np.array([c, l_, nb, cw.block_size], np.int64))], np.float32,
                  [c, l_, nb, cw.block_size])
-        scale = gs.Constant(g.unique_name(root, f"{name}.scale"), np.ascontiguousarray(cw.scale[..., None]))
+        if "scale" not in stored:
+            stored["scale"] = gs.Constant(g.unique_name(root, f"{name}.scale"), np.ascontiguousarray(cw.scale[..., None]))
+        scale = stored["scale"]
         s = node("Cast", [scale], np.float32, [c, l_, nb, 1], to=TensorProto.FLOAT)
         x = node("Mul", [x, s], np.float32, [c, l_, nb, cw.block_size])
     r = cw.reduce_len

@@ -240,3 +240,42 @@ def test_cli_refuses_widths_a_scheme_cannot_store(rng, tmp_path, args, message):
     result = CliRunner().invoke(main, ["compile", str(src), "-o", str(tmp_path / "o.onnx"), *args])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _if_branches_sharing(w: np.ndarray) -> onnx.ModelProto:
+    """y = (x @ W) * s in both branches of an If (s differs): real exports that switch on the
+    sample rate hold their LSTM weights this way."""
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], [f"{name}_mm"]),
+             helper.make_node("Mul", [f"{name}_mm", f"{name}_s"], [f"{name}_y"])],
+            name, [], [helper.make_tensor_value_info(f"{name}_y", F, [2, w.shape[1]])],
+            [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.float32(scale), f"{name}_s")])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0))
+    return make_model([node], [helper.make_tensor_value_info("x", F, [2, w.shape[0]]),
+                               helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                      [helper.make_tensor_value_info("y", F, [2, w.shape[1]])])
+
+
+@pytest.mark.parametrize("scheme", ["mulaw", "nf4"])
+def test_a_weight_read_by_both_if_branches_stores_its_codebook_once(rng, tmp_path, scheme):
+    # Each branch decodes with its own nodes, but the indices, table and scales are one set of
+    # initializers: the file holds the weight's codebook bytes once, not once per branch.
+    w = heavy_tailed(rng, (128, 64), scale=1.0)
+    src, out = tmp_path / "m.onnx", tmp_path / "m.q.onnx"
+    onnx.save(_if_branches_sharing(w), src)
+    result = CliRunner().invoke(main, ["compile", str(src), "-o", str(out), "--bits", "2", "--scheme", scheme, "--json"])
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads(result.stdout)["tensors"]
+    model = onnx.load(out)
+    stored = [t for sub in q4c.graph.iter_graph_protos(model.graph) for t in sub.initializer]
+    indices = [t for t in stored if t.raw_data and len(t.raw_data) == entry["codebook"]["index_bytes"]]
+    assert len(indices) == 1
+    onnx.checker.check_model(model, full_check=True)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    for c, scale in ((True, 1.0), (False, 2.0)):
+        feeds = {"x": x, "c": np.array(c)}
+        got = run_ort(model, feeds)["y"]
+        np.testing.assert_allclose(got, run_interp(model, feeds)["y"], rtol=1e-5, atol=1e-5)
+        # the decoded weight is within 2-bit error of W, scaled per branch
+        assert np.abs(got - scale * (x @ w)).mean() < 0.6 * np.abs(scale * (x @ w)).mean()
