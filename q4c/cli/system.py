@@ -59,8 +59,10 @@ def compile_system_cmd(spec: Path, output: Path | None, options: CompileOptions,
                    f"{sens['system_runs']} system runs on {sens['score_samples']} sample(s) in {sens['seconds']:.1f} s")
     plan = report["plan"]["defaults"]
     if plan.get("mode") == "budgeted-system":
+        kept = plan.get("kept", "mixed")
+        held = sens.get("measured", {}).get("on", "")
         click.echo(f"budget: {plan['used_bytes']} of {plan['budget_bytes']} weight bytes over the whole system"
-                   + (" (kept uniform 4-bit)" if plan.get("kept_uniform_4bit") else ""))
+                   + (f" (kept {kept}: least damage on {held})" if kept != "mixed" and held else ""))
     system = report["system"]
     figures = [f"{n} {m['objective']} {m['damage']:.4g}" + (f", SQNR {m['sqnr_db']:.1f} dB" if "sqnr_db" in m else "")
                for n, m in system["outputs"].items()]
