@@ -294,6 +294,39 @@ def _f(x: object, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _verdicts(rows: list[dict]) -> list[str]:
+    """Per model: is the issue's target (<= 0.6x FP32 latency at <= 0.20 of FP32 size, accuracy at
+    least ONNX Runtime INT8's) met by a measured row, and the closest q4c rows."""
+    lines = ["", "Verdicts (measured rows above):", ""]
+    for model in dict.fromkeys(r["model"] for r in rows if r.get("part") == "budget"):
+        mine = [r for r in rows if r.get("part") == "budget" and r["model"] == model and r["method"].startswith("q4c")
+                and "latency_ratio" in r]
+        ort = next((r for r in rows if r.get("part") == "budget" and r["model"] == model
+                    and r["method"].startswith("ORT") and "latency_ratio" in r), None)
+        if not mine or ort is None:
+            continue
+        hit = [r for r in mine if r["latency_ratio"] <= 0.6 and r["size_ratio"] <= 0.20 and r["kl"] <= ort["kl"]]
+        small = min((r for r in mine if r["size_ratio"] <= 0.20), key=lambda r: r["latency_ratio"], default=None)
+        fast = min(mine, key=lambda r: r["latency_ratio"])
+        text = f"- {model}: target {'met by ' + hit[0]['method'] if hit else 'not met'}."
+        if small is not None:
+            text += (f" Fastest q4c row within 0.20 of FP32 size: {small['latency_ratio']:.2f}x at {small['size_ratio']:.3f}"
+                     f" (KL {small['kl']:.4f}).")
+        text += (f" Fastest q4c row: {fast['method']}, {fast['latency_ratio']:.2f}x at {fast['size_ratio']:.3f} "
+                 f"(KL {fast['kl']:.4f}) vs ONNX Runtime INT8 {ort['latency_ratio']:.2f}x at {ort['size_ratio']:.3f} "
+                 f"(KL {ort['kl']:.4f}).")
+        lines.append(text)
+    for frames, bar in zip(ENCODER_FRAMES, (0.6, 0.45), strict=True):
+        enc = [r for r in rows if r.get("part") == "encoder" and r["model"].startswith(f"rnnt_encoder ({frames} ")
+               and "latency-budget" in r["method"] and "latency_ratio" in r]
+        best = min(enc, key=lambda r: r["latency_ratio"], default=None)
+        if best is not None:
+            lines.append(f"- rnnt_encoder at {frames} frames (target <= {bar}x): "
+                         f"{'met' if best['latency_ratio'] <= bar else 'not met'} by {best['method']}, "
+                         f"{best['latency_ratio']:.2f}x at {best['size_ratio']:.3f} of FP32 size, SQNR {best['sqnr_db']:.1f} dB.")
+    return lines
+
+
 def render(rows: list[dict]) -> str:
     out = ["<!-- latency:begin -->", "## latency: --latency-budget (bits x form per layer under bytes and time)", "",
            "Latency: median process-CPU time at 1 intra-op thread, each model's rows interleaved with FP32 on its "
@@ -311,6 +344,7 @@ def render(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['method']} | {_f(r.get('size_ratio'), 3)} | {_f(r.get('latency_ratio'))} | "
                    f"{_f(r.get('predicted_ratio'))} | {_f(r.get('compile_measured_ratio'))} | {_f(r.get('sqnr_db'))} | "
                    f"{_f(r.get('kl'), 4)} | {forms} | {note} |")
+    out += _verdicts(rows)
     defaults = [r for r in rows if r.get("part") == "default"]
     if defaults:
         worst = max(defaults, key=lambda r: r.get("latency_ratio") or 0)
