@@ -27,6 +27,7 @@ from q4c.latency.forms import Form as LatencyForm
 from q4c.latency.layers import find_layers
 from q4c.latency.measure import Calibration, corrected, materialise, time_against_fp32
 from q4c.latency.planner import (
+    FASTEST_SLACK,
     LatencyPlan,
     fp32_layer_seconds,
     latency_budget_seconds,
@@ -166,7 +167,8 @@ def _plan_measured(graph: gs.Graph, ctx: PassContext, plan: PrecisionPlan, solve
                    ratio: float | None) -> tuple[LatencyPlan, list[dict]]:
     """Solve, build the plan's model on a copy, time it against FP32, correct the prediction from
     the measurement (q4c.latency.measure.corrected) and solve again, MEASURE_ROUNDS times at most.
-    Returns the least-damage plan that measured within budget, else the fastest measured one."""
+    Returns the least-damage plan that measured within budget, else the least-damage one of those
+    measured within FASTEST_SLACK of the fastest (measurement noise cannot order them)."""
     fp32_model = g.export_model(graph.copy())
     fp32_layers = fp32_layer_seconds(solve.layers, solve.costs)
     calibration: Calibration | None = None
@@ -191,7 +193,10 @@ def _plan_measured(graph: gs.Graph, ctx: PassContext, plan: PrecisionPlan, solve
             break
         calibration = new
     good = [t for t in tried if t[2]]
-    lp, measured, within = min(good, key=lambda t: t[0].damage) if good else min(tried, key=lambda t: t[1])
+    if not good:  # none within budget: the least damage among those measured as fast as the fastest
+        fastest = min(t[1] for t in tried)
+        good = [t for t in tried if t[1] <= fastest * FASTEST_SLACK]
+    lp, measured, within = min(good, key=lambda t: t[0].damage)
     lp.met = within
     lp.measured_ratio = measured
     return lp, attempts
