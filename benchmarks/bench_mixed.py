@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from q4c.quant.sensitivity import divergence, output_kind
 from q4c.timing import timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stats  # noqa: E402
 from _common import MODELS, bench_data, bundled_models, run  # noqa: E402
 
 MEASURES = ("kl", "hessian", "mse")
@@ -36,17 +36,22 @@ BUDGETS = (4.0, 3.5, 3.0)
 
 def error(fp32: onnx.ModelProto, quant: Path, held_out: list[dict[str, np.ndarray]]) -> dict[str, float]:
     ref_s, q_s = q4ort.make_session(fp32), q4ort.make_session(onnx.load(quant))
-    kl, sqnr = [], []
+    kl, sqnr = [], []  # per held-out input: the mean over its outputs (paired items for the verdicts)
     for feeds in held_out:
         ref, out = q4ort.run(ref_s, feeds), q4ort.run(q_s, feeds)
+        kl_one, sqnr_one = [], []
         for name, r in ref.items():
             if not np.issubdtype(r.dtype, np.floating):
                 continue
             kind = output_kind(r)
             if kind != "real":
-                kl.append(divergence(r, out[name], kind))
-            sqnr.append(sqnr_db(r, out[name]))
-    return {"kl": float(np.mean(kl)) if kl else None, "sqnr_db": float(np.mean(sqnr))}
+                kl_one.append(divergence(r, out[name], kind))
+            sqnr_one.append(sqnr_db(r, out[name]))
+        if kl_one:
+            kl.append(float(np.mean(kl_one)))
+        sqnr.append(float(np.mean(sqnr_one)))
+    return {"kl": float(np.mean(kl)) if kl else None, "sqnr_db": float(np.mean(sqnr)),
+            "kl_items": kl or None, "sqnr_items": sqnr}
 
 
 def measure(name: str, tmp: Path) -> list[dict]:
@@ -74,7 +79,7 @@ def render(rows: list[dict]) -> str:
         "<!-- mixed:begin -->",
         "## Mixed precision vs uniform INT4 at equal bytes (held-out inputs)",
         "",
-        f"Produced by `python benchmarks/bench_mixed.py --write` ({time.strftime('%Y-%m-%d')}). Sensitivity measured on "
+        "Sensitivity measured on "
         "calibration inputs, error on different (held-out) inputs: bilstm_am and lstm_lm calibrate on their committed "
         "calibration sets (dev utterances, training text) and are measured on their test sets; the random-weight models "
         "on 16 variants of the sample input and 16 other variants. ONNX "
@@ -94,17 +99,29 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _versus(base: dict, row: dict) -> str:
+    """The row against uniform INT4 by held-out KL (SQNR where the output is not a distribution):
+    the paired bootstrap 95 % interval over the held-out inputs (benchmarks/stats.py)."""
+    key = "kl_items" if base.get("kl_items") else "sqnr_items"
+    if not base.get(key) or not row.get(key):
+        return "no interval: per-input scores missing"
+    if key == "kl_items":
+        iv = stats.mean_difference(base[key], row[key])
+        return f"{iv.verdict()} (KL {iv.describe(digits=4)})"
+    iv = stats.mean_difference([-x for x in base[key]], [-x for x in row[key]])  # lower is better
+    return f"{iv.verdict()} (SQNR {-iv.estimate:+.2f} dB [{-iv.high:+.2f}, {-iv.low:+.2f}] 95 % CI over {iv.items} inputs)"
+
+
 def _verdicts(rows: list[dict]) -> str:
-    """Per model and measure: is the equal-bytes mixed plan at least as good as uniform INT4?"""
-    out = ["Equal bytes (`@ 4.0`) vs uniform INT4, by held-out KL (SQNR where the output is not a distribution):", ""]
+    """Per model and measure: the equal-bytes mixed plan against uniform INT4, with an interval
+    ("no worse" only when the interval's upper end is at or below 0; identical plans are)."""
+    out = ["Equal bytes (`@ 4.0`) vs uniform INT4, by held-out KL (SQNR where the output is not a distribution), "
+           "paired bootstrap 95 % interval of the plan's mean minus uniform's over the held-out inputs:", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         base = next(r for r in rows if r["model"] == model and r["config"] == "uniform int4")
-        verdicts = []
-        for m in MEASURES:
-            r = next(r for r in rows if r["model"] == model and r["config"] == f"{m} @ 4.0")
-            better = (r["kl"] <= base["kl"]) if base["kl"] is not None else (r["sqnr_db"] >= base["sqnr_db"])
-            verdicts.append(f"{m} {'no worse' if better else 'WORSE'}")
-        out.append(f"- {model}: " + ", ".join(verdicts))
+        verdicts = [f"{m} {_versus(base, next(r for r in rows if r['model'] == model and r['config'] == f'{m} @ 4.0'))}"
+                    for m in MEASURES]
+        out.append(f"- {model}: " + "; ".join(verdicts))
     return "\n".join(out)
 
 

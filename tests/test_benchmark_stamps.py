@@ -74,3 +74,16 @@ def test_stamp_names_a_commit_git_knows():
 def test_a_rerendered_section_names_the_commit_its_rows_were_measured_at():
     rows = [{"model": "bilstm_am", "model_sha256": "abc", "model_file": "models/bilstm_am.onnx", "commit": "0123456789ab"}]
     assert _common.stamp("task", rows, command="c")[1]["commit"] == "0123456789ab"
+
+
+def test_every_benchmarks_section_carries_its_own_stamp():
+    """Every generated section of BENCHMARKS.md names its command, date, commit and model hashes."""
+    import re
+
+    text = (REPO / "BENCHMARKS.md").read_text()
+    keys = re.findall(r"<!-- ([a-z0-9_-]+):begin -->", text)
+    assert len(keys) >= 11
+    unstamped = [key for key in keys
+                 if key not in _common.stamped_sections(text[text.index(f"<!-- {key}:begin -->"):
+                                                             text.index(f"<!-- {key}:end -->")])]
+    assert unstamped == []
