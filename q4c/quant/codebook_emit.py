@@ -3,6 +3,8 @@ float16 table (x block scales) -> the float weight, from initializers only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
@@ -22,6 +24,12 @@ def _fresh_tag(root: gs.Graph) -> str:
     while f"cb{i}" in prefixes:
         i += 1
     return f"cb{i}"
+
+
+def _stored(stored: dict[str, gs.Constant], key: str, make: Callable[[], gs.Constant]) -> gs.Constant:
+    if key not in stored:
+        stored[key] = make()
+    return stored[key]
 
 
 def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight,
@@ -60,9 +68,8 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight,
 
     count = cw.codes.size
     words = -(-count // 8)
-    if "packed" not in stored:
-        stored["packed"] = g.make_constant(g.unique_name(root, f"{name}.idx{cw.bits}"), pack_indices(cw.codes, cw.bits))
-    packed = stored["packed"]
+    packed = _stored(stored, "packed", lambda: g.make_constant(g.unique_name(root, f"{name}.idx{cw.bits}"),
+                                                               pack_indices(cw.codes, cw.bits)))
     x = node("Reshape", [packed, const("shape_w", np.array([words, cw.bits], np.int64))], np.uint8, [words, cw.bits])
     x = node("Cast", [x], np.int64, [words, cw.bits], to=TensorProto.INT64)
     x = node("Mul", [x, const("byte_w", 256 ** np.arange(cw.bits, dtype=np.int64))], np.int64, [words, cw.bits])
@@ -79,18 +86,16 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight,
         offsets = node("Unsqueeze", [offsets, const("axis1", np.array([1], np.int64))], np.int64, [t, 1])
         x = node("Reshape", [x, const("shape_t", np.array([t, count // t], np.int64))], np.int64, [t, count // t])
         x = node("Add", [x, offsets], np.int64, [t, count // t])
-    if "table" not in stored:
-        stored["table"] = gs.Constant(g.unique_name(root, f"{name}.table"), np.ascontiguousarray(cw.table.reshape(-1)))
-    table = stored["table"]
+    table = _stored(stored, "table", lambda: gs.Constant(g.unique_name(root, f"{name}.table"),
+                                                         np.ascontiguousarray(cw.table.reshape(-1))))
     x = node("Gather", [table, x], np.float16, [t, count // t], axis=0)
     x = node("Cast", [x], np.float32, [t, count // t], to=TensorProto.FLOAT)
     if cw.scale is not None:
         nb = rp // cw.block_size
         x = node("Reshape", [x, const("shape_b", np.array([c, l_, nb, cw.block_size], np.int64))], np.float32,
                  [c, l_, nb, cw.block_size])
-        if "scale" not in stored:
-            stored["scale"] = gs.Constant(g.unique_name(root, f"{name}.scale"), np.ascontiguousarray(cw.scale[..., None]))
-        scale = stored["scale"]
+        scale = _stored(stored, "scale", lambda: gs.Constant(g.unique_name(root, f"{name}.scale"),
+                                                             np.ascontiguousarray(cw.scale[..., None])))
         s = node("Cast", [scale], np.float32, [c, l_, nb, 1], to=TensorProto.FLOAT)
         x = node("Mul", [x, s], np.float32, [c, l_, nb, cw.block_size])
     r = cw.reduce_len

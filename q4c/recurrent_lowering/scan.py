@@ -66,8 +66,7 @@ def _int8_projection(e: Emitter, graph: gs.Graph, x: gs.Tensor, weight: Weight, 
 def lower_to_scan(layer: RecurrentLayer, e: Emitter, *, int8_projection: bool = False) -> None:
     """Replace `layer.node` by the Scan form in `layer.graph` (outputs keep their tensors). With
     `int8_projection` (W planned at 8 bits), the hoisted input projection is DynamicQuantizeMatMul."""
-    graph, H, nd = layer.graph, layer.hidden, layer.nd
-    is_lstm = layer.op == "LSTM"
+    graph, nd = layer.graph, layer.nd
     x = layer.x
     if layer.layout:
         x = e.one(graph, "Transpose", [x], attrs={"perm": [1, 0, 2]})  # [B, T, I] -> [T, B, I]
@@ -77,7 +76,25 @@ def lower_to_scan(layer: RecurrentLayer, e: Emitter, *, int8_projection: bool = 
         xw = [_int8_projection(e, graph, x, layer.w[d], biases[d][0], f"W{d}") for d in range(nd)]
     else:
         xw = [e.matmul(graph, x, layer.w[d], biases[d][0], f"W{d}") for d in range(nd)]
+    mask, seq = _sequence_mask(layer, e, x, xw)
+    body, n_outputs, n_ys = _scan_body(layer, e, biases, masked=mask is not None)
+    inits = _initial_states(layer, e, x)
+    directions = [int(r and mask is None) for r in layer.reverse]
+    finals = [e.var(f"final{i}") for i in range(n_outputs)]
+    y_steps = [e.var(f"y{d}") for d in range(n_ys)]
+    e.node(graph, "Scan", inits + xw + ([mask] if mask is not None else []), finals + y_steps, attrs={
+        "body": body, "num_scan_inputs": nd + (mask is not None),
+        "scan_input_directions": directions + ([0] if mask is not None else []),
+        "scan_output_directions": directions[:n_ys],
+    })
+    _scan_outputs(layer, e, finals, y_steps, mask is not None, seq)
+    layer.node.inputs.clear()
+    layer.node.outputs.clear()
 
+
+def _initial_states(layer: RecurrentLayer, e: Emitter, x: gs.Tensor) -> list[gs.Tensor]:
+    """Each direction's initial h (and c): the layer's, or one shared zero tensor [B, H]."""
+    graph = layer.graph
     zeros = None
 
     def initial(state: gs.Tensor | None, d: int) -> gs.Tensor:
@@ -87,36 +104,55 @@ def lower_to_scan(layer: RecurrentLayer, e: Emitter, *, int8_projection: bool = 
                          attrs={"axis": 1 if layer.layout else 0})
         if zeros is None:
             batch = e.one(graph, "Shape", [x], attrs={"start": 1, "end": 2}, dtype=np.int64)
-            shape = e.one(graph, "Concat", [batch, e.ints("hidden", [H])], attrs={"axis": 0}, dtype=np.int64)
+            shape = e.one(graph, "Concat", [batch, e.ints("hidden", [layer.hidden])], attrs={"axis": 0}, dtype=np.int64)
             zeros = e.one(graph, "ConstantOfShape", [shape],
                           attrs={"value": gs.Constant(e.name("zero"), np.zeros(1, np.float32))})
         return zeros
 
-    mask = seq = None
-    if layer.sequence_lens is not None:
-        seq = e.one(graph, "Cast", [layer.sequence_lens], attrs={"to": TensorProto.INT64}, dtype=np.int64)
-        steps = e.one(graph, "Shape", [x], attrs={"start": 0, "end": 1}, dtype=np.int64)
-        steps = e.one(graph, "Squeeze", [steps, e.ints("axis0", [0])], dtype=np.int64)
-        t = e.one(graph, "Range", [e.const("start", np.array(0, np.int64)), steps, e.const("delta", np.array(1, np.int64))],
-                  dtype=np.int64)
-        t = e.one(graph, "Unsqueeze", [t, e.ints("axis1", [1])], dtype=np.int64)  # [T, 1]
-        lens = e.one(graph, "Unsqueeze", [seq, e.ints("axis0", [0])], dtype=np.int64)  # [1, B]
-        mask = e.one(graph, "Less", [t, lens], dtype=np.bool_)
-        mask = e.one(graph, "Unsqueeze", [mask, e.ints("axis2", [2])], dtype=np.bool_)  # [T, B, 1]
-        for d in range(nd):
-            if layer.reverse[d]:
-                xw[d] = e.one(graph, "ReverseSequence", [xw[d], seq], attrs={"batch_axis": 1, "time_axis": 0})
+    inits: list[gs.Tensor] = []
+    for d in range(layer.nd):
+        inits.append(initial(layer.initial_h, d))
+        if layer.op == "LSTM":
+            inits.append(initial(layer.initial_c, d))
+    return inits
 
+
+def _sequence_mask(layer: RecurrentLayer, e: Emitter, x: gs.Tensor,
+                   xw: list[gs.Tensor]) -> tuple[gs.Tensor | None, gs.Tensor | None]:
+    """With sequence_lens: the [T, B, 1] mask of valid steps and the int64 lengths; reverse
+    directions' projections are reversed per sequence in place (in `xw`)."""
+    if layer.sequence_lens is None:
+        return None, None
+    graph = layer.graph
+    seq = e.one(graph, "Cast", [layer.sequence_lens], attrs={"to": TensorProto.INT64}, dtype=np.int64)
+    steps = e.one(graph, "Shape", [x], attrs={"start": 0, "end": 1}, dtype=np.int64)
+    steps = e.one(graph, "Squeeze", [steps, e.ints("axis0", [0])], dtype=np.int64)
+    t = e.one(graph, "Range", [e.const("start", np.array(0, np.int64)), steps, e.const("delta", np.array(1, np.int64))],
+              dtype=np.int64)
+    t = e.one(graph, "Unsqueeze", [t, e.ints("axis1", [1])], dtype=np.int64)  # [T, 1]
+    lens = e.one(graph, "Unsqueeze", [seq, e.ints("axis0", [0])], dtype=np.int64)  # [1, B]
+    mask = e.one(graph, "Less", [t, lens], dtype=np.bool_)
+    mask = e.one(graph, "Unsqueeze", [mask, e.ints("axis2", [2])], dtype=np.bool_)  # [T, B, 1]
+    for d in range(layer.nd):
+        if layer.reverse[d]:
+            xw[d] = e.one(graph, "ReverseSequence", [xw[d], seq], attrs={"batch_axis": 1, "time_axis": 0})
+    return mask, seq
+
+
+def _scan_body(layer: RecurrentLayer, e: Emitter, biases: list, *, masked: bool) -> tuple[gs.Graph, int, int]:
+    """The Scan body running every direction's cell for one step; returns it with its number of
+    outputs (states, then per-step ys) and of per-step ys."""
+    H, is_lstm = layer.hidden, layer.op == "LSTM"
     want_y = layer.outputs[0] is not None
     n_state = 2 if is_lstm else 1
     body = gs.Graph(name=e.name("body"))
     state_in: list[gs.Variable] = []
     state_out: list[gs.Variable] = []
-    scan_in = [e.var(f"xw{d}_t") for d in range(nd)]
-    mask_t = e.var("mask_t", np.bool_) if mask is not None else None
-    zero = e.const("zero_f", np.array(0, np.float32)) if mask is not None else None
+    scan_in = [e.var(f"xw{d}_t") for d in range(layer.nd)]
+    mask_t = e.var("mask_t", np.bool_) if masked else None
+    zero = e.const("zero_f", np.array(0, np.float32)) if masked else None
     ys: list[gs.Variable] = []
-    for d in range(nd):
+    for d in range(layer.nd):
         h = e.var(f"h{d}")
         c = e.var(f"c{d}") if is_lstm else None
         state_in += [h] + ([c] if c is not None else [])
@@ -139,26 +175,19 @@ def lower_to_scan(layer: RecurrentLayer, e: Emitter, *, int8_projection: bool = 
     body.outputs = state_out + ys
     for t in body.inputs + body.outputs:  # the checker wants shapes on subgraph inputs/outputs
         t.shape = [None, 1 if t is mask_t else (layer.gates * H if t in scan_in else H)]
+    return body, len(state_out), len(ys)
 
-    inits: list[gs.Tensor] = []
-    for d in range(nd):
-        inits.append(initial(layer.initial_h, d))
-        if is_lstm:
-            inits.append(initial(layer.initial_c, d))
-    directions = [int(r and mask is None) for r in layer.reverse]
-    finals = [e.var(f"final{i}") for i in range(len(state_out))]
-    y_steps = [e.var(f"y{d}") for d in range(len(ys))]
-    e.node(graph, "Scan", inits + xw + ([mask] if mask is not None else []), finals + y_steps, attrs={
-        "body": body, "num_scan_inputs": nd + (mask is not None),
-        "scan_input_directions": directions + ([0] if mask is not None else []),
-        "scan_output_directions": directions[:len(ys)],
-    })
 
+def _scan_outputs(layer: RecurrentLayer, e: Emitter, finals: list[gs.Variable], y_steps: list[gs.Variable],
+                  masked: bool, seq: gs.Tensor | None) -> None:
+    """Stack the Scan's per-direction outputs into the tensors the layer's op produced."""
+    graph, nd = layer.graph, layer.nd
+    n_state = 2 if layer.op == "LSTM" else 1
     dir_axis = 2 if layer.layout else 1  # Y: [T, nd, B, H], or [B, T, nd, H] for layout 1
-    if want_y:
+    if layer.outputs[0] is not None:
         parts = []
         for d, y in enumerate(y_steps):  # [T, B, H]
-            if mask is not None and layer.reverse[d]:
+            if masked and layer.reverse[d]:
                 y = e.one(graph, "ReverseSequence", [y, seq], attrs={"batch_axis": 1, "time_axis": 0})
             if layer.layout:
                 y = e.one(graph, "Transpose", [y], attrs={"perm": [1, 0, 2]})  # [B, T, H]
@@ -168,8 +197,6 @@ def lower_to_scan(layer: RecurrentLayer, e: Emitter, *, int8_projection: bool = 
     for k, out in enumerate(layer.outputs[1:]):
         if out is not None:
             _stack(e, graph, [finals[d * n_state + k] for d in range(nd)], state_axis, out)
-    layer.node.inputs.clear()
-    layer.node.outputs.clear()
 
 
 def _stack(e: Emitter, graph: gs.Graph, parts: list[gs.Tensor], axis: int, out: gs.Variable) -> None:
