@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,3 +27,16 @@ def bundled():
         return p
 
     return path
+
+
+@pytest.fixture(autouse=True)
+def _q4c_logger_restored():
+    """The CLI's main() configures the 'q4c' logger for the whole process (its own handler, no
+    propagation to the root): a test that runs the CLI in-process must not hide later tests'
+    warnings from caplog."""
+    log = logging.getLogger("q4c")
+    saved = (log.level, log.propagate, list(log.handlers))
+    yield
+    log.setLevel(saved[0])
+    log.propagate = saved[1]
+    log.handlers[:] = saved[2]

@@ -27,8 +27,15 @@ from onnx import helper, numpy_helper
 
 from q4c import graph as g
 
+#: A shell that starts the test suite in the background (no job control) starts it with SIGINT
+#: ignored, and children inherit that: the child restores Python's own handler, as an
+#: interactive start would have it.
+RESTORE_SIGINT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)"
+
 CHILD = textwrap.dedent("""
     import contextlib, os, sys, time
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stage = os.environ["Q4C_TEST_STALL"]
 
     def stall():
@@ -87,7 +94,7 @@ def _spawn(args: list[str], stall: str | None = None) -> subprocess.Popen:
         env["Q4C_TEST_STALL"] = stall
         cmd = [sys.executable, "-c", CHILD, *args]
     else:
-        cmd = [sys.executable, "-c", "from q4c.cli import main; main()", *args]
+        cmd = [sys.executable, "-c", f"{RESTORE_SIGINT}; from q4c.cli import main; main()", *args]
     return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
 
 
