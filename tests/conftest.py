@@ -29,14 +29,18 @@ def bundled():
     return path
 
 
+#: the 'q4c' logger as the test session found it (before any test ran the CLI)
+_LOG = logging.getLogger("q4c")
+_PRISTINE = (_LOG.level, _LOG.propagate, list(_LOG.handlers))
+
+
 @pytest.fixture(autouse=True)
 def _q4c_logger_restored():
     """The CLI's main() configures the 'q4c' logger for the whole process (its own handler, no
-    propagation to the root): a test that runs the CLI in-process must not hide later tests'
-    warnings from caplog."""
-    log = logging.getLogger("q4c")
-    saved = (log.level, log.propagate, list(log.handlers))
+    propagation to the root): a test, or a module fixture, that runs the CLI in-process must not
+    hide later tests' warnings from caplog. Restored to the session's first state, not to the
+    state at this test's start, which a wider-scoped fixture may already have changed."""
     yield
-    log.setLevel(saved[0])
-    log.propagate = saved[1]
-    log.handlers[:] = saved[2]
+    _LOG.setLevel(_PRISTINE[0])
+    _LOG.propagate = _PRISTINE[1]
+    _LOG.handlers[:] = _PRISTINE[2]
