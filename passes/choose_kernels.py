@@ -182,6 +182,18 @@ def materialise_copy(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> 
     return g.export_model(copy)
 
 
+#: The low-bit kernels are kept only when the whole model runs clearly faster with them (by 5 %,
+#: more than the timing's run-to-run noise); a tie folds to FP32 at load, which runs at FP32
+#: speed by construction. (Rule 1 kept them on a tie, and a near tie measured at compile time,
+#: 0.779 vs 0.773 ms on transformer_lm, became 1.07-1.34x FP32 when benchmarked.)
+KERNEL_RULE = 2
+
+
+def kernel_verdict(low_bit_s: float, fp32_at_load_s: float) -> str:
+    """'low-bit' when its median time is under 0.95 of the folded form's, else 'fp32-at-load'."""
+    return "low-bit" if low_bit_s < 0.95 * fp32_at_load_s else "fp32-at-load"
+
+
 def _time_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:
     """Build the kernel form and the folded form on copies, time them (or read the machine's
     cached verdict) and return the faster; the measurement goes to ctx.kernel_choice."""
@@ -194,6 +206,8 @@ def _time_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:
     feeds = ctx.samples[0]
     key = kernel_cache.key([lowered, folded], feeds)
     cached = kernel_cache.lookup(key)
+    if cached is not None and cached.get("rule") != KERNEL_RULE:
+        cached = None  # a verdict taken by an older rule is measured again
     if cached is not None:
         median = {"low-bit": cached["low_bit_ms"] / 1e3, "fp32-at-load": cached["fp32_at_load_ms"] / 1e3}
         chosen, runs, source, stored = cached["chosen"], cached["runs"], "cache", True
@@ -205,14 +219,14 @@ def _time_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:
         timing = interleaved({k: (lambda s=s: q4ort.run(s, feeds)) for k, s in sessions.items()}, rounds=25, warmup=1,
                              min_rounds=5, max_seconds=KERNEL_TIMING_SECONDS)
         median = {k: timing.median(k) for k in sessions}
-        chosen = "fp32-at-load" if median["fp32-at-load"] < 0.95 * median["low-bit"] else "low-bit"
+        chosen = kernel_verdict(median["low-bit"], median["fp32-at-load"])
         runs, source, measured_on = timing.rounds, "measured", time.strftime("%Y-%m-%d")
         stored = kernel_cache.record(key, {
             "chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
             "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs, "measured_on": measured_on,
-            "machine": kernel_cache.machine()})
+            "machine": kernel_cache.machine(), "rule": KERNEL_RULE})
     if chosen == "fp32-at-load":
-        ctx.warn(f"MatMulNBits was slower than FP32 MatMul for this model's input shape "
+        ctx.warn(f"MatMulNBits was not clearly faster than FP32 MatMul for this model's input shape "
                  f"({1e3 * median['low-bit']:.2f} vs {1e3 * median['fp32-at-load']:.2f} ms, {source}): MatMul weights "
                  f"stay low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
                  f"in memory, or --data with inputs shaped like your deployment")
@@ -224,4 +238,4 @@ def _time_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:
     return chosen
 
 
-__all__ = ["ChooseKernelsPass", "materialise_copy"]
+__all__ = ["KERNEL_RULE", "ChooseKernelsPass", "kernel_verdict", "materialise_copy"]

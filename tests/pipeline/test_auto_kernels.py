@@ -67,3 +67,46 @@ def test_a_timed_compile_replays_without_timing(home, tmp_path, rng):
     assert "kernel_choice" not in again  # nothing timed
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert json.loads((tmp_path / "p2.json").read_text()) == json.loads((tmp_path / "p.json").read_text())
+
+
+class _FakeTiming:
+    """What q4c.timing.interleaved returns, with planted medians (seconds)."""
+
+    def __init__(self, medians: dict[str, float]):
+        self.medians, self.rounds = medians, 7
+
+    def median(self, key: str) -> float:
+        return self.medians[key]
+
+
+@pytest.mark.parametrize(("low_bit_ms", "chosen"), [(0.779, "fp32-at-load"),  # a tie (0.8 % apart): FP32 speed
+                                                    (0.740, "fp32-at-load"),  # 4.3 % faster: within noise
+                                                    (0.700, "low-bit")])      # 9.4 % faster: kept
+def test_auto_keeps_low_bit_kernels_only_when_clearly_faster(home, tmp_path, rng, monkeypatch, low_bit_ms, chosen):
+    from q4c.passes import choose_kernels
+
+    planted = {"low-bit": low_bit_ms / 1e3, "fp32-at-load": 0.773e-3}
+    monkeypatch.setattr(choose_kernels, "interleaved", lambda *a, **k: _FakeTiming(planted))
+    src = tmp_path / "m.onnx"
+    onnx.save(_lm(rng), src)
+    report = q4c.compile_file(src, tmp_path / "a.onnx", q4c.CompileOptions(bits=4), verify=False)
+    assert report["kernel_choice"]["chosen"] == chosen and report["kernel_choice"]["source"] == "measured"
+
+
+def test_a_verdict_cached_by_an_older_rule_is_measured_again(home, tmp_path, rng, monkeypatch):
+    from q4c.passes import choose_kernels
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_lm(rng), src)
+    first = q4c.compile_file(src, tmp_path / "a.onnx", q4c.CompileOptions(bits=4), verify=False)
+    doc = json.loads(kernel_cache.cache_path().read_text())
+    entry = doc[first["kernel_choice"]["cache_key"]]
+    del entry["rule"]  # as rule 1 wrote it: low-bit on a tie
+    entry.update(chosen="low-bit", low_bit_ms=0.779, fp32_at_load_ms=0.773)
+    kernel_cache.cache_path().write_text(json.dumps(doc))
+    monkeypatch.setattr(choose_kernels, "interleaved",
+                        lambda *a, **k: _FakeTiming({"low-bit": 0.779e-3, "fp32-at-load": 0.773e-3}))
+    again = q4c.compile_file(src, tmp_path / "b.onnx", q4c.CompileOptions(bits=4), verify=False)
+    assert again["kernel_choice"]["source"] == "measured" and again["kernel_choice"]["chosen"] == "fp32-at-load"
+    third = q4c.compile_file(src, tmp_path / "c.onnx", q4c.CompileOptions(bits=4), verify=False)
+    assert third["kernel_choice"]["source"] == "cache"  # the new verdict is cached with its rule
