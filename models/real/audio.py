@@ -660,23 +660,24 @@ def load(split: str, sr: int) -> list[tuple[str, np.ndarray]]:
 
 def speech_segments(clip_id: str, sr: int) -> np.ndarray:
     """Ground-truth speech regions of a clip as int64 [n, 2] (start, end) sample indices at sr."""
-    _check_sr(sr)
-    entry = _entry(clip_id)
-    if not _cached(entry, sr):
-        render([entry])
-    with np.load(_path(entry, sr)) as z:
-        return z["segments"]
+    return _rendered(clip_id, sr, "segments")
 
 
 def clean(clip_id: str, sr: int) -> np.ndarray:
     """The clip's speech without its noise, as contained in the rendered clip (same gain and
     reverb): float32 at sr, the same length as the clip."""
+    return _rendered(clip_id, sr, "clean")
+
+
+def _rendered(clip_id: str, sr: int, key: str) -> np.ndarray:
+    """One array of a clip's rendered file at sr ('audio', 'clean', 'segments'), rendering it first
+    if it is not cached."""
     _check_sr(sr)
     entry = _entry(clip_id)
     if not _cached(entry, sr):
         render([entry])
     with np.load(_path(entry, sr)) as z:
-        return z["clean"]
+        return z[key]
 
 
 def speech_mask(clip_id: str, sr: int) -> np.ndarray:

@@ -10,13 +10,12 @@ from collections.abc import Callable
 import numpy as np
 
 from q4c.errors import ConfigError
+from q4c.quant.gptq import error_spread
 
 #: Lloyd iterations of k-means (1-D converges in a few dozen from quantile starts).
 KMEANS_ITERS = 40
 #: Columns per lazy GPTQ update batch (codebooks without block scales).
 LAZY = 64
-#: Dampening of H's diagonal for GPTQ assignment, relative to its mean (as q4c.quant.gptq).
-DAMP = 0.01
 
 
 # -- companding and k-means -------------------------------------------------------------------
@@ -122,14 +121,8 @@ def gptq_assign(moved: np.ndarray, r: int, hessians: list[np.ndarray],
     codes = np.zeros((c, l_, rp), np.uint8)
     scales = np.zeros((c, l_, rp // block), np.float16) if block else None
     for i in range(l_):
-        h = np.array(hessians[i if len(hessians) > 1 else 0], dtype=np.float64)
         w = np.array(moved[:, i, :r], dtype=np.float64)
-        dead = np.diag(h) <= 0
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-        h[np.diag_indices(r)] += DAMP * float(np.mean(np.diag(h)))
-        inv = np.linalg.inv(h)
-        u = np.linalg.cholesky((inv + inv.T) / 2).T
+        u = error_spread(hessians[i if len(hessians) > 1 else 0], w)
         s = np.ones(c)
         rows = np.arange(c)
         # Columns in batches of LAZY: inside a batch each column's error updates the batch's later

@@ -34,20 +34,27 @@ DAMP = 0.01
 MAX_SAMPLES = 8
 
 
+def error_spread(hessian: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """GPTQ's set-up for one weight w [rows, k] (float64, edited in place): inputs the layer never
+    saw (zero Hessian diagonal) get weight 0 and a unit diagonal, the diagonal is dampened by DAMP
+    x its mean, and the result is the upper Cholesky factor of H^-1, whose row j holds how
+    column j's rounding error spreads to the later columns."""
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(len(h))] += DAMP * float(np.mean(np.diag(h)))
+    inv = np.linalg.inv(h)
+    return np.linalg.cholesky((inv + inv.T) / 2).T
+
+
 def gptq_rows(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, clip_ratios: tuple[float, ...],
               scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
     """Quantize w [rows, k] along k (blocks of `block` columns, one scale per row and block).
     Returns (codes int8 [rows, k], scales [rows, ceil(k / block)] in `scale_dtype`)."""
     w = np.array(w, dtype=np.float64)
     rows, k = w.shape
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h[np.diag_indices(k)] += DAMP * float(np.mean(np.diag(h)))
-    # Upper Cholesky factor of H^-1: row j holds how column j's error spreads to later columns.
-    inv = np.linalg.inv(h)
-    u = np.linalg.cholesky((inv + inv.T) / 2).T
+    u = error_spread(hessian, w)
     qmin, qmax = qrange(bits)
     nb = -(-k // block)
     codes = np.zeros((rows, k), np.int8)
