@@ -170,14 +170,15 @@ def _fold_all(plan: PrecisionPlan, decisions: dict[str, Decision], opts: Any) ->
         plan.tensors[name] = tp.with_form(Form.FP32_AT_LOAD, FormBasis.SPEED_MEASURED)
 
 
-def materialise_copy(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> onnx.ModelProto:
-    """The model the materialising passes would write for `plan`, built on a copy (ctx untouched)."""
+def materialise_copy(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext,
+                     passes: tuple[str, ...] = _MATERIALISE) -> onnx.ModelProto:
+    """The model the materialising `passes` would write for `plan`, built on a copy (ctx untouched)."""
     scratch = dataclasses.replace(ctx, plan=plan, quantized=[], records=[], warnings=[])
     copy = graph.copy()
     # graph-surgeon's copy shares the import_domains list, which export extends with com.microsoft:
     # a private list keeps the lowered copy's domains out of the graph the compile writes
     copy.import_domains = list(graph.import_domains) if graph.import_domains is not None else None
-    for name in _MATERIALISE:
+    for name in passes:
         run_one(find_pass(name)(), copy, scratch)
     return g.export_model(copy)
 

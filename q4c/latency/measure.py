@@ -12,15 +12,13 @@ layer costs; the plan: rest + F x sum of its layer costs) for the two unknowns F
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.pipeline import PassContext, run_one
+from q4c.pipeline import PassContext
 from q4c.quant.plan import Form, PrecisionPlan
 from q4c.timing import interleaved
 
@@ -33,14 +31,10 @@ TIMING_SECONDS = 3.0
 
 def materialise(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> onnx.ModelProto:
     """The model `plan` compiles to, built on a copy (ctx and graph untouched), with its session config."""
-    from q4c.registry import find_pass
+    from q4c.passes.choose_kernels import materialise_copy
 
     plan = PrecisionPlan(dict(plan.tensors), dict(plan.defaults), plan.opset)
-    scratch = dataclasses.replace(ctx, plan=plan, quantized=[], records=[], warnings=[])
-    copy = graph.copy()
-    for name in MATERIALISE:
-        run_one(find_pass(name)(), copy, scratch)
-    model = g.export_model(copy)
+    model = materialise_copy(graph, plan, ctx, MATERIALISE)
     config = q4ort.needed_session_config(model)[0]
     if Form.FP32_AT_LOAD in plan.forms().values():
         config["session.disable_quant_qdq"] = "1"
