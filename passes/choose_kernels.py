@@ -7,6 +7,8 @@ weight once with the scales its form reads, and a replayed plan (`--plan`) write
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from collections import defaultdict
 from typing import Any
@@ -195,48 +197,77 @@ def kernel_verdict(low_bit_s: float, fp32_at_load_s: float) -> str:
     return "low-bit" if low_bit_s < 0.95 * fp32_at_load_s else "fp32-at-load"
 
 
+def graph_digest(graph: gs.Graph) -> str:
+    """sha256 of the graph as it stands (before any weight is quantized), opset imports sorted.
+    Exported with a private import_domains list, so hashing leaves the compiled graph untouched."""
+    saved = graph.import_domains
+    graph.import_domains = list(saved) if saved is not None else None
+    try:
+        model = g.export_model(graph)
+    finally:
+        graph.import_domains = saved
+    imports = sorted((i.domain, i.version) for i in model.opset_import)
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    h.update(json.dumps(imports).encode())
+    return h.hexdigest()
+
+
+def verdict_key(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:
+    """The kernel cache key of a --kernels auto verdict, from what decides the two timed models
+    without building them: the unquantized graph, the plan (bits, scheme, granularity and form
+    per weight, opset), the options the materialising passes read, the timed input's shapes and
+    (in kernel_cache.key) the machine and ONNX Runtime version."""
+    return kernel_cache.key({"graph": graph_digest(graph), "plan": plan.to_json(), "opset": ctx.opset,
+                             "kernel_scales": ctx.options.kernel_scales, "passes": list(_MATERIALISE)},
+                            ctx.samples[0])
+
+
 def _time_forms(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:
-    """Build the kernel form and the folded form on copies, time them (or read the machine's
-    cached verdict) and return the faster; the measurement goes to ctx.kernel_choice."""
+    """Read the machine's cached verdict for this graph and plan or, on a miss, build the kernel
+    form and the folded form on copies and time them; return the faster. The measurement goes to
+    ctx.kernel_choice."""
+    key = verdict_key(graph, plan, ctx)
+    cached = kernel_cache.lookup(key)
+    if cached is not None and cached.get("rule") != KERNEL_RULE:
+        cached = None  # a verdict taken by an older rule is measured again
+    if cached is not None:
+        entry, source, stored = cached, "cache", True
+    else:
+        entry = _measure(graph, plan, ctx)
+        source, stored = "measured", kernel_cache.record(key, entry)
+    chosen, low_ms, fold_ms = entry["chosen"], entry["low_bit_ms"], entry["fp32_at_load_ms"]
+    if chosen == "fp32-at-load":
+        ctx.warn(f"MatMulNBits was not clearly faster than FP32 MatMul for this model's input shape "
+                 f"({low_ms:.2f} vs {fold_ms:.2f} ms, {source}): MatMul weights "
+                 f"stay low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
+                 f"in memory, or --data with inputs shaped like your deployment")
+    ctx.kernel_choice = {
+        "chosen": chosen, "low_bit_ms": low_ms, "fp32_at_load_ms": fold_ms, "runs": entry["runs"],
+        "tied_tables_shared": 0, "source": source, "measured_on": entry.get("measured_on"),
+        "clock": "process-CPU time", "cache": str(kernel_cache.cache_path()), "cache_key": key, "cached": stored}
+    return chosen
+
+
+def _measure(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> dict[str, Any]:
+    """Build both forms on copies (every weight quantized twice) and time them interleaved; the
+    cache entry of the verdict."""
     folded_plan = PrecisionPlan({n: tp for n, tp in plan.tensors.items()}, dict(plan.defaults), plan.opset)
     _fold_all(folded_plan, {n: Decision(Form.FP32_AT_LOAD, FormBasis.SPEED_MEASURED)
                             for n, tp in plan.tensors.items() if tp.form is not None}, ctx.options)
     lowered = materialise_copy(graph, plan, ctx)
     folded = materialise_copy(graph, folded_plan, ctx)
-    tied = share_transposed_tables(folded)
+    share_transposed_tables(folded)  # as the compile writes a folded model (q4c.compiler)
     feeds = ctx.samples[0]
-    key = kernel_cache.key([lowered, folded], feeds)
-    cached = kernel_cache.lookup(key)
-    if cached is not None and cached.get("rule") != KERNEL_RULE:
-        cached = None  # a verdict taken by an older rule is measured again
-    if cached is not None:
-        median = {"low-bit": cached["low_bit_ms"] / 1e3, "fp32-at-load": cached["fp32_at_load_ms"] / 1e3}
-        chosen, runs, source, stored = cached["chosen"], cached["runs"], "cache", True
-        measured_on = cached.get("measured_on")
-    else:
-        sessions = {"low-bit": q4ort.make_session(lowered, threads=1, config=q4ort.needed_session_config(lowered)[0]),
-                    "fp32-at-load": q4ort.make_session(folded, threads=1, config={"session.disable_quant_qdq": "1"})}
-        # q4ort.run: a sample the model cannot take is a one-line DataError, not ORT's exception
-        timing = interleaved({k: (lambda s=s: q4ort.run(s, feeds)) for k, s in sessions.items()}, rounds=25, warmup=1,
-                             min_rounds=5, max_seconds=KERNEL_TIMING_SECONDS)
-        median = {k: timing.median(k) for k in sessions}
-        chosen = kernel_verdict(median["low-bit"], median["fp32-at-load"])
-        runs, source, measured_on = timing.rounds, "measured", time.strftime("%Y-%m-%d")
-        stored = kernel_cache.record(key, {
-            "chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
-            "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs, "measured_on": measured_on,
-            "machine": kernel_cache.machine(), "rule": KERNEL_RULE})
-    if chosen == "fp32-at-load":
-        ctx.warn(f"MatMulNBits was not clearly faster than FP32 MatMul for this model's input shape "
-                 f"({1e3 * median['low-bit']:.2f} vs {1e3 * median['fp32-at-load']:.2f} ms, {source}): MatMul weights "
-                 f"stay low-bit in the file but are folded to FP32 at load; pass --kernels low-bit to keep them 4-bit "
-                 f"in memory, or --data with inputs shaped like your deployment")
-    ctx.kernel_choice = {
-        "chosen": chosen, "low_bit_ms": round(1e3 * median["low-bit"], 3),
-        "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3), "runs": runs,
-        "tied_tables_shared": tied if chosen == "fp32-at-load" else 0, "source": source, "measured_on": measured_on,
-        "clock": "process-CPU time", "cache": str(kernel_cache.cache_path()), "cache_key": key, "cached": stored}
-    return chosen
+    sessions = {"low-bit": q4ort.make_session(lowered, threads=1, config=q4ort.needed_session_config(lowered)[0]),
+                "fp32-at-load": q4ort.make_session(folded, threads=1, config={"session.disable_quant_qdq": "1"})}
+    # q4ort.run: a sample the model cannot take is a one-line DataError, not ORT's exception
+    timing = interleaved({k: (lambda s=s: q4ort.run(s, feeds)) for k, s in sessions.items()}, rounds=25, warmup=1,
+                         min_rounds=5, max_seconds=KERNEL_TIMING_SECONDS)
+    median = {k: timing.median(k) for k in sessions}
+    return {"chosen": kernel_verdict(median["low-bit"], median["fp32-at-load"]),
+            "low_bit_ms": round(1e3 * median["low-bit"], 3), "fp32_at_load_ms": round(1e3 * median["fp32-at-load"], 3),
+            "runs": timing.rounds, "measured_on": time.strftime("%Y-%m-%d"), "machine": kernel_cache.machine(),
+            "rule": KERNEL_RULE}
 
 
-__all__ = ["KERNEL_RULE", "ChooseKernelsPass", "kernel_verdict", "materialise_copy"]
+__all__ = ["KERNEL_RULE", "ChooseKernelsPass", "graph_digest", "kernel_verdict", "materialise_copy", "verdict_key"]

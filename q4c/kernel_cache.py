@@ -6,9 +6,10 @@ folded to FP32 at load) and keeps the faster; the choice changes the stored weig
 float32 scales, block size). Timed afresh on every compile, a loaded machine could flip it from
 one run to the next. So the first compile measures and records the decision here, keyed by
 everything the timing depends on: the machine (architecture, CPU model, CPU count, OS), the
-ONNX Runtime version, the exact bytes of both forms and the shapes and dtypes of the timed
-inputs; later compiles with the same key reuse it without timing. The compile report says which
-happened (`kernel_choice.source`: "measured" or "cache") and names the cache file and key.
+ONNX Runtime version, what decides both forms without building them (the unquantized graph's
+digest and the plan: bits, scheme, granularity and form per weight) and the shapes and dtypes of
+the timed inputs; later compiles with the same key reuse it without timing or quantizing. The
+compile report says which happened (`kernel_choice.source`: "measured" or "cache") and names the cache file and key.
 
 The cache is one JSON file, ~/.cache/q4c/kernels.json ({key: entry}); delete it (or an entry) to
 measure again. It is written atomically (temporary file, then rename); a cache that cannot be
@@ -23,16 +24,16 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
+#: 2: keyed on the unquantized graph and the plan, not on the two built models
+VERSION = 2
 
 
 def cache_path() -> Path:
@@ -58,15 +59,12 @@ def machine() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__}
 
 
-def key(models: Sequence[onnx.ModelProto], feeds: Mapping[str, np.ndarray]) -> str:
-    """Hex key of (cache version, machine, the models' bytes, the inputs' shapes and dtypes)."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"version": VERSION, "machine": machine(),
-                         "feeds": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(feeds.items())}},
-                        sort_keys=True).encode())
-    for model in models:
-        h.update(hashlib.sha256(model.SerializeToString(deterministic=True)).digest())
-    return h.hexdigest()[:32]
+def key(parts: Mapping[str, Any], feeds: Mapping[str, np.ndarray]) -> str:
+    """Hex key of (cache version, machine, `parts`: JSON-able values that decide the two timed
+    models, e.g. a graph digest and the plan; the inputs' shapes and dtypes)."""
+    doc = {"version": VERSION, "machine": machine(), "parts": dict(parts),
+           "feeds": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(feeds.items())}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -20,12 +20,13 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def test_key_is_stable_and_changes_with_model_and_input_shape(rng):
-    a, b = matmul_model(rng, k=64, n=16), matmul_model(rng, k=64, n=16)  # different weights
+def test_key_is_stable_and_changes_with_its_parts_and_input_shape():
     feeds = {"x": np.zeros((4, 64), np.float32)}
-    assert kernel_cache.key([a], feeds) == kernel_cache.key([a], dict(feeds))
-    assert kernel_cache.key([a], feeds) != kernel_cache.key([b], feeds)
-    assert kernel_cache.key([a], feeds) != kernel_cache.key([a], {"x": np.zeros((8, 64), np.float32)})
+    a, b = {"graph": "aa", "plan": {"W": {"bits": 4}}}, {"graph": "aa", "plan": {"W": {"bits": 3}}}
+    assert kernel_cache.key(a, feeds) == kernel_cache.key(dict(a), dict(feeds))
+    assert kernel_cache.key(a, feeds) != kernel_cache.key(b, feeds)
+    assert kernel_cache.key(a, feeds) != kernel_cache.key({**a, "graph": "ab"}, feeds)
+    assert kernel_cache.key(a, feeds) != kernel_cache.key(a, {"x": np.zeros((8, 64), np.float32)})
 
 
 def test_record_and_lookup_round_trip_and_survive_a_corrupt_file(home):
@@ -65,3 +66,75 @@ def test_a_cached_decision_is_obeyed_not_remeasured(home, tmp_path, rng):
     assert report["kernel_choice"]["chosen"] == flipped and report["kernel_choice"]["source"] == "cache"
     ops = {n.op_type for n in onnx.load(tmp_path / "b.onnx").graph.node}
     assert ("MatMulNBits" in ops) == (flipped == "low-bit")
+
+
+def _counting(monkeypatch):
+    """Count the copies --kernels auto builds (each one quantizes every weight)."""
+    from q4c.passes import choose_kernels
+
+    calls = []
+    real = choose_kernels.materialise_copy
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(choose_kernels, "materialise_copy", counted)
+    return calls
+
+
+class _LowBitFaster:
+    """What q4c.timing.interleaved returns, with MatMulNBits planted twice as fast (so the plan
+    keeps its granularity: folding would halve the auto block)."""
+
+    rounds = 5
+
+    def median(self, key: str) -> float:
+        return {"low-bit": 0.5e-3, "fp32-at-load": 1e-3}[key]
+
+
+def test_a_warm_cache_builds_no_copy_and_a_changed_plan_misses(home, tmp_path, rng, monkeypatch):
+    from q4c.passes import choose_kernels
+
+    monkeypatch.setattr(choose_kernels, "interleaved", lambda *a, **k: _LowBitFaster())
+    src = tmp_path / "m.onnx"
+    onnx.save(matmul_model(rng, m=4, k=256, n=64), src)
+    built = _counting(monkeypatch)
+    first = q4c.compile_file(src, tmp_path / "a.onnx", q4c.CompileOptions(bits=4), verify=False,
+                             save_plan=tmp_path / "p.json")["kernel_choice"]
+    assert first["source"] == "measured" and first["chosen"] == "low-bit" and len(built) == 2  # the two timed forms
+    built.clear()
+    second = _compile(src, tmp_path / "b.onnx")["kernel_choice"]
+    assert second["source"] == "cache" and second["cache_key"] == first["cache_key"] and built == []
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    # the same plan without its forms (decided again, to the same ones) hits; other bits miss
+    doc = json.loads((tmp_path / "p.json").read_text())
+    for entry in doc["tensors"].values():
+        entry.pop("form", None), entry.pop("chosen_for", None)
+    (tmp_path / "same.json").write_text(json.dumps(doc))
+    same = q4c.compile_file(src, tmp_path / "c.onnx", q4c.CompileOptions(plan_path=tmp_path / "same.json"),
+                            verify=False)["kernel_choice"]
+    assert same["source"] == "cache" and same["cache_key"] == first["cache_key"] and built == []
+    [name] = doc["tensors"]
+    doc["tensors"][name]["bits"] = 8
+    (tmp_path / "other.json").write_text(json.dumps(doc))
+    other = q4c.compile_file(src, tmp_path / "d.onnx", q4c.CompileOptions(plan_path=tmp_path / "other.json"),
+                             verify=False)["kernel_choice"]
+    assert other["source"] == "measured" and other["cache_key"] != first["cache_key"] and len(built) == 2
+
+
+def test_a_changed_input_shape_misses(home, tmp_path, rng, monkeypatch):
+    src = tmp_path / "m.onnx"
+    model = matmul_model(rng, m=4, k=256, n=64)
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "rows"  # any number of rows
+    onnx.save(model, src)
+    for rows, name in ((4, "a"), (16, "b")):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((rows, 256)).astype(np.float32))
+    built = _counting(monkeypatch)
+    first = q4c.compile_file(src, tmp_path / "a.onnx", q4c.CompileOptions(bits=4), data=tmp_path / "a.npz",
+                             verify=False)["kernel_choice"]
+    other = q4c.compile_file(src, tmp_path / "b.onnx", q4c.CompileOptions(bits=4), data=tmp_path / "b.npz",
+                             verify=False)["kernel_choice"]
+    assert first["source"] == other["source"] == "measured" and first["cache_key"] != other["cache_key"]
+    assert len(built) == 4
