@@ -46,7 +46,7 @@ from q4c.system import (
     session_graph_runner,
     system_objectives,
 )
-from q4c.system_plan import combined_plan, split_plan
+from q4c.system_plan import SystemPlan, combined_plan, split_plan
 from q4c.system_score import (
     Member,
     SampleSplit,
@@ -161,8 +161,8 @@ def _choose(s: Scoring, options: CompileOptions, warnings: list[str], say: Calla
     fp32_seconds = s.runner.seconds / max(s.runner.runs, 1)
     common = {"fp32_system_seconds_per_sample": round(fp32_seconds, 4), "recorded_samples": len(s.samples)}
     if options.plan_path is not None:
-        system_plan = PrecisionPlan.load(options.plan_path)
-        defaults = dict(system_plan.defaults, mode=system_plan.defaults.get("mode", "replayed"))
+        system_plan = SystemPlan.load(options.plan_path)
+        defaults = dict(system_plan.plan.defaults, mode=system_plan.plan.defaults.get("mode", "replayed"))
         return _Chosen(split_plan(system_plan, s.members, warnings), defaults, common)
     if options.bits is not None:
         return _Chosen(None, {"mode": "uniform", "bits": options.bits}, common)
@@ -213,7 +213,7 @@ def _materialise(members: Mapping[str, Member], logs: Sequence[CallLog], plans: 
 
 
 def _report(spec: SystemSpec, outdir: Path, members: Mapping[str, Member], reports: Mapping[str, dict],
-            system: dict, s: Scoring, chosen: _Chosen, combined: PrecisionPlan, warnings: list[str]) -> dict[str, Any]:
+            system: dict, s: Scoring, chosen: _Chosen, combined: SystemPlan, warnings: list[str]) -> dict[str, Any]:
     fp32_bytes = sum(r["input"]["bytes"] for r in reports.values())
     out_bytes = sum(r["output"]["bytes"] for r in reports.values())
     return {

@@ -1,13 +1,25 @@
 """Plans of a system (q4c.system_compile): one plan for all graphs, tensor names prefixed with
-"<graph>/", split into per-graph plans and joined back; the smallest plan meeting --require."""
+"<graph>/", split into per-graph plans and joined back; the smallest plan meeting --require.
+
+A system plan file is a q4c plan (schema q4c.plan/2: every tensor's bits, scheme, granularity
+and form) plus a "graphs" object recording the opset each graph was compiled at
+({"enc": {"opset": 21}}), so `--plan` replays every graph at its own opset with its own forms
+and writes the same bytes. A system plan without "graphs" still reads: each graph's opset is
+then decided from its bits, as for a plan without an opset.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from q4c.config import CompileOptions
+from q4c.errors import ConfigError
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import PrecisionPlan
 
@@ -71,11 +83,53 @@ def smallest_meeting(items: list[list[Option]], cap: int, capped: bool, uniform:
         "plans_measured": len(tried), "on": f"held-out driver samples {held} (never scored)"}}
 
 
-def split_plan(plan: PrecisionPlan, graphs: Iterable[str], warnings: list[str]) -> dict[str, PrecisionPlan]:
-    """A system plan ("<graph>/<tensor>" names) as one plan per graph."""
-    plans = {name: PrecisionPlan(defaults=dict(plan.defaults)) for name in graphs}
+@dataclass
+class SystemPlan:
+    """One plan for every graph ("<graph>/<tensor>" names) and the opset each graph was compiled at."""
+
+    plan: PrecisionPlan
+    opsets: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        doc = self.plan.to_json()
+        if self.opsets:
+            doc["graphs"] = {name: {"opset": opset} for name, opset in sorted(self.opsets.items())}
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], source: str = "plan") -> SystemPlan:
+        plan = PrecisionPlan.from_json(doc, source)
+        graphs = doc.get("graphs") or {}
+        if not isinstance(graphs, Mapping):
+            raise ConfigError(f"{source}: 'graphs' must be an object of graph name -> {{opset}}")
+        opsets = {}
+        for name, entry in graphs.items():
+            opset = entry.get("opset") if isinstance(entry, Mapping) else None
+            if isinstance(opset, bool) or not isinstance(opset, int) or not 21 <= opset <= 25:
+                raise ConfigError(f"{source}: graph {name!r}: expected {{\"opset\": an integer from 21 to 25}}, "
+                                  f"not {entry!r}")
+            opsets[str(name)] = opset
+        return cls(plan, opsets)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        from q4c.graph import write_text  # atomic: an interrupted --save-plan leaves no partial file
+
+        write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SystemPlan:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ConfigError(f"{path}: cannot read plan: {e}") from e
+        return cls.from_json(doc, source=str(path))
+
+
+def split_plan(system: SystemPlan, graphs: Iterable[str], warnings: list[str]) -> dict[str, PrecisionPlan]:
+    """A system plan as one plan per graph, each at its recorded opset (None: decided from its bits)."""
+    plans = {name: PrecisionPlan(defaults=dict(system.plan.defaults), opset=system.opsets.get(name)) for name in graphs}
     unknown = []
-    for full, tp in plan.tensors.items():
+    for full, tp in system.plan.tensors.items():
         graph, sep, tensor = full.partition("/")
         if not sep or graph not in plans:
             unknown.append(full)
@@ -84,13 +138,19 @@ def split_plan(plan: PrecisionPlan, graphs: Iterable[str], warnings: list[str]) 
     if unknown:
         warnings.append(f"plan names {len(unknown)} tensor(s) of no graph of the system, ignored: "
                         f"{', '.join(unknown[:5])}")
+    stray = sorted(set(system.opsets) - set(plans))
+    if stray:
+        warnings.append(f"plan gives an opset to {len(stray)} graph(s) not in the system, ignored: {', '.join(stray[:5])}")
     return plans
 
 
-def combined_plan(reports: Mapping[str, Mapping[str, Any]], defaults: Mapping[str, Any]) -> PrecisionPlan:
-    plan = PrecisionPlan(defaults=dict(defaults))
+def combined_plan(reports: Mapping[str, Mapping[str, Any]], defaults: Mapping[str, Any]) -> SystemPlan:
+    """The system plan of the compiled graphs: their plans' tensors (with forms) and opsets."""
+    system = SystemPlan(PrecisionPlan(defaults=dict(defaults)))
     for name, report in reports.items():
         sub = PrecisionPlan.from_json(report["plan"]) if "plan" in report else PrecisionPlan()
         for tensor, tp in sub.tensors.items():
-            plan.tensors[f"{name}/{tensor}"] = tp
-    return plan
+            system.plan.tensors[f"{name}/{tensor}"] = tp
+        if sub.opset is not None:
+            system.opsets[name] = sub.opset
+    return system
