@@ -1,7 +1,8 @@
 """Sensitivity scoring on a Ray cluster: each Ray actor holds one ONNX Runtime session of the
 model (a WeightInputRunner rebuilt from its spec) and scores a share of the (tensor,
-candidate) tasks of a ScoreJob. The results are those of the threaded run: each task's score
-depends only on the job's data. A worker lost mid-run is restarted by Ray and its task retried
+candidate) tasks of a ScoreJob, rounding each task's candidates itself (the job ships the FP32
+weights and how to round them, never the rounded candidates). The results are those of the
+threaded run: each task's score depends only on the job's data. A worker lost mid-run is restarted by Ray and its task retried
 (`max_restarts`, `max_task_retries`); losing more than that is a one-line error.
 
 Ray is an optional extra: `pip install "q4c[ray]"`. `--ray-address ADDR` (or $RAY_ADDRESS, Ray's

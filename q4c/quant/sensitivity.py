@@ -8,6 +8,7 @@ inputs instead of initializers, so a single session serves every tensor and ever
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from q4c.objectives import Objective, detect_objectives
 from q4c.quant.candidates import Candidate, candidate_list
 from q4c.quant.gptq import activation_of, input_hessians
 from q4c.quant.plan import FLOAT
-from q4c.quant.score_job import HESSIAN_STEP, ScoreJob, Task, TaskResult  # noqa: F401 (HESSIAN_STEP)
+from q4c.quant.score_job import HESSIAN_STEP, Rounding, ScoreJob, Task, TaskResult  # noqa: F401 (HESSIAN_STEP)
 from q4c.quant.tying import tied_groups
 from q4c.quant.weight_runner import (  # re-exported: their home was this module
     WeightInputRunner,
@@ -75,7 +76,7 @@ class SensitivityTable:
     fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> why it fell back to mse
     runner: WeightInputRunner | None = None
     seconds: float = 0.0
-    prepare_seconds: float = 0.0  # of `seconds`, before scoring (slots, gptq statistics, candidates)
+    prepare_seconds: float = 0.0  # of `seconds`, before scoring (slots, gptq statistics, the runner)
     kernel_scales: bool = True  # see CompileOptions.kernel_scales
     workers: int = 1  # threads (or Ray workers) that scored tensors
     distributed: dict[str, Any] = field(default_factory=dict)  # Ray: workers, tasks, forward runs, seconds
@@ -210,11 +211,10 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     the same scores either way. `progress(done, total)` follows the Ray tasks."""
     start = time.perf_counter()
     table, weights, measured, model = _prepare(graph, opts, opset, samples)
-    # Every candidate's dequantized weights, computed once: every score compares against them.
-    quantized = {name: {c.key: quantize_slot(table.slots[name], w, c.bits, opts.granularity, c.scheme,
-                                             kernel_scales=opts.kernel_scales,
-                                             hessians=table.hessians.get(name)).dequantize()
-                        for c in table.candidates[name] if c.bits != FLOAT} for name, w in weights.items()}
+    roundings = {name: Rounding.of(table.slots[name], opts.granularity, opts.kernel_scales,
+                                   {c.key: (c.bits, c.scheme) for c in table.candidates[name] if c.bits != FLOAT})
+                 for name in weights}
+    job = ScoreJob(opts.sensitivity, weights, frozenset(measured), roundings, table.hessians, seed=opts.seed)
     limit = _attach_runner(table, model, measured, opts, samples, sequences, state_pairs) if model else MAX_SAMPLES
     # Closed loop, errors compound: one tensor at 2 bits among FP32 ones says little about it
     # among 4-bit ones. So closed-loop kl scores also look at the context of uniform 4-bit (every
@@ -222,12 +222,13 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     # this tensor quantized, and what quantizing it adds to that plan (its damage with this
     # tensor quantized minus with this tensor FP32). The first keeps scores clean and monotone
     # where the second is buried in the other tensors' noise; the second sees amplification.
+    # That plan is the only set of candidates rounded here: every other is rounded in its task.
     context: dict[str, np.ndarray] = {}
     if table.runner is not None and table.runner.closed_loop and opts.sensitivity == "kl" and CLOSED_LOOP_CONTEXT:
-        context = {n: quantized[n]["4"] for n in measured if "4" in quantized[n]}
+        context = {n: job.dequantized(n, "4") for n in measured if "4" in roundings[n].candidates}
         table.context = {"plan": "uniform 4-bit", "damage": table.runner.divergence(context, limit)}
-    job = ScoreJob(opts.sensitivity, weights, frozenset(measured), quantized, context, limit, opts.seed, table.runner)
-    table.prepare_seconds = time.perf_counter() - start  # candidates quantized: the part no worker shares
+    job = dataclasses.replace(job, context=context, limit=limit, runner=table.runner)
+    table.prepare_seconds = time.perf_counter() - start  # slots, statistics, runner: the part no worker shares
     names = list(weights)
     if opts.workers_backend is WorkerBackend.RAY and table.runner is not None and opts.sensitivity != "mse":
         from q4c.distributed import score_on_ray
@@ -238,7 +239,7 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
         results = _score_in_threads(job, names, opts.resolved_workers)
         table.workers = opts.resolved_workers
     for name in names:  # merged in candidate order: the same dict whichever backend scored
-        table.scores[name] = {k: results[name].scores[k] for k in quantized[name]}
+        table.scores[name] = {k: results[name].scores[k] for k in job.keys(name)}
         if results[name].trace is not None:
             table.trace[name] = results[name].trace
         logger.debug("%s: %s", name, {k: f"{v:.3g}" for k, v in table.scores[name].items()})
@@ -301,6 +302,6 @@ def _attach_runner(table: SensitivityTable, model: onnx.ModelProto, measured: di
 def _score_in_threads(job: ScoreJob, names: list[str], workers: int) -> dict[str, TaskResult]:
     """Tensors scored in parallel threads: ONNX Runtime (one intra-op thread per run) and numpy
     release the GIL, so `workers` threads keep that many cores busy on one session."""
-    tasks = [Task(i, name, tuple(job.quantized[name])) for i, name in enumerate(names)]
+    tasks = [Task(i, name, job.keys(name)) for i, name in enumerate(names)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return dict(zip(names, pool.map(job.run, tasks), strict=True))

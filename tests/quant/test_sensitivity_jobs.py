@@ -1,0 +1,80 @@
+"""Scoring jobs round their own candidates (q4c.quant.score_job): each candidate a task rounds is,
+byte for byte, what quantize_slot makes of the graph's weight slot (what quantize-weights stores
+and what the driver used to round up front), and the job shipped to workers holds no rounded
+candidate."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from q4c import graph as g
+from q4c.calib.readers import synthetic_samples
+from q4c.config import CompileOptions
+from q4c.quant import score_job
+from q4c.quant.plan import FLOAT
+from q4c.quant.sensitivity import measure
+from q4c.quant.weights import quantize_slot
+
+
+def _mlp(rng: np.random.Generator) -> onnx.ModelProto:
+    """x [1, 8, 128] -> MatMul 128x128 -> Relu -> MatMul 128x64 -> MatMul 64x16 -> Softmax (kl objective)."""
+    weights = [("w1", (128, 128)), ("w2", (128, 64)), ("w3", (64, 16))]
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, s,
+                                (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32).ravel())
+             for n, s in weights]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("MatMul", ["h2", "w3"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["p"], axis=-1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 128])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 8, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("sensitivity", ["kl", "hessian", "mse"])
+def test_tasks_round_each_candidate_as_quantize_slot_does_and_ship_none(rng, sensitivity, monkeypatch):
+    model = _mlp(rng)
+    opts = CompileOptions(workers=2, sensitivity=sensitivity)
+    rounded: dict[tuple[str, str], list[bytes]] = {}
+    jobs: list[score_job.ScoreJob] = []
+    real_dequantized, real_run = score_job.ScoreJob.dequantized, score_job.ScoreJob.run
+
+    def recording(self, name, key):
+        out = real_dequantized(self, name, key)
+        rounded.setdefault((name, key), []).append(out.tobytes())
+        return out
+
+    def run(self, task):
+        jobs.append(self)
+        return real_run(self, task)
+
+    monkeypatch.setattr(score_job.ScoreJob, "dequantized", recording)
+    monkeypatch.setattr(score_job.ScoreJob, "run", run)
+    graph = g.import_graph(model)
+    table = measure(graph, opts, 21, synthetic_samples(model, count=2, seed=1))
+
+    schemes = set()
+    for name, slot in table.slots.items():
+        w = np.asarray(slot.tensor.values, dtype=np.float32)
+        for cand in table.candidates[name]:
+            if cand.bits == FLOAT:
+                continue
+            schemes.add(cand.scheme)
+            want = quantize_slot(slot, w, cand.bits, opts.granularity, cand.scheme, kernel_scales=opts.kernel_scales,
+                                 hessians=table.hessians.get(name)).dequantize().tobytes()
+            assert rounded[name, cand.key] == [want], (name, cand.key)  # rounded once, in its task, identically
+    assert set(rounded) == {(n, c.key) for n, cs in table.candidates.items() for c in cs if c.bits != FLOAT}
+    if sensitivity == "kl":  # every rounding scheme took part, gptq and codebooks included
+        assert {"symmetric", "symmetric-absmax", "gptq", "kmeans", "mulaw", "nf4"} <= schemes
+
+    job = jobs[0]
+    shipped = len(pickle.dumps(job.for_workers()))
+    weights = sum(w.nbytes for w in job.weights.values())
+    statistics = sum(h.nbytes for hs in job.hessians.values() for h in hs)
+    candidates = sum(len(b[0]) for b in rounded.values())
+    assert candidates >= 4 * weights  # what shipping rounded candidates would have cost (4 widths at least)
+    assert shipped < weights + statistics + 64 * 1024  # the weights, their statistics, small recipes
