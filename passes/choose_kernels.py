@@ -13,20 +13,21 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from q4c import graph as g
 from q4c import kernel_cache
 from q4c import ort as q4ort
-from q4c.config import CODEBOOK_SCHEMES, CompileOptions, Target
+from q4c.config import CODEBOOK_SCHEMES, CompileOptions, Granularity, Target
 from q4c.errors import ConfigError
 from q4c.forms import Decision, check_form, rule_forms
 from q4c.pipeline import Artifact, Pass, PassContext, PassResult, run_one
 from q4c.quant.int8_activations import int8_slots
 from q4c.quant.plan import Form, FormBasis, PrecisionPlan, TensorPrecision
 from q4c.quant.tying import share_transposed_tables
-from q4c.quant.weights import WeightSlot, find_weight_slots
+from q4c.quant.weights import WeightSlot, find_weight_slots, float32_scales, scale_layout
 from q4c.registry import find_pass
 from q4c.timing import interleaved
 
@@ -80,6 +81,7 @@ class ChooseKernelsPass(Pass):
             stats["timed"] = 1
             if _time_forms(graph, plan, ctx) == "fp32-at-load":
                 _fold_all(plan, decisions, opts)
+        stats["conv_block_axes"] = _write_block_axes(graph, plan, opts)
         for tp in plan.tensors.values():
             if tp.form is not None:
                 stats[tp.form.value] += 1
@@ -125,7 +127,7 @@ def _write(plan: PrecisionPlan, decisions: dict[str, Decision]) -> None:
 
 def _check_planned(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> None:
     """Refuse, in one line, a form in the plan this weight cannot take."""
-    if not plan.forms():
+    if not plan.forms() and all(tp.block_axis is None for tp in plan.tensors.values()):
         return
     slots: dict[str, list[WeightSlot]] = defaultdict(list)
     for slot in find_weight_slots(graph):
@@ -141,8 +143,52 @@ def _check_planned(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> No
             raise ConfigError(f"plan: tensor {name!r}: {why}")
     for name, tp in sorted(plan.tensors.items()):
         why = _layer_mismatch(name, tp, slots[name], plan) if tp.form is not None and name in slots else None
+        if why is None and tp.block_axis is not None and name in slots:
+            why = _block_axis_mismatch(tp, slots[name])
         if why is not None:
             raise ConfigError(f"plan: tensor {name!r}: {why}")
+
+
+def _conv_slots(graph: gs.Graph) -> dict[str, WeightSlot]:
+    """Each Conv weight's first slot (the one quantize-weights lays its scales out for)."""
+    slots: dict[str, WeightSlot] = {}
+    for slot in find_weight_slots(graph):
+        if isinstance(slot, WeightSlot) and slot.role == "conv" and len(slot.tensor.shape) >= 3:
+            slots.setdefault(slot.tensor.name, slot)
+    return slots
+
+
+def _write_block_axes(graph: gs.Graph, plan: PrecisionPlan, opts: CompileOptions) -> int:
+    """Record in the plan the block axis quantize-weights would derive for each block-wise Conv
+    weight without one (q4c.quant.weights.scale_layout), so a saved plan shows it and a hand edit
+    can change it. Returns how many were written."""
+    written = 0
+    for name, slot in sorted(_conv_slots(graph).items()):
+        tp = plan.tensors.get(name)
+        if tp is None or not tp.quantized or tp.block_axis is not None or tp.scheme in CODEBOOK_SCHEMES:
+            continue
+        gran = Granularity.parse(tp.granularity)
+        if gran.kind != "block":
+            continue
+        kernel_scales = opts.kernel_scales if tp.form is None else tp.form is not Form.FP32_AT_LOAD
+        values = np.asarray(slot.tensor.values)
+        gran = gran.resolve(float32_scales(slot, kernel_scales, values))
+        kind, axis, _ = scale_layout(tuple(values.shape), slot, gran.kind, gran.block)
+        if kind == "block":
+            plan.tensors[name] = dataclasses.replace(tp, block_axis=axis)
+            written += 1
+    return written
+
+
+def _block_axis_mismatch(tp: TensorPrecision, slots: list[WeightSlot]) -> str | None:
+    """A planned block axis must name an input or kernel axis of a Conv weight."""
+    for slot in slots:
+        rank = len(slot.tensor.shape)
+        if slot.role != "conv" or rank < 3:
+            return f"block_axis is for Conv weights; this one feeds {slot.node.op} ({slot.role})"
+        if not 1 <= tp.block_axis < rank:
+            return f"block_axis {tp.block_axis} is not an input or kernel axis of its rank-{rank} Conv weight"
+    return None
 
 
 def _layer_mismatch(name: str, tp: TensorPrecision, slots: list[WeightSlot], plan: PrecisionPlan) -> str | None:

@@ -74,7 +74,8 @@ class QuantizeWeightsPass(Pass):
                                hessians.get(name))
             else:
                 self._quantize(graph, slots, precision.bits, Granularity.parse(precision.granularity),
-                               precision.scheme, ctx, hessians.get(name), kernel_scales=_kernel_scales(precision, ctx))
+                               precision.scheme, ctx, hessians.get(name), kernel_scales=_kernel_scales(precision, ctx),
+                               block_axis=precision.block_axis)
             stats["quantized"] += 1
         return PassResult(stats["quantized"] > 0, dict(stats))
 
@@ -124,11 +125,13 @@ class QuantizeWeightsPass(Pass):
 
     @staticmethod
     def _quantize(root: gs.Graph, slots: list[WeightSlot], bits: int, gran: Granularity, scheme: str,
-                  ctx: PassContext, hessians: list[np.ndarray] | None = None, *, kernel_scales: bool = True) -> None:
+                  ctx: PassContext, hessians: list[np.ndarray] | None = None, *, kernel_scales: bool = True,
+                  block_axis: int | None = None) -> None:
         first = slots[0]
         weight = first.tensor
         values = np.asarray(weight.values, dtype=np.float32)
-        qw = quantize_slot(first, values, bits, gran, scheme, kernel_scales=kernel_scales, hessians=hessians)
+        qw = quantize_slot(first, values, bits, gran, scheme, kernel_scales=kernel_scales, hessians=hessians,
+                           block_axis=block_axis)
         kind = "tensor" if qw.scale.ndim == 0 else ("block" if qw.block_size else "channel")
         half = qw.scale.dtype == np.float16
         suffix = f"int{storage_bits(bits, ctx.opset)}"

@@ -1,7 +1,8 @@
 """PrecisionPlan: every decision about each weight, as a replayable JSON file.
 
-Per weight tensor: bits, rounding scheme, granularity, and the lowering FORM its layer takes in
-ONNX Runtime with the basis it was chosen on (`Form`, `FormBasis`); per plan: the opset the
+Per weight tensor: bits, rounding scheme, granularity (and a Conv weight's block axis), and the
+lowering FORM its layer takes in ONNX Runtime with the basis it was chosen on (`Form`,
+`FormBasis`); per plan: the opset the
 model is converted to. `q4c compile --plan` replays all of it: the same plan writes the same
 bytes. Forms are filled by the choose-forms analysis (passes/choose_forms.py) before any weight
 is quantized; materialising passes only read them. A layer with several weights (LSTM W and R)
@@ -121,6 +122,10 @@ class TensorPrecision:
     form: Form | None = None
     #: the basis the form was chosen on
     chosen_for: FormBasis | None = None
+    #: Conv weights with block granularity: the axis the blocks run along (1 = input channels,
+    #: 2+ = a kernel axis); None = derived from the shape (q4c.quant.weights.conv_block_layout).
+    #: choose-kernels writes the derived axis, so a hand-edited plan can change it.
+    block_axis: int | None = None
 
     def __post_init__(self) -> None:
         # A hand-edited plan may hold any JSON value here: check types before using them.
@@ -135,6 +140,8 @@ class TensorPrecision:
         object.__setattr__(self, "chosen_for", _enum(FormBasis, self.chosen_for, "chosen_for"))
         if self.form is not None and self.bits == FLOAT:
             raise ConfigError(f"a float (bits {FLOAT}) weight has no lowering form, not {self.form.value!r}")
+        if self.block_axis is not None:
+            self._check_block_axis()
         if self.scheme in CODEBOOK_SCHEMES and self.bits != FLOAT:
             from q4c.quant.codebook import scheme_bits, validate_granularity
 
@@ -146,6 +153,14 @@ class TensorPrecision:
         if self.bits not in (*SUPPORTED_BITS, FLOAT):
             raise ConfigError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} or {FLOAT} (float), not {self.bits}")
         Granularity.parse(self.granularity)
+
+    def _check_block_axis(self) -> None:
+        if isinstance(self.block_axis, bool) or not isinstance(self.block_axis, int) or self.block_axis < 1:
+            raise ConfigError(f"block_axis must be an integer >= 1 (a Conv weight's input or kernel axis), "
+                              f"not {self.block_axis!r}")
+        if self.bits == FLOAT or self.scheme in CODEBOOK_SCHEMES or Granularity.parse(self.granularity).kind != "block":
+            raise ConfigError(f"block_axis is for block-wise uniform scales, not {self.bits} bits {self.scheme} "
+                              f"{self.granularity}")
 
     @property
     def quantized(self) -> bool:
@@ -160,6 +175,8 @@ class TensorPrecision:
             doc["form"] = self.form.value
         if self.chosen_for is not None:
             doc["chosen_for"] = self.chosen_for.value
+        if self.block_axis is not None:
+            doc["block_axis"] = self.block_axis
         return doc
 
 

@@ -120,11 +120,14 @@ def _einsum_slots(graph: gs.Graph, node: gs.Node) -> Iterator[WeightSlot | tuple
         yield WeightSlot(graph, node, index, "einsum", channel_axis=keep[-1], reduce_axis=reduce[-1])
 
 
-def scale_layout(slot_shape: tuple[int, ...], slot: WeightSlot, kind: str, block: int) -> tuple[str, int, int]:
+def scale_layout(slot_shape: tuple[int, ...], slot: WeightSlot, kind: str, block: int,
+                 block_axis: int | None = None) -> tuple[str, int, int]:
     """The (granularity, axis, block_size) to quantize with, given the requested granularity.
 
     "channel" on a weight with leading axes before the channel axis (LSTM directions, Einsum)
     becomes blocks spanning the whole reduction axis, so each direction keeps its own scales.
+    A Conv weight's blocks run along `block_axis` when the plan names one (no longer than that
+    axis), else along the axis conv_block_layout derives from the shape.
     """
     if kind == "tensor":
         return "tensor", 0, 0
@@ -133,6 +136,8 @@ def scale_layout(slot_shape: tuple[int, ...], slot: WeightSlot, kind: str, block
             return "block", slot.reduce_axis, int(slot_shape[slot.reduce_axis])
         return "channel", slot.channel_axis, 0
     if slot.role == "conv" and len(slot_shape) >= 3:
+        if block_axis is not None:
+            return "block", block_axis, min(block, int(slot_shape[block_axis]))
         return conv_block_layout(slot_shape, block)
     n = int(slot_shape[slot.reduce_axis])
     return "block", slot.reduce_axis, min(block, max(n, 1)) if n < block else block
@@ -178,7 +183,8 @@ def float32_scales(slot: WeightSlot, kernel_scales: bool = True, values: np.ndar
 
 def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: Granularity | str,
                   scheme: str = "symmetric", *, kernel_scales: bool = True,
-                  hessians: list[np.ndarray] | None = None) -> QuantizedWeight | CodebookWeight:
+                  hessians: list[np.ndarray] | None = None,
+                  block_axis: int | None = None) -> QuantizedWeight | CodebookWeight:
     """Quantize a slot's weight as quantize-weights stores it: the granularity resolved for the
     slot's role, float16 scales where only DequantizeLinear reads them, float32 for kernels (see
     `float32_scales`); `scheme` "symmetric-absmax" keeps every group's largest weight (no clipping),
@@ -186,7 +192,8 @@ def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: 
 
     Codebook schemes ("mulaw", "kmeans", "nf4") return a CodebookWeight: tables per group of output
     channels (or nf4's scale blocks) as the granularity text names them, indices assigned
-    GPTQ-style when `hessians` are given (q4c.quant.codebook)."""
+    GPTQ-style when `hessians` are given (q4c.quant.codebook). `block_axis`: a Conv weight's block
+    axis from the plan (see scale_layout)."""
     if scheme in CODEBOOK_SCHEMES:
         return quantize_codebook(values, bits, scheme, channel_axis=slot.channel_axis, reduce_axis=slot.reduce_axis,
                                  granularity=str(granularity), hessians=hessians)
@@ -194,7 +201,7 @@ def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: 
         granularity = Granularity.parse(granularity)
     wide = float32_scales(slot, kernel_scales, values)
     gran = granularity.resolve(float32_scales=wide)
-    kind, axis, block = scale_layout(values.shape, slot, gran.kind, gran.block)
+    kind, axis, block = scale_layout(values.shape, slot, gran.kind, gran.block, block_axis)
     if scheme == "gptq":
         if hessians is None or kind != "block":
             raise ConfigError(f"{slot.tensor.name}: the gptq scheme needs calibration inputs and block-wise scales")
