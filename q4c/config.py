@@ -248,7 +248,7 @@ class CompileOptions:
             if self.bits is not None or self.plan_path is not None:
                 raise ConfigError("--require chooses the plan; it excludes --bits and --plan")
         if self.latency_budget is not None:
-            from q4c.latency.planner import latency_budget_seconds
+            from q4c.latency.budget import latency_budget_seconds  # a leaf: the planner imports config
 
             try:
                 latency_budget_seconds(self.latency_budget, 1.0)

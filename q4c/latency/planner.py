@@ -21,12 +21,12 @@ the file, a few bytes fewer).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from q4c.config import CODEBOOK_SCHEMES
+from q4c.latency.budget import latency_budget_seconds  # re-exported: choose-forms reads it here
 from q4c.latency.costs import CostTable
 from q4c.latency.forms import FORMS, Form, LayerKind, allows, timed_bits
 from q4c.latency.layers import Layer
@@ -220,17 +220,6 @@ def fastest_latency(options: Sequence[Sequence[Option2]], byte_budget: int) -> f
     knapsack's damage: same exact DP, latency budget unbounded)."""
     swapped = [[Option2(o.nbytes, 0.0, o.latency) for o in opts] for opts in options]
     return solve2(swapped, byte_budget, 1.0).damage
-
-
-def latency_budget_seconds(budget: str, fp32_s: float) -> float:
-    """'0.6' (x FP32) or '12ms' -> seconds."""
-    text = budget.strip().lower()
-    if text.endswith("ms"):
-        return float(text[:-2]) / 1e3
-    value = float(text.rstrip("x"))
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"latency budget must be positive, not {budget!r}")
-    return value * fp32_s
 
 
 __all__ = ["LatencyPlan", "Pick", "fastest_latency", "fp32_layer_seconds", "layer_seconds", "latency_budget_seconds", "layer_picks", "plan_latency", "variants"]
