@@ -14,11 +14,20 @@ Grammar (spaces allowed, case-insensitive)::
 - ``kl``: KL divergence in nats of the kl outputs, Bernoulli KL of the bce outputs, the highest;
   no unit. Needs ``<=`` / ``<``.
 
-The held-out part of the calibration samples is small (a dozen clips), so a flip rate measured on
-it is noisy: a plan measured at 0.5 % there flipped 0.6-0.8 % of the Silero test chunks. Where
-the measurement gives flips per held-out unit (``flips_units``: [flipped, decisions] per unit),
-``flips`` is judged by the one-sided CONFIDENCE upper bound of the pooled rate when the units are
-resampled with replacement (``flips_upper``); the point figure is reported beside it.
+Which calibration samples judge a requirement (`require_split`): every runner unit (one
+calibration sample: a whole sequence of a stateful model) after those the per-tensor scores ran
+on and those whose calls gave the data-fitted candidates (gptq, codebook assignment) their input
+statistics; at least half of the units are held out. Nothing is fitted on the held-out units;
+only the choice between whole plans is made on them.
+
+A flip rate measured on a few dozen clips is noisy: with 12 held-out clips a plan measured at
+0.5 % there flipped 0.6-0.8 % of the Silero test chunks. Where the measurement gives flips per
+held-out unit (``flips_units``: [flipped, decisions] per unit), ``flips`` is judged by the
+one-sided CONFIDENCE upper bound of the pooled rate when the units are resampled with replacement
+(``flips_upper``); the point figure is reported beside it. The unit of resampling is the whole
+calibration sample, not a block of calls inside it: a sequence's calls share one recording and
+carry state from call to call, so they are not independent draws; distinct samples are (a
+reader must not give the same recording twice, see models/real/silero.py).
 """
 
 from __future__ import annotations
@@ -119,6 +128,23 @@ def check_all(requirements: list[Requirement], metrics: Mapping[str, Mapping[str
     figures = [r.figure(metrics) for r in requirements]
     return all(r.met(f) for r, f in zip(requirements, figures, strict=True)), \
         [r.format(f, metrics) for r, f in zip(requirements, figures, strict=True)]
+
+
+def require_split(unit_calls: Sequence[int], scored: int, fitted_calls: int) -> tuple[slice, slice]:
+    """(fit, held-out) runner units for --require, given each unit's call count, how many units
+    the per-tensor scores run (the first `scored`) and how many first calls the data-fitted
+    candidates take their statistics from (`fitted_calls`, 0 if none): the held-out part starts
+    after both, but never holds out fewer than half of the units (with two or more)."""
+    n = len(unit_calls)
+    covered = 0
+    if fitted_calls > 0:
+        calls = 0
+        for covered, count in enumerate(unit_calls, start=1):
+            calls += count
+            if calls >= fitted_calls:
+                break
+    first_unseen = min(max(scored, covered), n - n // 2)
+    return slice(0, first_unseen), slice(first_unseen, n)
 
 
 def upper_bound(units: Sequence[Sequence[int]], confidence: float = CONFIDENCE, seed: int = 0) -> float:

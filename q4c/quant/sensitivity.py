@@ -25,6 +25,7 @@ from q4c.config import CompileOptions, WorkerBackend
 from q4c.errors import ConfigError
 from q4c.objectives import Objective, detect_objectives
 from q4c.quant.candidates import Candidate, candidate_list
+from q4c.quant.gptq import MAX_SAMPLES as GPTQ_SAMPLES
 from q4c.quant.gptq import activation_of, input_hessians
 from q4c.quant.plan import FLOAT
 from q4c.quant.score_job import HESSIAN_STEP, Rounding, ScoreJob, Task, TaskResult  # noqa: F401 (HESSIAN_STEP)
@@ -43,6 +44,7 @@ from q4c.quant.weights import (
     find_weight_slots,
     quantize_slot,
 )
+from q4c.requirements import require_split
 
 logger = logging.getLogger(__name__)
 
@@ -283,15 +285,16 @@ def _attach_runner(table: SensitivityTable, model: onnx.ModelProto, measured: di
     closed = closed_loop_wanted(opts.scoring, sequences, state_pairs)
     if opts.scoring == "closed-loop" and not closed:
         logger.warning("--scoring closed-loop: the samples are not sequences of a stateful model; scored open loop")
-    units = list(sequences)[:PLAN_SAMPLES] if sequences else None
-    table.runner = WeightInputRunner(model, measured, samples[:PLAN_SAMPLES], sequences=units,
+    cap = None if opts.requirements else PLAN_SAMPLES  # --require: every sample given judges plans
+    units = list(sequences)[:cap] if sequences else None
+    table.runner = WeightInputRunner(model, measured, samples[:cap], sequences=units,
                                      state_pairs=dict(state_pairs or {}), closed_loop=closed,
                                      objectives=objectives_for(model, opts, state_pairs),
                                      max_calls=MAX_UNIT_CALLS)
     n = len(table.runner.units)
-    if opts.requirements and n >= 2:  # the second half judges --require, unseen by the scores
-        held = n // 2
-        table.fit, table.held_out = slice(0, n - held), slice(n - held, n)
+    if opts.requirements and n >= 2:  # units after those scored and fitted judge --require
+        table.fit, table.held_out = require_split([len(u) for u in table.runner.units], MAX_SAMPLES,
+                                                  GPTQ_SAMPLES if table.hessians else 0)
     elif opts.requirements:
         logger.warning("--require: a single calibration sample; the requirement is judged on it, "
                        "not on held-out data (give more samples)")

@@ -155,23 +155,25 @@ def test_sequence_export_stacks_rows_and_carries_h_c_between_blocks(silero, tmp_
 
 def test_calibration_reader_feeds_q4c_as_the_driver_runs(silero, tmp_path, monkeypatch):
     fake = types.ModuleType("audio")
-    utterances = [("u0", AUDIO[:1100]), ("u1", AUDIO[:600]), ("u2", AUDIO[:520])]
+    utterances = [("u0", AUDIO[:1100]), ("u1", AUDIO[:600]), ("u2", AUDIO[:520]), ("u3", AUDIO[:520]),
+                  ("u4", AUDIO[:520])]
     fake.load = lambda split, sr: utterances if (split, sr) == ("calib", 16000) else []
     monkeypatch.setitem(sys.modules, "audio", fake)
     model = _streaming_model(tmp_path / "m.onnx", with_sr=True)
     reader = PythonReader(f"{SILERO_PY}:calib_silero_vad")
     assert reader.state_pairs == {"stateN": "state"}
     samples = list(reader)
-    # u0 at 16k, u0 at 8k, u1 at 16k, u2 at 16k, u2 at 8k; one call per chunk
-    assert [len(s) for s in samples] == [3, 3, 2, 2, 2]  # 8 kHz: 550 and 260 samples
+    # each utterance once (independent units for --require): u1 and u4 at 8 kHz, the others at
+    # 16 kHz; one call per chunk
+    assert [len(s) for s in samples] == [3, 2, 2, 2, 2]  # 8 kHz: 300 and 260 samples
     assert [int(s[0]["sr"]) for s in samples] == [16000, 8000, 16000, 16000, 8000]
     assert not samples[0][0]["state"].any() and "state" not in samples[0][1]
     # q4c carries the state the way probs() does: call t of a 16 kHz sequence sees state 2 t
     calls = materialize(onnx.load(str(model)), reader)
-    assert [float(c["state"][0, 0, 0]) for c in calls] == [0, 2, 4, 0, 1, 2, 0, 2, 0, 2, 0, 1]
+    assert [float(c["state"][0, 0, 0]) for c in calls] == [0, 2, 4, 0, 1, 0, 2, 0, 2, 0, 1]
     only_16k = PythonReader(f"{SILERO_PY}:calib_silero_vad_16k_sequence")
     assert only_16k.state_pairs == {"hn": "h", "cn": "c"}
-    assert [s[0]["input"].shape for s in only_16k] == [(3, 576), (2, 576), (2, 576)]
+    assert [s[0]["input"].shape for s in only_16k] == [(3, 576), (2, 576), (2, 576), (2, 576), (2, 576)]
 
 
 def test_to_8k_keeps_the_speech_band_and_removes_what_would_alias(silero):

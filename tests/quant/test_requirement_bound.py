@@ -56,3 +56,19 @@ def test_plan_metrics_counts_flips_per_unit_as_onnx_runtime_does(rng):
     assert sum(k for k, _ in expected) > 0
     assert np.isclose(metrics["flips"], sum(k for k, _ in expected) / sum(n for _, n in expected))
     assert metrics["flips_upper"] >= metrics["flips"]
+
+
+def test_held_out_units_start_after_the_scored_and_the_fitted_ones():
+    from q4c.requirements import require_split
+
+    # 16 one-call units, scores on the first 4: the other 12 are held out
+    assert require_split([1] * 16, 4, 0) == (slice(0, 4), slice(4, 16))
+    # gptq statistics from the first 8 calls = the first 8 one-call units
+    assert require_split([1] * 16, 4, 8) == (slice(0, 8), slice(8, 16))
+    # long sequences: the 8 fitted calls lie inside the first unit; the scores' 4 units decide
+    assert require_split([150] * 40, 4, 8) == (slice(0, 4), slice(4, 40))
+    assert require_split([3, 3, 3, 150, 5, 5, 5, 5, 5, 5], 2, 10) == (slice(0, 4), slice(4, 10))
+    # never fewer than half held out (the split before session 5)
+    assert require_split([1] * 6, 4, 0) == (slice(0, 3), slice(3, 6))
+    assert require_split([1] * 16, 4, 100) == (slice(0, 8), slice(8, 16))
+    assert require_split([5, 5], 4, 0) == (slice(0, 1), slice(1, 2))
