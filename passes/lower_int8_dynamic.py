@@ -1,18 +1,27 @@
-"""Rewrite DequantizeLinear(INT8, per output channel) -> MatMul into com.microsoft DynamicQuantizeMatMul
-for the weights whose plan form is `int8-dynamic`.
+"""Rewrite DequantizeLinear -> MatMul into com.microsoft DynamicQuantizeMatMul for the weights whose plan
+form is `int8-dynamic` or `int8-at-load`.
 
 DynamicQuantizeMatMul (ONNX Runtime ContribOperators.md) quantizes its activation input to uint8
 on the fly and multiplies with int8 [K, N] weights whose scale (and zero point) is per column
 [N]: ORT-NOTES measures 0.14-0.33x FP32 MatMul time at 16-256 rows per call, 2-3x faster than
-MatMulNBits there. Weights planned per output channel at 8 bits are used as they are; block-wise
-8-bit codes are re-quantized per channel (and the added error folded into the report).
+MatMulNBits there.
+
+- `int8-dynamic`: weights planned per output channel at 8 bits are used as they are; block-wise
+  8-bit codes are re-quantized per channel (and the added error folded into the report).
+- `int8-at-load`: the file keeps the weight's 2-4-bit codes and their DequantizeLinear; a
+  QuantizeLinear (int8, per column, scale = the column's largest dequantized |w| / 127, itself
+  computed by Abs/ReduceMax/Div/Max nodes: no bytes added) re-rounds them and feeds the kernel. With session.disable_quant_qdq=1 (the compiler writes it) ONNX Runtime
+  folds both at session load, so the model runs INT8's kernel from a low-bit file: measured the same
+  speed as `int8-dynamic` (q4c.latency cost table), 61x slower if the config is missing (the DQ
+  then runs on every call). Re-rounding adds at most half an int8 step per weight, about 1/16 of
+  a 4-bit block step.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from q4c import graph as g
@@ -21,19 +30,24 @@ from q4c.pipeline import Pass, PassContext, PassResult
 from q4c.quant.plan import Form
 from q4c.quant.qparams import QuantizedWeight, quantize
 
-#: the plan's form this pass materialises (its string value; absent from older plans)
+#: the plan's forms this pass materialises (their string values; absent from older plans)
 INT8_DYNAMIC = "int8-dynamic"
+INT8_AT_LOAD = "int8-at-load"
+#: floor of an int8-at-load column scale (an all-zero column quantizes to zeros, not NaN)
+EPS = 1e-30
 
 
 def _form_of(ctx: PassContext) -> dict[str, Form]:
-    return {codes: form for codes, form in ctx.forms_by_codes().items() if form.value == INT8_DYNAMIC}
+    return {codes: form for codes, form in ctx.forms_by_codes().items() if form.value in (INT8_DYNAMIC, INT8_AT_LOAD)}
 
 
 class LowerInt8DynamicPass(Pass):
-    """For `--target ort-cpu`: DQ(int8) -> MatMul of `int8-dynamic` weights to DynamicQuantizeMatMul.
+    """For `--target ort-cpu`: DQ -> MatMul of `int8-dynamic` (int8 codes) and `int8-at-load` (2-4-bit
+    codes, DQ -> QuantizeLinear folded at load) weights to DynamicQuantizeMatMul.
 
-    Requires: quantize-weights ran.  Ensures: no `int8-dynamic` weight still feeds a MatMul
-    through DequantizeLinear.  Stats: dynamic_quantize_matmul, requantized, skipped_layout.
+    Requires: quantize-weights ran.  Ensures: no `int8-dynamic` / `int8-at-load` weight still feeds a
+    MatMul through DequantizeLinear alone.  Stats: dynamic_quantize_matmul, requantized, int8_at_load,
+    skipped_layout.
     """
 
     name = "lower-int8-dynamic"
@@ -44,33 +58,128 @@ class LowerInt8DynamicPass(Pass):
         wanted = _form_of(ctx)
         if not wanted:
             return PassResult(False)
-        stats = {"dynamic_quantize_matmul": 0, "requantized": 0, "skipped_layout": 0}
+        stats = {"dynamic_quantize_matmul": 0, "requantized": 0, "int8_at_load": 0, "skipped_layout": 0}
+        dynamic = {c for c, f in wanted.items() if f.value == INT8_DYNAMIC}
+        at_load = {c for c, f in wanted.items() if f.value == INT8_AT_LOAD}
+        shared: dict[str, gs.Constant] = {}
         for sub in list(g.iter_graphs(graph)):
-            for dq in [n for n in sub.nodes if n.op == "DequantizeLinear" and n.inputs[0].name in wanted]:
+            for dq in [n for n in sub.nodes if n.op == "DequantizeLinear" and n.inputs[0].name in dynamic]:
                 users = g.consumers(dq.outputs[0])
-                if not users or not all(u.op == "MatMul" and u.inputs[1] is dq.outputs[0] for u in users):
+                lowered = _per_channel_constants(graph, dq) if _all_matmul_b(users, dq.outputs[0]) else None
+                if lowered is None:
                     stats["skipped_layout"] += 1
                     continue
-                qw = _per_channel(dq)
-                if qw is None:
-                    stats["skipped_layout"] += 1
-                    continue
-                codes, scale, requantized = qw
-                stats["requantized"] += requantized
-                base = dq.inputs[0].name
-                b = g.make_constant(g.unique_name(graph, f"{base}_int8kn"), codes)
-                s = g.make_constant(g.unique_name(graph, f"{base}_int8kn_scale"), scale)
-                for mm in users:
-                    a, out = mm.inputs[0], mm.outputs[0]
-                    mm.inputs.clear()
-                    mm.outputs.clear()
-                    sub.nodes.append(gs.Node("DynamicQuantizeMatMul", mm.name, domain=g.MS_DOMAIN,
-                                             inputs=[a, b, s], outputs=[out]))
-                    stats["dynamic_quantize_matmul"] += 1
+                stats["requantized"] += lowered[2]
+                stats["dynamic_quantize_matmul"] += _replace_matmuls(sub, users, lowered[0], lowered[1])
+            if at_load:
+                _lower_at_load(graph, sub, at_load, shared, stats)
         if stats["skipped_layout"]:
-            ctx.warn(f"lower-int8-dynamic: {stats['skipped_layout']} int8-dynamic weight(s) not read by MatMul as "
-                     f"[K, N] B: kept as DequantizeLinear")
+            ctx.warn(f"lower-int8-dynamic: {stats['skipped_layout']} int8-dynamic/int8-at-load weight(s) not read by "
+                     f"MatMul as [K, N] B: kept as they were")
         return PassResult(stats["dynamic_quantize_matmul"] > 0, {k: v for k, v in stats.items() if v})
+
+
+def _all_matmul_b(users: list[gs.Node], tensor: gs.Tensor) -> bool:
+    return bool(users) and all(u.op == "MatMul" and u.inputs[1] is tensor for u in users)
+
+
+def _replace_matmuls(sub: gs.Graph, users: list[gs.Node], b: gs.Tensor, scale: gs.Tensor) -> int:
+    for mm in users:
+        a, out = mm.inputs[0], mm.outputs[0]
+        mm.inputs.clear()
+        mm.outputs.clear()
+        sub.nodes.append(gs.Node("DynamicQuantizeMatMul", mm.name, domain=g.MS_DOMAIN, inputs=[a, b, scale],
+                                 outputs=[out]))
+    return len(users)
+
+
+def _lower_at_load(graph: gs.Graph, sub: gs.Graph, codes: set[str], shared: dict[str, gs.Constant],
+                   stats: dict[str, int]) -> None:
+    """Every float [K, N] MatMul B of `sub` computed from initializers alone (DequantizeLinear, its
+    float16 Cast, or a codebook decoder) out of an int8-at-load codes tensor: re-rounded to int8 at
+    load and read by DynamicQuantizeMatMul, when every reader is a MatMul's B."""
+    seen: set[str] = set()
+    for mm in [n for n in sub.nodes if n.op == "MatMul"]:
+        if len(mm.inputs) != 2:  # replaced above (its B was shared with an earlier MatMul)
+            continue
+        b = mm.inputs[1]
+        if isinstance(b, gs.Constant) or b.name in seen:
+            continue
+        seen.add(b.name)
+        leaves = _constant_leaves(b)
+        if leaves is None or not leaves & codes:
+            continue
+        users = g.consumers(b)
+        shape = _shape_of(b)
+        if not _all_matmul_b(users, b) or shape is None:
+            stats["skipped_layout"] += 1
+            continue
+        w8, scale = _at_load(graph, sub, b, shared)
+        stats["int8_at_load"] += 1
+        stats["dynamic_quantize_matmul"] += _replace_matmuls(sub, users, w8, scale)
+
+
+def _constant_leaves(tensor: gs.Tensor, limit: int = 64) -> set[str] | None:
+    """Names of the initializers `tensor` is computed from, None if it depends on a graph input or
+    takes more than `limit` nodes (not a weight decoder)."""
+    leaves: set[str] = set()
+    stack, visited = [tensor], 0
+    while stack:
+        t = stack.pop()
+        if isinstance(t, gs.Constant):
+            leaves.add(t.name)
+            continue
+        if not t.inputs:  # a graph input (or an outer-scope value): not foldable
+            return None
+        visited += 1
+        if visited > limit:
+            return None
+        stack.extend(x for x in t.inputs[0].inputs if not x.is_empty())
+    return leaves
+
+
+def _shape_of(tensor: gs.Tensor) -> list[int] | None:
+    """[K, N] of a weight tensor: its recorded shape, or its DequantizeLinear codes' shape."""
+    shape = tensor.shape
+    if not shape and tensor.inputs:
+        producer = tensor.inputs[0]
+        if producer.op == "Cast" and producer.inputs[0].inputs:
+            producer = producer.inputs[0].inputs[0]
+        if producer.op == "DequantizeLinear" and isinstance(producer.inputs[0], gs.Constant):
+            shape = producer.inputs[0].shape
+    if shape is None or len(shape) != 2 or not all(isinstance(d, int) for d in shape):
+        return None
+    return [int(d) for d in shape]
+
+
+def _per_channel_constants(graph: gs.Graph, dq: gs.Node) -> tuple[gs.Tensor, gs.Tensor, int] | None:
+    """int8-dynamic: the kernel's int8 [K, N] codes and float32 [N] scales as constants."""
+    qw = _per_channel(dq)
+    if qw is None:
+        return None
+    codes, scale, requantized = qw
+    base = dq.inputs[0].name
+    return (g.make_constant(g.unique_name(graph, f"{base}_int8kn"), codes),
+            g.make_constant(g.unique_name(graph, f"{base}_int8kn_scale"), scale), requantized)
+
+
+def _at_load(graph: gs.Graph, sub: gs.Graph, source: gs.Tensor, shared: dict[str, gs.Constant]) -> tuple[gs.Tensor, gs.Tensor]:
+    """int8-at-load: scale = max(ReduceMax(|W|, K) / 127, EPS) per column and QuantizeLinear(W, scale)
+    to int8 [K, N], all of constant inputs, so ONNX Runtime folds them at session load: the file
+    carries no int8 copy and no extra scale."""
+    if not shared:
+        shared.update(axes=g.make_constant(g.unique_name(graph, "i8l.axes"), np.array([0], np.int64)),
+                      top=g.make_constant(g.unique_name(graph, "i8l.127"), np.array(127.0, np.float32)),
+                      eps=g.make_constant(g.unique_name(graph, "i8l.eps"), np.array(EPS, np.float32)))
+    # short names, untyped intermediates (no value_info): the nodes cost the file a few dozen bytes
+    t = {k: gs.Variable(g.unique_name(graph, f"i8l.{k}"), dtype=None, shape=None) for k in "apsq"}
+    sub.nodes += [gs.Node("Abs", inputs=[source], outputs=[t["a"]]),
+                  gs.Node("ReduceMax", attrs={"keepdims": 0}, inputs=[t["a"], shared["axes"]], outputs=[t["p"]]),
+                  gs.Node("Div", inputs=[t["p"], shared["top"]], outputs=[t["s"]]),
+                  gs.Node("Max", inputs=[t["s"], shared["eps"]], outputs=[t["q"]]),
+                  gs.Node("QuantizeLinear", attrs={"axis": 1, "output_dtype": TensorProto.INT8},
+                          inputs=[source, t["q"]], outputs=[w8 := gs.Variable(g.unique_name(graph, "i8l.w"))])]
+    return w8, t["q"]
 
 
 def _array(t: gs.Constant) -> np.ndarray:
@@ -103,4 +212,4 @@ def _per_channel(dq: gs.Node) -> tuple[np.ndarray, np.ndarray, int] | None:
     return np.ascontiguousarray(qw.q.astype(np.int8)), np.asarray(qw.scale, np.float32).reshape(n), 1
 
 
-__all__ = ["INT8_DYNAMIC", "LowerInt8DynamicPass"]
+__all__ = ["INT8_AT_LOAD", "INT8_DYNAMIC", "LowerInt8DynamicPass"]

@@ -135,7 +135,7 @@ def _session_config(out: onnx.ModelProto, ctx: PassContext) -> dict[str, str]:
     config, slow_ops = q4ort.needed_session_config(out)
     if ctx.options.activations == "int8":
         config, slow_ops = _int8_session_config(out, config, slow_ops, ctx)
-    if ctx.plan is not None and Form.FP32_AT_LOAD in ctx.plan.forms().values():
+    if ctx.plan is not None and {Form.FP32_AT_LOAD, Form.INT8_AT_LOAD} & set(ctx.plan.forms().values()):
         config["session.disable_quant_qdq"] = "1"  # else ORT re-fuses DQ -> MatMul into MatMulNBits
     if slow_ops:
         ctx.warn(f"weights of {', '.join(slow_ops)} have no low-bit kernel in ONNX Runtime: they are stored "

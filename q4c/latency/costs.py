@@ -27,7 +27,7 @@ from typing import Any
 
 from q4c import kernel_cache
 from q4c import ort as q4ort
-from q4c.latency.forms import Form, LayerShape, timed_bits
+from q4c.latency.forms import SESSION_CONFIG, Form, LayerShape, timed_bits
 from q4c.latency.micro import layer_feeds, layer_model
 from q4c.quant.plan import FLOAT
 from q4c.timing import interleaved
@@ -135,7 +135,7 @@ def measure_shape(shape: LayerShape, variants: Iterable[tuple[Form, int]]) -> di
     feeds = layer_feeds(shape)
     calls = {}
     for form, bits in variants:
-        session = q4ort.make_session(layer_model(shape, form, bits), threads=1, config={})
+        session = q4ort.make_session(layer_model(shape, form, bits), threads=1, config=SESSION_CONFIG.get(form, {}))
         calls[(form, bits)] = (lambda s=session: s.run(None, feeds))
     repeats = {v: _repeat(c, SAMPLE_SECONDS) for v, c in calls.items()}
     subjects = {f"{f.value}:{b}": (lambda c=c, r=repeats[(f, b)]: [c() for _ in range(r)])

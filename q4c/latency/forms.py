@@ -26,6 +26,10 @@ class Form(enum.Enum):
     NBITS_ACC4 = "matmulnbits-acc4"  # com.microsoft MatMulNBits, int8 activation compute
     NBITS_ACC0 = "matmulnbits-acc0"  # same, float compute
     INT8_DYNAMIC = "int8-dynamic"  # com.microsoft DynamicQuantizeMatMul, int8 per-channel [K, N]
+    #: DynamicQuantizeMatMul fed by DequantizeLinear(1-4-bit codes, or a codebook decoder) ->
+    #: QuantizeLinear(int8 per column), folded at session load: the file holds the low-bit codes,
+    #: the kernel is INT8's
+    INT8_AT_LOAD = "int8-at-load"
     SCAN_NBITS = "scan-matmulnbits"  # LSTM/GRU: hoisted MatMulNBits + Scan (q4c.recurrent_lowering.scan)
     #: the same with the hoisted projection as DynamicQuantizeMatMul (W 8-bit; R any width)
     SCAN_INT8_PROJECTION = "scan-int8-projection"
@@ -35,7 +39,7 @@ class Form(enum.Enum):
 #: Forms each layer kind can take, and the weight bits each form stores (FLOAT: the plan's bits
 #: are kept in the file but the op runs in float; any planned width is allowed there).
 FORMS: dict[LayerKind, tuple[Form, ...]] = {
-    LayerKind.MATMUL: (Form.FP32_AT_LOAD, Form.NBITS_ACC4, Form.NBITS_ACC0, Form.INT8_DYNAMIC),
+    LayerKind.MATMUL: (Form.FP32_AT_LOAD, Form.NBITS_ACC4, Form.NBITS_ACC0, Form.INT8_DYNAMIC, Form.INT8_AT_LOAD),
     LayerKind.LSTM: (Form.FP32_AT_LOAD, Form.SCAN_NBITS, Form.SCAN_INT8_PROJECTION, Form.DYNAMIC_QUANTIZE_LSTM),
     LayerKind.GRU: (Form.FP32_AT_LOAD, Form.SCAN_NBITS, Form.SCAN_INT8_PROJECTION),
 }
@@ -45,9 +49,16 @@ FORM_BITS: dict[Form, tuple[int, ...] | None] = {
     Form.NBITS_ACC4: (2, 3, 4, 8),
     Form.NBITS_ACC0: (2, 3, 4, 8),
     Form.INT8_DYNAMIC: (8,),
+    Form.INT8_AT_LOAD: (1, 2, 3, 4),
     Form.SCAN_NBITS: (2, 3, 4, 8),
     Form.SCAN_INT8_PROJECTION: (2, 3, 4, 8),  # R's width (W is 8-bit)
     Form.DYNAMIC_QUANTIZE_LSTM: (8,),
+}
+
+
+#: ONNX Runtime session config a form needs (in the compiled model's metadata, and for its timing).
+SESSION_CONFIG: dict[Form, dict[str, str]] = {
+    Form.INT8_AT_LOAD: {"session.disable_quant_qdq": "1"},
 }
 
 
@@ -61,9 +72,12 @@ def allows(form: Form, bits: int) -> bool:
 
 def timed_bits(form: Form, bits: int) -> int:
     """The bit width a micro-benchmark of (form, bits) times: forms that run in float time the
-    FP32 op whatever the stored bits; 3-bit codes run in 4-bit kernels."""
+    FP32 op whatever the stored bits; 3-bit codes run in 4-bit kernels; INT8_AT_LOAD runs the
+    int8 kernel whatever the stored width (timed with 4-bit codes)."""
     if form is Form.FP32_AT_LOAD or bits == FLOAT:
         return FLOAT
+    if form is Form.INT8_AT_LOAD:
+        return 4
     return 4 if bits == 3 else bits
 
 
@@ -94,4 +108,4 @@ class LayerShape:
         return f"{self.kind.value} I={self.k} H={self.n} B={self.rows} T={self.steps} D={self.directions}"
 
 
-__all__ = ["FORMS", "FORM_BITS", "Form", "LayerKind", "LayerShape", "allows", "timed_bits"]
+__all__ = ["FORMS", "FORM_BITS", "SESSION_CONFIG", "Form", "LayerKind", "LayerShape", "allows", "timed_bits"]

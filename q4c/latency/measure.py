@@ -36,7 +36,7 @@ def materialise(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> onnx.
     plan = PrecisionPlan(dict(plan.tensors), dict(plan.defaults), plan.opset)
     model = materialise_copy(graph, plan, ctx, MATERIALISE)
     config = q4ort.needed_session_config(model)[0]
-    if Form.FP32_AT_LOAD in plan.forms().values():
+    if {Form.FP32_AT_LOAD, Form.INT8_AT_LOAD} & set(plan.forms().values()):
         config["session.disable_quant_qdq"] = "1"
     q4ort.set_session_config(model, config)
     return model

@@ -59,6 +59,8 @@ def matmul_model(shape: LayerShape, form: Form, bits: int, seed: int = 0) -> onn
                  numpy_helper.from_array(np.zeros(n, np.int8), "b_zp")]
         node = helper.make_node("DynamicQuantizeMatMul", ["x", "B", "b_scale", "b_zp"], ["y"], domain=g.MS_DOMAIN)
         return _model([node], [x], [y], inits)
+    if form is Form.INT8_AT_LOAD:
+        return _int8_at_load_model(rng, shape, bits, x, y)
     if form not in (Form.NBITS_ACC4, Form.NBITS_ACC0):
         raise ValueError(f"{form.value} is not a MatMul form")
     block = MATMUL_BLOCK if k >= MATMUL_BLOCK else 16
@@ -70,6 +72,31 @@ def matmul_model(shape: LayerShape, form: Form, bits: int, seed: int = 0) -> onn
                             bits=kernel_bits(bits), block_size=block,
                             accuracy_level=4 if form is Form.NBITS_ACC4 else 0)
     return _model([node], [x], [y], inits)
+
+
+def int8_at_load_nodes(codes: str, block_scale: str, block: int, a: str, y: str) -> list[onnx.NodeProto]:
+    """The int8-at-load form as passes/lower_int8_dynamic.py emits it: DequantizeLinear(codes [K, N],
+    blocks along K) -> QuantizeLinear(int8, per column, scale max(ReduceMax(|W|, K) / 127, eps)) ->
+    DynamicQuantizeMatMul(a, ., scale); everything but the last node folds at session load."""
+    return [helper.make_node("DequantizeLinear", [codes, block_scale], ["w"], axis=0, block_size=block),
+            helper.make_node("Abs", ["w"], ["w_abs"]),
+            helper.make_node("ReduceMax", ["w_abs", "axes0"], ["w_peak"], keepdims=0),
+            helper.make_node("Div", ["w_peak", "c127"], ["w_step"]),
+            helper.make_node("Max", ["w_step", "eps"], ["w_scale"]),
+            helper.make_node("QuantizeLinear", ["w", "w_scale"], ["w_int8"], axis=1, output_dtype=TensorProto.INT8),
+            helper.make_node("DynamicQuantizeMatMul", [a, "w_int8", "w_scale"], [y], domain=g.MS_DOMAIN)]
+
+
+def _int8_at_load_model(rng: np.random.Generator, shape: LayerShape, bits: int, x: onnx.ValueInfoProto,
+                        y: onnx.ValueInfoProto) -> onnx.ModelProto:
+    k, n = shape.k, shape.n
+    block = MATMUL_BLOCK if k >= MATMUL_BLOCK else 16
+    scale = np.full((-(-k // block), n), 0.01, np.float32)
+    inits = [numpy_helper.from_array(_codes(rng, (k, n), kernel_bits(bits)).astype(ml_dtypes.int4), "B"),
+             numpy_helper.from_array(scale, "scales"), numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+             numpy_helper.from_array(np.array(127.0, np.float32), "c127"),
+             numpy_helper.from_array(np.array(1e-30, np.float32), "eps")]
+    return _model(int8_at_load_nodes("B", "scales", block, "x", "y"), [x], [y], inits)
 
 
 def recurrent_model(shape: LayerShape, form: Form, bits: int, seed: int = 0) -> onnx.ModelProto:
@@ -145,4 +172,4 @@ def layer_feeds(shape: LayerShape, seed: int = 1) -> dict[str, np.ndarray]:
             "h0": np.zeros((shape.directions, shape.rows, shape.n), np.float32)}
 
 
-__all__ = ["MATMUL_BLOCK", "RECURRENT_BLOCK", "layer_feeds", "layer_model", "matmul_model", "recurrent_model"]
+__all__ = ["MATMUL_BLOCK", "RECURRENT_BLOCK", "int8_at_load_nodes", "layer_feeds", "layer_model", "matmul_model", "recurrent_model"]

@@ -15,7 +15,8 @@ that prediction.
 Modelling limits, said as they are: a form's extra error is not scored (MatMulNBits at accuracy
 level 4 and DynamicQuantizeMatMul quantize activations to int8 on the fly, ~0.5 % relative
 error; the INT8 dynamic form re-uses the 8-bit block-wise candidate's score and counts per-channel
-bytes); FP32-at-load weights are counted at the candidate's bytes (their scales are float16 in
+bytes; INT8_AT_LOAD re-uses the low-bit candidate's score, not the ~1/16-step re-rounding to int8
+per column at load); FP32-at-load weights are counted at the candidate's bytes (their scales are float16 in
 the file, a few bytes fewer).
 """
 
@@ -95,7 +96,7 @@ def _form_ok(form: Form, kind: LayerKind, cands: Sequence[Candidate]) -> bool:
         return allows(form, cands[-1].bits) and all(_uniform(c) for c in cands)
     if not all(allows(form, c.bits) for c in cands):
         return False
-    if form is Form.FP32_AT_LOAD:
+    if form in (Form.FP32_AT_LOAD, Form.INT8_AT_LOAD):  # decoded at load: codebooks too
         return True
     if not all(_uniform(c) for c in cands):
         return False  # kernels read scale x integer codes, not codebook indices

@@ -87,6 +87,10 @@ class Form(enum.StrEnum):
     #: com.microsoft DynamicQuantizeMatMul: int8 per-channel [K, N] MatMul weights, activations
     #: quantized on the fly (passes/lower_int8_dynamic.py; chosen by --latency-budget)
     INT8_DYNAMIC = "int8-dynamic"
+    #: the same kernel from 1-4-bit codes (or codebook indices) in the file: the decoded weight ->
+    #: QuantizeLinear (int8 per output channel), folded at session load (session.disable_quant_qdq=1), feeding
+    #: DynamicQuantizeMatMul (passes/lower_int8_dynamic.py; chosen by --latency-budget)
+    INT8_AT_LOAD = "int8-at-load"
 
 
 #: forms of LSTM/GRU/RNN layers

@@ -65,9 +65,10 @@ def _two_layer_model(rng):
 
 @pytest.fixture
 def synthetic_costs(monkeypatch):
-    """Layer costs by form (seconds per call): FP32 100 us, MatMulNBits 90, acc 0 150, INT8 dynamic 30;
-    the FP32 model 220 us (20 us outside the two layers)."""
-    per_form = {LForm.FP32_AT_LOAD: 100e-6, LForm.NBITS_ACC4: 90e-6, LForm.NBITS_ACC0: 150e-6, LForm.INT8_DYNAMIC: 30e-6}
+    """Layer costs by form (seconds per call): FP32 100 us, MatMulNBits 90, acc 0 150, INT8 dynamic 30,
+    INT8 at load (low-bit file, int8 kernel) 30; the FP32 model 220 us (20 us outside the two layers)."""
+    per_form = {LForm.FP32_AT_LOAD: 100e-6, LForm.NBITS_ACC4: 90e-6, LForm.NBITS_ACC0: 150e-6, LForm.INT8_DYNAMIC: 30e-6,
+                LForm.INT8_AT_LOAD: 30e-6}
 
     def fake_costs(wanted, cache=None):
         table = CostTable(cache_key="test", cache_path="-")
@@ -117,8 +118,8 @@ def test_loose_latency_budget_keeps_the_assigned_bits_with_their_fastest_forms(r
         assert (tp["bits"], tp["scheme"]) == (before["bits"], before["scheme"])
         if tp["bits"] == 8 and tp["scheme"] == "symmetric":
             assert tp["form"] == "int8-dynamic"  # 30 us: the fastest
-        elif tp["scheme"] in ("symmetric", "symmetric-absmax", "gptq"):
-            assert tp["form"] == "matmulnbits-acc4"  # 90 us beats FP32's 100 and acc 0's 150
+        elif tp["bits"] <= 4:  # any scheme, codebooks too: decoded and re-rounded to int8 at load
+            assert tp["form"] == "int8-at-load"  # 30 us beats MatMulNBits' 90, FP32's 100 and acc 0's 150
         assert tp["chosen_for"] == "latency"
 
 

@@ -1,0 +1,155 @@
+"""The int8-at-load form (passes/lower_int8_dynamic.py): the file keeps a MatMul weight's low-bit codes
+(or codebook indices); QuantizeLinear re-rounds the decoded weight to int8 per column, ONNX Runtime folds
+it at session load (session.disable_quant_qdq=1) and DynamicQuantizeMatMul runs INT8's kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import q4c
+from q4c import ort as q4ort
+from q4c.config import CompileOptions
+from q4c.latency.forms import SESSION_CONFIG, LayerKind, LayerShape
+from q4c.latency.forms import Form as LForm
+from q4c.latency.micro import layer_feeds, layer_model
+from q4c.metrics import sqnr_db
+from q4c.passes.assign_precision import AssignPrecisionPass
+from q4c.passes.choose_kernels import ChooseKernelsPass
+from q4c.passes.lower_int8_dynamic import LowerInt8DynamicPass
+from q4c.passes.quantize_weights import QuantizeWeightsPass
+from q4c.pipeline import PassContext
+from q4c.quant.plan import Form, FormBasis
+from q4c.testing import heavy_tailed, make_model, op_histogram, run_interp, run_ort, run_pass
+
+F = TensorProto.FLOAT
+AT_LOAD = {"session.disable_quant_qdq": "1"}
+
+
+def _two_matmuls(rng: np.random.Generator, m: int = 16) -> onnx.ModelProto:
+    """x [m, 128] -> MatMul W1 [128, 96] -> Relu -> MatMul W2 [96, 40]."""
+    return make_model([helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                       helper.make_node("MatMul", ["r", "W2"], ["y"])],
+                      [helper.make_tensor_value_info("x", F, [m, 128])], [helper.make_tensor_value_info("y", F, [m, 40])],
+                      {"W1": heavy_tailed(rng, (128, 96)), "W2": heavy_tailed(rng, (96, 40))})
+
+
+def _lowered(model: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, onnx.ModelProto, dict]:
+    """(DQ model = the 4-bit weights in float, lowered model, the lowering's stats) with every
+    weight's form set to int8-at-load by hand."""
+    ctx = PassContext(options=CompileOptions(**options))
+    m, _ = run_pass(AssignPrecisionPass(), model, ctx=ctx)
+    for name, tp in ctx.plan.tensors.items():
+        ctx.plan.tensors[name] = tp.with_form(Form.INT8_AT_LOAD, FormBasis.USER)
+    m, _ = run_pass(ChooseKernelsPass(), m, ctx=ctx)
+    assert {tp.form for tp in ctx.plan.tensors.values()} == {Form.INT8_AT_LOAD}  # kept, not overwritten
+    dq, _ = run_pass(QuantizeWeightsPass(), m, ctx=ctx)
+    lowered, result = run_pass(LowerInt8DynamicPass(), dq, ctx=ctx)
+    return dq, lowered, result.stats
+
+
+def _ort(model: onnx.ModelProto, feeds: dict, config: dict) -> np.ndarray:
+    return q4ort.run(q4ort.make_session(model, threads=1, config=config), feeds)["y"]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_low_bit_codes_run_in_the_int8_kernel(rng, bits):
+    model = _two_matmuls(rng)
+    dq, lowered, stats = _lowered(model, bits=bits)
+    onnx.checker.check_model(lowered, full_check=True)
+    assert stats == {"dynamic_quantize_matmul": 2, "int8_at_load": 2}
+    hist = op_histogram(lowered)
+    assert hist["com.microsoft::DynamicQuantizeMatMul"] == 2 and hist["QuantizeLinear"] == 2
+    assert "MatMul" not in hist
+    # the file holds the low-bit codes only: no int8 copy of a weight, a few bytes of shared constants
+    assert not [t for t in lowered.graph.initializer if t.data_type == TensorProto.INT8]
+    assert lowered.ByteSize() - dq.ByteSize() < 700
+    feeds = {"x": rng.standard_normal((16, 128), dtype=np.float32)}
+    ort_y, interp_y = _ort(lowered, feeds, AT_LOAD), run_interp(lowered, feeds)["y"]
+    # the same uint8 activation codes and int8 weights in both runtimes: equal to float rounding
+    np.testing.assert_allclose(ort_y, interp_y, rtol=1e-4, atol=1e-4 * float(np.abs(interp_y).max()))
+    # without the session config ONNX Runtime runs the QuantizeLinear every call: same numbers
+    np.testing.assert_allclose(_ort(lowered, feeds, {}), ort_y, rtol=1e-5, atol=1e-6)
+    # against the low-bit weights in float (the plan's specification): only int8 re-rounding and
+    # uint8 activations apart (measured 35-40 dB)
+    assert sqnr_db(run_ort(dq, feeds)["y"], ort_y) > 28
+
+
+def test_codebook_weights_are_decoded_then_rounded_to_int8(rng):
+    model = _two_matmuls(rng)
+    dq, lowered, stats = _lowered(model, bits=3, scheme="kmeans")
+    onnx.checker.check_model(lowered, full_check=True)
+    assert stats["int8_at_load"] == 2
+    assert op_histogram(lowered)["com.microsoft::DynamicQuantizeMatMul"] == 2
+    feeds = {"x": rng.standard_normal((16, 128), dtype=np.float32)}
+    ort_y, interp_y = _ort(lowered, feeds, AT_LOAD), run_interp(lowered, feeds)["y"]
+    np.testing.assert_allclose(ort_y, interp_y, rtol=1e-4, atol=1e-4 * float(np.abs(interp_y).max()))
+    assert sqnr_db(run_ort(dq, feeds)["y"], ort_y) > 28
+
+
+def test_int8_at_load_weights_hold_the_hand_rounded_values(rng):
+    """The int8 weight ONNX Runtime folds is round(W / (max_k |W| / 127)) of the decoded weight."""
+    model = _two_matmuls(rng)
+    dq, lowered, _ = _lowered(model, bits=4)
+    q = next(n for n in lowered.graph.node if n.op_type == "QuantizeLinear")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(lowered)
+    probe.graph.output.extend([helper.make_empty_tensor_value_info(q.input[0]),
+                               helper.make_empty_tensor_value_info(q.output[0])])
+    feeds = {"x": rng.standard_normal((16, 128), dtype=np.float32)}
+    outs = q4ort.run(q4ort.make_session(probe, threads=1, config=AT_LOAD), feeds)
+    w, w8 = outs[q.input[0]], outs[q.output[0]]
+    step = np.abs(w).max(axis=0) / 127
+    np.testing.assert_array_equal(w8, np.clip(np.rint(w / step), -128, 127).astype(np.int8))
+
+
+def test_int8_at_load_form_is_refused_for_8_bit_plans(rng):
+    ctx = PassContext(options=CompileOptions(bits=8))
+    m, _ = run_pass(AssignPrecisionPass(), _two_matmuls(rng), ctx=ctx)
+    for name, tp in ctx.plan.tensors.items():
+        ctx.plan.tensors[name] = tp.with_form(Form.INT8_AT_LOAD, FormBasis.USER)
+    with pytest.raises(Exception, match="int8-at-load"):
+        run_pass(ChooseKernelsPass(), m, ctx=ctx)
+
+
+def test_compiled_model_records_the_session_config(rng, monkeypatch):
+    """A compile whose plan has an int8-at-load weight writes session.disable_quant_qdq=1 (else the
+    DequantizeLinear would run on every call, measured 28-61x slower)."""
+    from q4c.passes import choose_forms
+    from q4c.latency.costs import CostTable
+    from q4c.latency.forms import timed_bits
+
+    per_form = {LForm.FP32_AT_LOAD: 100e-6, LForm.NBITS_ACC4: 90e-6, LForm.NBITS_ACC0: 150e-6,
+                LForm.INT8_DYNAMIC: 30e-6, LForm.INT8_AT_LOAD: 30e-6}
+
+    def fake_costs(wanted, cache=None):
+        table = CostTable(cache_key="test", cache_path="-")
+        for shape, variants in wanted.items():
+            for form, b in list(variants) + [(LForm.FP32_AT_LOAD, 32)]:
+                table.seconds[(shape, form, timed_bits(form, b))] = per_form[form]
+        return table
+
+    monkeypatch.setattr(choose_forms, "costs", fake_costs)
+    monkeypatch.setattr(choose_forms, "_fp32_seconds", lambda graph, ctx: 220e-6)
+    monkeypatch.setattr(choose_forms, "time_against_fp32", lambda fp32, model, feeds: (220e-6, 80e-6))
+    samples = [{"x": rng.standard_normal((16, 128), dtype=np.float32)} for _ in range(2)]
+    out, report = q4c.compile_model(_two_matmuls(rng), CompileOptions(workers=1, ratio=0.15, latency_budget="0.5"),
+                                    samples=samples, verify=False)
+    assert "int8-at-load" in {tp["form"] for tp in report["plan"]["tensors"].values()}
+    assert q4ort.session_config(out).get("session.disable_quant_qdq") == "1"
+    onnx.checker.check_model(out, full_check=True)
+    feeds = samples[0]
+    np.testing.assert_allclose(q4ort.run(q4ort.make_session(out, threads=1), feeds)["y"], run_interp(out, feeds)["y"],
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_micro_benchmark_model_matches_the_interpreter(bits):
+    shape = LayerShape(LayerKind.MATMUL, 256, 128, 20)
+    model = layer_model(shape, LForm.INT8_AT_LOAD, bits)
+    onnx.checker.check_model(model, full_check=True)
+    feeds = layer_feeds(shape)
+    y = _ort(model, feeds, SESSION_CONFIG[LForm.INT8_AT_LOAD])
+    np.testing.assert_allclose(y, run_interp(model, feeds)["y"], rtol=1e-4, atol=1e-4 * float(np.abs(y).max()))
