@@ -22,7 +22,7 @@ from typing import Any
 
 from q4c.config import CompileOptions
 from q4c.errors import ConfigError, Q4cError
-from q4c.quant.score_job import ScoreJob, Task, TaskResult
+from q4c.quant.score_job import ScoreJob, Task, TaskResult, merge
 from q4c.quant.weight_runner import WeightInputRunner
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def score_on_ray(job: ScoreJob, tasks: list[Task], opts: CompileOptions,
             ray.kill(actor)
         if started:
             ray.shutdown()
-    return _merge(tasks, results), summary
+    return merge(tasks, results), summary
 
 
 def _dispatch(ray: Any, actors: list[Any], refs: list[Any], tasks: list[Task], progress: Callable[[int, int], None] | None,
@@ -171,13 +171,3 @@ def _dispatch(ray: Any, actors: list[Any], refs: list[Any], tasks: list[Task], p
             on_result(done_count, actors)
         submit(a)
     return [r for r in results if r is not None]
-
-
-def _merge(tasks: list[Task], results: list[TaskResult]) -> dict[str, TaskResult]:
-    merged: dict[str, TaskResult] = {}
-    for task, result in zip(tasks, results, strict=True):
-        into = merged.setdefault(task.name, TaskResult({}, None, 0))
-        into.scores.update(result.scores)
-        into.trace = result.trace if result.trace is not None else into.trace
-        into.runs += result.runs
-    return merged

@@ -11,6 +11,7 @@ rounded in a task is the one quantize-weights stores.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -70,6 +71,8 @@ class TaskResult:
     scores: dict[str, float]
     trace: dict[str, float] | None = None  # hessian: tr(H), its s.e., probes, step
     runs: int = 0  # forward runs the task cost
+    seconds: float = 0.0  # wall time of the task: rounding its candidates and scoring them
+    forward_seconds: float = 0.0  # of which in forward runs (exact where one task runs at a time per runner)
 
 
 @dataclass
@@ -110,9 +113,12 @@ class ScoreJob:
         return self.roundings[name].dequantized(self.weights[name], key, self.hessians.get(name))
 
     def run(self, task: Task) -> TaskResult:
-        before = self.runner.runs if self.runner is not None else 0
+        start = time.perf_counter()
+        runs, forward = (self.runner.runs, self.runner.seconds) if self.runner is not None else (0, 0.0)
         result = self._run(task)
-        result.runs = (self.runner.runs if self.runner is not None else 0) - before
+        if self.runner is not None:
+            result.runs, result.forward_seconds = self.runner.runs - runs, self.runner.seconds - forward
+        result.seconds = time.perf_counter() - start
         return result
 
     def _run(self, task: Task) -> TaskResult:
@@ -154,3 +160,16 @@ class ScoreJob:
         return {"sensitivity": self.sensitivity, "weights": dict(self.weights), "measured": self.measured,
                 "roundings": dict(self.roundings), "hessians": dict(self.hessians), "context": dict(self.context),
                 "limit": self.limit, "seed": self.seed}
+
+
+def merge(tasks: list[Task], results: list[TaskResult]) -> dict[str, TaskResult]:
+    """Results of `tasks` merged per tensor, as one task covering all its candidates would give."""
+    merged: dict[str, TaskResult] = {}
+    for task, result in zip(tasks, results, strict=True):
+        into = merged.setdefault(task.name, TaskResult({}, None, 0))
+        into.scores.update(result.scores)
+        into.trace = result.trace if result.trace is not None else into.trace
+        into.runs += result.runs
+        into.seconds += result.seconds
+        into.forward_seconds += result.forward_seconds
+    return merged

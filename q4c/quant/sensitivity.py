@@ -28,7 +28,7 @@ from q4c.quant.candidates import Candidate, candidate_list
 from q4c.quant.gptq import MAX_SAMPLES as GPTQ_SAMPLES
 from q4c.quant.gptq import activation_of, input_hessians
 from q4c.quant.plan import FLOAT
-from q4c.quant.score_job import HESSIAN_STEP, Rounding, ScoreJob, Task, TaskResult  # noqa: F401 (HESSIAN_STEP)
+from q4c.quant.score_job import HESSIAN_STEP, Rounding, ScoreJob, TaskResult, merge  # noqa: F401 (HESSIAN_STEP)
 from q4c.quant.tying import tied_groups
 from q4c.quant.weight_runner import (  # re-exported: their home was this module
     WeightInputRunner,
@@ -79,6 +79,8 @@ class SensitivityTable:
     runner: WeightInputRunner | None = None
     seconds: float = 0.0
     prepare_seconds: float = 0.0  # of `seconds`, before scoring (slots, gptq statistics, the runner)
+    #: per tensor: wall seconds of its tasks (rounding + scoring its candidates), and of those in forward runs
+    task_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     kernel_scales: bool = True  # see CompileOptions.kernel_scales
     workers: int = 1  # threads (or Ray workers) that scored tensors
     distributed: dict[str, Any] = field(default_factory=dict)  # Ray: workers, tasks, forward runs, seconds
@@ -129,7 +131,9 @@ class SensitivityTable:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"measure": self.measure, "seconds": round(self.seconds, 3), "tensors": len(self.scores),
                                "workers": self.workers, "prepare_seconds": round(self.prepare_seconds, 3),
-                               "pairs": sum(len(s) for s in self.scores.values())}
+                               "pairs": sum(len(s) for s in self.scores.values()),
+                               "task_seconds": round(sum(t["tasks"] for t in self.task_seconds.values()), 3),
+                               "task_forward_seconds": round(sum(t["forward"] for t in self.task_seconds.values()), 3)}
         if self.distributed:
             out["distributed"] = dict(self.distributed)
         if self.runner is not None:
@@ -244,6 +248,7 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
         table.scores[name] = {k: results[name].scores[k] for k in job.keys(name)}
         if results[name].trace is not None:
             table.trace[name] = results[name].trace
+        table.task_seconds[name] = {"tasks": results[name].seconds, "forward": results[name].forward_seconds}
         logger.debug("%s: %s", name, {k: f"{v:.3g}" for k, v in table.scores[name].items()})
     table.seconds = time.perf_counter() - start
     return table
@@ -303,8 +308,9 @@ def _attach_runner(table: SensitivityTable, model: onnx.ModelProto, measured: di
 
 
 def _score_in_threads(job: ScoreJob, names: list[str], workers: int) -> dict[str, TaskResult]:
-    """Tensors scored in parallel threads: ONNX Runtime (one intra-op thread per run) and numpy
-    release the GIL, so `workers` threads keep that many cores busy on one session."""
-    tasks = [Task(i, name, job.keys(name)) for i, name in enumerate(names)]
+    """The job's tasks (those Ray would get) scored in parallel threads: ONNX Runtime (one
+    intra-op thread per run) and numpy release the GIL, so `workers` threads keep that many
+    cores busy on one session."""
+    tasks = job.tasks(names)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return dict(zip(names, pool.map(job.run, tasks), strict=True))
+        return merge(tasks, list(pool.map(job.run, tasks)))

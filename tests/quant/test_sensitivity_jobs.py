@@ -38,7 +38,7 @@ def _mlp(rng: np.random.Generator) -> onnx.ModelProto:
 @pytest.mark.parametrize("sensitivity", ["kl", "hessian", "mse"])
 def test_tasks_round_each_candidate_as_quantize_slot_does_and_ship_none(rng, sensitivity, monkeypatch):
     model = _mlp(rng)
-    opts = CompileOptions(workers=2, sensitivity=sensitivity)
+    opts = CompileOptions(workers=1, sensitivity=sensitivity)  # one thread: each task's forward time is its own
     rounded: dict[tuple[str, str], list[bytes]] = {}
     jobs: list[score_job.ScoreJob] = []
     real_dequantized, real_run = score_job.ScoreJob.dequantized, score_job.ScoreJob.run
@@ -71,6 +71,9 @@ def test_tasks_round_each_candidate_as_quantize_slot_does_and_ship_none(rng, sen
     if sensitivity == "kl":  # every rounding scheme took part, gptq and codebooks included
         assert {"symmetric", "symmetric-absmax", "gptq", "kmeans", "mulaw", "nf4"} <= schemes
 
+    for name, spent in table.task_seconds.items():  # rounding is inside the tasks' time, forward runs too
+        assert spent["tasks"] > 0 and 0 <= spent["forward"] <= spent["tasks"]
+        assert (spent["forward"] > 0) == (sensitivity != "mse")
     job = jobs[0]
     shipped = len(pickle.dumps(job.for_workers()))
     weights = sum(w.nbytes for w in job.weights.values())
