@@ -14,10 +14,10 @@ from q4c.config import CODEBOOK_SCHEMES, CompileOptions, Granularity
 from q4c.errors import ConfigError
 from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant.codebook import CodebookWeight, emit_decoder
-from q4c.quant.gptq import input_hessians
+from q4c.quant.gptq import fitting_calls, input_hessians
 from q4c.quant.packing import onnx_codes, storage_bits
 from q4c.quant.plan import FLOAT, Form, TensorPrecision
-from q4c.quant.sensitivity import gptq_eligible
+from q4c.quant.sensitivity import MAX_SAMPLES, gptq_eligible
 from q4c.quant.weights import WeightSlot, find_weight_slots, quantize_slot
 from q4c.records import QuantizedTensor
 
@@ -91,13 +91,15 @@ class QuantizeWeightsPass(Pass):
                  and n in by_tensor and n not in known}
         if books and ctx.sensitivity is None and ctx.samples:
             eligible = gptq_eligible(graph, {n: by_tensor[n][0] for n in books})
-            known.update(input_hessians(g.export_model(graph.copy()), eligible, ctx.samples))
+            known.update(input_hessians(g.export_model(graph.copy()), eligible, ctx.samples,
+                                        fitting_calls(ctx.sequences, MAX_SAMPLES)))
         missing = gptq - set(known)
         if missing:
             if not ctx.samples:
                 raise ConfigError(f"the plan rounds {sorted(missing)[0]} with gptq, which needs calibration data (--calib)")
             eligible = gptq_eligible(graph, {n: by_tensor[n][0] for n in missing})
-            known.update(input_hessians(g.export_model(graph.copy()), eligible, ctx.samples))
+            known.update(input_hessians(g.export_model(graph.copy()), eligible, ctx.samples,
+                                        fitting_calls(ctx.sequences, MAX_SAMPLES)))
         unmet = sorted(missing - set(known))
         if unmet:
             raise ConfigError(f"{unmet[0]}: gptq needs a MatMul/Gemm/LSTM/GRU/RNN weight of the main graph")

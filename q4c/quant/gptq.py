@@ -12,8 +12,10 @@ loop reaches the block.
 
 Input statistics per weight role (`input_hessians`): MatMul B and Gemm B: the other operand;
 LSTM/GRU/RNN W: the sequence input X; LSTM/GRU/RNN R: the layer's own hidden-state sequence Y,
-one Hessian per direction. Weights inside subgraphs, convolutions and embeddings get no Hessian and
-so no "gptq" candidate.
+one Hessian per direction; Conv (1-D and 2-D, group 1, explicit pads): the input patches each
+output position reads (im2col), one row of C_in x kernel values per position, in the order of
+W.reshape(C_out, -1) (`q4c.quant.gptq_conv`). Weights inside subgraphs, other convolutions and
+embeddings get no Hessian and so no "gptq" candidate.
 """
 
 from __future__ import annotations
@@ -25,13 +27,21 @@ import onnx
 from onnx import TensorProto, helper
 
 from q4c import ort as q4ort
+from q4c.quant.conv_patches import ConvGeometry, conv_geometry, conv_patches
 from q4c.quant.qparams import QuantizedWeight, _quantize_groups, qrange
 
 #: Dampening added to H's diagonal, relative to its mean: keeps the inverse well conditioned
 #: where inputs are nearly collinear (the GPTQ paper's 1 %).
 DAMP = 0.01
-#: Calibration calls whose activations enter the Hessians.
+#: Calibration calls whose activations enter the Hessians: the first MAX_SAMPLES, then, while some
+#: Hessian has fewer than MIN_ROWS_PER_COLUMN rows per column (a streaming model's call is one
+#: LSTM step and a few Conv positions: 8 calls were 8 rows for a 128-wide LSTM state, a Hessian of
+#: rank 8), calls spread evenly over the sequences already scored (`fitting_calls`), at most
+#: MAX_CALLS in all.
 MAX_SAMPLES = 8
+MIN_ROWS_PER_COLUMN = 4
+MAX_CALLS = 1024
+SPREAD = 16
 
 
 def error_spread(hessian: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -52,16 +62,24 @@ def gptq_rows(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, clip_ra
               scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
     """Quantize w [rows, k] along k (blocks of `block` columns, one scale per row and block).
     Returns (codes int8 [rows, k], scales [rows, ceil(k / block)] in `scale_dtype`)."""
+    k = w.shape[1]
+    return gptq_ranges(w, hessian, bits, [(lo, min(lo + block, k)) for lo in range(0, k, block)], block,
+                       clip_ratios, scale_dtype)
+
+
+def gptq_ranges(w: np.ndarray, hessian: np.ndarray, bits: int, ranges: Sequence[tuple[int, int]], width: int,
+                clip_ratios: tuple[float, ...], scale_dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """`gptq_rows` with one scale per row and column range (`ranges`: consecutive [lo, hi) covering
+    the columns in order, each at most `width` long; a shorter one is scaled as if zero-padded to
+    `width`, as qparams pads the last block). Returns (codes [rows, k], scales [rows, len(ranges)])."""
     w = np.array(w, dtype=np.float64)
     rows, k = w.shape
     u = error_spread(hessian, w)
     qmin, qmax = qrange(bits)
-    nb = -(-k // block)
     codes = np.zeros((rows, k), np.int8)
-    scales = np.zeros((rows, nb), np.float32)
-    for b in range(nb):
-        lo, hi = b * block, min((b + 1) * block, k)
-        group = np.zeros((rows, block), np.float32)
+    scales = np.zeros((rows, len(ranges)), np.float32)
+    for b, (lo, hi) in enumerate(ranges):
+        group = np.zeros((rows, width), np.float32)
         group[:, : hi - lo] = w[:, lo:hi]
         _, scale = _quantize_groups(group, bits, clip_ratios, scale_dtype)
         s = scale.astype(np.float64)
@@ -99,9 +117,14 @@ def gptq_quantize(w: np.ndarray, hessians: Sequence[np.ndarray], bits: int, *, a
 
 # -- input statistics -------------------------------------------------------------------------
 
-def activation_of(slot) -> tuple[str, str] | None:
-    """(tensor name, how to read it) of the inputs `slot`'s weight multiplies, or None."""
+def activation_of(slot) -> tuple[str, str | ConvGeometry] | None:
+    """(tensor name, how to read it) of the inputs `slot`'s weight multiplies, or None. How:
+    "rows" (the last axis is the reduction axis), "directions" (LSTM/GRU/RNN Y, one Hessian per
+    direction) or a Conv's geometry (its input patches)."""
     node = slot.node
+    if slot.role == "conv":
+        geom = conv_geometry(node.attrs, tuple(slot.tensor.shape))
+        return None if geom is None else (node.inputs[0].name, geom)
     if slot.role in ("matmul_b", "gemm_b"):
         if slot.role == "gemm_b" and int(node.attrs.get("transA", 0)):
             return None
@@ -114,10 +137,13 @@ def activation_of(slot) -> tuple[str, str] | None:
 
 
 def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
-                   samples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+                   samples: Sequence[Mapping[str, np.ndarray]],
+                   extra: Sequence[Mapping[str, np.ndarray]] = ()) -> dict[str, list[np.ndarray]]:
     """H = mean of x x^T over the calibration inputs of each slot's weight (by weight name),
     from one ONNX Runtime session with the activations as extra outputs. `slots` are main-graph
-    weights (see sensitivity.gptq_eligible); those with no known activation are left out."""
+    weights (see sensitivity.gptq_eligible); those with no known activation are left out.
+    The first MAX_SAMPLES calls of `samples` are read, then calls of `extra` (those already read
+    skipped; see `fitting_calls`) while some Hessian has too few rows (MIN_ROWS_PER_COLUMN)."""
     wanted = {name: found for name, slot in slots.items() if (found := activation_of(slot)) is not None}
     if not wanted or not samples:
         return {}
@@ -130,11 +156,13 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
     session = q4ort.make_session(extended, threads=1)
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
-    for feeds in samples[:MAX_SAMPLES]:
+    for feeds in _calls(samples, extra, sums, counts):
         values = q4ort.run(session, feeds)
         for tensor, how in {(t, h) for t, h in wanted.values()}:
             x = np.asarray(values[tensor], dtype=np.float64)
-            if how == "rows":
+            if isinstance(how, ConvGeometry):
+                parts = [conv_patches(x, how)]
+            elif how == "rows":
                 parts = [x.reshape(-1, x.shape[-1])]
             else:
                 parts = [np.moveaxis(x, 1, 0)[d].reshape(-1, x.shape[-1]) for d in range(x.shape[1])]
@@ -143,3 +171,29 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
             sums[key] = acc if key not in sums else [a + b for a, b in zip(sums[key], acc, strict=True)]
             counts[key] = counts.get(key, 0) + parts[0].shape[0]
     return {name: [s / counts[f"{t}|{h}"] for s in sums[f"{t}|{h}"]] for name, (t, h) in wanted.items()}
+
+
+def fitting_calls(sequences: Sequence[Sequence[Mapping[str, np.ndarray]]] | None,
+                  scored_units: int) -> list[Mapping[str, np.ndarray]]:
+    """The calls input_hessians may add (its `extra`): those of the sequences the per-tensor scores
+    already run on (the first `scored_units`, at most the first half, which --require and the
+    uniform-4-bit guard never judge on), so statistics never come from held-out units."""
+    units = list(sequences or [])
+    return [call for unit in units[: min(scored_units, len(units) - len(units) // 2)] for call in unit]
+
+
+def _calls(samples: Sequence[Mapping[str, np.ndarray]], extra: Sequence[Mapping[str, np.ndarray]],
+           sums: Mapping[str, list[np.ndarray]], counts: Mapping[str, int]):
+    """The calls input_hessians runs; reads `sums`/`counts` as they fill. The extra calls are
+    every step-th of `extra`, visited coarse to fine (every SPREAD-th of them first), so stopping
+    early still samples all of it."""
+    first = samples[:MAX_SAMPLES]
+    yield from first
+    seen = {id(call) for call in first}
+    rest = [call for call in extra if id(call) not in seen]
+    chosen = rest[:: max(1, -(-len(rest) // (MAX_CALLS - len(first))))]
+    for offset in range(SPREAD):
+        for call in chosen[offset::SPREAD]:
+            if all(counts[k] >= MIN_ROWS_PER_COLUMN * len(sums[k][0]) for k in counts):
+                return
+            yield call

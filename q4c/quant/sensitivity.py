@@ -26,7 +26,7 @@ from q4c.errors import ConfigError
 from q4c.objectives import Objective, detect_objectives
 from q4c.quant.candidates import Candidate, candidate_list
 from q4c.quant.gptq import MAX_SAMPLES as GPTQ_SAMPLES
-from q4c.quant.gptq import activation_of, input_hessians
+from q4c.quant.gptq import activation_of, fitting_calls, input_hessians
 from q4c.quant.plan import FLOAT
 from q4c.quant.score_job import HESSIAN_STEP, Rounding, ScoreJob, TaskResult, merge  # noqa: F401 (HESSIAN_STEP)
 from q4c.quant.tying import tied_groups
@@ -216,7 +216,7 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     Scored in threads, or on Ray workers with `opts.workers_backend` RAY (q4c.distributed):
     the same scores either way. `progress(done, total)` follows the Ray tasks."""
     start = time.perf_counter()
-    table, weights, measured, model = _prepare(graph, opts, opset, samples)
+    table, weights, measured, model = _prepare(graph, opts, opset, samples, sequences)
     roundings = {name: Rounding.of(table.slots[name], opts.granularity, opts.kernel_scales,
                                    {c.key: (c.bits, c.scheme) for c in table.candidates[name] if c.bits != FLOAT})
                  for name in weights}
@@ -254,7 +254,8 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     return table
 
 
-def _prepare(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence[Feeds]
+def _prepare(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence[Feeds],
+             sequences: Sequence[Sequence[Feeds]] | None = None
              ) -> tuple[SensitivityTable, dict[str, np.ndarray], dict[str, np.ndarray], onnx.ModelProto | None]:
     """The table with its slots, candidates and gptq statistics; the weights; those the runner
     can measure; the model the runner runs (None without samples or measurable weights)."""
@@ -273,7 +274,8 @@ def _prepare(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequenc
     if not measured:
         model = None
     if model is not None and opts.sensitivity == "kl" and opts.granularity.kind == "block":
-        table.hessians = input_hessians(model, gptq_eligible(graph, slots, main), samples)
+        table.hessians = input_hessians(model, gptq_eligible(graph, slots, main), samples,
+                                        fitting_calls(sequences, MAX_SAMPLES))
     table.kernel_scales = opts.kernel_scales
     tied = {n for group in tied_groups(dict(slots)) if len(group) > 1 for n in group}
     for name, slot in slots.items():

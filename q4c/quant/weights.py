@@ -13,6 +13,7 @@ from q4c.config import CODEBOOK_SCHEMES, Granularity
 from q4c.errors import ConfigError
 from q4c.quant.codebook import CodebookWeight, quantize_codebook
 from q4c.quant.gptq import gptq_quantize
+from q4c.quant.gptq_conv import gptq_conv
 from q4c.quant.qparams import CLIP_RATIOS, QuantizedWeight, quantize
 
 #: Roles whose weights ONNX Runtime computes in low bits; its kernels need float32 scales.
@@ -188,20 +189,24 @@ def quantize_slot(slot: WeightSlot, values: np.ndarray, bits: int, granularity: 
     """Quantize a slot's weight as quantize-weights stores it: the granularity resolved for the
     slot's role, float16 scales where only DequantizeLinear reads them, float32 for kernels (see
     `float32_scales`); `scheme` "symmetric-absmax" keeps every group's largest weight (no clipping),
-    "gptq" rounds with error compensation against `hessians` (block-wise granularity only).
+    "gptq" rounds with error compensation against `hessians` (block-wise granularity only; Conv
+    weights also per channel: q4c.quant.gptq_conv).
 
     Codebook schemes ("mulaw", "kmeans", "nf4") return a CodebookWeight: tables per group of output
     channels (or nf4's scale blocks) as the granularity text names them, indices assigned
     GPTQ-style when `hessians` are given (q4c.quant.codebook). `block_axis`: a Conv weight's block
     axis from the plan (see scale_layout)."""
-    if scheme in CODEBOOK_SCHEMES:
+    if scheme in CODEBOOK_SCHEMES:  # a Conv's Hessian (over its patches) is not one codebooks assign against
         return quantize_codebook(values, bits, scheme, channel_axis=slot.channel_axis, reduce_axis=slot.reduce_axis,
-                                 granularity=str(granularity), hessians=hessians)
+                                 granularity=str(granularity), hessians=None if slot.role == "conv" else hessians)
     if isinstance(granularity, str):
         granularity = Granularity.parse(granularity)
     wide = float32_scales(slot, kernel_scales, values)
     gran = granularity.resolve(float32_scales=wide)
     kind, axis, block = scale_layout(values.shape, slot, gran.kind, gran.block, block_axis)
+    if scheme == "gptq" and slot.role == "conv" and hessians is not None and kind != "tensor":
+        return gptq_conv(values, hessians[0], bits, kind=kind, axis=axis, block_size=block, clip_ratios=CLIP_RATIOS,
+                         scale_dtype=np.float32 if wide else np.float16)
     if scheme == "gptq":
         if hessians is None or kind != "block":
             raise ConfigError(f"{slot.tensor.name}: the gptq scheme needs calibration inputs and block-wise scales")
