@@ -25,6 +25,7 @@ from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
 from q4c.quant.require_search import smallest_meeting
 from q4c.quant.sensitivity import SensitivityTable, gptq_eligible, measure
 from q4c.quant.tying import tied_groups
+from q4c.quant.unmeasured import describe, pin, unmeasured
 from q4c.quant.weights import (
     WeightSlot,
     element_count,
@@ -106,6 +107,10 @@ class AssignPrecisionPass(Pass):
         names = sorted(chosen)
         groups = tied_groups(chosen)
         items = [_group_options(group, table) for group in groups]
+        reasons = unmeasured(table, names)
+        if reasons:  # never measured: not left to the knapsack's free 2 bits (q4c.quant.unmeasured)
+            items = pin(items, groups, table, list(reasons))
+            ctx.warn(describe(reasons))
         budget = budget_bytes(opts, chosen, ctx.opset, groups)
         uniform = _uniform_choice(groups, items, table)
         if uniform is not None and _cost(items, uniform) > budget and not opts.requirements:
