@@ -70,7 +70,8 @@ class LowerInt8DynamicPass(Pass):
                     stats["skipped_layout"] += 1
                     continue
                 stats["requantized"] += lowered[2]
-                stats["dynamic_quantize_matmul"] += _replace_matmuls(sub, users, lowered[0], lowered[1])
+                n = int(dq.inputs[0].shape[-1])
+                stats["dynamic_quantize_matmul"] += _replace_matmuls(sub, users, lowered[0], lowered[1], n)
             if at_load:
                 _lower_at_load(graph, sub, at_load, shared, stats)
         if stats["skipped_layout"]:
@@ -83,14 +84,39 @@ def _all_matmul_b(users: list[gs.Node], tensor: gs.Tensor) -> bool:
     return bool(users) and all(u.op == "MatMul" and u.inputs[1] is tensor for u in users)
 
 
-def _replace_matmuls(sub: gs.Graph, users: list[gs.Node], b: gs.Tensor, scale: gs.Tensor) -> int:
+def _replace_matmuls(sub: gs.Graph, users: list[gs.Node], b: gs.Tensor, scale: gs.Tensor, n: int) -> int:
+    """Each MatMul -> DynamicQuantizeMatMul, taking in the bias Add that alone reads its output
+    (one op fewer per layer: ~1-2 us at these sizes)."""
     for mm in users:
         a, out = mm.inputs[0], mm.outputs[0]
         mm.inputs.clear()
         mm.outputs.clear()
-        sub.nodes.append(gs.Node("DynamicQuantizeMatMul", mm.name, domain=g.MS_DOMAIN, inputs=[a, b, scale],
-                                 outputs=[out]))
+        inputs = [a, b, scale]
+        add = _bias_add(sub, out, n)
+        if add is not None:
+            bias = next(t for t in add.inputs if t is not out)
+            inputs += [gs.Variable.empty(), bias]
+            out = add.outputs[0]
+            add.inputs.clear()
+            add.outputs.clear()
+        sub.nodes.append(gs.Node("DynamicQuantizeMatMul", mm.name, domain=g.MS_DOMAIN, inputs=inputs, outputs=[out]))
     return len(users)
+
+
+def _bias_add(sub: gs.Graph, out: gs.Tensor, n: int) -> gs.Node | None:
+    """The Add of a float32 [N] constant that is the only reader of a MatMul output (not a graph
+    output), None otherwise."""
+    users = g.consumers(out)
+    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2 or any(o is out for o in sub.outputs):
+        return None
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    if other is out or not isinstance(other, gs.Constant):
+        return None
+    values = other.values
+    if values.dtype != np.float32 or values.shape != (n,):
+        return None
+    return add
 
 
 def _lower_at_load(graph: gs.Graph, sub: gs.Graph, codes: set[str], shared: dict[str, gs.Constant],
@@ -116,7 +142,7 @@ def _lower_at_load(graph: gs.Graph, sub: gs.Graph, codes: set[str], shared: dict
             continue
         w8, scale = _at_load(graph, sub, b, shared)
         stats["int8_at_load"] += 1
-        stats["dynamic_quantize_matmul"] += _replace_matmuls(sub, users, w8, scale)
+        stats["dynamic_quantize_matmul"] += _replace_matmuls(sub, users, w8, scale, shape[-1])
 
 
 def _constant_leaves(tensor: gs.Tensor, limit: int = 64) -> set[str] | None:

@@ -153,3 +153,24 @@ def test_micro_benchmark_model_matches_the_interpreter(bits):
     feeds = layer_feeds(shape)
     y = _ort(model, feeds, SESSION_CONFIG[LForm.INT8_AT_LOAD])
     np.testing.assert_allclose(y, run_interp(model, feeds)["y"], rtol=1e-4, atol=1e-4 * float(np.abs(y).max()))
+
+
+def test_bias_add_is_taken_into_the_kernel(rng):
+    """MatMul -> Add(float32 [N] constant) becomes one DynamicQuantizeMatMul with its bias input; an
+    Add whose other input is not such a constant stays."""
+    w1, b1, w2 = heavy_tailed(rng, (128, 96)), rng.standard_normal(96).astype(np.float32), heavy_tailed(rng, (96, 40))
+    model = make_model([helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Add", ["b1", "h"], ["hb"]),
+                        helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["m"]),
+                        helper.make_node("Add", ["m", "x40"], ["y"])],
+                       [helper.make_tensor_value_info("x", F, [16, 128]), helper.make_tensor_value_info("x40", F, [16, 40])],
+                       [helper.make_tensor_value_info("y", F, [16, 40])], {"W1": w1, "b1": b1, "W2": w2})
+    dq, lowered, stats = _lowered(model, bits=4)
+    onnx.checker.check_model(lowered, full_check=True)
+    hist = op_histogram(lowered)
+    assert hist["com.microsoft::DynamicQuantizeMatMul"] == 2 and hist["Add"] == 1  # the activation Add stays
+    kernels = [n for n in lowered.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert sorted(len(n.input) for n in kernels) == [3, 5]  # A, B, scale (, zero point, bias)
+    feeds = {"x": rng.standard_normal((16, 128), dtype=np.float32), "x40": rng.standard_normal((16, 40), dtype=np.float32)}
+    ort_y, interp_y = _ort(lowered, feeds, AT_LOAD), run_interp(lowered, feeds)["y"]
+    np.testing.assert_allclose(ort_y, interp_y, rtol=1e-4, atol=1e-4 * float(np.abs(interp_y).max()))
+    assert sqnr_db(run_ort(dq, feeds)["y"], ort_y) > 28
