@@ -244,18 +244,43 @@ def kernel_verdict(low_bit_s: float, fp32_at_load_s: float) -> str:
 
 
 def graph_digest(graph: gs.Graph) -> str:
-    """sha256 of the graph as it stands (before any weight is quantized), opset imports sorted.
-    Exported with a private import_domains list, so hashing leaves the compiled graph untouched."""
-    saved = graph.import_domains
-    graph.import_domains = list(saved) if saved is not None else None
-    try:
-        model = g.export_model(graph)
-    finally:
-        graph.import_domains = saved
-    imports = sorted((i.domain, i.version) for i in model.opset_import)
-    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
-    h.update(json.dumps(imports).encode())
+    """sha256 of the graph as it stands (before any weight is quantized): every node (op, domain,
+    name, attributes, tensor names, dtypes and shapes), every constant's values once, subgraphs,
+    the opset imports. Walked in place: no export, no serialized copy (a model past protobuf's
+    2 GiB could not be serialized whole)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([graph.opset, sorted((i.domain, i.version) for i in graph.import_domains or [])]).encode())
+    _digest(graph, h, set())
     return h.hexdigest()
+
+
+def _digest(graph: gs.Graph, h: Any, seen: set[int]) -> None:
+    def tensor(t: gs.Tensor) -> list[Any]:
+        if isinstance(t, gs.Constant) and id(t) not in seen:  # each constant object once (names may be "")
+            seen.add(id(t))
+            h.update(hashlib.sha256(_value_bytes(t.values)).digest())
+        return [t.name, str(t.dtype), None if t.shape is None else [str(d) for d in t.shape], isinstance(t, gs.Constant)]
+
+    h.update(json.dumps(["graph", [tensor(t) for t in graph.inputs], [tensor(t) for t in graph.outputs]]).encode())
+    for node in graph.nodes:
+        h.update(json.dumps([node.op, node.domain, node.name, [tensor(t) for t in node.inputs],
+                             [tensor(t) for t in node.outputs]]).encode())
+        for key, value in sorted(node.attrs.items()):
+            h.update(key.encode())
+            if isinstance(value, gs.Graph):
+                _digest(value, h, seen)
+            elif isinstance(value, gs.Tensor):
+                h.update(json.dumps(tensor(value)).encode())
+            else:
+                h.update(repr(value).encode())
+
+
+def _value_bytes(values: Any) -> Any:
+    """A constant's values as bytes to hash (strings by their text, not object pointers)."""
+    array = np.asarray(values)
+    if array.dtype.kind == "O":
+        return repr(array.tolist()).encode()
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 def verdict_key(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:

@@ -138,3 +138,34 @@ def test_a_changed_input_shape_misses(home, tmp_path, rng, monkeypatch):
                              verify=False)["kernel_choice"]
     assert first["source"] == other["source"] == "measured" and first["cache_key"] != other["cache_key"]
     assert len(built) == 4
+
+
+def _if_model(branch_value: float, alpha: float) -> onnx.ModelProto:
+    """Gemm(x, W, alpha) then an If whose branches add a constant: values, attributes, subgraphs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def branch(name, value):
+        c = helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(np.full((1,), value, np.float32)))
+        add = helper.make_node("Add", ["y", f"{name}_c"], [f"{name}_out"])
+        return helper.make_graph([c, add], name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [4, 16])])
+
+    w = numpy_helper.from_array(np.arange(64 * 16, dtype=np.float32).reshape(64, 16) / 1e3, "W")
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["y"], alpha=alpha),
+             helper.make_node("If", ["flag"], ["z"], then_branch=branch("then", branch_value), else_branch=branch("else", 0.0))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 16])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_the_graph_digest_sees_weights_attributes_and_subgraphs(rng):
+    from q4c import graph as g
+    from q4c.passes.choose_kernels import graph_digest
+
+    base = graph_digest(g.import_graph(_if_model(1.0, 1.0)))
+    assert graph_digest(g.import_graph(_if_model(1.0, 1.0))) == base  # a fresh import of the same model
+    assert graph_digest(g.import_graph(_if_model(2.0, 1.0))) != base  # a constant inside a branch
+    assert graph_digest(g.import_graph(_if_model(1.0, 0.5))) != base  # an attribute
+    other = _if_model(1.0, 1.0)
+    other.graph.initializer[0].raw_data = np.ones((64, 16), np.float32).tobytes()
+    assert graph_digest(g.import_graph(other)) != base  # a weight's values
