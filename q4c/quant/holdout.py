@@ -31,6 +31,8 @@ from q4c.requirements import upper_bound
 
 #: Fewest unseen units the guard judges on; with fewer, it judges on every unit and says so.
 MIN_UNSEEN_UNITS = 2
+#: Fewest held-out units of every input group for flips to be judged group by group (`strata`)
+MIN_STRATUM_UNITS = 5
 
 
 class PlanKind(Enum):
@@ -90,17 +92,61 @@ def pick(measured: Mapping[PlanKind, Mapping[str, Mapping[str, Any]]]) -> PlanKi
     return min(measured, key=lambda kind: (damage(measured[kind]), order.index(kind)))
 
 
+def stratum(unit: Sequence[Mapping[str, np.ndarray]]) -> str:
+    """A unit's input group: its first call's scalar integer and boolean feeds (a sample rate, a
+    mode flag: the inputs that choose which branch of the model runs), e.g. "sr=8000"."""
+    parts = []
+    for name, value in sorted(unit[0].items()):
+        arr = np.asarray(value)
+        if arr.size == 1 and arr.dtype.kind in "iub":
+            parts.append(f"{name}={arr.reshape(-1)[0].item()}")
+    return ", ".join(parts)
+
+
+def strata(labels: Sequence[str]) -> dict[str, list[int]]:
+    """Positions of the units per input group, when there are several groups and each has at
+    least MIN_STRATUM_UNITS units; else one group of all (label "")."""
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    if len(groups) < 2 or min(len(v) for v in groups.values()) < MIN_STRATUM_UNITS:
+        return {"": list(range(len(labels)))}
+    return groups
+
+
+def flips_figures(units: Sequence[Sequence[int]], labels: Sequence[str]) -> dict[str, Any]:
+    """`flips_units` and the bound the flips requirement is judged by (`flips_upper`): over all
+    units, or, where the units fall into input groups (`strata`: Silero's 16 and 8 kHz calls run
+    different branches), the highest of the groups' bounds, each group's figures in
+    `flips_strata` (a pooled rate could hide one sample rate's flips behind the other's)."""
+    out: dict[str, Any] = {"flips_units": [list(u) for u in units]}
+    groups = strata(labels)
+    if len(groups) == 1:
+        out["flips_upper"] = upper_bound(units)
+        return out
+    out["flips_strata"] = {}
+    for label, where in groups.items():
+        part = [units[i] for i in where]
+        total = sum(n for _, n in part)
+        out["flips_strata"][label] = {"flips": sum(k for k, _ in part) / total if total else 0.0,
+                                      "flips_upper": upper_bound(part), "units": len(part)}
+    out["flips_upper"] = max(g["flips_upper"] for g in out["flips_strata"].values())
+    return out
+
+
 def plan_metrics(table: SensitivityTable, keys: Mapping[str, str], granularity: Any,
                  which: slice) -> dict[str, dict[str, Any]]:
     """Per task output, a whole plan's figures on the units `which` selects (closed loop where
     plans are), as one run over all of them would give, plus for decision outputs the flips per
     unit (`flips_units`: [flipped, decisions]) and their bootstrap upper bound (`flips_upper`,
-    q4c.requirements.upper_bound): the units are scored one by one and the tallies pooled."""
+    q4c.requirements.upper_bound; per input group, see `flips_figures`): the units are scored
+    one by one and the tallies pooled."""
     runner = table.runner
     assert runner is not None and runner.objectives is not None
     changes = table.plan_changes(dict(keys), granularity)
+    indices = range(*which.indices(len(runner.units)))
     scorers = [runner.score(changes, keep=True, which=slice(i, i + 1), closed=runner.plans_closed_loop)
-               for i in range(*which.indices(len(runner.units)))]
+               for i in indices]
     pooled = Scorer(runner.objectives, keep=True)
     for name, tally in pooled.tallies.items():
         for part in (s.tallies[name] for s in scorers):
@@ -119,6 +165,5 @@ def plan_metrics(table: SensitivityTable, keys: Mapping[str, str], granularity: 
             part = s.tallies[name]
             ref, act = np.concatenate(part.refs), np.concatenate(part.outs)
             units.append([round(decision_flips(ref, act) * ref.size), int(ref.size)])
-        m["flips_units"] = units
-        m["flips_upper"] = upper_bound(units)
+        m.update(flips_figures(units, [stratum(runner.units[i]) for i in indices]))
     return metrics

@@ -72,3 +72,45 @@ def test_held_out_units_start_after_the_scored_and_the_fitted_ones():
     assert require_split([1] * 6, 4, 0) == (slice(0, 3), slice(3, 6))
     assert require_split([1] * 16, 4, 100) == (slice(0, 8), slice(8, 16))
     assert require_split([5, 5], 4, 0) == (slice(0, 1), slice(1, 2))
+
+
+def test_strata_need_every_group_to_hold_enough_units():
+    from q4c.quant.holdout import MIN_STRATUM_UNITS, strata
+
+    assert strata(["sr=16000", "sr=8000"] * MIN_STRATUM_UNITS) == {
+        "sr=16000": list(range(0, 2 * MIN_STRATUM_UNITS, 2)), "sr=8000": list(range(1, 2 * MIN_STRATUM_UNITS, 2))}
+    few = ["a"] * 10 + ["b"] * (MIN_STRATUM_UNITS - 1)
+    assert strata(few) == {"": list(range(len(few)))}
+    assert strata([""] * 7) == {"": list(range(7))}
+
+
+def test_flips_are_bounded_per_input_group_and_the_worst_group_decides(rng):
+    # p = sigmoid((x @ W) * mode): mode 0 gives p = 0.5 whatever W is (no decision can flip),
+    # mode 1 flips some; pooled, the mode-0 units would halve the rate the mode-1 units see
+    w = rng.standard_normal((128, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["z"]), helper.make_node("Cast", ["mode"], ["m"], to=1),
+             helper.make_node("Mul", ["z", "m"], ["zm"]), helper.make_node("Sigmoid", ["zm"], ["p"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 128]),
+                               helper.make_tensor_value_info("mode", TensorProto.INT64, [])],
+                       [helper.make_tensor_value_info("p", TensorProto.FLOAT, [64, 16])], {"W": w}, opset=25)
+    samples = [{"x": rng.standard_normal((64, 128)).astype(np.float32), "mode": np.array(i % 2, np.int64)}
+               for i in range(16)]
+    ctx = PassContext(options=CompileOptions(avg_bits=3.0), samples=samples, opset=25)
+    run_pass(MeasureSensitivityPass(), model, ctx=ctx)
+    table = ctx.sensitivity
+    metrics = plan_metrics(table, {"W": "2"}, ctx.options.granularity, slice(4, 16))["p"]
+    deq = table.plan_changes({"W": "2"}, ctx.options.granularity)["W"]
+    quant = onnx.helper.make_model(model.graph, opset_imports=model.opset_import)
+    quant.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(deq, "W"))
+    counts = {0: [], 1: []}
+    for feeds in samples[4:]:
+        ref, act = run_ort(model, feeds)["p"], run_ort(quant, feeds)["p"]
+        counts[int(feeds["mode"])].append([int(np.sum((ref >= 0.5) != (act >= 0.5))), ref.size])
+    assert not any(k for k, _ in counts[0]) and sum(k for k, _ in counts[1]) > 0
+    groups = metrics["flips_strata"]
+    assert set(groups) == {"mode=0", "mode=1"}
+    assert groups["mode=0"] == {"flips": 0.0, "flips_upper": 0.0, "units": 6}
+    assert groups["mode=1"]["flips_upper"] == upper_bound(counts[1])
+    assert metrics["flips_upper"] == upper_bound(counts[1]) > upper_bound(counts[0] + counts[1])
+    _, figures = check_all([parse_requirement("flips<=0.5%")], {"p": metrics})
+    assert "6 held-out units with mode=1, the worst of 2 input groups" in figures[0]
