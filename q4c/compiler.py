@@ -101,6 +101,7 @@ def compile_model(
     Pipeline([find_pass(n)() for n in names], dump_dir=dump_dir, check_each=check_each, audit=check_each,
              like=converted, progress=progress).run(graph, ctx)
     out = g.export_model(graph, like=converted)
+    g.keep_declared_value_info(out, model)
     if any(Artifact.QUANTIZED_WEIGHTS in find_pass(n).provides for n in names) and not ctx.quantized:
         raise ModelLoadError(_nothing_quantized(graph, options))
     if ctx.kernel_choice is not None and ctx.kernel_choice["chosen"] == "fp32-at-load":
