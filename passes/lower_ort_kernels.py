@@ -3,6 +3,12 @@
 DQ(INT4) -> MatMul becomes com.microsoft MatMulNBits (weights stay 4-bit in memory and are
 computed with int8 activations, 0.13-0.75x FP32 time); DQ -> Gather on an embedding table
 becomes GatherBlockQuantized on uint8 data (DQ -> Gather dequantizes the whole table per call).
+
+GatherBlockQuantized reads a 2-D table [V, D * bits / 8] (quantize_axis 1) and returns the rows
+as Gather does. Only a table shared with a tied output projection's MatMulNBits takes that
+kernel's 3-D layout [V, n_blocks, block * bits / 8], whose rows come out as [..., n_blocks,
+block] and need Shape + Concat + Reshape: three nodes more per call, which made the 16 us RNN-T
+prediction network 6-8 % slower than FP32.
 """
 
 from __future__ import annotations
@@ -53,34 +59,43 @@ class LowerOrtKernelsPass(Pass):
         bits_of = {q.codes: q.bits for q in ctx.quantized if q.has_codes}
         self._packed: dict[str, gs.Constant] = {}  # content hash -> packed initializer, shared
         stats = {"matmulnbits": 0, "gather_block_quantized": 0}
-        for sub in list(g.iter_graphs(graph)):
-            for dq in [n for n in sub.nodes if n.op == "DequantizeLinear"]:
+        dqs = [(sub, n) for sub in g.iter_graphs(graph) for n in sub.nodes if n.op == "DequantizeLinear"]
+        # MatMulNBits first: an embedding whose packed table one of them holds (tied) shares it
+        for wanted in (set(MATMULNBITS_FORMS), {Form.GATHER_BLOCK_QUANTIZED}):
+            for sub, dq in dqs:
                 form = forms.get(dq.inputs[0].name)
-                if form not in MATMULNBITS_FORMS and form is not Form.GATHER_BLOCK_QUANTIZED:
-                    continue
-                qw = _quantized_weight(dq, bits_of)
-                users = g.consumers(dq.outputs[0])
-                if qw is None or not users:
-                    raise PostconditionError(f"{dq.inputs[0].name}: the plan's form {form.value!r} needs a constant "
-                                             f"DequantizeLinear without zero point feeding the op")
-                if form in MATMULNBITS_FORMS and all(u.op == "MatMul" and u.inputs[1] is dq.outputs[0] for u in users):
-                    done = self._to_matmulnbits(graph, sub, dq, qw, users, MATMULNBITS_FORMS[form])
-                elif form is Form.GATHER_BLOCK_QUANTIZED and all(
-                        u.op == "Gather" and u.inputs[0] is dq.outputs[0] and int(u.attrs.get("axis", 0)) == 0 for u in users):
-                    done = self._to_gather(graph, dq, qw, users)
-                else:
-                    done = "skipped_consumers"
-                if done not in stats:
-                    raise PostconditionError(f"{dq.inputs[0].name}: the plan's form {form.value!r} cannot be emitted "
-                                             f"({done})")
-                stats[done] += 1
+                if form in wanted:
+                    stats[self._lower(graph, sub, dq, form, bits_of, stats)] += 1
         changed = stats["matmulnbits"] + stats["gather_block_quantized"]
         return PassResult(changed > 0, {k: v for k, v in stats.items() if v})
+
+    def _lower(self, graph: gs.Graph, sub: gs.Graph, dq: gs.Node, form: Form, bits_of: dict[str, int],
+               stats: dict[str, int]) -> str:
+        """Emit the plan's kernel for one DQ: the stats key done, or PostconditionError."""
+        qw = _quantized_weight(dq, bits_of)
+        users = g.consumers(dq.outputs[0])
+        if qw is None or not users:
+            raise PostconditionError(f"{dq.inputs[0].name}: the plan's form {form.value!r} needs a constant "
+                                     f"DequantizeLinear without zero point feeding the op")
+        if form in MATMULNBITS_FORMS and all(u.op == "MatMul" and u.inputs[1] is dq.outputs[0] for u in users):
+            done = self._to_matmulnbits(graph, sub, dq, qw, users, MATMULNBITS_FORMS[form])
+        elif form is Form.GATHER_BLOCK_QUANTIZED and all(
+                u.op == "Gather" and u.inputs[0] is dq.outputs[0] and int(u.attrs.get("axis", 0)) == 0 for u in users):
+            done = self._to_gather(graph, dq, qw, users)
+        else:
+            done = "skipped_consumers"
+        if done not in stats:
+            raise PostconditionError(f"{dq.inputs[0].name}: the plan's form {form.value!r} cannot be emitted ({done})")
+        return done
+
+    @staticmethod
+    def _key(packed: np.ndarray) -> str:
+        return hashlib.sha1(packed.tobytes() + str(packed.shape).encode()).hexdigest()
 
     def _shared(self, root: gs.Graph, name: str, packed: np.ndarray) -> gs.Constant:
         """One initializer per distinct packed table: a tied embedding and output projection
         quantize to identical codes, so they share the bytes."""
-        key = hashlib.sha1(packed.tobytes() + str(packed.shape).encode()).hexdigest()
+        key = self._key(packed)
         if key not in self._packed:
             self._packed[key] = g.make_constant(g.unique_name(root, name), packed)
         return self._packed[key]
@@ -122,6 +137,18 @@ class LowerOrtKernelsPass(Pass):
             return "skipped_layout"
         data, scales = gather_block_quantized_weights(qw)
         base = dq.inputs[0].name
+        if self._key(data) not in self._packed:  # not a MatMulNBits table: the 2-D layout, rows out as Gather's
+            d = self._shared(root, f"{base}_nbits", data.reshape(data.shape[0], -1))
+            s = gs.Constant(g.unique_name(root, f"{base}_gbq_scale"), scales.reshape(scales.shape[0], -1).astype(np.float32))
+            for gather in users:
+                indices, out = gather.inputs[1], gather.outputs[0]
+                gather.inputs.clear()
+                gather.outputs.clear()
+                _graph_of(root, gather).nodes.append(gs.Node(
+                    "GatherBlockQuantized", gather.name, domain=g.MS_DOMAIN, inputs=[d, indices, s], outputs=[out],
+                    attrs={"bits": kernel_bits(qw.bits), "block_size": qw.block_size, "gather_axis": 0, "quantize_axis": 1},
+                ))
+            return "gather_block_quantized"
         d = self._shared(root, f"{base}_nbits", data)
         s = gs.Constant(g.unique_name(root, f"{base}_gbq_scale"), scales.astype(np.float32))
         width_c = gs.Constant(g.unique_name(root, f"{base}_width"), np.array([width], np.int64))

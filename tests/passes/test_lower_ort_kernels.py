@@ -55,7 +55,10 @@ def test_embedding_gather_becomes_gather_block_quantized(rng):
                        {"E": heavy_tailed(rng, (300, 64))})
     dq, lowered, result, _ = _lower(model, CompileOptions())
     assert result.stats == {"gather_block_quantized": 1}
-    assert op_histogram(lowered) == {"com.microsoft::GatherBlockQuantized": 1, "Concat": 1, "Reshape": 1, "Shape": 1}
+    # a table of its own: the 2-D layout, whose rows come out as Gather's (no Shape/Concat/Reshape per call)
+    assert op_histogram(lowered) == {"com.microsoft::GatherBlockQuantized": 1}
+    packed = [t for t in lowered.graph.initializer if t.data_type == TensorProto.UINT8]
+    assert len(packed) == 1 and list(packed[0].dims) == [300, 32]  # 64 nibbles a row
     feeds = {"tok": rng.integers(0, 300, (2, 5))}
     want = run_ort(dq, feeds)["y"]
     np.testing.assert_array_equal(run_ort(lowered, feeds)["y"], want)
@@ -83,6 +86,9 @@ def test_tied_embedding_and_output_projection_share_one_packed_table(rng):
     assert result.stats == {"gather_block_quantized": 1, "matmulnbits": 1}
     packed = [t for t in lowered.graph.initializer if t.data_type == TensorProto.UINT8]
     assert len(packed) == 1 and list(packed[0].dims) == [300, 1, 32]  # one table: 300 rows, one block of 64 nibbles
+    # the shared table keeps MatMulNBits' 3-D layout: the gathered blocks are reshaped to rows
+    assert op_histogram(lowered) == {"com.microsoft::GatherBlockQuantized": 1, "com.microsoft::MatMulNBits": 1,
+                                     "Concat": 1, "Reshape": 1, "Shape": 1}
     feeds = {"tok": rng.integers(0, 300, (2, 5))}
     np.testing.assert_allclose(run_ort(_at_float_accuracy(lowered), feeds)["y"], run_ort(dq, feeds)["y"], rtol=1e-5, atol=1e-5)
 
