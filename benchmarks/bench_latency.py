@@ -18,7 +18,10 @@ Sections (one run writes all of them with --write):
 - a Pareto PNG for transformer_lm: predicted latency vs bytes vs damage of the planner's
   solutions over a grid of byte and latency budgets (benchmarks/results/latency_pareto.png).
 
-    python benchmarks/bench_latency.py [--parts budget,encoder,default,pareto] [--write]
+- forms: every MatMul form of the issue's menu (MatMulNBits 2/4/8-bit, 2-bit LUT GEMM, INT8 dynamic,
+  INT8 static, int8-at-load) timed at the three budget models' layer shapes (benchmarks/latency_forms.py).
+
+    python benchmarks/bench_latency.py [--parts budget,encoder,default,pareto,forms] [--write]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MODELS, REAL_CACHE, RESULTS, bench_data, bundled_models, publish  # noqa: E402
 from bench_compare import accuracy  # noqa: E402
 from contenders import Calibration, ort_dynamic  # noqa: E402
+from latency_forms import measure_forms, render_forms  # noqa: E402
 
 BUDGET_MODELS = ("conformer", "transformer_lm", "rnnt_joiner")
 ROUNDS = 25
@@ -286,7 +290,7 @@ def kernel_rows() -> list[dict]:
     return rows
 
 
-KERNEL_COLUMNS = ("matmulnbits-acc4:4", "matmulnbits-acc4:8", "matmulnbits-acc0:4", "int8-dynamic:8",
+KERNEL_COLUMNS = ("matmulnbits-acc4:4", "matmulnbits-acc4:8", "matmulnbits-acc0:4", "int8-dynamic:8", "int8-at-load:4",
                   "scan-matmulnbits:4", "scan-int8-projection:4", "dynamic-quantize-lstm:8")
 
 
@@ -365,6 +369,7 @@ def render(rows: list[dict]) -> str:
                 "| layer shape | FP32 us | " + " | ".join(KERNEL_COLUMNS) + " |", "|---|---|" + "---|" * len(KERNEL_COLUMNS)]
         out += [f"| {r['shape']} | {r['fp32_us']} | " + " | ".join(_f(r.get(c)) for c in KERNEL_COLUMNS) + " |"
                 for r in kernels]
+    out += render_forms(rows)
     pareto = [r for r in rows if r.get("part") == "pareto"]
     if pareto:
         out += ["", f"Pareto ({PARETO_MODEL}): plans over a grid of latency and byte budgets, each timed against FP32 "
@@ -388,13 +393,15 @@ def main() -> int:
     parser.add_argument("--from-results", action="store_true", help="re-render benchmarks/results/latency.json")
     args = parser.parse_args()
     parts = args.parts.split(",")
+    measured: list[dict] = []
+    if not args.from_results:
+        with tempfile.TemporaryDirectory() as tmp:
+            measured = _measure(parts, Path(tmp))
+    # read after measuring: a run of other parts may have written its rows meanwhile
     saved = json.loads((RESULTS / "latency.json").read_text()) if (RESULTS / "latency.json").exists() else []
     rows = [r for r in saved if r.get("part") not in parts and r.get("part") != "kernels"] \
         if not args.from_results else [r for r in saved if r.get("part") != "kernels"]
-    if not args.from_results:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += _measure(parts, Path(tmp))
-    rows += kernel_rows()
+    rows += measured + kernel_rows()
     if any(r.get("part") == "pareto" for r in rows):
         plot_pareto(rows, RESULTS / "latency_pareto.png")
     section = render(rows)
@@ -421,6 +428,8 @@ def _measure(parts: list[str], tmp: Path) -> list[dict]:
             rows.append({"part": "default", **_safe_default(name, path, tmp, None)})
     if "pareto" in parts:
         rows += measure_pareto(tmp)
+    if "forms" in parts:
+        rows += measure_forms(MODELS, BUDGET_MODELS)
     for r in rows:
         r.pop("costs", None)
     return rows

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx_graphsurgeon as gs
 
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Wall-clock cap for timing the FP32 model (at least 5 runs).
 FP32_TIMING_SECONDS = 2.0
+#: Forms of a tied output projection: those that read its (shared) codes without storing a copy.
+TIED_FORMS = frozenset({LatencyForm.FP32_AT_LOAD, LatencyForm.INT8_AT_LOAD})
 #: Plans built and timed at most (each measurement corrects the next prediction).
 MEASURE_ROUNDS = 3
 
@@ -88,8 +90,11 @@ class ChooseFormsPass(Pass):
         names = [n for n in table.candidates if n in plan.tensors]
         tied = {n for group in plan.defaults.get("tied", []) for n in group}
         allowed = lowerable_forms()
-        layers = [layer for layer in find_layers(graph, ctx.samples[0])
-                  if all(w in names and w not in tied for w in layer.weights)]
+        found = [layer for layer in find_layers(graph, ctx.samples[0]) if all(w in names for w in layer.weights)]
+        # a tied output projection keeps its bits (its codes are shared, counted in `fixed` below):
+        # only its form is planned
+        tied_layers = {layer.weights[0] for layer in found if len(layer.weights) == 1 and layer.weights[0] in tied}
+        layers = [layer for layer in found if all(w not in tied or w in tied_layers for w in layer.weights)]
         if not layers:
             ctx.warn(f"--latency-budget {budget}: no MatMul/LSTM/GRU with a constant weight in the main graph to plan "
                      f"(layers inside If/Loop/Scan bodies are not planned); forms left to choose-kernels")
@@ -110,7 +115,11 @@ class ChooseFormsPass(Pass):
         # tied tables keep assign-precision's choice (their shared codes are counted once there)
         fixed = _tied_bytes(plan, candidates, tied, table)
         byte_budget = _byte_budget(plan, candidates, tied, fixed)
-        common = {"byte_budget": byte_budget - fixed, "fp32_s": fp32_s, "budget_s": seconds, "forms": allowed}
+        for name in tied_layers:
+            candidates[name] = own[name] = [replace(c, nbytes=0) for c in own[name]]
+        common = {"byte_budget": byte_budget - fixed, "fp32_s": fp32_s, "budget_s": seconds, "forms": allowed,
+                  # forms that read the shared codes as they are (no second copy of the table)
+                  "layer_forms": {layer.node: TIED_FORMS for layer in layers if layer.weights[0] in tied_layers}}
         solve = _Solver(layers, rest, own, candidates, table.scores, cost_table, shapes, common)
         lp, attempts = _plan_measured(graph, ctx, plan, solve, seconds / fp32_s if _is_ratio(budget) else None)
         lp.nbytes += fixed

@@ -179,7 +179,7 @@ def check_form(name: str, tp: TensorPrecision, slots: list[WeightSlot], target: 
     if tp.form is Form.INT8_DYNAMIC and (tp.bits != 8 or tp.granularity != "channel" or tp.scheme in CODEBOOK_SCHEMES
                                          or any(s.role != "matmul_b" or len(s.tensor.shape) != 2 for s in slots)):
         return "form 'int8-dynamic' takes 2-D MatMul B weights planned at 8 bits per channel"
-    if tp.form is Form.INT8_AT_LOAD and (tp.bits not in (1, 2, 3, 4)
+    if tp.form is Form.INT8_AT_LOAD and (tp.bits not in (1, 2, 3, 4, 8)
                                          or any(s.role != "matmul_b" or len(s.tensor.shape) != 2 for s in slots)):
-        return "form 'int8-at-load' takes 2-D MatMul B weights planned at 1-4 bits"
+        return "form 'int8-at-load' takes 2-D MatMul B weights planned at 1-4 or 8 bits"
     return None

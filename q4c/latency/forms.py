@@ -49,7 +49,7 @@ FORM_BITS: dict[Form, tuple[int, ...] | None] = {
     Form.NBITS_ACC4: (2, 3, 4, 8),
     Form.NBITS_ACC0: (2, 3, 4, 8),
     Form.INT8_DYNAMIC: (8,),
-    Form.INT8_AT_LOAD: (1, 2, 3, 4),
+    Form.INT8_AT_LOAD: (1, 2, 3, 4, 8),
     Form.SCAN_NBITS: (2, 3, 4, 8),
     Form.SCAN_INT8_PROJECTION: (2, 3, 4, 8),  # R's width (W is 8-bit)
     Form.DYNAMIC_QUANTIZE_LSTM: (8,),
@@ -60,6 +60,31 @@ FORM_BITS: dict[Form, tuple[int, ...] | None] = {
 SESSION_CONFIG: dict[Form, dict[str, str]] = {
     Form.INT8_AT_LOAD: {"session.disable_quant_qdq": "1"},
 }
+
+
+#: Forms of the issue's menu that are not planner forms on ONNX Runtime 1.32 CPU, and why (measured by
+#: `python benchmarks/bench_latency.py --parts forms`, 1 thread, at the 6-200 activation rows per call of
+#: conformer / transformer_lm / rnnt_joiner; the table is in BENCHMARKS.md, section latency).
+NOT_PLANNED: dict[str, str] = {
+    "matmulnbits-2bit-lut": "ONNX Runtime's LUT GEMM (session mlas.use_lut_gemm=1) runs only 2-bit MatMulNBits with "
+                            "K % 32 == 0, N % 128 == 0 and a block a multiple of 32 (MlasIsLutGemmAvailable); where it "
+                            "applies it measured 1.0-1.2x the plain 2-bit kernel and 1.2-2.7x FP32 MatMul, never faster",
+    "int8-static": "QuantizeLinear(x, calibrated scale) -> MatMulIntegerToFloat (or a QDQ group ORT fuses) measured "
+                   "the same time as DynamicQuantizeMatMul (within 5 %) at every shape: the per-call activation range "
+                   "is not what costs; int8 activations with an int8 zero point run 3-15x slower (no kernel)",
+}
+
+
+def lut_gemm_reason(k: int, n: int, bits: int, block: int) -> str | None:
+    """Why ONNX Runtime's LUT GEMM does not apply to a MatMulNBits of this shape (None: it applies,
+    given an AVX2 CPU)."""
+    if bits != 2:
+        return "LUT GEMM is 2-bit only"
+    if block % 32 or k % 32:
+        return "LUT GEMM needs K and the block a multiple of 32"
+    if n % 128:
+        return "LUT GEMM needs N a multiple of 128"
+    return None
 
 
 def allows(form: Form, bits: int) -> bool:
@@ -108,4 +133,4 @@ class LayerShape:
         return f"{self.kind.value} I={self.k} H={self.n} B={self.rows} T={self.steps} D={self.directions}"
 
 
-__all__ = ["FORMS", "FORM_BITS", "SESSION_CONFIG", "Form", "LayerKind", "LayerShape", "allows", "timed_bits"]
+__all__ = ["FORMS", "FORM_BITS", "NOT_PLANNED", "SESSION_CONFIG", "lut_gemm_reason", "Form", "LayerKind", "LayerShape", "allows", "timed_bits"]

@@ -155,17 +155,20 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
 def plan_latency(layers: Iterable[Layer], others: Iterable[str], candidates: Mapping[str, Sequence[Candidate]],
                  scores: Mapping[str, Mapping[str, float]], costs: CostTable, weight_shapes: Mapping[str, tuple[int, ...]],
                  *, byte_budget: int, fp32_s: float, budget_s: float, forms: frozenset[Form] | None = None,
-                 fastest: bool = False, calibration: Calibration | None = None) -> LatencyPlan:
+                 fastest: bool = False, calibration: Calibration | None = None,
+                 layer_forms: Mapping[str, frozenset[Form]] | None = None) -> LatencyPlan:
     """Least summed damage with bytes <= byte_budget and predicted model time <= budget_s (`forms`:
     the forms layers may take, None = all). With `fastest`, the least predicted time within the
     byte budget instead (for candidates fixed per weight: the fastest forms of a given plan);
     `met` then says whether it is within budget_s. `calibration`: model time = rest + factor x
     layer costs, from a measured plan (q4c.latency.measure); default: factor 1, rest = FP32 model
-    time - FP32 layer costs."""
+    time - FP32 layer costs. `layer_forms`: node name -> the only forms that layer may take."""
     layers, others = list(layers), list(others)
     factor = calibration.factor if calibration is not None else 1.0
-    items: list[list[Pick]] = [layer_picks(layer, candidates, scores, costs, weight_shapes, forms, factor)
-                               for layer in layers]
+    only = layer_forms or {}
+    items: list[list[Pick]] = [layer_picks(layer, candidates, scores, costs, weight_shapes,
+                                           forms if layer.node not in only else only[layer.node] & (forms or only[layer.node]),
+                                           factor) for layer in layers]
     for name in others:
         items.append([Pick((c.key,), None, Option2(c.nbytes, 0.0, max(scores[name].get(c.key, 0.0), 0.0)))
                       for c in candidates[name]])

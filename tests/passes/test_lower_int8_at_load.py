@@ -54,7 +54,7 @@ def _ort(model: onnx.ModelProto, feeds: dict, config: dict) -> np.ndarray:
     return q4ort.run(q4ort.make_session(model, threads=1, config=config), feeds)["y"]
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_low_bit_codes_run_in_the_int8_kernel(rng, bits):
     model = _two_matmuls(rng)
     dq, lowered, stats = _lowered(model, bits=bits)
@@ -63,8 +63,9 @@ def test_low_bit_codes_run_in_the_int8_kernel(rng, bits):
     hist = op_histogram(lowered)
     assert hist["com.microsoft::DynamicQuantizeMatMul"] == 2 and hist["QuantizeLinear"] == 2
     assert "MatMul" not in hist
-    # the file holds the low-bit codes only: no int8 copy of a weight, a few bytes of shared constants
-    assert not [t for t in lowered.graph.initializer if t.data_type == TensorProto.INT8]
+    # the file holds the planned codes only: no second (int8) copy of a weight, a few bytes of shared constants
+    assert {t.name for t in lowered.graph.initializer if t.data_type == TensorProto.INT8} == \
+        {t.name for t in dq.graph.initializer if t.data_type == TensorProto.INT8}
     assert lowered.ByteSize() - dq.ByteSize() < 700
     feeds = {"x": rng.standard_normal((16, 128), dtype=np.float32)}
     ort_y, interp_y = _ort(lowered, feeds, AT_LOAD), run_interp(lowered, feeds)["y"]
@@ -105,9 +106,12 @@ def test_int8_at_load_weights_hold_the_hand_rounded_values(rng):
     np.testing.assert_array_equal(w8, np.clip(np.rint(w / step), -128, 127).astype(np.int8))
 
 
-def test_int8_at_load_form_is_refused_for_8_bit_plans(rng):
-    ctx = PassContext(options=CompileOptions(bits=8))
-    m, _ = run_pass(AssignPrecisionPass(), _two_matmuls(rng), ctx=ctx)
+def test_int8_at_load_form_is_refused_for_weights_not_read_by_matmul(rng):
+    table = make_model([helper.make_node("Gather", ["E", "ids"], ["y"])],
+                       [helper.make_tensor_value_info("ids", TensorProto.INT64, [5])],
+                       [helper.make_tensor_value_info("y", F, [5, 64])], {"E": heavy_tailed(rng, (100, 64))})
+    ctx = PassContext(options=CompileOptions(bits=4))
+    m, _ = run_pass(AssignPrecisionPass(), table, ctx=ctx)
     for name, tp in ctx.plan.tensors.items():
         ctx.plan.tensors[name] = tp.with_form(Form.INT8_AT_LOAD, FormBasis.USER)
     with pytest.raises(Exception, match="int8-at-load"):
