@@ -359,13 +359,14 @@ def render(rows: list[dict]) -> str:
                 if "error" not in r else f"| {r['model']} | — | — | {r['error']} |" for r in defaults]
     kernels = [r for r in rows if r.get("part") == "kernels"]
     if kernels:
-        out += ["", "Why the 0.6x / 0.20-size targets are not met together: the measured cost of each form per layer "
-                "shape (time / the FP32 op of the same shape, 1 thread; the cost cache these plans were made with). "
-                "At the 6-160 activation rows per call of these models, 4-bit MatMulNBits is no faster than FP32 "
-                "MatMul (it wins at 1-2 rows: streaming); the fast form is INT8 dynamic, whose weights take 8 bits "
-                "plus a float32 scale per column, so a plan within 0.20 of FP32 bytes (6.4 bits a weight) can run "
-                "only part of its weights in it. The recurrent encoder reaches the targets because at 2 rows per "
-                "step the recurrent product is bandwidth-bound.", "",
+        out += ["", "The measured cost of each planner form per layer shape (time / the FP32 op of the same shape, 1 "
+                "thread; the cost cache these plans were made with). At the 6-200 activation rows per call of these "
+                "models MatMulNBits is no faster than FP32 MatMul at any width (it wins at 1-2 rows: streaming), and the "
+                "fast kernel is INT8's DynamicQuantizeMatMul (0.35-0.97x). `int8-at-load` runs that kernel from the "
+                "plan's 1-4-bit codes (or codebook indices): the file keeps them, ONNX Runtime re-rounds the decoded "
+                "weight to int8 per column at session load, so a plan's bytes no longer decide its speed. What is left "
+                "above 0.6x is the rest of the graph (attention, LayerNorm, Conv, reshapes) and layers where int8 is "
+                "not faster (M = 6).", "",
                 "| layer shape | FP32 us | " + " | ".join(KERNEL_COLUMNS) + " |", "|---|---|" + "---|" * len(KERNEL_COLUMNS)]
         out += [f"| {r['shape']} | {r['fp32_us']} | " + " | ".join(_f(r.get(c)) for c in KERNEL_COLUMNS) + " |"
                 for r in kernels]
