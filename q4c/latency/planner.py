@@ -7,6 +7,12 @@ Items of the two-resource knapsack (q4c.latency.mckp):
   candidates' (damage summed over the layer's weights, from the sensitivity table).
 - every other quantizable weight (Conv, Gather, tied tables, weights inside subgraphs): its
   candidates, at no latency (they run as they would without a latency budget).
+- a tied output projection is a layer with one zero-byte candidate (its bits are assign-precision's,
+  its shared codes counted outside the knapsack) and only the forms that read those codes
+  (`layer_forms`: FP32_AT_LOAD, INT8_AT_LOAD).
+
+INT8_AT_LOAD decouples bytes from speed for MatMul layers: the candidate's codes (any uniform width
+or codebook) are what the file stores, the time is INT8 dynamic's.
 
 Predicted model latency = FP32 model time - sum of the planned layers' FP32 costs + sum of their
 chosen costs (the rest of the graph is taken to run as in FP32). The latency budget applies to
