@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
 CLOCK = "process-CPU time (time.process_time: every thread of this process, not wall time)"
@@ -64,6 +66,19 @@ class Timing:
     def medians_ms(self) -> dict[str, float]:
         return {k: round(1e3 * self.median(k), 4) for k in self.cpu}
 
+    def ratio_interval(self, num: str, den: str, *, resamples: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+        """Bootstrap interval of `ratio(num, den)`: rounds resampled with replacement, the same
+        rounds for both subjects (they ran interleaved, so a disturbed round hits both)."""
+        a, b = np.asarray(self.cpu[num]), np.asarray(self.cpu[den])
+        rounds = min(len(a), len(b))
+        if rounds < 2:
+            raise ValueError(f"a bootstrap needs at least 2 rounds, not {rounds}")
+        pick = np.random.default_rng(seed).integers(0, rounds, size=(resamples, rounds))
+        boots = np.median(a[:rounds][pick], axis=1) / np.median(b[:rounds][pick], axis=1)
+        tail = 100 * (1 - level) / 2
+        return float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
+
 
 def round_order(names: Sequence[T], index: int) -> Sequence[T]:
     """The order subjects run in round `index` of an interleaved measurement: as given in even
@@ -71,16 +86,27 @@ def round_order(names: Sequence[T], index: int) -> Sequence[T]:
     return names if index % 2 == 0 else names[::-1]
 
 
+def calls_per_sample(fn: Callable[[], Any], seconds: float, *, probe: int = 5) -> int:
+    """How many back-to-back calls of `fn` take about `seconds` of process-CPU time (at least 1):
+    a 15 us model call timed one at a time is mostly clock and scheduler noise."""
+    start = cpu_clock()
+    for _ in range(probe):
+        fn()
+    each = (cpu_clock() - start) / probe
+    return max(1, int(seconds / each)) if each > 0 else 1
+
+
 def interleaved(subjects: Mapping[str, Callable[[], Any]], *, rounds: int = 7, warmup: int = 1,
-                min_rounds: int | None = None, max_seconds: float | None = None) -> Timing:
+                min_rounds: int | None = None, max_seconds: float | None = None, repeat: int = 1) -> Timing:
     """Time each subject `rounds` times, interleaved (order alternating per round), after `warmup`
-    untimed rounds.
+    untimed rounds. Each timed sample is `repeat` back-to-back calls; the time recorded is per
+    call (the sample's time / `repeat`).
 
     With `max_seconds`, stop early once `min_rounds` (default: `rounds`) are done and the wall
     time spent timing exceeds `max_seconds`; `rounds` is then the cap.
     """
-    if rounds < 1 or warmup < 0:
-        raise ValueError(f"rounds must be >= 1 and warmup >= 0, not {rounds}, {warmup}")
+    if rounds < 1 or warmup < 0 or repeat < 1:
+        raise ValueError(f"rounds and repeat must be >= 1 and warmup >= 0, not {rounds}, {repeat}, {warmup}")
     names = list(subjects)
     for _ in range(warmup):
         for name in names:
@@ -92,10 +118,17 @@ def interleaved(subjects: Mapping[str, Callable[[], Any]], *, rounds: int = 7, w
         if deadline is not None and i >= floor and time.perf_counter() > deadline:
             break
         for name in round_order(names, i):
-            _, wall, cpu = timed(subjects[name])
-            timing.cpu[name].append(cpu)
-            timing.wall[name].append(wall)
+            _, wall, cpu = timed(subjects[name] if repeat == 1 else _repeated(subjects[name], repeat))
+            timing.cpu[name].append(cpu / repeat)
+            timing.wall[name].append(wall / repeat)
     return timing
+
+
+def _repeated(fn: Callable[[], Any], times: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(times):
+            fn()
+    return run
 
 
 def ratio(subject: Callable[[], Any], baseline: Callable[[], Any], *, rounds: int = 7, warmup: int = 1) -> float:
@@ -103,4 +136,4 @@ def ratio(subject: Callable[[], Any], baseline: Callable[[], Any], *, rounds: in
     return interleaved({"subject": subject, "baseline": baseline}, rounds=rounds, warmup=warmup).ratio("subject", "baseline")
 
 
-__all__ = ["CLOCK", "cpu_clock", "timed", "Timing", "round_order", "interleaved", "ratio"]
+__all__ = ["CLOCK", "cpu_clock", "timed", "Timing", "round_order", "calls_per_sample", "interleaved", "ratio"]

@@ -46,3 +46,32 @@ def test_round_order_alternates():
     from q4c.timing import round_order
 
     assert [list(round_order(["a", "b", "c"], i)) for i in range(3)] == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+
+
+def test_repeat_records_time_per_call():
+    calls: list[str] = []
+    timing = interleaved({"a": lambda: (calls.append("a"), _spin(20_000))}, rounds=3, warmup=0, repeat=4)
+    assert len(calls) == 12 and timing.rounds == 3
+    one = interleaved({"a": lambda: _spin(20_000)}, rounds=3, warmup=0)
+    assert 0.4 < timing.median("a") / one.median("a") < 2.5  # per call, not per 4 calls
+
+
+def test_calls_per_sample_fills_the_requested_time():
+    from q4c.timing import calls_per_sample
+
+    n = calls_per_sample(lambda: _spin(10_000), 0.05)
+    _, _, cpu = timed(lambda: [_spin(10_000) for _ in range(n)])
+    assert n > 1 and 0.015 < cpu < 0.2
+
+
+def test_ratio_interval_brackets_the_ratio_and_narrows_with_rounds():
+    from q4c.timing import Timing
+
+    rng = __import__("numpy").random.default_rng(0)
+    few = Timing({"a": list(2 + 0.2 * rng.random(5)), "b": list(1 + 0.1 * rng.random(5))})
+    many = Timing({"a": list(2 + 0.2 * rng.random(400)), "b": list(1 + 0.1 * rng.random(400))})
+    for t in (few, many):
+        low, high = t.ratio_interval("a", "b")
+        assert low <= t.ratio("a", "b") <= high
+    assert many.ratio_interval("a", "b")[1] - many.ratio_interval("a", "b")[0] < few.ratio_interval("a", "b")[1] - few.ratio_interval("a", "b")[0]
+    assert 1.8 < many.ratio_interval("a", "b")[0] and many.ratio_interval("a", "b")[1] < 2.2  # 2.1 / 1.05 = 2.0
