@@ -82,11 +82,11 @@ def lower_to_scan(layer: RecurrentLayer, e: Emitter, *, int8_projection: bool = 
     directions = [int(r and mask is None) for r in layer.reverse]
     finals = [e.var(f"final{i}") for i in range(n_outputs)]
     y_steps = [e.var(f"y{d}") for d in range(n_ys)]
-    e.node(graph, "Scan", inits + xw + ([mask] if mask is not None else []), finals + y_steps, attrs={
-        "body": body, "num_scan_inputs": nd + (mask is not None),
-        "scan_input_directions": directions + ([0] if mask is not None else []),
-        "scan_output_directions": directions[:n_ys],
-    })
+    attrs = {"body": body, "num_scan_inputs": nd + (mask is not None),
+             "scan_input_directions": directions + ([0] if mask is not None else [])}
+    if n_ys:  # no Y read: no scan outputs, and an empty list attribute cannot be exported (no type)
+        attrs["scan_output_directions"] = directions[:n_ys]
+    e.node(graph, "Scan", inits + xw + ([mask] if mask is not None else []), finals + y_steps, attrs=attrs)
     _scan_outputs(layer, e, finals, y_steps, mask is not None, seq)
     layer.node.inputs.clear()
     layer.node.outputs.clear()
