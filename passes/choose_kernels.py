@@ -286,9 +286,12 @@ def _value_bytes(values: Any) -> Any:
 def verdict_key(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> str:
     """The kernel cache key of a --kernels auto verdict, from what decides the two timed models
     without building them: the unquantized graph, the plan (bits, scheme, granularity and form
-    per weight, opset), the options the materialising passes read, the timed input's shapes and
-    (in kernel_cache.key) the machine and ONNX Runtime version."""
-    return kernel_cache.key({"graph": graph_digest(graph), "plan": plan.to_json(), "opset": ctx.opset,
+    per weight, opset; not its `defaults`, which record how it was chosen and no pass reads),
+    the options the materialising passes read, the timed input's shapes and (in
+    kernel_cache.key) the machine and ONNX Runtime version."""
+    weights = {name: tp.to_json() for name, tp in sorted(plan.tensors.items())}
+    return kernel_cache.key({"graph": graph_digest(graph), "plan": {"tensors": weights, "opset": plan.opset},
+                             "opset": ctx.opset,
                              "kernel_scales": ctx.options.kernel_scales, "passes": list(_MATERIALISE)},
                             ctx.samples[0])
 

@@ -107,10 +107,12 @@ def test_a_warm_cache_builds_no_copy_and_a_changed_plan_misses(home, tmp_path, r
     second = _compile(src, tmp_path / "b.onnx")["kernel_choice"]
     assert second["source"] == "cache" and second["cache_key"] == first["cache_key"] and built == []
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    # the same plan without its forms (decided again, to the same ones) hits; other bits miss
+    # the same plan without its forms (decided again, to the same ones) and with other defaults
+    # (how it was chosen: no pass reads them) hits; other bits miss
     doc = json.loads((tmp_path / "p.json").read_text())
     for entry in doc["tensors"].values():
         entry.pop("form", None), entry.pop("chosen_for", None)
+    doc["defaults"] = {"mode": "edited by hand"}
     (tmp_path / "same.json").write_text(json.dumps(doc))
     same = q4c.compile_file(src, tmp_path / "c.onnx", q4c.CompileOptions(plan_path=tmp_path / "same.json"),
                             verify=False)["kernel_choice"]
