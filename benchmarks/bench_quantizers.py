@@ -21,6 +21,7 @@ calibration calls; a Conv without a bias gets one).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -215,16 +216,57 @@ def table(rows: list[dict], names: list[str], methods: list[str]) -> str:
     return head + "\n".join(lines)
 
 
+def verdict(rows: list[dict]) -> str:
+    """One line per split: all 7 weights at 4 bits, each method's flips, best first."""
+    out = []
+    for split in dict.fromkeys(r["split"] for r in rows):
+        alls = sorted((r for r in rows if r["split"] == split and r["tensor"] == "all 7"), key=lambda r: r["flips_pct"])
+        out.append(f"All 7 at 4 bits, {split} audio: " + ", ".join(f"{r['method']} {r['flips_pct']:.2f} %" for r in alls) + ".")
+    return " ".join(out)
+
+
+def section(rows: list[dict], sizes: dict[str, tuple[int, int]], plan: dict[str, list[str]], weights: list[str]) -> str:
+    tables = "\n\n".join(
+        f"{split} audio ({sizes[split][0]} clips, {sizes[split][1]} chunks):\n\n"
+        + table([r for r in rows if r["split"] == split], weights, methods)
+        for split, methods in plan.items() if methods)
+    return (
+        "<!-- quantizers:begin -->\n## 4-bit quantizers on a trained streaming model (issue 13)\n\n"
+        f"{EXPORT}, one weight at 4 bits (all others FP32) or all 7 at 4 bits, closed-loop streaming "
+        "probabilities vs FP32. Each cell: decision flips at 0.5 / mean |dp|. GPTQ Hessians, bias-correction "
+        "means and codebooks come from the calibration audio only; the test rows are held out. "
+        "sym = q4c symmetric per channel (MSE clipping, float16 scales); gptq = per channel with "
+        "GPTQ rounding against the layer inputs' Hessian (Conv patches, LSTM x / h); gptq32 = the same in "
+        "blocks of 32 (q4c's default layout); blockN = symmetric blocks of N along the reduction axis "
+        "(q4c's Conv layout); kmeans / mulaw = 16-entry codebook per channel; asym = per channel with "
+        "a zero point (MSE search over both range ends); +bc = bias correction b' = b - dW E[x].\n\n"
+        + tables + "\n\n" + verdict(rows) + " GPTQ rounding (output-aware) is the mechanism that wins on "
+        "every tensor, on both splits; asymmetric zero points and bias correction do not beat symmetric on these "
+        "weights (all-7 rows), so q4c gains GPTQ for Conv weights "
+        "(q4c/quant/gptq_conv.py) rather than a zero-point scheme.\n<!-- quantizers:end -->"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(METHODS), help="measured on the calibration audio")
     ap.add_argument("--test-methods", default="sym,block32,gptq,gptq32,asym",
                     help="measured on the test audio too (statistics from the calibration audio)")
     ap.add_argument("--write", action="store_true", help="publish the tables as BENCHMARKS.md section 'quantizers'")
+    ap.add_argument("--from-results", action="store_true", help="re-render the section from benchmarks/results/quantizers.json")
     args = ap.parse_args()
+    from _common import RESULTS, publish
+
+    plan = {"calib": [m for m in args.methods.split(",") if m], "test": [m for m in args.test_methods.split(",") if m]}
+    if args.from_results:
+        rows = json.loads((RESULTS / "quantizers.json").read_text())
+        sizes = {r["split"]: (r["clips"], r["chunks"]) for r in rows}
+        weights = list(dict.fromkeys(r["tensor"] for r in rows if r["tensor"] != "all 7"))
+        plan = {split: list(dict.fromkeys(r["method"] for r in rows if r["split"] == split)) for split in sizes}
+        publish("quantizers", rows, section(rows, sizes, plan, weights), command=RERENDER)
+        return
     t0 = time.time()
     study = Study()
-    plan = {"calib": [m for m in args.methods.split(",") if m], "test": [m for m in args.test_methods.split(",") if m]}
     rows, sizes = [], {}
     for split, methods in plan.items():
         if not methods:
@@ -233,31 +275,17 @@ def main() -> None:
         sizes[split] = (len(study.eval_audio), study.reference.size)
         for method in methods:
             for names in [[w] for w in study.weights] + [study.weights]:
-                r = study.measure(names, method, split)
+                r = {**study.measure(names, method, split), "clips": sizes[split][0], "chunks": sizes[split][1]}
                 rows.append(r)
                 print(f"{split:5s} {r['tensor']:40s} {method:8s} flips {r['flips_pct']:6.2f} %  "
                       f"mean|dp| {r['mean_abs_dp']:.5f}", flush=True)
     print(f"{time.time() - t0:.0f} s")
     if args.write:
-        from _common import publish
+        publish("quantizers", [{**r, "model": EXPORT} for r in rows], section(rows, sizes, plan, study.weights))
 
-        tables = "\n\n".join(
-            f"{split} audio ({sizes[split][0]} clips, {sizes[split][1]} chunks):\n\n"
-            + table([r for r in rows if r["split"] == split], study.weights, methods)
-            for split, methods in plan.items() if methods)
-        section = (
-            "<!-- quantizers:begin -->\n## 4-bit quantizers on a trained streaming model (issue 13)\n\n"
-            f"{EXPORT}, one weight at 4 bits (all others FP32) or all 7 at 4 bits, closed-loop streaming "
-            "probabilities vs FP32. Each cell: decision flips at 0.5 / mean |dp|. GPTQ Hessians, bias-correction "
-            "means and codebooks come from the calibration audio only; the test rows are held out. "
-            "sym = q4c symmetric per channel (MSE clipping, float16 scales); gptq = per channel with "
-            "GPTQ rounding against the layer inputs' Hessian (Conv patches, LSTM x / h); gptq32 = the same in "
-            "blocks of 32 (q4c's default layout); blockN = symmetric blocks of N along the reduction axis "
-            "(q4c's Conv layout); kmeans / mulaw = 16-entry codebook per channel; asym = per channel with "
-            "a zero point (MSE search over both range ends); +bc = bias correction b' = b - dW E[x].\n\n"
-            + tables + "\n<!-- quantizers:end -->"
-        )
-        publish("quantizers", [{**r, "model": EXPORT} for r in rows], section)
+
+#: the command a re-rendered section is stamped with: the one that measured the rows
+RERENDER = "python benchmarks/bench_quantizers.py --write"
 
 
 if __name__ == "__main__":
