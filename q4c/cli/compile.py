@@ -48,7 +48,7 @@ from q4c.graph import check_writable, write_text
               show_default=True,
               help="Rounding for --bits: nearest level with MSE-chosen clipping; no clipping; or gptq, which "
                    "rounds each weight column so the layer's output error on the --calib inputs is least (MatMul, "
-                   "Gemm, LSTM, GRU weights; others stay symmetric). Codebooks store an index into a float16 "
+                   "Gemm, LSTM, GRU, Conv weights; others stay symmetric). Codebooks store an index into a float16 "
                    "table of centroids per group of output channels: mulaw (k-means in mu-law-companded space), "
                    "kmeans (linear space), nf4 (NormalFloat levels x a scale per 64 weights); indices assigned "
                    "GPTQ-style where the layer has calibration inputs. Budgeted plans pick per tensor by measurement.")
