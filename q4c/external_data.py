@@ -4,16 +4,18 @@ onnx's checker, version converter and ONNX Runtime's loader all take a *serializ
 Python, which fails past 2 GiB and otherwise costs a full transient copy of every weight. These
 helpers hand them a skeleton instead: the same model whose large initializers carry no data
 (`Placeholder`s, marked as external data at a location that cannot exist), and put the weights
-back (converter) or hand them to ONNX Runtime as already-allocated buffers (sessions).
+back (converter), or write them one at a time to a data file ONNX Runtime reads itself
+(sessions: `write_for_session`; ONNX Runtime copies initializers into its own memory either way,
+so buffers handed to it in memory were a second copy of every weight while it loaded).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 #: initializers at least this large travel outside the skeleton
 MIN_DETACHED_BYTES = 1024
@@ -106,11 +108,28 @@ def restore(skel: onnx.ModelProto, source: onnx.ModelProto, consume: bool = Fals
             original.ClearField("raw_data")
 
 
-def detach_for_session(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[np.ndarray]]:
-    """The skeleton ONNX Runtime parses, and the detached initializers as arrays (one copy of the
-    weights, which ONNX Runtime then uses in place: SessionOptions.add_external_initializers
-    replaces initializers marked external, so the placeholders stay in the skeleton)."""
+#: data file offsets are multiples of this (ONNX Runtime may map page-aligned external data)
+ALIGN = 4096
+
+
+def write_for_session(model: onnx.ModelProto, directory: Path) -> Path:
+    """`model` as `directory`/model.onnx (its skeleton) plus model.onnx.data (the large main-graph
+    initializers, written one tensor at a time: never a second copy of all of them in memory),
+    for ONNX Runtime to load from the path. Returns the model path; the caller deletes the
+    directory once the session exists (ONNX Runtime holds its own copy of the weights by then)."""
     skel = skeleton(model)
-    names = {t.name for t in placeholders(skel)}
-    arrays = [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer if t.name in names]
-    return skel, [n for n, _ in arrays], [a for _, a in arrays]
+    large = {t.name for t in placeholders(skel)}
+    path = directory / "model.onnx"
+    data = path.with_name(path.name + ".data")
+    with open(data, "wb") as f:
+        by_name = {t.name: t for t in model.graph.initializer if t.name in large}
+        for t in placeholders(skel):
+            f.write(b"\0" * ((-f.tell()) % ALIGN))
+            offset = f.tell()
+            f.write(by_name[t.name].raw_data)  # one tensor's bytes alive at a time
+            del t.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    path.write_bytes(skel.SerializeToString())
+    return path

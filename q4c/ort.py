@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -85,15 +87,12 @@ def make_session(
         options.inter_op_num_threads = 1
     for key, value in (session_config(proto) if config is None else config).items():
         options.add_session_config_entry(key, value)
-    detached: list[ort.OrtValue] = []
-    if external_data.approx_bytes(proto) > SESSION_DETACH_BYTES:  # large weights go to ORT as buffers, not serialized
-        proto, names, arrays = external_data.detach_for_session(proto)
-        detached = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        options.add_external_initializers(names, detached)
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        session.q4c_detached = detached  # ORT uses those buffers in place: they live as long as the session
-        return session
+        if external_data.approx_bytes(proto) > SESSION_DETACH_BYTES:  # large: ORT reads the weights from a file
+            with tempfile.TemporaryDirectory(prefix="q4c-session-") as tmp:
+                path = external_data.write_for_session(proto, Path(tmp))
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}") from e
 

@@ -81,13 +81,24 @@ def test_convert_opset_without_weights_equals_converting_the_whole_model(tiny):
     assert [n.op_type for n in light.graph.node] == [n.op_type for n in whole.graph.node]
 
 
-def test_session_with_detached_weights_computes_what_the_serialized_model_does(tiny, rng, monkeypatch):
+def test_session_of_a_large_model_reads_its_weights_from_a_file_it_then_deletes(tiny, rng, monkeypatch):
     model = g.load(tiny)
     feeds = _mel(rng)
     plain = q4ort.run(q4ort.make_session(model, threads=1), feeds)["hidden"]
     monkeypatch.setattr(q4ort, "SESSION_DETACH_BYTES", 0)
+    written = []
+    real = external_data.write_for_session
+
+    def spy(proto, directory):
+        path = real(proto, directory)
+        skel = onnx.load(str(path), load_external_data=False)
+        written.append((path, sum(t.data_location == onnx.TensorProto.EXTERNAL for t in skel.graph.initializer)))
+        return path
+
+    monkeypatch.setattr(external_data, "write_for_session", spy)
     session = q4ort.make_session(model, threads=1)
-    assert len(session.q4c_detached) >= 14  # the weights went to ORT as buffers
+    ((path, external),) = written
+    assert external >= 14 and not path.parent.exists()  # the weights went through a file, deleted after loading
     np.testing.assert_array_equal(q4ort.run(session, feeds)["hidden"], plain)
 
 
