@@ -61,6 +61,8 @@ PLAN_SAMPLES = 32
 #: Calls of one sequence that scoring runs: a long recording is cut here (closed-loop error
 #: compounds within a few hundred calls; more only costs time).
 MAX_UNIT_CALLS = 1000
+#: Rounded candidates SensitivityTable.plan_changes keeps across plans (beyond: only the last plan's)
+PLAN_CACHE_BYTES = 2 * 2**30
 #: Score closed-loop candidates in the context of uniform 4-bit (see measure)
 CLOSED_LOOP_CONTEXT = True
 
@@ -94,7 +96,9 @@ class SensitivityTable:
     measured: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def plan_changes(self, choice: Mapping[str, str], granularity: Any) -> dict[str, np.ndarray]:
-        """The dequantized weights of a plan (name -> candidate key), for the runner."""
+        """The dequantized weights of a plan (name -> candidate key), for the runner. Rounded
+        candidates are cached across plans up to PLAN_CACHE_BYTES; past that, only this plan's
+        are kept (a large model's plans are each the size of its weights)."""
         assert self.runner is not None
         cache = self.__dict__.setdefault("_dequantized", {})
         changes = {}
@@ -107,6 +111,9 @@ class SensitivityTable:
                                                  cand.scheme, kernel_scales=self.kernel_scales,
                                                  hessians=self.hessians.get(name)).dequantize()
             changes[name] = cache[name, key]
+        if sum(a.nbytes for a in cache.values()) > PLAN_CACHE_BYTES:
+            for name_key in [k for k in cache if choice.get(k[0]) != k[1]]:
+                del cache[name_key]
         return changes
 
     def measure_plan(self, choice: Mapping[str, str], granularity: Any, held_out: bool = False) -> float | None:

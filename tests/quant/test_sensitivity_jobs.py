@@ -81,3 +81,21 @@ def test_tasks_round_each_candidate_as_quantize_slot_does_and_ship_none(rng, sen
     candidates = sum(len(b[0]) for b in rounded.values())
     assert candidates >= 4 * weights  # what shipping rounded candidates would have cost (4 widths at least)
     assert shipped < weights + statistics + 64 * 1024  # the weights, their statistics, small recipes
+
+
+def test_plan_cache_past_its_budget_keeps_only_the_last_plan_and_measures_the_same(rng, monkeypatch):
+    from q4c.quant import sensitivity
+
+    model = _mlp(rng)
+    samples = synthetic_samples(model, count=2, seed=1)
+    opts = CompileOptions(workers=1)
+    table = measure(g.import_graph(model), opts, 21, samples)
+    four = {n: "4" for n in table.scores}
+    two = {**four, "w1": "2"}
+    want = [table.measure_plan(p, opts.granularity) for p in (four, two, four)]
+    monkeypatch.setattr(sensitivity, "PLAN_CACHE_BYTES", 0)
+    small = measure(g.import_graph(model), opts, 21, samples)
+    got = [small.measure_plan(p, opts.granularity) for p in (four, two, four)]
+    assert got == want and want[1] > want[0] > 0
+    assert set(small.__dict__["_dequantized"]) == {(n, k) for n, k in four.items()}  # the last plan's only
+    assert ("w1", "2") in table.__dict__["_dequantized"]  # within budget: every plan's kept
