@@ -273,7 +273,22 @@ def _write(plan: PrecisionPlan, lp: LatencyPlan, candidates: dict) -> dict[str, 
         plan.tensors[name] = TensorPrecision(cand.bits, granularity, cand.scheme, form=plan_form(form),
                                              chosen_for=FormBasis.LATENCY)
         stats[form.value] += 1
+    _tie_embeddings(plan, set(lp.forms))
     return dict(stats)
+
+
+def _tie_embeddings(plan: PrecisionPlan, planned: set[str]) -> None:
+    """A tied output projection planned fp32-at-load / int8-at-load reads its codes through a
+    DequantizeLinear with float16 scales; its embedding table then takes fp32-at-load (DequantizeLinear
+    -> Gather, folded at load, no slower than FP32 Gather) so the two share one copy of the codes
+    (q4c.quant.tying). With GatherBlockQuantized the table would be packed again: a second copy."""
+    for group in plan.defaults.get("tied", []):
+        if not any(n in planned and plan.tensors[n].form in (Form.FP32_AT_LOAD, Form.INT8_AT_LOAD) for n in group):
+            continue
+        for name in group:
+            tp = plan.tensors.get(name)
+            if name not in planned and tp is not None and tp.quantized and tp.form is None:
+                plan.tensors[name] = tp.with_form(Form.FP32_AT_LOAD, FormBasis.LATENCY)
 
 
 __all__ = ["ChooseFormsPass", "lowerable_forms", "plan_form"]

@@ -170,7 +170,7 @@ def _kernel_scales(precision: TensorPrecision, ctx: PassContext) -> bool:
     (the plan's form; a plan without forms: as --kernels says)."""
     if precision.form is None:
         return ctx.options.kernel_scales
-    return precision.form is not Form.FP32_AT_LOAD
+    return precision.form not in (Form.FP32_AT_LOAD, Form.INT8_AT_LOAD)  # both: no kernel reads the scales
 
 
 def _codebook_entry(name: str, codes: str, first: WeightSlot, values: np.ndarray, cw: CodebookWeight,

@@ -107,6 +107,8 @@ def compile_model(
     if ctx.kernel_choice is not None and ctx.kernel_choice["chosen"] == "fp32-at-load":
         # Folded at load anyway, so a tied output projection can read the embedding's codes.
         ctx.kernel_choice["tied_tables_shared"] = share_transposed_tables(out)
+    elif ctx.plan is not None and Form.INT8_AT_LOAD in ctx.plan.forms().values():
+        share_transposed_tables(out)  # int8-at-load: every DQ is folded at load too (session.disable_quant_qdq=1)
     config = _session_config(out, ctx)
     report = _report(converted, graph, out, ctx, config)
     if ctx.calibration is not None and save_calib is not None:

@@ -118,26 +118,32 @@ def test_int8_at_load_form_is_refused_for_weights_not_read_by_matmul(rng):
         run_pass(ChooseKernelsPass(), m, ctx=ctx)
 
 
-def test_compiled_model_records_the_session_config(rng, monkeypatch):
-    """A compile whose plan has an int8-at-load weight writes session.disable_quant_qdq=1 (else the
-    DequantizeLinear would run on every call, measured 28-61x slower)."""
-    from q4c.passes import choose_forms
+@pytest.fixture
+def fake_costs(monkeypatch):
+    """Layer costs by form: FP32 100 us, MatMulNBits 90 / 150 (acc 0), INT8 dynamic and at load 30;
+    the FP32 model 220 us and every built plan 80 us."""
     from q4c.latency.costs import CostTable
     from q4c.latency.forms import timed_bits
+    from q4c.passes import choose_forms
 
     per_form = {LForm.FP32_AT_LOAD: 100e-6, LForm.NBITS_ACC4: 90e-6, LForm.NBITS_ACC0: 150e-6,
                 LForm.INT8_DYNAMIC: 30e-6, LForm.INT8_AT_LOAD: 30e-6}
 
-    def fake_costs(wanted, cache=None):
+    def costs(wanted, cache=None):
         table = CostTable(cache_key="test", cache_path="-")
         for shape, variants in wanted.items():
             for form, b in list(variants) + [(LForm.FP32_AT_LOAD, 32)]:
                 table.seconds[(shape, form, timed_bits(form, b))] = per_form[form]
         return table
 
-    monkeypatch.setattr(choose_forms, "costs", fake_costs)
+    monkeypatch.setattr(choose_forms, "costs", costs)
     monkeypatch.setattr(choose_forms, "_fp32_seconds", lambda graph, ctx: 220e-6)
     monkeypatch.setattr(choose_forms, "time_against_fp32", lambda fp32, model, feeds: (220e-6, 80e-6))
+
+
+def test_compiled_model_records_the_session_config(rng, fake_costs):
+    """A compile whose plan has an int8-at-load weight writes session.disable_quant_qdq=1 (else the
+    DequantizeLinear would run on every call, measured 28-61x slower)."""
     samples = [{"x": rng.standard_normal((16, 128), dtype=np.float32)} for _ in range(2)]
     out, report = q4c.compile_model(_two_matmuls(rng), CompileOptions(workers=1, ratio=0.15, latency_budget="0.5"),
                                     samples=samples, verify=False)
@@ -178,3 +184,25 @@ def test_bias_add_is_taken_into_the_kernel(rng):
     ort_y, interp_y = _ort(lowered, feeds, AT_LOAD), run_interp(lowered, feeds)["y"]
     np.testing.assert_allclose(ort_y, interp_y, rtol=1e-4, atol=1e-4 * float(np.abs(interp_y).max()))
     assert sqnr_db(run_ort(dq, feeds)["y"], ort_y) > 28
+
+
+def test_tied_output_projection_runs_int8_at_load_from_the_embedding_codes(rng, fake_costs):
+    """ids -> Gather(E [V, D]) -> MatMul(E^T [D, V]): the tied output projection takes int8-at-load, its
+    embedding fp32-at-load, and the file holds one copy of the table's codes."""
+    v, d = 300, 64
+    table = heavy_tailed(rng, (v, d))
+    model = make_model([helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("MatMul", ["h", "ET"], ["y"])],
+                       [helper.make_tensor_value_info("ids", TensorProto.INT64, [12])],
+                       [helper.make_tensor_value_info("y", F, [12, v])], {"E": table, "ET": np.ascontiguousarray(table.T)})
+    samples = [{"ids": rng.integers(0, v, 12)} for _ in range(2)]
+    out, report = q4c.compile_model(model, CompileOptions(workers=1, ratio=0.15, latency_budget="0.5"), samples=samples,
+                                    verify=False)
+    forms = {n: tp["form"] for n, tp in report["plan"]["tensors"].items()}
+    assert forms == {"E": "fp32-at-load", "ET": "int8-at-load"}
+    onnx.checker.check_model(out, full_check=True)
+    copies = [t for t in out.graph.initializer if np.prod(t.dims) == v * d]
+    assert len(copies) == 1, [t.name for t in copies]
+    feeds = samples[0]
+    got = q4ort.run(q4ort.make_session(out, threads=1), feeds)["y"]
+    np.testing.assert_allclose(got, run_interp(out, feeds)["y"], rtol=1e-4, atol=1e-4 * float(np.abs(got).max()))
+    assert sqnr_db(table[feeds["ids"]] @ table.T, got) > 15  # 4-bit weights, int8 re-rounding, uint8 activations
