@@ -68,12 +68,15 @@ def test_lower_gemm_declines_trans_a(rng):
 
 def test_lower_pointwise_conv_to_matmul(rng):
     model = make_model([helper.make_node("Conv", ["x", "W", "b"], ["y"], kernel_shape=[1]),
-                        helper.make_node("Conv", ["x", "W3"], ["z"], pads=[1, 1])],  # kernel 3: not pointwise
-                       [helper.make_tensor_value_info("x", F, [2, 16, 10])],
-                       [helper.make_tensor_value_info("y", F, [2, 24, 10]), helper.make_tensor_value_info("z", F, [2, 24, 10])],
-                       {"W": heavy_tailed(rng, (24, 16, 1)), "b": heavy_tailed(rng, (24,)), "W3": heavy_tailed(rng, (24, 16, 3))})
-    out = check_pass(LowerPointwiseConvPass(), model, {"x": rng.standard_normal((2, 16, 10), dtype=np.float32)})
-    assert op_histogram(out) == {"Add": 1, "Conv": 1, "MatMul": 1, "Transpose": 2}
+                        helper.make_node("Conv", ["x", "W3"], ["z"], pads=[1, 1]),  # kernel 3: not pointwise
+                        helper.make_node("Conv", ["x", "Ws"], ["s"])],  # 64 weights: stays float, not lowered
+                       [helper.make_tensor_value_info("x", F, [2, 64, 10])],
+                       [helper.make_tensor_value_info("y", F, [2, 24, 10]), helper.make_tensor_value_info("z", F, [2, 24, 10]),
+                        helper.make_tensor_value_info("s", F, [2, 1, 10])],
+                       {"W": heavy_tailed(rng, (24, 64, 1)), "b": heavy_tailed(rng, (24,)), "W3": heavy_tailed(rng, (24, 64, 3)),
+                        "Ws": heavy_tailed(rng, (1, 64, 1))})
+    out = check_pass(LowerPointwiseConvPass(), model, {"x": rng.standard_normal((2, 64, 10), dtype=np.float32)})
+    assert op_histogram(out) == {"Add": 1, "Conv": 2, "MatMul": 1, "Transpose": 2}
 
 
 def test_dedupe_weights_shares_identical_tensors(rng):
