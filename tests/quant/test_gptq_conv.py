@@ -13,7 +13,7 @@ from q4c.config import CompileOptions
 from q4c.interp import run_model
 from q4c.quant import gptq
 from q4c.quant.conv_patches import ConvGeometry, conv_patches
-from q4c.quant.gptq import input_hessians
+from q4c.quant.gptq import fitting_calls, input_hessians
 from q4c.quant.gptq_conv import gptq_conv
 from q4c.quant.qparams import CLIP_RATIOS, quantize
 from q4c.quant.weights import find_weight_slots
@@ -150,3 +150,12 @@ def test_hessians_read_more_calls_until_every_column_has_enough_rows(rng):
     x = np.concatenate([samples[i]["x"] for i in order[:64]]).astype(np.float64)
     np.testing.assert_allclose(h, x.T @ x / 64, rtol=1e-6)
     assert np.linalg.eigvalsh(h).min() > 1e-3  # full rank
+
+
+def test_extra_hessian_calls_come_from_the_scored_sequences_only():
+    # Never from the held-out half: 10 sequences, 4 scored -> the first 4; 3 sequences -> the first 2
+    # (at most the first half is fitted on, rounding up: 3 - 3 // 2).
+    seqs = [[{"x": np.full((1, 1), 10 * u + c, np.float32)} for c in range(3)] for u in range(10)]
+    assert [int(c["x"][0, 0]) for c in fitting_calls(seqs, 4)] == [0, 1, 2, 10, 11, 12, 20, 21, 22, 30, 31, 32]
+    assert [int(c["x"][0, 0]) for c in fitting_calls(seqs[:3], 4)] == [0, 1, 2, 10, 11, 12]
+    assert fitting_calls(None, 4) == []
