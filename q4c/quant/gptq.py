@@ -147,13 +147,16 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
     wanted = {name: found for name, slot in slots.items() if (found := activation_of(slot)) is not None}
     if not wanted or not samples:
         return {}
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
-    outputs = {o.name for o in extended.graph.output}
-    for tensor, _ in set(wanted.values()):
-        if tensor not in outputs:
-            extended.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
-    session = q4ort.make_session(extended, threads=1)
+    # the activations become extra outputs of `model` itself while the session is made (a copy
+    # of the model would be a copy of every weight), then the outputs are put back
+    count = len(model.graph.output)
+    outputs = {o.name for o in model.graph.output}
+    for tensor in sorted({t for t, _ in wanted.values()} - outputs):
+        model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    try:
+        session = q4ort.make_session(model, threads=1)
+    finally:
+        del model.graph.output[count:]
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
     for feeds in _calls(samples, extra, sums, counts):
@@ -170,7 +173,8 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
             acc = [p.T @ p for p in parts]
             sums[key] = acc if key not in sums else [a + b for a, b in zip(sums[key], acc, strict=True)]
             counts[key] = counts.get(key, 0) + parts[0].shape[0]
-    return {name: [s / counts[f"{t}|{h}"] for s in sums[f"{t}|{h}"]] for name, (t, h) in wanted.items()}
+    means = {key: [s / counts[key] for s in acc] for key, acc in sums.items()}  # weights reading one input share it
+    return {name: means[f"{t}|{h}"] for name, (t, h) in wanted.items()}
 
 
 def fitting_calls(sequences: Sequence[Sequence[Mapping[str, np.ndarray]]] | None,
