@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from q4c import graph as g
-from q4c.config import CompileOptions, WorkerBackend
+from q4c.config import CODEBOOK_SCHEMES, CompileOptions, WorkerBackend
 from q4c.errors import ConfigError
 from q4c.objectives import Objective, detect_objectives
 from q4c.quant.candidates import Candidate, candidate_list
@@ -280,7 +280,7 @@ def _prepare(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequenc
         table.fallbacks[name] = "weight lives in a subgraph under a name that means different tensors"
     if not measured:
         model = None
-    if model is not None and opts.sensitivity == "kl" and opts.granularity.kind == "block":
+    if model is not None and opts.sensitivity == "kl" and opts.granularity.kind == "block" and uses_statistics(opts):
         table.hessians = input_hessians(model, gptq_eligible(graph, slots, main), samples,
                                         fitting_calls(sequences, MAX_SAMPLES))
     table.kernel_scales = opts.kernel_scales
@@ -288,6 +288,13 @@ def _prepare(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequenc
     for name, slot in slots.items():
         table.candidates[name] = candidate_list(slot, opts, opset, gptq=name in table.hessians, tied=name in tied)
     return table, weights, measured, model
+
+
+def uses_statistics(opts: CompileOptions) -> bool:
+    """gptq rounds against its weights' input statistics and the codebooks assign indices with
+    them; with neither among `--schemes` they are not gathered (float64 x x^T per weight input:
+    ~8 GB on a 600M-parameter encoder)."""
+    return not opts.schemes or any(s == "gptq" or s in CODEBOOK_SCHEMES for s in opts.schemes)
 
 
 def _attach_runner(table: SensitivityTable, model: onnx.ModelProto, measured: dict[str, np.ndarray],

@@ -99,3 +99,22 @@ def test_plan_cache_past_its_budget_keeps_only_the_last_plan_and_measures_the_sa
     assert got == want and want[1] > want[0] > 0
     assert set(small.__dict__["_dequantized"]) == {(n, k) for n, k in four.items()}  # the last plan's only
     assert ("w1", "2") in table.__dict__["_dequantized"]  # within budget: every plan's kept
+
+
+def test_without_gptq_or_codebooks_among_the_schemes_no_statistics_are_gathered(rng, monkeypatch):
+    from q4c.quant import sensitivity
+
+    model = _mlp(rng)
+    samples = synthetic_samples(model, count=2, seed=1)
+    full = measure(g.import_graph(model), CompileOptions(workers=1), 21, samples)
+    assert full.hessians  # the default gathers them (gptq and the codebooks use them)
+    calls = []
+    real = sensitivity.input_hessians
+    monkeypatch.setattr(sensitivity, "input_hessians", lambda *a, **k: calls.append(1) or real(*a, **k))
+    uniform = measure(g.import_graph(model), CompileOptions(workers=1, schemes=("symmetric", "symmetric-absmax")),
+                      21, samples)
+    assert calls == [] and uniform.hessians == {}
+    for name, scores in uniform.scores.items():  # the same candidates score the same without them
+        assert scores == {k: full.scores[name][k] for k in scores} and set(scores) < set(full.scores[name])
+    measure(g.import_graph(model), CompileOptions(workers=1, schemes=("symmetric", "nf4")), 21, samples)
+    assert calls == [1]  # a codebook among the schemes: gathered
