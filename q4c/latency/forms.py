@@ -68,10 +68,10 @@ SESSION_CONFIG: dict[Form, dict[str, str]] = {
 NOT_PLANNED: dict[str, str] = {
     "matmulnbits-2bit-lut": "ONNX Runtime's LUT GEMM (session mlas.use_lut_gemm=1) runs only 2-bit MatMulNBits with "
                             "K % 32 == 0, N % 128 == 0 and a block a multiple of 32 (MlasIsLutGemmAvailable); where it "
-                            "applies it measured 1.0-1.2x the plain 2-bit kernel and 1.2-2.7x FP32 MatMul, never faster",
+                            "applies it measured 0.96-1.8x the plain 2-bit kernel and 1.5-2.8x FP32 MatMul, never faster",
     "int8-static": "QuantizeLinear(x, calibrated scale) -> MatMulIntegerToFloat (or a QDQ group ORT fuses) measured "
-                   "the same time as DynamicQuantizeMatMul (within 5 %) at every shape: the per-call activation range "
-                   "is not what costs; int8 activations with an int8 zero point run 3-15x slower (no kernel)",
+                   "0.95-1.05x DynamicQuantizeMatMul's time at every shape: the per-call activation range is not what "
+                   "costs; int8 (not uint8) activations run 3-15x slower (no kernel)",
 }
 
 
