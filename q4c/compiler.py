@@ -193,13 +193,15 @@ def _verify(report: dict[str, Any], out: onnx.ModelProto, converted: onnx.ModelP
 
 def _quality_units(ctx: PassContext, samples: list[Feeds]) -> tuple[list[list[Feeds]], str]:
     """What the compiled model's quality is judged on: the held-out calibration samples where
-    the plan was chosen without them (--require), else the first QUALITY_SAMPLES samples; whole
-    sequences (closed loop) for stateful models."""
+    there are (--require: unseen by the scores and the fitting, though its search judged plans
+    on them), else the first QUALITY_SAMPLES samples; whole sequences (closed loop) for stateful
+    models."""
     units = [list(u) for u in ctx.sequences] if ctx.sequences else [[f] for f in samples]
     table = ctx.sensitivity
     held = getattr(table, "held_out", None)
     if held is not None and getattr(table, "fit", None) != held and held.stop <= len(units):
-        return units[held], f"held-out calibration samples {held.start}..{held.stop - 1} (not used to choose the plan)"
+        return units[held], (f"held-out calibration samples {held.start}..{held.stop - 1} (not used for the "
+                             "scores or fitting; the --require search judged plans on them)")
     return units[:QUALITY_SAMPLES], f"the first {min(len(units), QUALITY_SAMPLES)} calibration sample(s)"
 
 
