@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from q4c import graph as g
 from q4c import ort as q4ort
-from q4c.config import Target
+from q4c.config import Granularity, Target
 from q4c.errors import ConfigError, PreconditionError
 from q4c.latency.costs import CostTable, costs
 from q4c.latency.forms import Form as LatencyForm
@@ -36,8 +36,9 @@ from q4c.latency.planner import (
     variants,
 )
 from q4c.pipeline import Pass, PassContext, PassResult
-from q4c.quant.candidates import scheme_key
+from q4c.quant.candidates import candidate, scheme_key
 from q4c.quant.plan import FLOAT, Form, FormBasis, PrecisionPlan, TensorPrecision
+from q4c.quant.weights import WeightSlot, find_weight_slots
 from q4c.timing import interleaved
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class ChooseFormsPass(Pass):
             return PassResult(False)
         plan = ctx.require_plan()
         table = ctx.sensitivity
+        if (table is None or not table.candidates) and plan.defaults.get("mode") == "uniform":
+            table = _uniform_table(graph, plan, ctx)  # --bits: one candidate per weight, only the form is free
         if table is None or not table.candidates:
             raise PreconditionError("--latency-budget needs the sensitivity measurement; run 'measure-sensitivity'")
         if not ctx.samples:
@@ -216,6 +219,26 @@ def _plan_measured(graph: gs.Graph, ctx: PassContext, plan: PrecisionPlan, solve
     lp.met = within
     lp.measured_ratio = measured
     return lp, attempts
+
+
+@dataclass
+class _UniformTable:
+    """What choose-forms reads of a sensitivity table, for a uniform (--bits) plan, which has none:
+    each weight's one candidate (its plan), scored 0."""
+
+    candidates: dict
+    scores: dict
+    slots: dict
+
+
+def _uniform_table(graph: gs.Graph, plan: PrecisionPlan, ctx: PassContext) -> _UniformTable:
+    slots = {}
+    for slot in find_weight_slots(graph):
+        if isinstance(slot, WeightSlot) and slot.tensor.name in plan.tensors and slot.tensor.name not in slots:
+            slots[slot.tensor.name] = slot
+    cands = {n: [candidate(slot, plan.tensors[n].bits, Granularity.parse(plan.tensors[n].granularity.partition("@")[0]),
+                           ctx.opset, plan.tensors[n].scheme)] for n, slot in slots.items()}
+    return _UniformTable(cands, {n: {c[0].key: 0.0} for n, c in cands.items()}, slots)
 
 
 def _key(tp: TensorPrecision) -> str:

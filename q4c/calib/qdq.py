@@ -23,9 +23,13 @@ from q4c.errors import NumericMismatchError
 
 
 def activation_quantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """QuantizeLinear nodes of the main graph whose input is computed, not an initializer."""
+    """QuantizeLinear nodes of the main graph whose input is computed from graph inputs, not from
+    initializers alone (a weight re-quantized at load, the int8-at-load form, is not an activation)."""
     constants = {t.name for t in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    for n in model.graph.node:  # nodes are stored in topological order
+        if n.input and all(not i or i in constants for i in n.input):
+            constants.update(n.output)
     return [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
 
 

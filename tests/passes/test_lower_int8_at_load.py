@@ -206,3 +206,19 @@ def test_tied_output_projection_runs_int8_at_load_from_the_embedding_codes(rng, 
     got = q4ort.run(q4ort.make_session(out, threads=1), feeds)["y"]
     np.testing.assert_allclose(got, run_interp(out, feeds)["y"], rtol=1e-4, atol=1e-4 * float(np.abs(got).max()))
     assert sqnr_db(table[feeds["ids"]] @ table.T, got) > 15  # 4-bit weights, int8 re-rounding, uint8 activations
+
+
+def test_uniform_bits_with_a_latency_budget_plans_forms_only(rng, fake_costs):
+    """--bits 4 --latency-budget: no sensitivity table (uniform plans measure none); every weight keeps
+    4 bits and takes the fastest form, and the compile verifies (the weight's load-time QuantizeLinear
+    is not mistaken for an activation quantizer)."""
+    samples = [{"x": rng.standard_normal((16, 128), dtype=np.float32)} for _ in range(2)]
+    out, report = q4c.compile_model(_two_matmuls(rng), CompileOptions(workers=1, bits=4, latency_budget="0.5"),
+                                    samples=samples, verify=True)
+    tensors = report["plan"]["tensors"]
+    assert {(tp["bits"], tp["form"]) for tp in tensors.values()} == {(4, "int8-at-load")}
+    assert report["plan"]["defaults"]["latency"]["kept_assigned_bits"]
+    onnx.checker.check_model(out, full_check=True)
+    feeds = samples[1]
+    got = q4ort.run(q4ort.make_session(out, threads=1), feeds)["y"]
+    np.testing.assert_allclose(got, run_interp(out, feeds)["y"], rtol=1e-4, atol=1e-4 * float(np.abs(got).max()))
