@@ -1,7 +1,7 @@
 """Scale: compiling a 636.8M-parameter Whisper-large-like encoder (external data), and
 sensitivity analysis on Ray workers vs threads, with a projection to 100 workers.
 
-Parts (--parts, default all):
+Parts (--parts, default large,small,ray,proj; `default` and `cands` on request):
   large  `q4c compile --bits 4` of models/make_large.py's full model, in a child process: wall
          time and peak RSS (resource.getrusage of the children); then the output in ONNX Runtime
          vs the reference interpreter on a short input (FRAMES mel frames).
@@ -9,8 +9,12 @@ Parts (--parts, default all):
          matrix shapes; the full model's candidates would not fit in memory, see the text).
   ray    measure-sensitivity wall time on a bundled model with 1 and 2 threads and 1 and 2 Ray
          workers (a local Ray started once, its start time reported apart), scores compared.
-  proj   the per-pair cost on the full model (one forward run on FRAMES frames x the samples a
-         score runs), for the projection to 100 workers.
+  proj   one forward run of the full model on FRAMES frames (not rendered since `default` measures it
+         inside the tasks).
+  cands  the default compile's candidates per weight of the family (counted, not rounded).
+  default  the default compile of the full model in a child (scale_default.py), 1 and 2 threads, each
+         stopped after --default-limit seconds: RSS per phase, per-task cost, rounding cost per
+         shape class; with cands, the projection to 1, 2 and 100 workers.
 
     python benchmarks/bench_scale.py [--parts large,small,ray,proj] [--write] [--from-results]
 """
@@ -37,11 +41,9 @@ import make_large  # noqa: E402
 
 KEY = "scale"
 FRAMES = 32  # mel frames of the check input: 16 tokens after the stride-2 conv
-RAY_MODEL = "transformer_lm"
+RAY_MODEL = "rnnt_encoder"  # the largest bundled model: rounding 100 candidates dominates
 SMALL_LAYERS = 1
 PARTIAL = Path.home() / ".cache" / "q4c" / "bench_scale.partial.json"
-#: a two-layer member (45M parameters) where hessian scoring (light preparation) dominates
-BIG = "whisper_like_2layer.onnx"
 
 
 def _large_model() -> Path:
@@ -106,18 +108,31 @@ def _ort_vs_interp(path: Path, frames: int) -> dict:
 
 
 def large_rows(tmp: Path) -> list[dict]:
+    """`q4c compile --bits 4` of the full model in a child (benchmarks/scale_default.py: RSS per
+    phase), then its output in ONNX Runtime vs the interpreter."""
     model = _large_model()
-    out = tmp / "large.q4.onnx"
-    run = _compile_child(model, out, ["--bits", "4"])
+    summary = tmp / "large.json"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).with_name("scale_default.py")), "1", "7200", str(summary),
+                    "--bits", "4"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run = json.loads(summary.read_text())
+    if not run["finished"]:
+        raise RuntimeError(f"the --bits 4 compile did not finish: {run['stopped']}")
     r = run["report"]
     row = {"kind": "compile", "model": "whisper_large_enc", "config": "--bits 4", "params": r["input"]["params"],
            "input_bytes": model.stat().st_size + model.with_name(model.name + ".data").stat().st_size,
-           "output_bytes": r["output"]["bytes"], "seconds": run["seconds"], "peak_rss_gib": run["peak_rss_gib"],
+           "output_bytes": r["output"]["bytes"], "seconds": round(seconds, 1),
+           "peak_rss_gib": round(peak_kib / 2**20, 2) if peak_kib > before else run["peak_rss_gib"],
+           "phases": run["phases"],
            "passes": {p["name"]: p["seconds"] for p in r["passes"] if p["seconds"] >= 1.0},
            "sqnr_db_vs_fp32": r["verification"].get("output_sqnr_db"), **_stamp_fields(model),
            "choose_kernels": next((p["stats"] for p in r["passes"] if p["name"] == "choose-kernels"), None),
+           "kernel_choice_source": (r.get("kernel_choice") or {}).get("source"),
            "compile_interp_vs_ort_max_abs": r["verification"].get("interp_vs_ort_max_abs")}
-    row.update(_ort_vs_interp(out, FRAMES))
+    row.update(_ort_vs_interp(summary.with_suffix(".q4.onnx"), FRAMES))
     return [row]
 
 
@@ -155,54 +170,75 @@ def cands_rows(tmp: Path) -> list[dict]:
     return [{"kind": "candidates", "model": "whisper_like_1layer", "per_tensor": counts}]
 
 
-def ray_rows(path: Path | None = None, sensitivities: tuple[str, ...] = ("kl", "hessian")) -> list[dict]:
+#: (backend, workers) subjects of the ray part, timed interleaved
+SUBJECTS = (("threads", 1), ("threads", 2), ("ray", 1), ("ray", 2))
+ROUNDS = 3
+
+
+def ray_rows(path: Path | None = None, sensitivities: tuple[str, ...] = ("kl",)) -> list[dict]:
+    """measure-sensitivity with 1 and 2 threads and 1 and 2 Ray workers, ROUNDS interleaved rounds
+    (q4c.timing; wall time: parallel work is what is timed), a local Ray started once beforehand.
+    Run it under the timing lock: flock /work/notes/timing.lock python benchmarks/bench_scale.py --parts ray"""
     import ray
 
     from q4c import graph as g
     from q4c.calib.readers import synthetic_samples
-    from q4c.config import WorkerBackend
 
     model = g.convert_opset(g.load(path or MODELS / f"{RAY_MODEL}.onnx"))
     samples = synthetic_samples(model, count=4, seed=0)
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - start
-    rows, reference = [], {}
+    rows = []
     try:
         for sensitivity in sensitivities:
-            for backend, workers in ((WorkerBackend.THREADS, 1), (WorkerBackend.THREADS, 2),
-                                     (WorkerBackend.RAY, 1), (WorkerBackend.RAY, 2)):
-                row = _sensitivity_row(model, samples, sensitivity, backend, workers, ray_start, reference)
-                rows.append(row if path is None else {**row, "model": path.stem})
-                print(f"bench: {rows[-1]}", file=sys.stderr)
+            rows += _interleaved_rows(model, samples, sensitivity, ray_start, path.stem if path else RAY_MODEL)
     finally:
         ray.shutdown()
     return rows
 
 
-def _sensitivity_row(model, samples, sensitivity: str, backend, workers: int, ray_start: float,
-                     reference: dict) -> dict:
+def _interleaved_rows(model, samples, sensitivity: str, ray_start: float, name: str) -> list[dict]:
     from q4c import graph as g
-    from q4c.config import CompileOptions
+    from q4c.config import CompileOptions, WorkerBackend
     from q4c.quant.sensitivity import measure
+    from q4c.timing import interleaved
 
-    graph = g.import_graph(model)
-    start = time.perf_counter()
-    table = measure(graph, CompileOptions(workers=workers, workers_backend=backend, sensitivity=sensitivity), 21,
-                    samples)
-    seconds = time.perf_counter() - start
-    reference.setdefault(sensitivity, table.scores)
-    pairs = sum(len(s) for s in table.scores.values())
-    row = {"kind": "sensitivity", "model": RAY_MODEL, "sensitivity": sensitivity, "backend": backend.value,
-           "workers": workers, "seconds": round(seconds, 2), "prepare_seconds": round(table.prepare_seconds, 2),
-           "scoring_seconds": round(seconds - table.prepare_seconds, 2), "tensors": len(table.scores), "pairs": pairs,
-           "same_scores_as_1_thread": table.scores == reference[sensitivity],
-           "ray_local_start_seconds": round(ray_start, 2)}
-    if table.distributed:
-        row.update(tasks=table.distributed["tasks"], forward_runs=table.distributed["forward_runs"])
-    else:
-        row.update(forward_runs=table.runner.runs if table.runner else 0)
-    return row
+    tables: dict[str, list] = {}
+
+    def subject(backend: str, workers: int):
+        def run() -> None:
+            opts = CompileOptions(workers=workers, workers_backend=WorkerBackend(backend), sensitivity=sensitivity)
+            tables.setdefault(f"{backend}:{workers}", []).append(measure(g.import_graph(model), opts, 21, samples))
+        return run
+
+    timing = interleaved({f"{b}:{w}": subject(b, w) for b, w in SUBJECTS}, rounds=ROUNDS, warmup=0)
+    reference = tables["threads:1"][0].scores
+    base = timing.median("threads:1", wall=True)
+    rows = []
+    for key, runs in tables.items():
+        backend, workers = key.split(":")
+        last = runs[-1]
+        row = {"kind": "sensitivity", "model": name, "sensitivity": sensitivity, "backend": backend,
+               "workers": int(workers), "rounds": len(timing.wall[key]),
+               "wall_seconds": [round(x, 2) for x in timing.wall[key]],
+               "seconds": round(timing.median(key, wall=True), 2),
+               "prepare_seconds": round(float(np.median([t.prepare_seconds for t in runs])), 2),
+               "speedup_vs_1_thread": round(base / timing.median(key, wall=True), 2),
+               "tensors": len(last.scores), "pairs": sum(len(v) for v in last.scores.values()),
+               "same_scores_as_1_thread": all(t.scores == reference for t in runs),
+               # wall seconds of the tasks summed (rounding + scoring): the work; over the wall time it is
+               # the parallelism the run got (on a free 2-core machine up to 2 with 2 workers)
+               "task_seconds": round(float(np.median([sum(v["tasks"] for v in t.task_seconds.values()) for t in runs])), 2),
+               "ray_local_start_seconds": round(ray_start, 2)}
+        row["scoring_seconds"] = round(row["seconds"] - row["prepare_seconds"], 2)
+        if last.distributed:
+            row.update(tasks=last.distributed["tasks"], forward_runs=last.distributed["forward_runs"])
+        else:
+            row.update(forward_runs=last.runner.runs if last.runner else 0)
+        rows.append(row)
+        print(f"bench: {row}", file=sys.stderr)
+    return rows
 
 
 def proj_rows() -> list[dict]:
@@ -228,23 +264,190 @@ NETWORK_GBIT_S = 10.0
 LARGE_LAYERS = 32
 
 
-def _projection(cands: dict, forward: dict, ray_rows: list[dict], samples: int) -> tuple[int, list[str]]:
-    """Scoring of the full model's default compile on N Ray workers, from measured parts."""
-    per_tensor = cands["per_tensor"]
-    layer = sum(v for n, v in per_tensor.items() if n.startswith("layers."))
-    pairs = layer * LARGE_LAYERS + sum(v for n, v in per_tensor.items() if not n.startswith("layers."))
-    per_pair = forward["seconds"] * samples
-    start = max(r["ray_local_start_seconds"] for r in ray_rows)
-    per_candidate = max(per_tensor.values())
-    shipped_gb = 2.55 * (1 + per_candidate)  # FP32 weights + every candidate, float32
-    transfer = shipped_gb * 8 / NETWORK_GBIT_S
-    lines = []
-    for workers in (1, 2, 100):
-        scoring = pairs * per_pair / workers
-        overhead = start + (transfer if workers > 2 else 0)
-        lines.append(f"| {workers} | {pairs:,} | {per_pair:.2f} | {scoring / 60:,.1f} | {overhead:.0f} | "
-                     f"{(scoring + overhead) / 60:,.1f} |")
-    return pairs, lines
+#: --schemes of the full model's measured default-compile runs: the uniform ones, so no gptq input
+#: statistics are gathered (float64 x x^T per weight input, ~8 GB on this model: with them the run
+#: passed 20 GiB, see the text)
+MEASURED_SCHEMES = "symmetric,symmetric-absmax"
+
+
+def _child(args: list[str], wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(Path(__file__).with_name("scale_default.py")), *args]
+    return subprocess.run(command, check=True, env=env) if wait else subprocess.Popen(command, env=env)
+
+
+def default_rows(limit: float) -> list[dict]:
+    """The default compile's parts, in children (benchmarks/scale_default.py): the rounding cost of
+    every default candidate per shape class, probed on the one-layer member (the full model's
+    shapes), alongside the full model's compile with --schemes MEASURED_SCHEMES on 1 and then 2
+    threads, each stopped after `limit` seconds if not done: RSS per phase, finished tasks with
+    their forward runs on the full model."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        member = make_large.build(Path(tmp) / "member", layers=1)
+        probing = _child(["1", str(4 * limit), str(Path(tmp) / "probe.json"), "--probe-only", "--model", str(member)],
+                         wait=False)
+        for workers in (1, 2):
+            out = Path(tmp) / f"default{workers}.json"
+            _child([str(workers), str(limit), str(out), "--schemes", MEASURED_SCHEMES])
+            run = json.loads(out.read_text())
+            tasks = run.pop("tasks")
+            run.pop("report", None)
+            run.update(schemes=MEASURED_SCHEMES, tasks_done=len(tasks), task_seconds=[t["seconds"] for t in tasks],
+                       forward_per_run=round(float(np.median([t["forward"] / t["runs"] for t in tasks if t["runs"]])), 3)
+                       if tasks else None, runs_per_task=int(np.median([t["runs"] for t in tasks])) if tasks else None,
+                       scoring_started_at=min((t["at"] - t["seconds"] for t in tasks), default=None))
+            rows.append({"kind": "default", "model": "whisper_large_enc", **run, **_stamp_fields(_large_model())})
+            print(f"bench: default, {workers} workers: {run['tasks_done']}/{run['tasks_total']} tasks in "
+                  f"{run['elapsed_seconds']} s, peak {run['peak_rss_gib']} GiB ({run['stopped'] or 'finished'})",
+                  file=sys.stderr)
+        probing.wait()
+        probe = json.loads((Path(tmp) / "probe.json").read_text())
+    rows.append({"kind": "probe", "model": "whisper_like_1layer", "probe": probe["probe"], "stopped": probe["stopped"],
+                 "peak_rss_gib": probe["peak_rss_gib"], "elapsed_seconds": probe["elapsed_seconds"]})
+    return rows
+
+
+def _layer_free(name: str) -> str:
+    return name.split(".", 2)[-1] if name.startswith("layers.") else name
+
+
+def _pair_costs(probe: dict, cands: dict, forward: float, runs: int) -> list[float]:
+    """Seconds of every (weight, candidate) task of the full model: its rounding, probed on the
+    one-layer member's weight of the same role (the attention projections share one shape), plus
+    `runs` forward runs; the candidates are the probe's (the member's default candidate lists)."""
+    def probed(name: str) -> dict[str, float]:
+        free = _layer_free(name)
+        for n, v in probe.items():
+            other = _layer_free(n)
+            if other == free or other.split(".")[0] == free.split(".")[0] == "self_attn":
+                return {k: c for k, c in v.items() if k != "shape"}
+        raise KeyError(name)
+
+    costs = []
+    for name in cands["per_tensor"]:
+        repeat = LARGE_LAYERS if name.startswith("layers.") else 1
+        costs += [c + forward * runs for c in probed(name).values()] * repeat
+    return costs
+
+
+def _projection(default: list[dict], probe: dict, cands: dict, ray_rows: list[dict]) -> tuple[list[str], dict]:
+    """The full model's default compile on N workers, from measured parts: the serial preparation
+    (measured), every task's rounding + forward runs (measured per shape class) shared by N, and
+    for Ray the local start plus shipping the job (weights + gptq statistics) to the nodes."""
+    one = next(r for r in default if r["workers"] == 1)
+    scoring_at = one["scoring_started_at"] or one["elapsed_seconds"]
+    prepare = scoring_at - next(p[3] for p in one["phases"] if p[0] == "pass measure-sensitivity")
+    before = next(p[3] for p in one["phases"] if p[0] == "pass measure-sensitivity")
+    start = max((r["ray_local_start_seconds"] for r in ray_rows), default=0.0)
+    shipped_gb = 2.55 + STATISTICS_GB
+    lines, info = [], {"prepare": prepare, "before": before, "shipped_gb": shipped_gb}
+    for samples, runs in (("1 (the default's synthetic input)", one["runs_per_task"] or 1), ("4 (a calibration set)", 4)):
+        costs = _pair_costs(probe["probe"], cands, one["forward_per_run"], runs)
+        info.setdefault("pairs", len(costs))
+        for workers in (1, 2, 100):
+            overhead = start + (shipped_gb * 8 / NETWORK_GBIT_S if workers > 2 else 0)
+            scoring = sum(costs) / workers
+            lines.append(f"| {samples} | {workers} | {len(costs):,} | {sum(costs) / len(costs):.2f} | "
+                         f"{(before + prepare) / 60:.1f} | {scoring / 60:,.1f} | {overhead:.0f} | "
+                         f"{(before + prepare + scoring + overhead) / 60:,.1f} |")
+    return lines, info
+
+
+#: gptq's input statistics of the full model (float64 x x^T per weight: 1280^2 for the attention and
+#: fc1 inputs, 5120^2 for fc2, 3840^2 for conv2), shipped with the job
+STATISTICS_GB = 32 * (5 * 1280**2 + 5120**2) * 8 / 1e9 + 3840**2 * 8 / 1e9
+
+
+def _ray_table(ray_rows: list[dict]) -> list[str]:
+    start = ", ".join(sorted({str(r["ray_local_start_seconds"]) for r in ray_rows}))
+    rounds = max(r.get("rounds", 1) for r in ray_rows)
+    out = [f"measure-sensitivity (kl, the default) on the bundled `{RAY_MODEL}` (the largest bundled model: 5 weights, "
+           "100 (weight, candidate) pairs, where rounding the candidates, GPTQ and codebooks included, costs more than "
+           "scoring them) with 4 synthetic samples: threads of one process vs Ray workers, a local Ray started once "
+           f"beforehand ({start} s, not included). Each task rounds its own candidates and drops them after scoring, "
+           "so that work is shared by the workers too; for Ray the wall time includes starting the workers and "
+           f"their sessions. Wall-time medians of {rounds} interleaved rounds (q4c.timing order), run under the "
+           "timing lock:", "",
+           "| model | backend | workers | wall time (median) | rounds | preparing | speedup vs 1 thread | tasks | "
+           "forward runs | task seconds (summed) | parallelism (task s / wall) | scores identical to 1 thread |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in ray_rows:
+        runs = ", ".join(f"{x:.1f}" for x in r.get("wall_seconds", [r["seconds"]]))
+        out.append(f"| {r['model']} | {r['backend']} | {r['workers']} | {r['seconds']:.1f} s | {runs} | "
+                   f"{r.get('prepare_seconds', float('nan')):.2f} s | {r.get('speedup_vs_1_thread', float('nan')):.2f}x | "
+                   f"{r.get('tasks') or '-'} | {r['forward_runs']} | {r.get('task_seconds', float('nan')):.1f} s | "
+                   f"{r.get('task_seconds', float('nan')) / r['seconds']:.2f} | "
+                   f"{'yes' if r['same_scores_as_1_thread'] else 'NO'} |")
+    pick = {(r["backend"], r["workers"]): r for r in ray_rows}
+    if all(k in pick for k in SUBJECTS) and "task_seconds" in pick["ray", 2]:
+        t1, t2, r1, r2 = (pick[k] for k in SUBJECTS)
+        out += ["", f"Ray with 2 workers vs 1 thread: {t1['seconds'] / r2['seconds']:.2f}x, vs 2 threads: "
+                f"{t2['seconds'] / r2['seconds']:.2f}x, vs 1 Ray worker: {r1['seconds'] / r2['seconds']:.2f}x. Two "
+                "threads share one process's GIL (GPTQ's and the codebooks' rounding loops hold it), Ray workers are "
+                "processes. The summed task seconds say how much CPU the run got: the same work took "
+                f"{r1['task_seconds']:.0f} s of task time on 1 Ray worker and {r2['task_seconds']:.0f} s on 2, so each "
+                f"of the 2 workers ran {r2['task_seconds'] / r1['task_seconds']:.1f}x slower than one alone: the "
+                "machine's other jobs (load averages above) left them less than two cores."]
+    return out + [""]
+
+
+#: RSS by phase of the same --bits 4 compile before this session's memory changes (commit ab7942e,
+#: measured with the same sampler in-process; cold kernel cache, so choose-kernels timed both forms)
+BEFORE = {"peak": 14.30, "load": 2.67, "convert (transient)": 5.01, "synthesize-constants": 5.07,
+          "choose-kernels": 11.13, "quantize-weights": 8.39, "verification": 14.30, "save": 9.44}
+
+
+def _memory_text(large: dict) -> str:
+    """Where the --bits 4 compile's memory goes: peak RSS of each phase that raised it."""
+    shown, last = [], 0.0
+    for name, at_start, peak, _ in large["phases"]:
+        if not name.startswith("after ") and peak >= last + 0.3:
+            shown.append(f"{name.removeprefix('pass ')} {at_start:.1f} -> {peak:.1f}")
+        last = max(last, peak) if not name.startswith("after ") else last
+    before = ", ".join(f"{k} {v:.1f}" for k, v in BEFORE.items())
+    return ("Memory, GiB of RSS sampled every 50 ms in the compiling process (phases that raised the peak, RSS "
+            "at their start -> their peak): " + "; ".join(shown) + ". The converted FP32 model (2.4 GiB) lives "
+            "through the whole compile (the verification's reference), and synthesize-constants reads every "
+            "weight out of it into arrays (+2.4 GiB): ~5 GiB before any pass quantizes. Verification builds the "
+            "FP32 reference session last (+2.4 GiB: ONNX Runtime's own copy of the weights). Before this "
+            "session's changes (commit ab7942e, same sampler; peaks in GiB): " + before + ": every session of a "
+            "large model got its weights as in-memory buffers, which ONNX Runtime copies anyway (two copies "
+            "while loading, the buffers kept for the session's life); sessions now read a temporary "
+            "external-data file written one tensor at a time (q4c.external_data.write_for_session). "
+            "choose-kernels' peak (both forms built and timed) happens only when its verdict is not cached "
+            f"(this run: {large.get('kernel_choice_source')}).")
+
+
+def _default_table(default: list[dict]) -> list[str]:
+    out = ["The default compile (kl sensitivity, every rounding scheme) of the full model, `q4c compile` options "
+           "as the CLI's defaults (one synthetic input of 32 frames: pass `--calib` with fewer or shorter samples "
+           "to make each score cheaper), run by `benchmarks/scale_default.py` in a child and stopped at the time "
+           "limit when not done. Each task rounds its one candidate and scores it; the driver holds no candidate:",
+           "", "| threads | time limit | finished | tasks done | of | peak RSS | RSS when scoring started | "
+           "s per task (median) | forward run |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in default:
+        started = next((p[1] for p in r["phases"] if p[0] == "after runner (session, FP32 reference)"), None)
+        median = float(np.median(r["task_seconds"])) if r["task_seconds"] else float("nan")
+        out.append(f"| {r['workers']} | {r['limit_seconds'] / 60:.0f} min | {'yes' if r['finished'] else 'no'} | "
+                   f"{r['tasks_done']} | {r['tasks_total']:,} | {r['peak_rss_gib']:.2f} GiB | {started} GiB | "
+                   f"{median:.1f} s | {r['forward_per_run']} s |")
+    one = default[0]
+    out += ["", "Phases of the 1-thread run (RSS at the start / peak, GiB; started at, s): " +
+            "; ".join(f"{p[0]} {p[1]}/{p[2]} @{p[3]:.0f}" for p in one["phases"] if not p[0].startswith("after "))]
+    return out + [""]
+
+
+def _probe_table(probe: dict) -> list[str]:
+    keys = list(next(iter(probe["probe"].values())))[1:]
+    out = ["Rounding one candidate (s), every candidate of the default compile, on the first weight of each shape "
+           f"class of the one-layer member (the full model's shapes; gptq statistics from its synthetic input; "
+           f"{probe['elapsed_seconds']:.0f} s for the run, peak {probe['peak_rss_gib']:.2f} GiB):", "",
+           "| weight | shape | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+    for name, v in probe["probe"].items():
+        out.append(f"| {name} | {'x'.join(map(str, v['shape']))} | " +
+                   " | ".join(f"{v[k]:.2f}" if k in v else "-" for k in keys) + " |")
+    return out + [""]
 
 
 def render(rows: list[dict]) -> str:
@@ -276,6 +479,8 @@ def render(rows: list[dict]) -> str:
                 "weights with 1 % outlier input channels compound 4-bit noise over 32 layers; a quality figure for "
                 "trained weights needs a trained model). The output loads in ONNX Runtime (under 2 GiB, so one file).",
                 ""]
+        if large.get("phases"):
+            out += [_memory_text(large), ""]
     small = by.get("small")
     if small and small["kind"] == "note":
         out += [small["text"], ""]
@@ -286,47 +491,31 @@ def render(rows: list[dict]) -> str:
                 f"{small['sensitivity_seconds']:.0f} s | {small['prepare_seconds']:.0f} s | {small['tensors']} | "
                 f"{small['pairs']} |", ""]
     if ray_rows:
-        out += [f"measure-sensitivity on the bundled `{RAY_MODEL}` and on `{Path(BIG).stem}` (the generator's "
-                "two-layer member, 45M parameters, hessian only) with synthetic samples: threads of one process vs "
-                "Ray workers (a local Ray started once beforehand, "
-                f"{', '.join(sorted({str(r['ray_local_start_seconds']) for r in ray_rows}))} s, not included). "
-                "Preparing (slots, gptq statistics, every candidate's rounding) runs in the driver either way; scoring "
-                "is what the workers share (for Ray it includes starting the workers and their sessions):",
-                "", "| model | sensitivity | backend | workers | wall time | preparing | scoring | tasks | forward runs | "
-                "scores identical to 1 thread |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in ray_rows:
-            out.append(f"| {r['model']} | {r.get('sensitivity', 'kl')} | {r['backend']} | {r['workers']} | "
-                       f"{r['seconds']:.1f} s | "
-                       f"{r.get('prepare_seconds', float('nan')):.1f} s | {r['scoring_seconds']:.1f} s | "
-                       f"{r.get('tasks') or '-'} | {r['forward_runs']} | {'yes' if r['same_scores_as_1_thread'] else 'NO'} |")
-        pick = {(r["model"], r.get("sensitivity"), r["backend"], r["workers"]): r for r in ray_rows}
-        kl_t, kl_r = pick.get((RAY_MODEL, "kl", "threads", 1)), pick.get((RAY_MODEL, "kl", "ray", 1))
-        overhead = "" if not (kl_t and kl_r) else (
-            f" Ray's cost per task on `{RAY_MODEL}` kl: "
-            f"{(kl_r['scoring_seconds'] - kl_t['scoring_seconds']) / kl_r['tasks'] * 1000:.1f} ms over a thread "
-            "(1 worker each), starting the worker included.")
-        out += ["", "No speedup from a second worker here, threads or Ray: the machine's 2 cores were shared with "
-                "other jobs during these runs (load averages above), so a second worker got no second core. What "
-                "the rows do show: Ray's scores equal the threaded ones bit for bit, and its overhead." + overhead, ""]
-    forward, cands = by.get("proj"), by.get("cands")
-    if forward and cands and ray_rows:
-        samples = 4  # MAX_SAMPLES: a calibration set gives every score 4 samples
-        pairs, lines = _projection(cands, forward, ray_rows, samples)
-        per = max(cands["per_tensor"].values())
-        out += [f"Projection: scoring the full model's default compile on Ray workers. Pairs: the one-layer member's "
-                f"candidate lists (counted by `--parts cands`: {per} per matrix) x {LARGE_LAYERS} layers = {pairs:,}; "
-                f"cost per pair: one FP32 forward run of the full model on {forward['frames']} frames "
-                f"({forward['seconds']:.2f} s, 1 thread, measured) x {samples} calibration samples; overhead: the "
-                "local Ray start measured above, plus for 100 workers shipping the weights and every candidate "
-                f"({2.55 * (1 + per):.0f} GB as float32) once over an assumed {NETWORK_GBIT_S:.0f} Gbit/s network.", "",
-                "| workers | pairs | s per pair | scoring (min) | overhead (s) | total (min) |",
-                "|---:|---:|---:|---:|---:|---:|", *lines, "",
-                "Not in the projection: preparing the candidates (rounding every weight every way, k-means codebooks "
-                "and GPTQ included) runs serially in the compiling process and was not measured at this size (see "
-                "above); with 100 workers it, not the scoring, sets the wall time. And every worker node needs the "
-                "weights plus every candidate in memory (~50 GB here), so the default compile of this model needs "
-                "candidates prepared per worker (each worker rounding only the tensors of its tasks): not done yet.",
-                ""]
+        out += _ray_table(ray_rows)
+    default = [r for r in rows if r["kind"] == "default"]
+    if default:
+        out += _default_table(default)
+    cands = by.get("cands")
+    probe = next((r for r in rows if r["kind"] == "probe"), None)
+    if probe:
+        out += _probe_table(probe)
+    if default and cands and probe and default[0].get("forward_per_run"):
+        lines, info = _projection(default, probe, cands, ray_rows)
+        out += [f"Projection of the full model's default compile from those measured parts: {info['pairs']:,} "
+                "(weight, candidate) tasks (the one-layer member's default candidate lists as probed, x "
+                f"{LARGE_LAYERS} layers), each costing its candidate's rounding (probed above per shape class) plus "
+                "its forward runs (measured per run in the tasks above); before scoring, serially, everything up to "
+                "the first task (loading, converting, the passes before measure-sensitivity, the runner's session "
+                f"and FP32 reference: {info['before'] / 60:.1f} + {info['prepare'] / 60:.1f} min measured above, "
+                "without the gptq statistics the default adds: one more forward pass and ~8 GB). Ray overhead: the "
+                "local start measured above, and for 100 workers on other nodes "
+                f"shipping the job (FP32 weights and gptq statistics, {info['shipped_gb']:.0f} GB, no rounded "
+                f"candidate) once over an assumed {NETWORK_GBIT_S:.0f} Gbit/s network. After scoring, "
+                "assign-precision measures a few whole plans (one forward run each) and the rest of the compile is "
+                "that of `--bits 4` above; neither is in the table.", "",
+                "| calibration samples per score | workers | tasks | s per task | before scoring (min) | "
+                "scoring (min) | overhead (s) | total to plan (min) |", "|---|---:|---:|---:|---:|---:|---:|---:|",
+                *lines, ""]
     out.append("<!-- scale:end -->")
     return "\n".join(out)
 
@@ -335,6 +524,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="large,small,ray,proj")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--default-limit", type=float, default=900.0,
+                        help="seconds each run of the default part may take before it is stopped")
     parser.add_argument("--from-results", action="store_true", help=f"re-render benchmarks/results/{KEY}.json")
     args = parser.parse_args()
     saved = json.loads((RESULTS / f"{KEY}.json").read_text()) if (RESULTS / f"{KEY}.json").exists() else []
@@ -349,13 +540,15 @@ def main() -> int:
                 load = os.getloadavg()[0]
                 new = {"large": lambda: large_rows(Path(tmp)), "small": lambda: small_rows(Path(tmp)),
                        "ray": ray_rows, "proj": proj_rows, "cands": lambda: cands_rows(Path(tmp)),
-                       "raybig": lambda: ray_rows(make_large.build(Path(tmp) / "big", layers=2, name=BIG),
-                                                  ("hessian",))}[part]()
+                       "default": lambda: default_rows(args.default_limit)}[part]()
                 # the machine is shared: the load average (1 min, 2 cores) at the start and end of the part
                 rows.extend({**r, "load_avg": [round(load, 1), round(os.getloadavg()[0], 1)]} for r in new)
                 PARTIAL.parent.mkdir(parents=True, exist_ok=True)  # survives a crash of a later part
                 PARTIAL.write_text(json.dumps(rows, indent=2, default=str))
         rows = [r for r in saved if _part(r) not in parts] + rows  # parts not rerun keep their rows
+    # the one-layer note and the forward timing describe the compile before tasks rounded their own
+    # candidates: the default part measures both on the full model now
+    rows = [r for r in rows if r["kind"] not in ("note", "forward")]
     section = render(rows)
     print(with_stamp(section, stamp(KEY, rows)[0]))
     if args.write:
@@ -365,9 +558,11 @@ def main() -> int:
 
 def _part(row: dict) -> str:
     if row["kind"] == "sensitivity":
-        return "raybig" if row["model"] == Path(BIG).stem else "ray"
+        return "ray"
     if row["kind"] == "forward":
         return "proj"
+    if row["kind"] in ("default", "probe"):
+        return "default"
     if row["kind"] in ("candidates", "note"):
         return "cands" if row["kind"] == "candidates" else "small"
     return "large" if row["model"] == "whisper_large_enc" else "small"
