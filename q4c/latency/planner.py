@@ -149,6 +149,9 @@ def layer_picks(layer: Layer, candidates: Mapping[str, Sequence[Candidate]], sco
         for form in FORMS[layer.shape.kind]:
             if not _form_ok(form, layer.shape.kind, cands) or (forms is not None and form not in forms):
                 continue
+            if form is Form.INT8_AT_LOAD and all(c.bits == 8 for c in cands) and \
+                    (forms is None or Form.INT8_DYNAMIC in forms) and _form_ok(Form.INT8_DYNAMIC, layer.shape.kind, cands):
+                continue  # 8-bit codes: int8-dynamic rounds once per column, int8-at-load twice (block, then column)
             nbytes = sum(c.nbytes for c in cands)
             if form is Form.INT8_DYNAMIC:
                 nbytes = sum(_int8_channel_bytes(c, weight_shapes[w]) for c, w in zip(cands, layer.weights, strict=True))
