@@ -5,8 +5,12 @@ quantize-weights, lower-ort-kernels and lower-recurrent, only read them).
 Rules (the measured ones are in passes/lower_recurrent.py's docstring, BENCHMARKS.md "recurrent"):
 - `--kernels fp32-at-load`: FP32_AT_LOAD everywhere (any target); `--target onnx`: DEQUANTIZE_LINEAR.
 - MatMul weights (all consumers MatMul, weight as B, a MatMulNBits block fits): MATMULNBITS;
-  embeddings read only by Gather on axis 0 with blocks along the row: GATHER_BLOCK_QUANTIZED;
-  other weights DEQUANTIZE_LINEAR (scales as the op reads them).
+  embeddings read only by Gather on axis 0 with blocks along the row: GATHER_BLOCK_QUANTIZED,
+  except under `--kernels auto` when no weight takes MATMULNBITS or INT8_ACTIVATIONS (whose
+  QDQ fusions folding at load would turn off): then FP32_AT_LOAD (the kernel
+  is never faster than Gather -- 1.2x at 1 token, up to 9x at 256 -- and with no MatMulNBits to
+  share the packed table with, 4-bit storage in memory is all it buys: the RNN-T prediction
+  network ran 1.03x FP32 with it); other weights DEQUANTIZE_LINEAR (scales as the op reads them).
 - LSTM/GRU/RNN: `recurrent_form` (DynamicQuantizeLSTM for all-8-bit LSTMs from H=256, Scan +
   MatMulNBits from H=384, any size with `--kernels low-bit` or layout 1), else FP32_AT_LOAD.
 """
@@ -86,6 +90,10 @@ def rule_forms(graph: gs.Graph, plan: PrecisionPlan, target: Target, kernels: st
         out[name] = Decision(kernel, basis) if kernel is not None else Decision(Form.DEQUANTIZE_LINEAR, FormBasis.REQUIRED)
     for node in {id(s.node): s.node for group in slots.values() for s in group if s.node.op in _RECURRENT}.values():
         out.update(_recurrent_decisions(graph, node, plan, kernels, basis))
+    planned = {tp.form for tp in plan.tensors.values()} | {d.form for d in out.values()}
+    if kernels == "auto" and not planned & {*MATMULNBITS_FORMS, Form.INT8_ACTIVATIONS}:
+        out = {n: Decision(Form.FP32_AT_LOAD, FormBasis.SPEED_RULE) if d.form is Form.GATHER_BLOCK_QUANTIZED else d
+               for n, d in out.items()}
     return out
 
 

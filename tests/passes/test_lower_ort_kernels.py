@@ -53,7 +53,7 @@ def test_embedding_gather_becomes_gather_block_quantized(rng):
                        [helper.make_tensor_value_info("tok", TensorProto.INT64, [2, 5])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 64])],
                        {"E": heavy_tailed(rng, (300, 64))})
-    dq, lowered, result, _ = _lower(model, CompileOptions())
+    dq, lowered, result, _ = _lower(model, CompileOptions(kernels="low-bit"))
     assert result.stats == {"gather_block_quantized": 1}
     # a table of its own: the 2-D layout, whose rows come out as Gather's (no Shape/Concat/Reshape per call)
     assert op_histogram(lowered) == {"com.microsoft::GatherBlockQuantized": 1}
@@ -63,6 +63,19 @@ def test_embedding_gather_becomes_gather_block_quantized(rng):
     want = run_ort(dq, feeds)["y"]
     np.testing.assert_array_equal(run_ort(lowered, feeds)["y"], want)
     np.testing.assert_array_equal(run_interp(lowered, feeds)["y"], want)
+
+
+def test_auto_folds_an_embedding_at_load_when_no_weight_takes_matmulnbits(rng):
+    # GatherBlockQuantized is never faster than Gather; alone it only saves memory (--kernels low-bit)
+    model = make_model([helper.make_node("Gather", ["E", "tok"], ["y"])],
+                       [helper.make_tensor_value_info("tok", TensorProto.INT64, [2, 5])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 64])],
+                       {"E": heavy_tailed(rng, (300, 64))})
+    _, lowered, result, ctx = _lower(model, CompileOptions())
+    (tp,) = [tp for tp in ctx.plan.tensors.values() if tp.bits != 32]
+    assert (tp.form, tp.chosen_for) == (Form.FP32_AT_LOAD, FormBasis.SPEED_RULE)
+    # float16 scales: DequantizeLinear -> Cast -> Gather, all folded at session load
+    assert result.stats == {} and op_histogram(lowered) == {"Cast": 1, "DequantizeLinear": 1, "Gather": 1}
 
 
 def test_block_sizes_without_a_kernel_keep_dequantize(rng):
