@@ -159,9 +159,12 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
         del model.graph.output[count:]
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
-    for feeds in _calls(samples, extra, sums, counts):
+    for feeds, added in _calls(samples, extra, sums, counts):
         values = q4ort.run(session, feeds)
         for tensor, how in {(t, h) for t, h in wanted.values()}:
+            if added and _full(f"{tensor}|{how}", sums, counts):
+                continue  # each Hessian reads added calls only until it has its rows: the same
+                # Hessian whichever other weights are wanted (a replayed plan asks for fewer)
             x = np.asarray(values[tensor], dtype=np.float64)
             if isinstance(how, ConvGeometry):
                 parts = [conv_patches(x, how)]
@@ -190,16 +193,21 @@ def fitting_calls(sequences: Sequence[Sequence[Mapping[str, np.ndarray]]] | None
 
 def _calls(samples: Sequence[Mapping[str, np.ndarray]], extra: Sequence[Mapping[str, np.ndarray]],
            sums: Mapping[str, list[np.ndarray]], counts: Mapping[str, int]):
-    """The calls input_hessians runs; reads `sums`/`counts` as they fill. The extra calls are
+    """(call, added) for each call input_hessians runs; reads `sums`/`counts` as they fill. The extra calls are
     every step-th of `extra`, visited coarse to fine (every SPREAD-th of them first), so stopping
     early still samples all of it."""
     first = samples[:MAX_SAMPLES]
-    yield from first
+    for call in first:
+        yield call, False
     seen = {id(call) for call in first}
     rest = [call for call in extra if id(call) not in seen]
     chosen = rest[:: max(1, -(-len(rest) // (MAX_CALLS - len(first))))]
     for offset in range(SPREAD):
         for call in chosen[offset::SPREAD]:
-            if all(counts[k] >= MIN_ROWS_PER_COLUMN * len(sums[k][0]) for k in counts):
+            if all(_full(k, sums, counts) for k in counts):
                 return
-            yield call
+            yield call, True
+
+
+def _full(key: str, sums: Mapping[str, list[np.ndarray]], counts: Mapping[str, int]) -> bool:
+    return key in counts and counts[key] >= MIN_ROWS_PER_COLUMN * len(sums[key][0])

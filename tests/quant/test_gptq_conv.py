@@ -159,3 +159,19 @@ def test_extra_hessian_calls_come_from_the_scored_sequences_only():
     assert [int(c["x"][0, 0]) for c in fitting_calls(seqs, 4)] == [0, 1, 2, 10, 11, 12, 20, 21, 22, 30, 31, 32]
     assert [int(c["x"][0, 0]) for c in fitting_calls(seqs[:3], 4)] == [0, 1, 2, 10, 11, 12]
     assert fitting_calls(None, 4) == []
+
+
+def test_each_hessian_stops_at_its_own_rows_so_a_replayed_plan_gets_the_same_one(rng):
+    # M1 reads 16 features (needs 64 rows), M2 64 features (needs 256): measured together or M1
+    # alone (a replayed plan asks only for the weights it rounds with gptq), M1's Hessian is the same.
+    model = make_model([helper.make_node("MatMul", ["a", "M1"], ["y1"]), helper.make_node("MatMul", ["b", "M2"], ["y2"])],
+                       [helper.make_tensor_value_info("a", F, [1, 16]), helper.make_tensor_value_info("b", F, [1, 64])],
+                       [helper.make_tensor_value_info("y1", F, [1, 4]), helper.make_tensor_value_info("y2", F, [1, 4])],
+                       {"M1": heavy_tailed(rng, (16, 4)), "M2": heavy_tailed(rng, (64, 4))}, opset=21)
+    slots = {s.tensor.name: s for s in find_weight_slots(gs.import_onnx(model)) if not isinstance(s, tuple)}
+    samples = [{"a": rng.standard_normal((1, 16)).astype(np.float32), "b": rng.standard_normal((1, 64)).astype(np.float32)}
+               for _ in range(400)]
+    both = input_hessians(model, slots, samples, extra=samples)
+    alone = input_hessians(model, {"M1": slots["M1"]}, samples, extra=samples)
+    np.testing.assert_array_equal(both["M1"][0], alone["M1"][0])
+    assert np.linalg.matrix_rank(both["M2"][0]) == 64  # M2 read on past M1's 64 rows
