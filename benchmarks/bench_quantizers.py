@@ -163,13 +163,14 @@ class Study:
             else:
                 kind, axis, size = "block", 1, block
             return quantize(w, BITS, granularity=kind, axis=axis, block_size=size, scale_dtype=np.float16).dequantize()
-        if method in ("gptq", "gptq32"):
+        if method.startswith("gptq"):  # "gptq": per channel; "gptqN": blocks of N
             hessian = self.stats[name][1]
+            n = int(method[4:] or 0)
             if name in self.convs:
-                kind, axis, size = conv_block_layout(w.shape, 32) if method == "gptq32" else ("channel", 0, 0)
+                kind, axis, size = conv_block_layout(w.shape, n) if n else ("channel", 0, 0)
                 return gptq_conv(w, hessian, BITS, kind=kind, axis=axis, block_size=size, clip_ratios=CLIP_RATIOS,
                                  scale_dtype=np.float16).dequantize()
-            block = 32 if method == "gptq32" else rows.shape[1]
+            block = n or rows.shape[1]
             codes, scales = gptq_rows(rows, hessian, BITS, block, CLIP_RATIOS, np.float16)
             return (codes.astype(np.float32) * np.repeat(scales.astype(np.float32), block, axis=1)[:, : rows.shape[1]])
         if method in ("kmeans", "mulaw"):

@@ -69,7 +69,9 @@ def quantize(
         axis: the channel axis for "channel", the reduction axis for "block".
         scale_dtype: how scales are stored (float16 halves their bytes); codes are computed
             against the stored, rounded scale so DequantizeLinear reproduces them exactly.
-        asymmetric: a zero point per group too (`_quantize_groups_asymmetric`).
+        asymmetric: a zero point per group too (`_quantize_groups_asymmetric`). Measured only
+            (benchmarks/bench_quantizers.py: no better than symmetric on Silero's weights); no
+            compile path stores zero points.
     """
     w = np.asarray(w, dtype=np.float32)
     fit = _quantize_groups_asymmetric if asymmetric else _quantize_groups_symmetric
