@@ -37,7 +37,7 @@ import onnx
 
 import q4c
 from q4c import ort as q4ort
-from q4c.timing import calls_per_sample, interleaved
+from q4c.timing import Timing, calls_per_sample, interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MODELS, REAL_CACHE, RESULTS, bench_data, bundled_models, publish  # noqa: E402
@@ -192,18 +192,29 @@ def _silero_case(name: str) -> tuple[object, dict] | None:
 #: process-CPU seconds per timed sample of the default rows (many calls of a 15 us model per sample)
 DEFAULT_SAMPLE_SECONDS = 0.01
 DEFAULT_ROUNDS = 101
+#: sessions per model: identical FP32 files in separate sessions measure 0.98-1.02x of each other
+#: with tight intervals (where ONNX Runtime's buffers land), so one session per side is not enough
+DEFAULT_SESSIONS = 4
 
 
 def default_ratio(src: Path, dst: Path, feeds: dict) -> dict:
-    """q4c over FP32 latency: median per-call process-CPU time, DEFAULT_ROUNDS interleaved rounds
-    of ~DEFAULT_SAMPLE_SECONDS each, with its paired bootstrap 95 % interval over rounds."""
-    sessions = {k: q4ort.make_session(onnx.load(p), threads=1) for k, p in (("fp32", src), ("q4c", dst))}
+    """q4c over FP32 latency: DEFAULT_SESSIONS sessions of each, all interleaved over
+    DEFAULT_ROUNDS rounds of ~DEFAULT_SAMPLE_SECONDS of back-to-back calls; per round the mean
+    per-call time over a side's sessions; the ratio of the medians over rounds, with its paired
+    bootstrap 95 % interval over rounds, and the spread of the FP32 sessions' own medians (the
+    session-to-session noise the interval does not show)."""
+    sessions = {f"{k}#{i}": q4ort.make_session(onnx.load(p), threads=1)
+                for i in range(DEFAULT_SESSIONS) for k, p in (("fp32", src), ("q4c", dst))}
     subjects = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
-    repeat = calls_per_sample(subjects["fp32"], DEFAULT_SAMPLE_SECONDS)
+    repeat = calls_per_sample(subjects["fp32#0"], DEFAULT_SAMPLE_SECONDS)
     timing = interleaved(subjects, rounds=DEFAULT_ROUNDS, warmup=3, repeat=repeat)
-    low, high = timing.ratio_interval("q4c", "fp32")
-    return {"latency_ratio": timing.ratio("q4c", "fp32"), "ratio_low": low, "ratio_high": high,
-            "fp32_ms": timing.median("fp32") * 1e3, "rounds": timing.rounds, "calls_per_sample": repeat}
+    side = {k: np.mean([timing.cpu[f"{k}#{i}"] for i in range(DEFAULT_SESSIONS)], axis=0) for k in ("fp32", "q4c")}
+    pooled = Timing({k: list(v) for k, v in side.items()})
+    low, high = pooled.ratio_interval("q4c", "fp32")
+    fp32_sessions = [timing.median(f"fp32#{i}") for i in range(DEFAULT_SESSIONS)]
+    return {"latency_ratio": float(pooled.ratio("q4c", "fp32")), "ratio_low": low, "ratio_high": high,
+            "fp32_session_spread": max(fp32_sessions) / min(fp32_sessions), "fp32_ms": float(pooled.median("fp32")) * 1e3,
+            "rounds": timing.rounds, "calls_per_sample": repeat, "sessions": DEFAULT_SESSIONS}
 
 
 def measure_default(name: str, src: Path, tmp: Path, feeds: dict | None) -> dict:
@@ -402,11 +413,14 @@ def render(rows: list[dict]) -> str:
                 "the state FP32 carried there (the sequence export: its first block), compiled with its calibration "
                 "reader; DeepFilterNet3's graphs on synthetic inputs. Median per-call process-CPU time over "
                 f"{DEFAULT_ROUNDS} interleaved rounds of ~{int(DEFAULT_SAMPLE_SECONDS * 1e3)} ms of back-to-back "
-                "calls each; [95 % interval] = paired bootstrap over rounds:", "",
-                "| model | size / FP32 | latency / FP32 [95 %] | FP32 ms |", "|---|---|---|---|"]
+                f"calls each, averaged per round over {DEFAULT_SESSIONS} sessions of each model (identical files in "
+                "separate sessions measure up to 2-4 % apart: where ONNX Runtime's buffers land); [95 % interval] = "
+                "paired bootstrap over rounds; `FP32 A/A` = slowest over fastest median of the FP32 sessions:", "",
+                "| model | size / FP32 | latency / FP32 [95 %] | FP32 A/A | FP32 ms |", "|---|---|---|---|---|"]
         out += [f"| {r['model']} | {_f(r.get('size_ratio'), 3)} | {_f(r.get('latency_ratio'))} "
-                f"[{_f(r.get('ratio_low'))}, {_f(r.get('ratio_high'))}] | {_f(r.get('fp32_ms'), 3)} |"
-                if "error" not in r else f"| {r['model']} | — | — | {r['error']} |" for r in defaults]
+                f"[{_f(r.get('ratio_low'))}, {_f(r.get('ratio_high'))}] | {_f(r.get('fp32_session_spread'), 3)} | "
+                f"{_f(r.get('fp32_ms'), 3)} |"
+                if "error" not in r else f"| {r['model']} | — | — | — | {r['error']} |" for r in defaults]
     kernels = [r for r in rows if r.get("part") == "kernels"]
     if kernels:
         out += ["", "The measured cost of each planner form per layer shape (time / the FP32 op of the same shape, 1 "
