@@ -27,7 +27,7 @@ from typing import Any
 
 from q4c import kernel_cache
 from q4c import ort as q4ort
-from q4c.latency.forms import SESSION_CONFIG, Form, LayerShape, timed_bits
+from q4c.latency.forms import NOT_PLANNED, SESSION_CONFIG, Form, LayerShape, timed_bits
 from q4c.latency.micro import layer_feeds, layer_model
 from q4c.quant.plan import FLOAT
 from q4c.timing import interleaved
@@ -120,7 +120,8 @@ class CostTable:
         age = None if self.oldest is None else round(time.time() - self.oldest, 1)
         return {"cache_key": self.cache_key, "cache_path": self.cache_path, "entries_measured": self.measured,
                 "entries_cached": self.cached, "oldest_entry_age_s": age,
-                "timing": "process-CPU median per call, 1 intra-op thread, forms of a shape interleaved"}
+                "timing": "process-CPU median per call, 1 intra-op thread, forms of a shape interleaved",
+                "forms_not_planned": dict(NOT_PLANNED)}
 
 
 def _repeat(call, target: float) -> int:

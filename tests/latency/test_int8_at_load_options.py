@@ -52,3 +52,9 @@ def test_lut_gemm_applicability_follows_onnx_runtime():
     assert "N a multiple of 128" in lut_gemm_reason(128, 501, 2, 32)
     assert "2-bit only" in lut_gemm_reason(128, 256, 4, 32)
     assert "multiple of 32" in lut_gemm_reason(96 + 16, 256, 2, 32)
+
+
+def test_cost_report_says_which_menu_forms_are_not_planned_and_why():
+    report = CostTable().report()["forms_not_planned"]
+    assert set(report) == {"matmulnbits-2bit-lut", "int8-static"}
+    assert "N % 128" in report["matmulnbits-2bit-lut"] and "DynamicQuantizeMatMul" in report["int8-static"]
