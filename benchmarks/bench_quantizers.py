@@ -10,7 +10,8 @@ quantizer is measured with one session.
 
 Quantizers (all 4 bits): symmetric per channel (q4c's "symmetric", MSE clipping), GPTQ per channel
 (Hessians of the layer inputs: Conv patches, LSTM x and h), symmetric blocks of 32 / 16 along
-the reduction axis (q4c's Conv block layout), GPTQ in blocks of 32 (q4c's default layout), k-means / mu-law codebooks per channel,
+the reduction axis (q4c's Conv block layout), GPTQ in blocks of 32 (q4c's default layout) and 16,
+GPTQ with act-order (columns by decreasing Hessian diagonal, scales fixed beforehand) in blocks of 32, k-means / mu-law codebooks per channel,
 ASYMMETRIC per channel (zero point per channel, MSE range search), and bias correction on top of
 symmetric and asymmetric (b' = b - dW E[x] with E[x] the mean Conv patch / LSTM x and h over the
 calibration calls; a Conv without a bias gets one).
@@ -42,7 +43,7 @@ import silero  # noqa: E402
 from q4c import ort as q4ort  # noqa: E402
 from q4c.metrics import decision_flips  # noqa: E402
 from q4c.quant.codebook import quantize_codebook  # noqa: E402
-from q4c.quant.gptq import gptq_rows  # noqa: E402
+from q4c.quant.gptq import error_spread, gptq_rows  # noqa: E402
 from q4c.quant.gptq_conv import gptq_conv  # noqa: E402
 from q4c.quant.qparams import CLIP_RATIOS, quantize  # noqa: E402
 from q4c.quant.weights import conv_block_layout  # noqa: E402
@@ -51,7 +52,7 @@ EXPORT = "silero_vad_16k_op15"
 BITS = 4
 LSTM_X = "/model/encoder/3/activation/Relu_output_0"  # the LSTM's input (one frame per call)
 LSTM_W, LSTM_R, LSTM_B = ("model.decoder.rnn.weight_ih", "model.decoder.rnn.weight_hh", "model.decoder.rnn.bias_ih")
-METHODS = ("sym", "gptq", "block32", "gptq32", "block16", "kmeans", "mulaw", "asym", "sym+bc", "asym+bc")
+METHODS = ("sym", "gptq", "block32", "gptq32", "block16", "gptq16", "actorder32", "kmeans", "mulaw", "asym", "sym+bc", "asym+bc")
 
 
 def conv_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -163,6 +164,10 @@ class Study:
             else:
                 kind, axis, size = "block", 1, block
             return quantize(w, BITS, granularity=kind, axis=axis, block_size=size, scale_dtype=np.float16).dequantize()
+        if method.startswith("actorder"):  # "actorderN": GPTQ, columns by decreasing H diagonal, static scales
+            n = int(method[8:])
+            kind, axis, size = conv_block_layout(w.shape, n) if name in self.convs else ("block", 1, n)
+            return act_order(w, self.stats[name][1], kind, axis, size)
         if method.startswith("gptq"):  # "gptq": per channel; "gptqN": blocks of N
             hessian = self.stats[name][1]
             n = int(method[4:] or 0)
@@ -203,6 +208,29 @@ class Study:
                 "flips_pct": 100 * decision_flips(self.reference, p)}
 
 
+def act_order(w: np.ndarray, hessian: np.ndarray, kind: str, axis: int, block: int) -> np.ndarray:
+    """GPTQ with act-order (columns by decreasing Hessian diagonal) and static groups: each
+    group's scale chosen from the original weights (q4c's MSE clipping), as the group layout of
+    quantize(); returns the dequantized weight (an experiment: not a q4c scheme)."""
+    base = quantize(w, BITS, granularity=kind, axis=axis, block_size=block, scale_dtype=np.float16)
+    scale = base._expand(base.scale).astype(np.float64).reshape(w.shape[0], -1)  # per weight
+    rows = w.reshape(w.shape[0], -1).astype(np.float64)
+    order = np.argsort(-np.diag(hessian), kind="stable")
+    wp = rows[:, order].copy()
+    u = error_spread(np.asarray(hessian)[np.ix_(order, order)], wp)
+    sp = scale[:, order]
+    qmin, qmax = -(2 ** (BITS - 1)), 2 ** (BITS - 1) - 1
+    out = np.zeros_like(wp)
+    for j in range(wp.shape[1]):
+        q = np.clip(np.rint(wp[:, j] / sp[:, j]), qmin, qmax)
+        out[:, j] = q * sp[:, j]
+        err = (wp[:, j] - out[:, j]) / u[j, j]
+        wp[:, j + 1:] -= np.outer(err, u[j, j + 1:])
+    result = np.zeros_like(out)
+    result[:, order] = out
+    return result.reshape(w.shape).astype(np.float32)
+
+
 def table(rows: list[dict], names: list[str], methods: list[str]) -> str:
     short = {n: n.replace("model.", "").replace(".reparam_conv.weight", "").replace("decoder.rnn.", "lstm.")
              for n in names}
@@ -237,8 +265,9 @@ def section(rows: list[dict], sizes: dict[str, tuple[int, int]], plan: dict[str,
         "probabilities vs FP32. Each cell: decision flips at 0.5 / mean |dp|. GPTQ Hessians, bias-correction "
         "means and codebooks come from the calibration audio only; the test rows are held out. "
         "sym = q4c symmetric per channel (MSE clipping, float16 scales); gptq = per channel with "
-        "GPTQ rounding against the layer inputs' Hessian (Conv patches, LSTM x / h); gptq32 = the same in "
-        "blocks of 32 (q4c's default layout); blockN = symmetric blocks of N along the reduction axis "
+        "GPTQ rounding against the layer inputs' Hessian (Conv patches, LSTM x / h); gptqN = the same in "
+        "blocks of N (32: q4c's default layout); actorder32 = GPTQ with act-order (columns by decreasing Hessian "
+        "diagonal, block scales fixed from the FP32 weights); blockN = symmetric blocks of N along the reduction axis "
         "(q4c's Conv layout); kmeans / mulaw = 16-entry codebook per channel; asym = per channel with "
         "a zero point (MSE search over both range ends); +bc = bias correction b' = b - dW E[x].\n\n"
         + tables + "\n\n" + verdict(rows) + " GPTQ rounding (output-aware) is the mechanism that wins on "
@@ -251,7 +280,7 @@ def section(rows: list[dict], sizes: dict[str, tuple[int, int]], plan: dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=",".join(METHODS), help="measured on the calibration audio")
-    ap.add_argument("--test-methods", default="sym,block32,gptq,gptq32,asym",
+    ap.add_argument("--test-methods", default="sym,block32,gptq,gptq32,gptq16,actorder32,asym",
                     help="measured on the test audio too (statistics from the calibration audio)")
     ap.add_argument("--write", action="store_true", help="publish the tables as BENCHMARKS.md section 'quantizers'")
     ap.add_argument("--from-results", action="store_true", help="re-render the section from benchmarks/results/quantizers.json")
