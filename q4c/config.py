@@ -68,6 +68,12 @@ def _member(cls: type[enum.StrEnum], value: object, what: str):  # returns a mem
         raise ConfigError(f"{what} must be one of {', '.join(m.value for m in cls)}, not {value!r}") from None
 
 
+#: samples of --calib DATA / the reader used when --calib-samples is not given; with --require
+#: more (the requirement is judged on the held-out half, and its bound narrows with more units)
+DEFAULT_CALIB_SAMPLES = 32
+REQUIRE_CALIB_SAMPLES = 128
+
+
 @dataclass(frozen=True)
 class Granularity:
     """How scales are shared: one per output channel, or one per `block` along the reduction axis.
@@ -142,7 +148,7 @@ class CompileOptions:
     #: how calibration picks activation ranges: minmax | percentile | entropy | mse
     observer: Observer = Observer.PERCENTILE
     #: at most this many samples of --calib DATA are used
-    calib_samples: int = 32
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
     #: --load-calib: replay a calibration table instead of calibrating
     calib_table: Path | None = None
     #: ort-cpu only: "low-bit" keeps MatMulNBits / GatherBlockQuantized (4-bit weights in memory,

@@ -14,7 +14,9 @@ from q4c.cli.render import emit_json
 from q4c.compiler import compile_file
 from q4c.config import (
     CODEBOOK_SCHEMES,
+    DEFAULT_CALIB_SAMPLES,
     KERNELS,
+    REQUIRE_CALIB_SAMPLES,
     UNIFORM_SCHEMES,
     CompileOptions,
     Granularity,
@@ -116,8 +118,10 @@ from q4c.graph import check_writable, write_text
               help="Python reader instead of DATA ('pkg.mod:fn' or 'file.py:fn'): fn() returns an iterable of feed "
                    "dicts, or of lists of them (sequences of calls); a 'state_pairs' attribute on fn maps output "
                    "names to the input names they feed on the next call.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Use at most this many samples of DATA or the reader.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+              help="Use at most this many samples of DATA or the reader. Default: 32, or 128 with --require "
+                   "(the requirement is judged on the samples after those scored, at least half: a bound over "
+                   "more held-out samples is tighter, so smaller plans can be shown to meet it).")
 @click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="int8: uint8 Q/DQ on the activations of MatMul/Gemm/Conv (ranges from calibration) so ONNX Runtime "
                    "runs integer kernels; their weights become int8 per channel. Recurrent state, LSTM/GRU internals, "
@@ -157,7 +161,7 @@ from q4c.graph import check_writable, write_text
 def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: float | None, size_budget: int | None,
                 ratio: float | None, scheme: str, workers: str, ray_address: str | None, candidates: str, sensitivity: str, granularity: str, target: str, kernels: str,
                 passes: str | None,
-                data: Path | None, calib_reader: str | None, calib_samples: int, activations: str, observer: str,
+                data: Path | None, calib_reader: str | None, calib_samples: int | None, activations: str, observer: str,
                 save_calib: Path | None, load_calib: Path | None, plan: Path | None, save_plan: Path | None, keep_fp32: tuple[str, ...],
                 plot_pareto: Path | None, report_path: Path | None, dump_dir: Path | None, check: bool, verify: bool, strict: bool,
                 allow_nonfinite: bool, as_json: bool, objective: tuple[str, ...] = (), scoring: str = "auto",
@@ -195,7 +199,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         kernels=kernels,
         activations=activations,
         observer=observer,
-        calib_samples=calib_samples,
+        calib_samples=calib_samples or (REQUIRE_CALIB_SAMPLES if require else DEFAULT_CALIB_SAMPLES),
         calib_table=load_calib,
         allow_nonfinite=allow_nonfinite,
         objectives=_parse_objectives(objective, model),

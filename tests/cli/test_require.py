@@ -125,3 +125,31 @@ def test_size_budget_caps_the_search(tmp_path):
     tight = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b.onnx"), "--size-budget", "100"])
     assert tight.exit_code == 1 and "cap" in tight.stderr
     assert not (tmp_path / "b.onnx").exists()
+
+
+def _counting_reader(tmp_path, n):
+    """A reader of `n` samples that appends one line to a file per sample taken from it."""
+    (tmp_path / "taken").write_text("")
+    reader = tmp_path / "reader.py"
+    reader.write_text(
+        "import numpy as np\n"
+        "def calib():\n"
+        f"    rng = np.random.default_rng(1)\n"
+        f"    for i in range({n}):\n"
+        f"        open({str(tmp_path / 'taken')!r}, 'a').write('x\\n')\n"
+        "        yield {'x': rng.standard_normal((4, 64)).astype(np.float32)}\n")
+    return f"{reader}:calib"
+
+
+@pytest.mark.parametrize("extra, taken", [
+    ([], 32),  # no requirement: the default 32 samples
+    (["--require", "sqnr>=10dB"], 128),  # a requirement takes more, for a tighter held-out bound
+    (["--require", "sqnr>=10dB", "--calib-samples", "40"], 40),  # an explicit count wins
+])
+def test_require_defaults_to_more_calibration_samples(tmp_path, extra, taken):
+    path = _model(tmp_path)[0]
+    reader = _counting_reader(tmp_path, 300)
+    result = CliRunner().invoke(main, ["compile", str(path), "-o", str(tmp_path / "o.onnx"),
+                                       "--calib-reader", reader, *extra])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "taken").read_text().splitlines()) == taken
