@@ -58,3 +58,19 @@ def test_cost_report_says_which_menu_forms_are_not_planned_and_why():
     report = CostTable().report()["forms_not_planned"]
     assert set(report) == {"matmulnbits-2bit-lut", "int8-static"}
     assert "N % 128" in report["matmulnbits-2bit-lut"] and "DynamicQuantizeMatMul" in report["int8-static"]
+
+
+def test_unmet_budget_keeps_assigned_bits_unless_a_replan_is_clearly_faster(monkeypatch):
+    from q4c.latency.planner import LatencyPlan
+    from q4c.passes import choose_forms
+
+    def solver(own_s: float, replan_s: float):
+        plans = {True: LatencyPlan(predicted_s=own_s, fp32_s=1.0, met=False),
+                 False: LatencyPlan(predicted_s=replan_s, fp32_s=1.0, met=False)}
+        monkeypatch.setattr(choose_forms, "plan_latency", lambda *a, fastest=False, **k: plans[fastest])
+        return choose_forms._Solver([], [], {}, {}, {}, CostTable(), {}, {})(None)
+
+    kept = solver(0.93, 0.87)  # ~7 % faster re-plan: not worth its damage
+    assert kept.kept_bits and kept.predicted_s == 0.93
+    taken = solver(1.00, 0.73)  # codebook bits folded to FP32 vs scannable bits: taken
+    assert not taken.kept_bits and taken.predicted_s == 0.73
