@@ -167,6 +167,7 @@ def convert_opset(model: onnx.ModelProto, target: int = TARGET_OPSET, *, consume
         raise ModelLoadError(f"cannot convert opset {opset} to {target}: the converter dropped initializer "
                              f"{e.args[0]!r}; re-export the model at opset >= {target}") from e
     converted.ir_version = max(converted.ir_version, IR_VERSION)
+    keep_declared_value_info(converted, model)  # the copies passes time must optimize like the input
     return converted
 
 

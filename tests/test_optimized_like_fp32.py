@@ -68,3 +68,15 @@ def test_declared_value_info_is_kept(rng):
     out, _ = q4c.compile_model(model, q4c.CompileOptions(bits=4, kernels="fp32-at-load", workers=1),
                                samples=[{"x": rng.standard_normal((1, 5, D)).astype(np.float32)}], verify=False)
     assert [v.name for v in out.graph.value_info] == ["r"]
+
+
+def test_opset_conversion_adds_no_value_info(rng, tmp_path):
+    """The converted model is what passes time (--kernels auto, --latency-budget's FP32 reference):
+    it must optimize like the input, not with the converter's inferred shapes."""
+    from q4c import graph as g
+
+    model = _residual_block(rng)
+    converted = g.convert_opset(model)
+    assert g.default_opset(converted) > g.default_opset(model)
+    assert not converted.graph.value_info
+    assert _optimized_ops(converted, tmp_path / "c.onnx") == _optimized_ops(model, tmp_path / "m.onnx")
