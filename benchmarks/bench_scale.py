@@ -400,14 +400,18 @@ BEFORE = {"peak": 14.30, "load": 2.67, "convert (transient)": 5.01, "synthesize-
 
 def _memory_text(large: dict) -> str:
     """Where the --bits 4 compile's memory goes: peak RSS of each phase that raised it."""
-    shown, last = [], 0.0
+    owners: dict[str, list[float]] = {}  # pass or stage -> [RSS at its start, its peak]; exports count to their pass
+    owner = ""
     for name, at_start, peak, _ in large["phases"]:
-        if not name.startswith("after ") and peak >= last + 0.3:
-            shown.append(f"{name.removeprefix('pass ')} {at_start:.1f} -> {peak:.1f}")
-        last = max(last, peak) if not name.startswith("after ") else last
+        if not (owner.startswith("pass ") and name.removeprefix("after ") == "graph.export_model"):
+            owner = name.removeprefix("after ") if name.startswith("after ") and owner == name[6:] else name
+        spent = owners.setdefault(owner, [at_start, peak])
+        spent[1] = max(spent[1], peak)
+    shown = [f"{name.removeprefix('pass ')} {at_start:.1f} -> {peak:.1f}" for name, (at_start, peak) in owners.items()
+             if peak >= at_start + 0.5]
     before = ", ".join(f"{k} {v:.1f}" for k, v in BEFORE.items())
-    return ("Memory, GiB of RSS sampled every 50 ms in the compiling process (phases that raised the peak, RSS "
-            "at their start -> their peak): " + "; ".join(shown) + ". The converted FP32 model (2.4 GiB) lives "
+    return ("Memory, GiB of RSS sampled every 50 ms in the compiling process (phases that raised it by 0.5 GiB "
+            "or more, RSS at their start -> their peak): " + "; ".join(shown) + ". The converted FP32 model (2.4 GiB) lives "
             "through the whole compile (the verification's reference), and synthesize-constants reads every "
             "weight out of it into arrays (+2.4 GiB): ~5 GiB before any pass quantizes. Verification builds the "
             "FP32 reference session last (+2.4 GiB: ONNX Runtime's own copy of the weights). Before this "
@@ -419,11 +423,22 @@ def _memory_text(large: dict) -> str:
             f"(this run: {large.get('kernel_choice_source')}).")
 
 
+#: the default compile's first attempt with every scheme (same harness, commit 994d146, stopped at its
+#: 20 GiB cap): RSS entering gptq's input statistics, the cap, seconds into the statistics, the cause
+STATISTICS_RUN = (9.9, 20, 30, "float64 x x^T per weight input, 5120^2 for each fc2: ~8 GB kept, and the "
+                  "statistics' session with its own copy of the weights")
+
+
 def _default_table(default: list[dict]) -> list[str]:
-    out = ["The default compile (kl sensitivity, every rounding scheme) of the full model, `q4c compile` options "
-           "as the CLI's defaults (one synthetic input of 32 frames: pass `--calib` with fewer or shorter samples "
-           "to make each score cheaper), run by `benchmarks/scale_default.py` in a child and stopped at the time "
-           "limit when not done. Each task rounds its one candidate and scores it; the driver holds no candidate:",
+    schemes = default[0].get("schemes", "")
+    out = ["The default compile (kl sensitivity) of the full model, `q4c compile` options as the CLI's defaults "
+           "(one synthetic input of 32 frames: `--calib` with fewer or shorter samples makes each score cheaper) "
+           f"except `--schemes {schemes}`: with every scheme, measure-sensitivity first gathers gptq's input "
+           f"statistics, which took the process from {STATISTICS_RUN[0]} to over {STATISTICS_RUN[1]} GiB within "
+           f"{STATISTICS_RUN[2]} s (the run was stopped there; {STATISTICS_RUN[3]}); restricting the schemes is "
+           "the user's option that skips them. Run by `benchmarks/scale_default.py` in a child and stopped at the "
+           "time limit when not done. Each task rounds its one candidate and scores it; the driver holds no "
+           "candidate:",
            "", "| threads | time limit | finished | tasks done | of | peak RSS | RSS when scoring started | "
            "s per task (median) | forward run |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in default:
@@ -433,6 +448,11 @@ def _default_table(default: list[dict]) -> list[str]:
                    f"{r['tasks_done']} | {r['tasks_total']:,} | {r['peak_rss_gib']:.2f} GiB | {started} GiB | "
                    f"{median:.1f} s | {r['forward_per_run']} s |")
     one = default[0]
+    if len(default) > 1 and one["tasks_done"]:
+        two = default[1]
+        out += ["", f"Tasks finished in the same time: {two['tasks_done']} with 2 threads vs {one['tasks_done']} with "
+                f"1 ({two['tasks_done'] / one['tasks_done']:.2f}x): the uniform candidates' rounding is short "
+                "numpy, the forward runs release the GIL."]
     out += ["", "Phases of the 1-thread run (RSS at the start / peak, GiB; started at, s): " +
             "; ".join(f"{p[0]} {p[1]}/{p[2]} @{p[3]:.0f}" for p in one["phases"] if not p[0].startswith("after "))]
     return out + [""]
