@@ -429,6 +429,12 @@ STATISTICS_RUN = (9.9, 20, 30, "float64 x x^T per weight input, 5120^2 for each 
                   "statistics' session with its own copy of the weights")
 
 
+def _rate_minutes(run: dict) -> float:
+    """Minutes all of a run's tasks would take at the rate it finished them."""
+    scoring = run["elapsed_seconds"] - (run["scoring_started_at"] or 0.0)
+    return run["tasks_total"] * scoring / max(run["tasks_done"], 1) / 60
+
+
 def _default_table(default: list[dict]) -> list[str]:
     schemes = default[0].get("schemes", "")
     out = ["The default compile (kl sensitivity) of the full model, `q4c compile` options as the CLI's defaults "
@@ -452,7 +458,10 @@ def _default_table(default: list[dict]) -> list[str]:
         two = default[1]
         out += ["", f"Tasks finished in the same time: {two['tasks_done']} with 2 threads vs {one['tasks_done']} with "
                 f"1 ({two['tasks_done'] / one['tasks_done']:.2f}x): the uniform candidates' rounding is short "
-                "numpy, the forward runs release the GIL."]
+                "numpy, the forward runs release the GIL. At these rates (tasks done over the scoring time) all "
+                f"{one['tasks_total']:,} tasks would take "
+                + " and ".join(f"{_rate_minutes(r):.0f} min with {r['workers']} thread{'s' * (r['workers'] > 1)}"
+                               for r in (one, two)) + " of scoring, then the rest of the compile."]
     out += ["", "Phases of the 1-thread run (RSS at the start / peak, GiB; started at, s): " +
             "; ".join(f"{p[0]} {p[1]}/{p[2]} @{p[3]:.0f}" for p in one["phases"] if not p[0].startswith("after "))]
     return out + [""]
