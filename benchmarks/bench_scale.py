@@ -382,13 +382,16 @@ def _ray_table(ray_rows: list[dict]) -> list[str]:
     pick = {(r["backend"], r["workers"]): r for r in ray_rows}
     if all(k in pick for k in SUBJECTS) and "task_seconds" in pick["ray", 2]:
         t1, t2, r1, r2 = (pick[k] for k in SUBJECTS)
-        out += ["", f"Ray with 2 workers vs 1 thread: {t1['seconds'] / r2['seconds']:.2f}x, vs 2 threads: "
-                f"{t2['seconds'] / r2['seconds']:.2f}x, vs 1 Ray worker: {r1['seconds'] / r2['seconds']:.2f}x. Two "
-                "threads share one process's GIL (GPTQ's and the codebooks' rounding loops hold it), Ray workers are "
-                "processes. The summed task seconds say how much CPU the run got: the same work took "
-                f"{r1['task_seconds']:.0f} s of task time on 1 Ray worker and {r2['task_seconds']:.0f} s on 2, so each "
-                f"of the 2 workers ran {r2['task_seconds'] / r1['task_seconds']:.1f}x slower than one alone: the "
-                "machine's other jobs (load averages above) left them less than two cores."]
+        out += ["", f"2 Ray workers vs 1 thread: {t1['seconds'] / r2['seconds']:.2f}x, vs 1 Ray worker: "
+                f"{r1['seconds'] / r2['seconds']:.2f}x, vs 2 threads: {t2['seconds'] / r2['seconds']:.2f}x (2 threads "
+                f"vs 1: {t1['seconds'] / t2['seconds']:.2f}x). Both two-worker runs use the second core: every task "
+                "rounds and scores one candidate, and numpy's rounding and ONNX Runtime's forward runs release the GIL "
+                "for most of their time, so threads keep up with processes on one machine; Ray's workers can be on "
+                f"other machines, at a small cost per task (1 Ray worker vs 1 thread: {r1['seconds'] / t1['seconds']:.2f}x "
+                "the time, starting the worker included). The summed task seconds show what stops short of 2x: "
+                f"{r1['task_seconds']:.1f} s with 1 Ray worker, {r2['task_seconds']:.1f} s with 2, i.e. each worker ran "
+                f"{r2['task_seconds'] / r1['task_seconds']:.2f}x slower beside the other (2 cores shared with other "
+                "jobs, load averages above)."]
     return out + [""]
 
 
@@ -483,7 +486,7 @@ def render(rows: list[dict]) -> str:
     by = {(_part(r)): r for r in rows if r["kind"] != "sensitivity"}
     ray_rows = [r for r in rows if r["kind"] == "sensitivity"]
     out = ["<!-- scale:begin -->", "## Scale: a 636.8M-parameter encoder, and sensitivity on Ray", "",
-           "Produced by `python benchmarks/bench_scale.py --write` on the shared 2-core machine (other engineers' jobs "
+           "Produced by `python benchmarks/bench_scale.py --parts large,ray,default` (parts run separately, the ray part under the timing lock; rows merged into benchmarks/results/scale.json and rendered with `--from-results --write`) on the shared 2-core machine (other engineers' jobs "
            f"running: 1-minute load averages {sorted({x for r in rows for x in r.get('load_avg', [])})} during the runs, "
            "so times are upper bounds and speedups understated). The model is `models/make_large.py`'s Whisper-large-like encoder (d_model "
            "1280, 32 layers, 20 heads, FFN 5120, conv front-end on 80 mel bins; random weights with trained-like "
