@@ -102,8 +102,11 @@ class WeightInputRunner:
 
     def spec(self) -> dict[str, Any]:
         """The constructor arguments: another process builds the same runner from them (the
-        session is not picklable; the Ray workers of q4c.distributed each open their own)."""
-        return {"model": self.model, "weights": dict(self.weights), "samples": list(self.samples),
+        session is not picklable; the Ray workers of q4c.distributed each open their own). The
+        model goes with its measured weights already turned into inputs: they travel once, as
+        `weights`, not a second time inside the model."""
+        return {"model": _weights_as_inputs(self.model, self.weights), "weights": dict(self.weights),
+                "samples": list(self.samples),
                 "sequences": None if self.sequences is None else [list(u) for u in self.sequences],
                 "state_pairs": dict(self.state_pairs), "closed_loop": self.closed_loop,
                 "objectives": dict(self.objectives or {}), "max_calls": self.max_calls}
@@ -161,9 +164,10 @@ class WeightInputRunner:
 
 
 def _weights_as_inputs(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of `model` whose initializers named in `weights` are main-graph inputs instead. A
-    weight that lives in a subgraph (an If branch, a Loop body) moves out too: the main graph's
-    inputs are visible in subgraphs, so its outer-scope references keep working."""
+    """A copy of `model` whose initializers named in `weights` are main-graph inputs instead (those
+    that are main-graph inputs already stay as they are). A weight that lives in a subgraph (an If
+    branch, a Loop body) moves out too: the main graph's inputs are visible in subgraphs, so its
+    outer-scope references keep working."""
     # the weights leave as placeholders (q4c.external_data): not copied only to be dropped
     copy = external_data.skeleton(model, keep=lambda t: t.name not in weights)
     found: dict[str, onnx.TensorProto] = {}
@@ -174,7 +178,7 @@ def _weights_as_inputs(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]
         found.update({t.name: t for t in graph.initializer if t.name in weights})
         del graph.initializer[:]
         graph.initializer.extend(kept)
-    missing = set(weights) - set(found)
+    missing = set(weights) - set(found) - {i.name for i in copy.graph.input}  # inputs already (a runner's spec)
     if missing:
         raise ValueError(f"not initializers: {sorted(missing)}")
     for name, tensor in found.items():

@@ -118,3 +118,18 @@ def test_without_gptq_or_codebooks_among_the_schemes_no_statistics_are_gathered(
         assert scores == {k: full.scores[name][k] for k in scores} and set(scores) < set(full.scores[name])
     measure(g.import_graph(model), CompileOptions(workers=1, schemes=("symmetric", "nf4")), 21, samples)
     assert calls == [1]  # a codebook among the schemes: gathered
+
+
+def test_a_runner_spec_carries_the_weights_once_and_rebuilds_the_same_runner(rng):
+    from onnx import numpy_helper
+
+    from q4c.quant.weight_runner import WeightInputRunner
+
+    model = _mlp(rng)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    runner = WeightInputRunner(model, weights, synthetic_samples(model, count=2, seed=1))
+    spec = runner.spec()
+    assert not {t.name for t in spec["model"].graph.initializer} & set(weights)  # inputs, shipped as `weights`
+    again = WeightInputRunner(**spec)
+    change = {"w1": weights["w1"] * np.float32(1.1)}
+    assert again.divergence(change) == runner.divergence(change) > 0
