@@ -11,8 +11,8 @@ scale is chosen (MSE clipping, signed scales) from the already-updated weights w
 loop reaches the block.
 
 Input statistics per weight role (`input_hessians`): MatMul B and Gemm B: the other operand;
-LSTM/GRU/RNN W: the sequence input X; LSTM/GRU/RNN R: the layer's own hidden-state sequence Y,
-one Hessian per direction; Conv (1-D and 2-D, group 1, explicit pads): the input patches each
+LSTM/GRU/RNN W: the sequence input X; LSTM/GRU/RNN R: the layer's own hidden-state sequence Y
+(read through a temporary output name where the graph leaves Y unread), one Hessian per direction; Conv (1-D and 2-D, group 1, explicit pads): the input patches each
 output position reads (im2col), one row of C_in x kernel values per position, in the order of
 W.reshape(C_out, -1) (`q4c.quant.gptq_conv`). Weights inside subgraphs, other convolutions and
 embeddings get no Hessian and so no "gptq" candidate.
@@ -39,6 +39,8 @@ DAMP = 0.01
 #: rank 8), calls spread evenly over the sequences already scored (`fitting_calls`), at most
 #: MAX_CALLS in all.
 MAX_SAMPLES = 8
+#: Prefix of the name a recurrent node's unread Y output gets while the Hessians read it
+UNREAD_Y = "q4c.gptq.Y/"
 MIN_ROWS_PER_COLUMN = 4
 MAX_CALLS = 1024
 SPREAD = 16
@@ -131,9 +133,35 @@ def activation_of(slot) -> tuple[str, str | ConvGeometry] | None:
         return node.inputs[0].name, "rows"
     if slot.role in ("lstm_w", "gru_w", "rnn_w") and int(node.attrs.get("layout", 0)) == 0:
         return node.inputs[0].name, "rows"
-    if slot.role in ("lstm_r", "gru_r", "rnn_r") and int(node.attrs.get("layout", 0)) == 0 and node.outputs and node.outputs[0].name:
-        return node.outputs[0].name, "directions"  # Y [T, D, B, H]
+    if slot.role in ("lstm_r", "gru_r", "rnn_r") and int(node.attrs.get("layout", 0)) == 0:
+        if node.outputs and node.outputs[0].name:
+            return node.outputs[0].name, "directions"  # Y [T, D, B, H]
+        if node.name:  # Y unread (a streaming cell returning only Y_h/Y_c): named while it is read
+            return UNREAD_Y + node.name, "directions"
     return None
+
+
+def _name_unread_outputs(model: onnx.ModelProto, tensors: set[str]) -> list[tuple[onnx.NodeProto, int]]:
+    """Give the recurrent nodes whose unread Y is wanted (`UNREAD_Y` + node name) that output name,
+    in place; returns (node, outputs it had) to undo it with `_unname`."""
+    named = []
+    for node in model.graph.node:
+        name = UNREAD_Y + node.name
+        if node.op_type in ("LSTM", "GRU", "RNN") and name in tensors and not (node.output and node.output[0]):
+            named.append((node, len(node.output)))
+            if node.output:
+                node.output[0] = name
+            else:
+                node.output.append(name)
+    return named
+
+
+def _unname(named: list[tuple[onnx.NodeProto, int]]) -> None:
+    for node, count in named:
+        if count:
+            node.output[0] = ""
+        else:
+            del node.output[:]
 
 
 def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
@@ -151,12 +179,15 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
     # of the model would be a copy of every weight), then the outputs are put back
     count = len(model.graph.output)
     outputs = {o.name for o in model.graph.output}
-    for tensor in sorted({t for t, _ in wanted.values()} - outputs):
+    tensors = {t for t, _ in wanted.values()}
+    named = _name_unread_outputs(model, tensors)
+    for tensor in sorted(tensors - outputs):
         model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
     try:
         session = q4ort.make_session(model, threads=1)
     finally:
         del model.graph.output[count:]
+        _unname(named)
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
     for feeds, added in _calls(samples, extra, sums, counts):

@@ -92,6 +92,30 @@ def test_input_hessians_are_the_mean_outer_products_of_what_each_weight_multipli
     np.testing.assert_allclose(hs["R"][0], ys.T @ ys / len(ys), rtol=1e-4, atol=1e-7)
 
 
+def test_an_unread_lstm_y_is_read_for_the_recurrent_hessian_and_the_model_is_left_as_it_was(rng):
+    """A streaming cell returns only Y_h (Silero's decoder): R's Hessian still comes from the hidden
+    states, read through a temporary Y output; the model given is unchanged afterwards."""
+    import onnx_graphsurgeon as gs
+
+    w, r = heavy_tailed(rng, (1, 64, 32)), heavy_tailed(rng, (1, 64, 16))
+    unread = make_model(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["", "yh"], hidden_size=16, name="cell")],
+        [helper.make_tensor_value_info("x", F, ["T", 1, 32])],
+        [helper.make_tensor_value_info("yh", F, [1, 1, 16])], {"W": w, "R": r}, opset=21)
+    read = make_model(  # the same cell with Y as an output: the independent source of the states
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y", "yh"], hidden_size=16, name="cell")],
+        [helper.make_tensor_value_info("x", F, ["T", 1, 32])],
+        [helper.make_tensor_value_info("y", F, ["T", 1, 1, 16])], {"W": w, "R": r}, opset=21)
+    before = unread.SerializeToString()
+    graph = gs.import_onnx(unread)
+    slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
+    samples = [{"x": rng.standard_normal((10, 1, 32)).astype(np.float32)} for _ in range(3)]
+    hs = input_hessians(unread, slots, samples)
+    ys = np.concatenate([run_ort(read, s)["y"].reshape(-1, 16) for s in samples]).astype(np.float64)
+    np.testing.assert_allclose(hs["R"][0], ys.T @ ys / len(ys), rtol=1e-4, atol=1e-7)
+    assert unread.SerializeToString() == before
+
+
 def model_weight(model, name):
     return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
 
