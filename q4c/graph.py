@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -361,6 +362,20 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file (plan, calibration table, report) atomically, like `save`."""
     with atomic_write(path, suffix=".tmp") as tmp_path:
         tmp_path.write_text(text)
+
+
+def write_json(path: str | os.PathLike[str], doc: object, indent: int = 2) -> None:
+    """Write a JSON document (plan, calibration table) atomically, keys sorted: an interrupted
+    --save-plan / --save-calib leaves no partial file."""
+    write_text(path, json.dumps(doc, indent=indent, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> object:
+    """The JSON document at `path`, or a one-line ConfigError: "<path>: cannot read <what>: ..."."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path}: cannot read {what}: {e}") from e
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> int:

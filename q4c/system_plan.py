@@ -10,12 +10,10 @@ then decided from its bits, as for a plan without an opset.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from q4c.config import CompileOptions
@@ -112,17 +110,15 @@ class SystemPlan:
         return cls(plan, opsets)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from q4c.graph import write_text  # atomic: an interrupted --save-plan leaves no partial file
+        from q4c.graph import write_json
 
-        write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SystemPlan:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ConfigError(f"{path}: cannot read plan: {e}") from e
-        return cls.from_json(doc, source=str(path))
+        from q4c.graph import read_json
+
+        return cls.from_json(read_json(path, "plan"), source=str(path))
 
 
 def split_plan(system: SystemPlan, graphs: Iterable[str], warnings: list[str]) -> dict[str, PrecisionPlan]:

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from q4c.calib.observers import OBSERVERS, uint8_qparams
@@ -105,17 +103,15 @@ class CalibrationTable:
         return table
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from q4c.graph import write_text  # atomic: an interrupted --save-calib leaves no partial file
+        from q4c.graph import write_json
 
-        write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        write_json(path, self.to_json(), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationTable:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ConfigError(f"{path}: cannot read calibration table: {e}") from e
-        return cls.from_json(doc, source=str(path))
+        from q4c.graph import read_json
+
+        return cls.from_json(read_json(path, "calibration table"), source=str(path))
 
 
 def _finite(entry: dict[str, Any]) -> dict[str, Any]:

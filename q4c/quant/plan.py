@@ -12,11 +12,9 @@ has one form, written on each of its weights.
 from __future__ import annotations
 
 import enum
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from q4c.config import (
     CODEBOOK_SCHEMES,
@@ -246,16 +244,12 @@ class PrecisionPlan:
         return plan
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from q4c.graph import (
-            write_text,  # atomic: an interrupted --save-plan leaves no partial file
-        )
+        from q4c.graph import write_json
 
-        write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrecisionPlan:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ConfigError(f"{path}: cannot read plan: {e}") from e
-        return cls.from_json(doc, source=str(path))
+        from q4c.graph import read_json
+
+        return cls.from_json(read_json(path, "plan"), source=str(path))
