@@ -4,6 +4,7 @@ and the two executors (the interpreter and ONNX Runtime with optimizations off).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,7 +16,7 @@ from q4c.compiler import sqnr_db
 from q4c.config import CompileOptions
 from q4c.pipeline import Pass, PassContext, PassResult, Pipeline
 
-__all__ = ["make_model", "matmul_model", "run_pass", "check_pass", "run_interp", "run_ort", "sqnr_db", "op_histogram"]
+__all__ = ["make_model", "matmul_model", "softmax_mlp", "write_two_graph_system", "run_pass", "check_pass", "run_interp", "run_ort", "sqnr_db", "op_histogram"]
 
 op_histogram = g.op_histogram
 
@@ -44,6 +45,55 @@ def matmul_model(rng: np.random.Generator, m: int = 4, k: int = 64, n: int = 16)
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [m, n])],
         {"W": heavy_tailed(rng, (k, n))},
     )
+
+
+def softmax_mlp(rng: np.random.Generator, k: int = 64) -> onnx.ModelProto:
+    """x [1, 8, k] -> MatMul k x 128 -> Relu -> MatMul 128x64 -> MatMul 64x16 -> Softmax (a kl
+    objective), weights N(0, 1/fan_in) drawn in that order."""
+    shapes = {"w1": (k, 128), "w2": (128, 64), "w3": (64, 16)}
+    weights = {n: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for n, s in shapes.items()}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("MatMul", ["h2", "w3"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["p"], axis=-1)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, k])],
+                      [helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, [1, 8, 16])], weights, opset=21)
+
+
+#: The driver of `write_two_graph_system`: y = b(a(x)), b's second output z is computed but unused.
+TWO_GRAPH_DRIVER = '''
+import numpy as np
+
+def run(graphs, sample):
+    h = graphs["a"]({"x": sample})["h"]
+    return {"y": graphs["b"]({"h": h})["y"]}
+
+def samples():
+    rng = np.random.default_rng(7)
+    return [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(4)]
+'''
+
+
+def _matmuls(name: str, inputs: list[str], weights: Mapping[str, tuple[str, str, np.ndarray]]) -> onnx.ModelProto:
+    """Graph `name` at opset 17: one MatMul per weight (src @ W -> out), every out a graph output."""
+    nodes = [helper.make_node("MatMul", [src, w], [out], name=f"mm_{w}") for w, (src, out, _) in weights.items()]
+    outputs = [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [8, value.shape[1]])
+               for _, out, value in weights.values()]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(i, onnx.TensorProto.FLOAT, [8, 64]) for i in inputs],
+                              outputs, [numpy_helper.from_array(value, w) for w, (_, _, value) in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def write_two_graph_system(directory: Path, rng: np.random.Generator) -> Path:
+    """A `q4c compile --system` SPEC in `directory`: graph a: x [8, 64] -> MatMul W1 -> h; graph b:
+    h -> MatMul W2 -> y and h -> MatMul W3 [64, 256] -> z; the driver (TWO_GRAPH_DRIVER) returns
+    only y. Returns the SPEC's path."""
+    w = lambda k, n: (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)  # noqa: E731
+    onnx.save(_matmuls("a", ["x"], {"W1": ("x", "h", w(64, 64))}), directory / "a.onnx")
+    onnx.save(_matmuls("b", ["h"], {"W2": ("h", "y", w(64, 64)), "W3": ("h", "z", w(64, 256))}), directory / "b.onnx")
+    (directory / "driver.py").write_text(TWO_GRAPH_DRIVER)
+    spec = directory / "system.toml"
+    spec.write_text('[graphs]\na = "a.onnx"\nb = "b.onnx"\n[driver]\nrun = "driver.py:run"\nsamples = "driver.py:samples"\n')
+    return spec
 
 
 def run_pass(pass_: Pass, model: onnx.ModelProto, options: CompileOptions | None = None,

@@ -16,45 +16,14 @@ from q4c.cli import main
 from q4c.compiler import compile_model
 from q4c.config import CompileOptions
 from q4c.system_compile import compile_system
+from q4c.testing import TWO_GRAPH_DRIVER, write_two_graph_system
 
 # Graph a: x [8, 64] -> MatMul W1 -> h.  Graph b: h -> MatMul W2 -> y, and h -> MatMul W3 -> z.
 # The driver returns only y: z (the larger weight) is computed but unused, as DeepFilterNet3's
 # encoder computes an lsnr nobody reads. Compiled graph by graph, b spends its bytes on W3 as on
 # W2 (both outputs count); compiled as a system, W3 is free to shrink and W2 gets the bytes.
-DRIVER = '''
-import numpy as np
-
-def run(graphs, sample):
-    h = graphs["a"]({"x": sample})["h"]
-    return {"y": graphs["b"]({"h": h})["y"]}
-
-def samples():
-    rng = np.random.default_rng(7)
-    return [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(4)]
-'''
 
 OPTIONS = {"kernels": "fp32-at-load", "schemes": ("symmetric",), "workers": 1}
-
-
-def _model(name: str, inputs: list[str], weights: dict[str, tuple[str, str, np.ndarray]]) -> onnx.ModelProto:
-    nodes, inits, outputs = [], [], []
-    for w_name, (src, out, value) in weights.items():
-        nodes.append(helper.make_node("MatMul", [src, w_name], [out], name=f"mm_{w_name}"))
-        inits.append(numpy_helper.from_array(value, w_name))
-        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [8, value.shape[1]]))
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(i, TensorProto.FLOAT, [8, 64]) for i in inputs],
-                              outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-
-
-def _system(tmp_path: Path, rng: np.random.Generator) -> Path:
-    w = lambda k, n: (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
-    onnx.save(_model("a", ["x"], {"W1": ("x", "h", w(64, 64))}), tmp_path / "a.onnx")
-    onnx.save(_model("b", ["h"], {"W2": ("h", "y", w(64, 64)), "W3": ("h", "z", w(64, 256))}), tmp_path / "b.onnx")
-    (tmp_path / "driver.py").write_text(DRIVER)
-    spec = tmp_path / "system.toml"
-    spec.write_text('[graphs]\na = "a.onnx"\nb = "b.onnx"\n[driver]\nrun = "driver.py:run"\nsamples = "driver.py:samples"\n')
-    return spec
 
 
 def _ort(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,7 +46,7 @@ def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:  # hand-written: not the c
 
 
 def test_system_knapsack_beats_per_graph_budgets_on_the_driver_output(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     gen = np.random.default_rng(7)  # the driver's samples
     xs = [gen.standard_normal((8, 64)).astype(np.float32) for _ in range(4)]
     test_xs = [np.random.default_rng(100 + i).standard_normal((8, 64)).astype(np.float32) for i in range(4)]
@@ -105,7 +74,7 @@ def test_system_knapsack_beats_per_graph_budgets_on_the_driver_output(tmp_path, 
 
 
 def test_saved_system_plan_replays_to_the_same_graphs(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     runner = CliRunner()
     first = runner.invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "one"), "--kernels",
                                  "fp32-at-load", "--schemes", "symmetric", "--save-plan", str(tmp_path / "plan.json")])
@@ -127,15 +96,15 @@ def test_saved_system_plan_replays_to_the_same_graphs(tmp_path, rng):
     ("never_called", "graph 'b' of"),
 ])
 def test_spec_errors_exit_1_with_one_line_and_write_nothing(tmp_path, rng, case, expected):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     if case == "missing_file":
         (tmp_path / "b.onnx").unlink()
     elif case == "missing_driver":
         (tmp_path / "driver.py").unlink()
     elif case == "driver_raises":
-        (tmp_path / "driver.py").write_text(DRIVER.replace('    h = graphs["a"]', '    raise ValueError("boom")\n    h = graphs["a"]'))
+        (tmp_path / "driver.py").write_text(TWO_GRAPH_DRIVER.replace('    h = graphs["a"]', '    raise ValueError("boom")\n    h = graphs["a"]'))
     else:
-        (tmp_path / "driver.py").write_text(DRIVER.replace('graphs["b"]({"h": h})["y"]', 'h'))
+        (tmp_path / "driver.py").write_text(TWO_GRAPH_DRIVER.replace('graphs["b"]({"h": h})["y"]', 'h'))
     before = sorted(p.name for p in tmp_path.iterdir())
     result = CliRunner().invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"),
                                        "--kernels", "fp32-at-load", "--schemes", "symmetric"])
@@ -148,7 +117,7 @@ def test_spec_errors_exit_1_with_one_line_and_write_nothing(tmp_path, rng, case,
 
 
 def test_diff_system_compares_the_driver_outputs(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     runner = CliRunner()
     compiled = runner.invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"), "--bits", "2",
                                     "--kernels", "fp32-at-load"])
@@ -166,7 +135,7 @@ def test_diff_system_compares_the_driver_outputs(tmp_path, rng):
 
 
 def test_bench_system_needs_every_graph_in_outdir(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     (tmp_path / "out").mkdir()
     onnx.save(onnx.load(str(tmp_path / "a.onnx")), tmp_path / "out" / "a.onnx")
     result = CliRunner().invoke(main, ["bench", "--system", str(spec), str(tmp_path / "out")])
@@ -176,7 +145,7 @@ def test_bench_system_needs_every_graph_in_outdir(tmp_path, rng):
 
 
 def test_require_finds_a_system_plan_meeting_the_sqnr_on_held_out_samples(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     report = compile_system(spec, tmp_path / "out", CompileOptions(requirements=("sqnr>=30dB",), **OPTIONS))
     gen = np.random.default_rng(7)  # the driver's samples; the last two (of 4) are held out
     held = [gen.standard_normal((8, 64)).astype(np.float32) for _ in range(4)][2:]
@@ -188,7 +157,7 @@ def test_require_finds_a_system_plan_meeting_the_sqnr_on_held_out_samples(tmp_pa
 
 
 def test_require_that_no_plan_meets_exits_1_and_writes_nothing(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     result = CliRunner().invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"), "--kernels",
                                        "fp32-at-load", "--schemes", "symmetric", "--require", "sqnr>=200dB", "--avg-bits", "3"])
     assert result.exit_code == 1
@@ -198,12 +167,12 @@ def test_require_that_no_plan_meets_exits_1_and_writes_nothing(tmp_path, rng):
 
 
 def test_a_graph_with_nothing_to_quantize_is_written_as_it_is(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     relu = helper.make_graph([helper.make_node("Relu", ["y"], ["r"])], "c",
                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])],
                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, [8, 64])])
     onnx.save(helper.make_model(relu, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path / "c.onnx")
-    (tmp_path / "driver.py").write_text(DRIVER.replace('return {"y": graphs["b"]({"h": h})["y"]}',
+    (tmp_path / "driver.py").write_text(TWO_GRAPH_DRIVER.replace('return {"y": graphs["b"]({"h": h})["y"]}',
                                                        'return {"r": graphs["c"]({"y": graphs["b"]({"h": h})["y"]})["r"]}'))
     spec.write_text(spec.read_text().replace('b = "b.onnx"\n', 'b = "b.onnx"\nc = "c.onnx"\n'))
     report = compile_system(spec, tmp_path / "out", CompileOptions(bits=4, **OPTIONS))
@@ -214,7 +183,7 @@ def test_a_graph_with_nothing_to_quantize_is_written_as_it_is(tmp_path, rng):
 def test_unchanged_graphs_answer_from_the_fp32_run_only_when_their_feeds_match(tmp_path, rng):
     from q4c.system import CallLog, SystemRunner, load_spec
 
-    spec = load_spec(_system(tmp_path, rng))
+    spec = load_spec(write_two_graph_system(tmp_path, rng))
     models = {n: onnx.load(str(p)) for n, p in spec.graphs.items()}
     for m in models.values():  # initializers listed as inputs too: a feed may override them
         m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer)
@@ -244,7 +213,7 @@ def test_unchanged_graphs_answer_from_the_fp32_run_only_when_their_feeds_match(t
 
 
 def test_strict_exits_4_and_writes_nothing_when_a_system_output_loses_quality(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     result = CliRunner().invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"), "--bits", "2",
                                        "--kernels", "fp32-at-load", "--strict", "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 4, result.output
@@ -253,14 +222,14 @@ def test_strict_exits_4_and_writes_nothing_when_a_system_output_loses_quality(tm
     assert not (tmp_path / "out").exists()
 
 
-def test_options_the_driver_replaces_are_usage_errors_with_system(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+def test_options_the_driver_replaces_are_usage_errors_withwrite_two_graph_system(tmp_path, rng):
+    spec = write_two_graph_system(tmp_path, rng)
     result = CliRunner().invoke(main, ["compile", "--system", str(spec), "-o", str(tmp_path / "out"),
                                        "--calib", str(tmp_path / "a.onnx")])
     assert result.exit_code == 2 and "--calib cannot be used with --system" in result.stderr
 
 
 def test_objective_names_a_driver_output_not_a_graph_output(tmp_path, rng):
-    spec = _system(tmp_path, rng)
+    spec = write_two_graph_system(tmp_path, rng)
     report = compile_system(spec, tmp_path / "out", CompileOptions(objectives=(("y", "kl"),), **OPTIONS))
     assert report["objectives"]["y"]["objective"] == "kl" and (tmp_path / "out" / "b.onnx").is_file()

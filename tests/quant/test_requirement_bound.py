@@ -33,6 +33,18 @@ def test_flips_are_judged_by_the_bound_and_the_point_figure_is_reported():
     assert check_all([parse_requirement("flips<=1%")], metrics)[0]
 
 
+def _w_at_2_bits(model: onnx.ModelProto, samples: list[dict], held: slice) -> tuple[dict, onnx.ModelProto]:
+    """plan_metrics of output p for the plan "W at 2 bits" on the `held` units, and the model with
+    that plan's dequantized W (what ONNX Runtime checks the counts against)."""
+    ctx = PassContext(options=CompileOptions(avg_bits=3.0), samples=samples, opset=25)
+    run_pass(MeasureSensitivityPass(), model, ctx=ctx)
+    metrics = plan_metrics(ctx.sensitivity, {"W": "2"}, ctx.options.granularity, held)["p"]
+    deq = ctx.sensitivity.plan_changes({"W": "2"}, ctx.options.granularity)["W"]
+    quant = onnx.helper.make_model(model.graph, opset_imports=model.opset_import)
+    quant.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(deq, "W"))
+    return metrics, quant
+
+
 def test_plan_metrics_counts_flips_per_unit_as_onnx_runtime_does(rng):
     # p = sigmoid(x @ W): the plan (W at 2 bits) flips some decisions; each unit's count must be
     # what ONNX Runtime's FP32 model and the dequantized weights give, and the units must pool.
@@ -41,13 +53,7 @@ def test_plan_metrics_counts_flips_per_unit_as_onnx_runtime_does(rng):
                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 128])],
                        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [64, 16])], {"W": w}, opset=25)
     samples = [{"x": rng.standard_normal((64, 128)).astype(np.float32)} for _ in range(6)]
-    ctx = PassContext(options=CompileOptions(avg_bits=3.0), samples=samples, opset=25)
-    run_pass(MeasureSensitivityPass(), model, ctx=ctx)
-    table = ctx.sensitivity
-    metrics = plan_metrics(table, {"W": "2"}, ctx.options.granularity, slice(2, 6))["p"]
-    deq = table.plan_changes({"W": "2"}, ctx.options.granularity)["W"]
-    quant = onnx.helper.make_model(model.graph, opset_imports=model.opset_import)
-    quant.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(deq, "W"))
+    metrics, quant = _w_at_2_bits(model, samples, slice(2, 6))
     expected = []
     for feeds in samples[2:]:
         ref, act = run_ort(model, feeds)["p"], run_ort(quant, feeds)["p"]
@@ -95,13 +101,7 @@ def test_flips_are_bounded_per_input_group_and_the_worst_group_decides(rng):
                        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [64, 16])], {"W": w}, opset=25)
     samples = [{"x": rng.standard_normal((64, 128)).astype(np.float32), "mode": np.array(i % 2, np.int64)}
                for i in range(16)]
-    ctx = PassContext(options=CompileOptions(avg_bits=3.0), samples=samples, opset=25)
-    run_pass(MeasureSensitivityPass(), model, ctx=ctx)
-    table = ctx.sensitivity
-    metrics = plan_metrics(table, {"W": "2"}, ctx.options.granularity, slice(4, 16))["p"]
-    deq = table.plan_changes({"W": "2"}, ctx.options.granularity)["W"]
-    quant = onnx.helper.make_model(model.graph, opset_imports=model.opset_import)
-    quant.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(deq, "W"))
+    metrics, quant = _w_at_2_bits(model, samples, slice(4, 16))
     counts = {0: [], 1: []}
     for feeds in samples[4:]:
         ref, act = run_ort(model, feeds)["p"], run_ort(quant, feeds)["p"]

@@ -8,9 +8,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from q4c import graph as g
 from q4c.calib.readers import synthetic_samples
@@ -19,25 +17,12 @@ from q4c.quant import score_job
 from q4c.quant.plan import FLOAT
 from q4c.quant.sensitivity import measure
 from q4c.quant.weights import quantize_slot
-
-
-def _mlp(rng: np.random.Generator) -> onnx.ModelProto:
-    """x [1, 8, 128] -> MatMul 128x128 -> Relu -> MatMul 128x64 -> MatMul 64x16 -> Softmax (kl objective)."""
-    weights = [("w1", (128, 128)), ("w2", (128, 64)), ("w3", (64, 16))]
-    inits = [helper.make_tensor(n, TensorProto.FLOAT, s,
-                                (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32).ravel())
-             for n, s in weights]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
-             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("MatMul", ["h2", "w3"], ["z"]),
-             helper.make_node("Softmax", ["z"], ["p"], axis=-1)]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 128])],
-                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 8, 16])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+from q4c.testing import softmax_mlp
 
 
 @pytest.mark.parametrize("sensitivity", ["kl", "hessian", "mse"])
 def test_tasks_round_each_candidate_as_quantize_slot_does_and_ship_none(rng, sensitivity, monkeypatch):
-    model = _mlp(rng)
+    model = softmax_mlp(rng, 128)
     opts = CompileOptions(workers=1, sensitivity=sensitivity)  # one thread: each task's forward time is its own
     rounded: dict[tuple[str, str], list[bytes]] = {}
     jobs: list[score_job.ScoreJob] = []
@@ -86,7 +71,7 @@ def test_tasks_round_each_candidate_as_quantize_slot_does_and_ship_none(rng, sen
 def test_plan_cache_past_its_budget_keeps_only_the_last_plan_and_measures_the_same(rng, monkeypatch):
     from q4c.quant import sensitivity
 
-    model = _mlp(rng)
+    model = softmax_mlp(rng, 128)
     samples = synthetic_samples(model, count=2, seed=1)
     opts = CompileOptions(workers=1)
     table = measure(g.import_graph(model), opts, 21, samples)
@@ -104,7 +89,7 @@ def test_plan_cache_past_its_budget_keeps_only_the_last_plan_and_measures_the_sa
 def test_without_gptq_or_codebooks_among_the_schemes_no_statistics_are_gathered(rng, monkeypatch):
     from q4c.quant import sensitivity
 
-    model = _mlp(rng)
+    model = softmax_mlp(rng, 128)
     samples = synthetic_samples(model, count=2, seed=1)
     full = measure(g.import_graph(model), CompileOptions(workers=1), 21, samples)
     assert full.hessians  # the default gathers them (gptq and the codebooks use them)
@@ -125,7 +110,7 @@ def test_a_runner_spec_carries_the_weights_once_and_rebuilds_the_same_runner(rng
 
     from q4c.quant.weight_runner import WeightInputRunner
 
-    model = _mlp(rng)
+    model = softmax_mlp(rng, 128)
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     runner = WeightInputRunner(model, weights, synthetic_samples(model, count=2, seed=1))
     spec = runner.spec()

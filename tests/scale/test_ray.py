@@ -7,11 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper
 
 from q4c import graph as g
 from q4c.calib.readers import synthetic_samples
@@ -19,22 +17,9 @@ from q4c.cli import main
 from q4c.config import CompileOptions, WorkerBackend
 from q4c.errors import ConfigError
 from q4c.quant.sensitivity import measure
+from q4c.testing import softmax_mlp
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
-
-
-def _mlp(rng: np.random.Generator) -> onnx.ModelProto:
-    """x [1, 8, 64] -> MatMul 64x128 -> Relu -> MatMul 128x64 -> MatMul 64x16 -> Softmax (kl objective)."""
-    weights = [("w1", (64, 128)), ("w2", (128, 64)), ("w3", (64, 16))]
-    inits = [helper.make_tensor(n, TensorProto.FLOAT, s,
-                                (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32).ravel())
-             for n, s in weights]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Relu", ["h1"], ["r1"]),
-             helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("MatMul", ["h2", "w3"], ["z"]),
-             helper.make_node("Softmax", ["z"], ["p"], axis=-1)]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
-                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 8, 16])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
 
 
 def _measure(model: onnx.ModelProto, opts: CompileOptions, **kwargs):
@@ -45,7 +30,7 @@ def _measure(model: onnx.ModelProto, opts: CompileOptions, **kwargs):
 def test_without_ray_installed_the_ray_backend_is_a_one_line_error(monkeypatch, rng):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ConfigError, match=r"needs Ray, which is not installed: pip install 'q4c\[ray\]'"):
-        _measure(_mlp(rng), CompileOptions(workers=2, workers_backend=WorkerBackend.RAY))
+        _measure(softmax_mlp(rng), CompileOptions(workers=2, workers_backend=WorkerBackend.RAY))
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -66,7 +51,7 @@ ray = pytest.importorskip("ray")
 def test_an_unreachable_ray_address_is_a_one_line_error(rng):
     assert not ray.is_initialized()  # runs before the module's local Ray starts
     with pytest.raises(ConfigError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:1 .*ray start --head"):
-        _measure(_mlp(rng), CompileOptions(workers=2, workers_backend=WorkerBackend.RAY, ray_address="127.0.0.1:1"))
+        _measure(softmax_mlp(rng), CompileOptions(workers=2, workers_backend=WorkerBackend.RAY, ray_address="127.0.0.1:1"))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +63,7 @@ def local_ray():
 
 @pytest.mark.parametrize("sensitivity", ["kl", "hessian"])
 def test_ray_workers_give_the_scores_threads_give(local_ray, rng, sensitivity):
-    model = _mlp(rng)
+    model = softmax_mlp(rng)
     threads = _measure(model, CompileOptions(workers=1, sensitivity=sensitivity))
     on_ray = _measure(model, CompileOptions(workers=2, workers_backend=WorkerBackend.RAY, sensitivity=sensitivity))
     assert on_ray.scores == threads.scores  # bit-identical, in the same order
@@ -93,7 +78,7 @@ def test_ray_workers_give_the_scores_threads_give(local_ray, rng, sensitivity):
 def test_a_worker_killed_mid_run_is_restarted_and_its_task_retried(local_ray, rng, monkeypatch):
     from q4c import distributed
 
-    model = _mlp(rng)
+    model = softmax_mlp(rng)
     threads = _measure(model, CompileOptions(workers=1))
     killed: list[int] = []
     pids: list[int] = []

@@ -11,45 +11,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from q4c.config import CompileOptions
 from q4c.errors import ConfigError
 from q4c.system_compile import compile_system
+from q4c.testing import write_two_graph_system
 
-# a: x -> MatMul W1 -> h;  b: h -> MatMul W2 -> y and h -> MatMul W3 -> z (z unused by the driver,
-# so the budget gives W3 2 bits and graph b opset 25, while a stays at opset 21).
-DRIVER = '''
-import numpy as np
-
-def run(graphs, sample):
-    h = graphs["a"]({"x": sample})["h"]
-    return {"y": graphs["b"]({"h": h})["y"]}
-
-def samples():
-    rng = np.random.default_rng(7)
-    return [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(4)]
-'''
-
-
-def _model(name: str, src: str, weights: dict[str, tuple[str, np.ndarray]]) -> onnx.ModelProto:
-    nodes = [helper.make_node("MatMul", [src, w], [out], name=f"mm_{w}") for w, (out, _) in weights.items()]
-    inits = [numpy_helper.from_array(value, w) for w, (_, value) in weights.items()]
-    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, [8, value.shape[1]]) for out, value in weights.values()]
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(src, TensorProto.FLOAT, [8, 64])], outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+# The system of q4c.testing.write_two_graph_system: z is unused by the driver, so the budget gives W3
+# 2 bits and graph b opset 25, while a stays at opset 21.
 
 
 @pytest.fixture
 def spec(tmp_path, monkeypatch, rng):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # --kernels auto's cache: not the real one
-    w = lambda k, n: (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
-    onnx.save(_model("a", "x", {"W1": ("h", w(64, 64))}), tmp_path / "a.onnx")
-    onnx.save(_model("b", "h", {"W2": ("y", w(64, 64)), "W3": ("z", w(64, 256))}), tmp_path / "b.onnx")
-    (tmp_path / "driver.py").write_text(DRIVER)
-    path = tmp_path / "system.toml"
-    path.write_text('[graphs]\na = "a.onnx"\nb = "b.onnx"\n[driver]\nrun = "driver.py:run"\nsamples = "driver.py:samples"\n')
-    return path
+    return write_two_graph_system(tmp_path, rng)
 
 
 def _sha(path: Path) -> str:
