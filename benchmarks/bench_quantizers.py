@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import audio  # noqa: E402
+from asymmetric import quantize_asymmetric  # noqa: E402
 import fetch  # noqa: E402
 import silero  # noqa: E402
 
@@ -156,7 +157,7 @@ class Study:
         if method in ("sym", "sym+bc"):
             return quantize(w, BITS, granularity="channel", axis=0, scale_dtype=np.float16).dequantize()
         if method in ("asym", "asym+bc"):
-            return quantize(w, BITS, granularity="channel", axis=0, scale_dtype=np.float16, asymmetric=True).dequantize()
+            return quantize_asymmetric(w, BITS, scale_dtype=np.float16).dequantize()
         if method.startswith("block"):
             block = int(method[5:])
             if name in self.convs:

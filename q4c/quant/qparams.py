@@ -1,5 +1,4 @@
-"""Weight quantization with MSE-chosen clipping, per tensor, channel or block: symmetric (codes
-around zero, one scale per group) or asymmetric (a zero point per group as well)."""
+"""Symmetric weight quantization with MSE-chosen clipping, per tensor, channel or block."""
 
 from __future__ import annotations
 
@@ -17,9 +16,7 @@ class QuantizedWeight:
 
     `q` has the weight's shape (int8 holding values in [qmin, qmax]); `scale` is scalar
     (per tensor), 1-D along `axis` (per channel), or the weight's shape with `axis` divided
-    into ceil(n / block_size) blocks (block-wise, `block_size` > 0). `zero_point` (asymmetric
-    quantization), when set, has the scale's shape and holds integer codes in [qmin, qmax] (int8):
-    the weight is (q - zero_point) * scale, as DequantizeLinear computes it.
+    into ceil(n / block_size) blocks (block-wise, `block_size` > 0).
     """
 
     q: np.ndarray
@@ -27,7 +24,6 @@ class QuantizedWeight:
     bits: int
     axis: int
     block_size: int
-    zero_point: np.ndarray | None = None
 
     def _expand(self, param: np.ndarray) -> np.ndarray:
         if self.block_size:
@@ -40,10 +36,7 @@ class QuantizedWeight:
         return param
 
     def dequantize(self) -> np.ndarray:
-        q = self.q.astype(np.float32)
-        if self.zero_point is not None:
-            q = q - self._expand(self.zero_point).astype(np.float32)
-        return (q * self._expand(self.scale).astype(np.float32)).astype(np.float32)
+        return (self.q.astype(np.float32) * self._expand(self.scale).astype(np.float32)).astype(np.float32)
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -59,9 +52,8 @@ def quantize(
     block_size: int = 0,
     clip_ratios: tuple[float, ...] = CLIP_RATIOS,
     scale_dtype: type = np.float32,
-    asymmetric: bool = False,
 ) -> QuantizedWeight:
-    """Quantize `w` to `bits` (symmetrically unless `asymmetric`).
+    """Quantize `w` symmetrically to `bits`.
 
     Args:
         granularity: "tensor", "channel" (one scale per index of `axis`), or "block" (blocks of
@@ -69,12 +61,8 @@ def quantize(
         axis: the channel axis for "channel", the reduction axis for "block".
         scale_dtype: how scales are stored (float16 halves their bytes); codes are computed
             against the stored, rounded scale so DequantizeLinear reproduces them exactly.
-        asymmetric: a zero point per group too (`_quantize_groups_asymmetric`). Measured only
-            (benchmarks/bench_quantizers.py: no better than symmetric on Silero's weights); no
-            compile path stores zero points.
     """
     w = np.asarray(w, dtype=np.float32)
-    fit = _quantize_groups_asymmetric if asymmetric else _quantize_groups_symmetric
     axis = axis % w.ndim if w.ndim else 0
     if granularity == "block":
         n = w.shape[axis]
@@ -83,21 +71,18 @@ def quantize(
         padded = np.zeros(moved.shape[:-1] + (nb * block_size,), np.float32)
         padded[..., :n] = moved
         groups = padded.reshape(-1, block_size)
-        q, scale, zp = fit(groups, bits, clip_ratios, scale_dtype)
+        q, scale = _quantize_groups(groups, bits, clip_ratios, scale_dtype)
         q = np.moveaxis(q.reshape(padded.shape)[..., :n], -1, axis)
-        per_block = moved.shape[:-1] + (nb,)
-        scale = np.moveaxis(scale.reshape(per_block), -1, axis)
-        zp = None if zp is None else np.ascontiguousarray(np.moveaxis(zp.reshape(per_block), -1, axis))
-        return QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale), bits, axis, block_size, zp)
+        scale = np.moveaxis(scale.reshape(moved.shape[:-1] + (nb,)), -1, axis)
+        return QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale), bits, axis, block_size)
     if granularity == "channel":
         moved = np.moveaxis(w, axis, 0)
-        q, scale, zp = fit(moved.reshape(moved.shape[0], -1), bits, clip_ratios, scale_dtype)
+        q, scale = _quantize_groups(moved.reshape(moved.shape[0], -1), bits, clip_ratios, scale_dtype)
         q = np.moveaxis(q.reshape(moved.shape), 0, axis)
-        return QuantizedWeight(np.ascontiguousarray(q), scale.reshape(-1), bits, axis, 0,
-                               None if zp is None else zp.reshape(-1))
+        return QuantizedWeight(np.ascontiguousarray(q), scale.reshape(-1), bits, axis, 0)
     if granularity == "tensor":
-        q, scale, zp = fit(w.reshape(1, -1), bits, clip_ratios, scale_dtype)
-        return QuantizedWeight(q.reshape(w.shape), scale.reshape(()), bits, 0, 0, None if zp is None else zp.reshape(()))
+        q, scale = _quantize_groups(w.reshape(1, -1), bits, clip_ratios, scale_dtype)
+        return QuantizedWeight(q.reshape(w.shape), scale.reshape(()), bits, 0, 0)
     raise ValueError(f"unknown granularity {granularity!r}")
 
 
@@ -128,46 +113,3 @@ def _quantize_groups(groups: np.ndarray, bits: int, clip_ratios: tuple[float, ..
             best_scale = np.where(better, scale, best_scale)
     q = np.clip(np.rint(groups / best_scale[:, None]), qmin, qmax).astype(np.int8)
     return q, best_scale.astype(scale_dtype)
-
-
-def _quantize_groups_symmetric(groups: np.ndarray, bits: int, clip_ratios: tuple[float, ...],
-                               scale_dtype: type) -> tuple[np.ndarray, np.ndarray, None]:
-    q, scale = _quantize_groups(groups, bits, clip_ratios, scale_dtype)
-    return q, scale, None
-
-
-#: Shrink ratios tried for each end of an asymmetric range (every pair: 81 ranges per group).
-RANGE_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
-
-
-def _quantize_groups_asymmetric(groups: np.ndarray, bits: int, clip_ratios: tuple[float, ...],
-                                scale_dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of `groups`: the range [lo, hi] (each end of [min(w, 0), max(w, 0)] shrunk by
-    a ratio of RANGE_RATIOS) whose 2^bits levels (q - zero_point) * scale give the least squared
-    error, scored with the stored (rounded) scale and the integer zero point. All 2^bits levels
-    cover the group's own range, so a skewed group (all weights on one side of 0) loses no level
-    to the empty side, as the symmetric scales do. `clip_ratios` is unused (one grid for both ends).
-
-    Returns (codes int8 in [qmin, qmax], scales in `scale_dtype`, zero points int8 in [qmin, qmax]).
-    """
-    del clip_ratios
-    qmin, qmax = qrange(bits)
-    tiny = np.float32(np.finfo(scale_dtype).smallest_normal)
-    low = np.minimum(groups.min(axis=1), 0).astype(np.float32)
-    high = np.maximum(groups.max(axis=1), 0).astype(np.float32)
-    best_err = np.full(groups.shape[0], np.inf, np.float32)
-    best_scale = np.ones(groups.shape[0], np.float32)
-    best_zp = np.zeros(groups.shape[0], np.float32)
-    for a in RANGE_RATIOS:
-        for b in RANGE_RATIOS:
-            lo, hi = low * np.float32(a), high * np.float32(b)
-            scale = np.maximum((hi - lo) / np.float32(qmax - qmin), tiny).astype(scale_dtype).astype(np.float32)
-            zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax)
-            q = np.clip(np.rint(groups / scale[:, None]) + zp[:, None], qmin, qmax)
-            err = np.sum(np.square((q - zp[:, None]) * scale[:, None] - groups), axis=1)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-            best_zp = np.where(better, zp, best_zp)
-    q = np.clip(np.rint(groups / best_scale[:, None]) + best_zp[:, None], qmin, qmax).astype(np.int8)
-    return q, best_scale.astype(scale_dtype), best_zp.astype(np.int8)

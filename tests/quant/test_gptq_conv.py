@@ -1,6 +1,6 @@
 """GPTQ for Conv weights: Hessians from the input patches, q4c's Conv scale layouts, less output
 error than nearest rounding, and a compiled model the checker, ONNX Runtime and the interpreter
-agree on. Plus the asymmetric (zero point) quantizer of qparams."""
+agree on."""
 
 import numpy as np
 import onnx
@@ -122,19 +122,6 @@ def test_gptq_conv_compile_is_verified_and_more_accurate_than_nearest(rng, tmp_p
         np.testing.assert_allclose(run_model(compiled, {"x": x})["y"], got, atol=1e-4)  # interpreter agrees
         errors[scheme] = float(np.mean((ref - got) ** 2))
     assert errors["gptq"] < 0.8 * errors["symmetric"], errors
-
-
-def test_asymmetric_round_trip_beats_symmetric_on_a_skewed_weight():
-    # One group: 0, 1, ..., 15 (all positive). Asymmetric: scale 1, zero point -8 -> exact.
-    # Symmetric spends half its 16 levels on negatives it never uses: error > 0.
-    w = np.arange(16, dtype=np.float32).reshape(1, 16)
-    asym = quantize(w, 4, granularity="channel", axis=0, asymmetric=True)
-    np.testing.assert_array_equal(asym.scale, [1.0])
-    np.testing.assert_array_equal(asym.zero_point, [-8])
-    np.testing.assert_array_equal(asym.q, np.arange(16).reshape(1, 16) - 8)
-    np.testing.assert_array_equal(asym.dequantize(), w)
-    sym = quantize(w, 4, granularity="channel", axis=0)
-    assert np.sum((sym.dequantize() - w) ** 2) > 1.0
 
 
 def test_hessians_read_more_calls_until_every_column_has_enough_rows(rng):
