@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions
 from q4c.pipeline import Artifact, Pass, PassContext, PassResult
-from q4c.quant.candidates import Candidate, candidate
+from q4c.quant.candidates import Candidate, candidate, default_width
 from q4c.quant.holdout import (
     PlanKind,
     damage,
@@ -247,7 +247,7 @@ def _uniform_choice(groups: list[list[str]], items: list[list[Option]],
     4-bit scheme costs the same bytes), None if some item has no 4-bit candidate."""
     picks = []
     for group, options in zip(groups, items, strict=True):
-        fours = [i for i, c in enumerate(table.candidates[group[0]]) if c.bits == 4 and c.scheme not in CODEBOOK_SCHEMES]
+        fours = default_width(table.candidates[group[0]])
         if not fours:
             return None
         picks.append(min(fours, key=lambda i: (options[i].score, table.candidates[group[0]][i].scheme != "symmetric")))

@@ -76,3 +76,13 @@ def candidate_list(slot: WeightSlot, opts: CompileOptions, opset: int, *, gptq: 
             for s in later for b in opts.candidates if supports(s, b)]
     out.append(candidate(slot, FLOAT, opts.granularity, opset))
     return out
+
+
+#: The width of the default plan (the bytes of uniform 4-bit weights)
+DEFAULT_BITS = 4
+
+
+def default_width(cands: list[Candidate]) -> list[int]:
+    """Indices of the uniform (non-codebook) candidates at DEFAULT_BITS: every scheme of the
+    default width, which all cost the same bytes."""
+    return [i for i, c in enumerate(cands) if c.bits == DEFAULT_BITS and c.scheme not in CODEBOOK_SCHEMES]

@@ -16,13 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from q4c.config import CODEBOOK_SCHEMES
+from q4c.quant.candidates import DEFAULT_BITS, default_width
 from q4c.quant.knapsack import Option
 from q4c.quant.plan import FLOAT
 from q4c.quant.sensitivity import SensitivityTable
-
-#: the width an unmeasured weight keeps (the default plan's)
-DEFAULT_BITS = 4
 
 
 def unmeasured(table: SensitivityTable, names: Sequence[str]) -> dict[str, str]:
@@ -46,7 +43,7 @@ def default_index(table: SensitivityTable, name: str) -> int:
     """The candidate an unmeasured weight keeps: symmetric 4-bit if it has one (else another
     non-codebook 4-bit scheme), else its float candidate (the widest)."""
     cands = table.candidates[name]
-    fours = [k for k, c in enumerate(cands) if c.bits == DEFAULT_BITS and c.scheme not in CODEBOOK_SCHEMES]
+    fours = default_width(cands)
     if fours:
         return min(fours, key=lambda k: cands[k].scheme != "symmetric")
     return max(range(len(cands)), key=lambda k: cands[k].nbytes)
