@@ -14,20 +14,24 @@ Input statistics per weight role (`input_hessians`): MatMul B and Gemm B: the ot
 LSTM/GRU/RNN W: the sequence input X; LSTM/GRU/RNN R: the layer's own hidden-state sequence Y
 (read through a temporary output name where the graph leaves Y unread), one Hessian per direction; Conv (1-D and 2-D, group 1, explicit pads): the input patches each
 output position reads (im2col), one row of C_in x kernel values per position, in the order of
-W.reshape(C_out, -1) (`q4c.quant.gptq_conv`). Weights inside subgraphs, other convolutions and
-embeddings get no Hessian and so no "gptq" candidate.
+W.reshape(C_out, -1) (`q4c.quant.gptq_conv`). Inputs inside If branches are read through extra
+If outputs (`q4c.quant.lift`); a weight several nodes read (one LSTM in each branch of an If, as
+Silero VAD exports have) gets one Hessian over all their inputs. Weights read inside Loop/Scan
+bodies, other convolutions and embeddings get no Hessian and so no "gptq" candidate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
+from q4c import graph as g
 from q4c import ort as q4ort
 from q4c.quant.conv_patches import ConvGeometry, conv_geometry, conv_patches
+from q4c.quant.lift import lifted
 from q4c.quant.qparams import QuantizedWeight, _quantize_groups, qrange
 
 #: Dampening added to H's diagonal, relative to its mean: keeps the inverse well conditioned
@@ -141,18 +145,28 @@ def activation_of(slot) -> tuple[str, str | ConvGeometry] | None:
     return None
 
 
+def activations_of(slot) -> list[tuple[str, str | ConvGeometry]]:
+    """`activation_of` for every node that reads `slot`'s weight in `slot`'s role (the weight's
+    Hessian is taken over all of their inputs), or [] when one of them cannot be observed."""
+    readers = [dataclasses.replace(slot, node=node) for node in slot.tensor.outputs
+               if node.op == slot.node.op and len(node.inputs) > slot.index and node.inputs[slot.index] is slot.tensor]
+    found = [activation_of(reader) for reader in readers or [slot]]
+    return [] if any(a is None for a in found) else sorted(set(found), key=str)  # type: ignore[arg-type]
+
+
 def _name_unread_outputs(model: onnx.ModelProto, tensors: set[str]) -> list[tuple[onnx.NodeProto, int]]:
     """Give the recurrent nodes whose unread Y is wanted (`UNREAD_Y` + node name) that output name,
-    in place; returns (node, outputs it had) to undo it with `_unname`."""
+    in place, in the main graph and its subgraphs; returns (node, outputs it had) to undo it with `_unname`."""
     named = []
-    for node in model.graph.node:
-        name = UNREAD_Y + node.name
-        if node.op_type in ("LSTM", "GRU", "RNN") and name in tensors and not (node.output and node.output[0]):
-            named.append((node, len(node.output)))
-            if node.output:
-                node.output[0] = name
-            else:
-                node.output.append(name)
+    for graph in g.iter_graph_protos(model.graph):
+        for node in graph.node:
+            name = UNREAD_Y + node.name
+            if node.op_type in ("LSTM", "GRU", "RNN") and name in tensors and not (node.output and node.output[0]):
+                named.append((node, len(node.output)))
+                if node.output:
+                    node.output[0] = name
+                else:
+                    node.output.append(name)
     return named
 
 
@@ -167,50 +181,62 @@ def _unname(named: list[tuple[onnx.NodeProto, int]]) -> None:
 def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
                    samples: Sequence[Mapping[str, np.ndarray]],
                    extra: Sequence[Mapping[str, np.ndarray]] = ()) -> dict[str, list[np.ndarray]]:
-    """H = mean of x x^T over the calibration inputs of each slot's weight (by weight name),
-    from one ONNX Runtime session with the activations as extra outputs. `slots` are main-graph
-    weights (see sensitivity.gptq_eligible); those with no known activation are left out.
+    """H = mean of x x^T over the calibration inputs of each slot's weight (by weight name; over
+    the inputs of every node reading it), from one ONNX Runtime session with the activations as
+    extra outputs (those inside If branches lifted to the main graph). `slots`: see
+    sensitivity.gptq_eligible; weights with an input that cannot be observed are left out, and so
+    are those whose inputs no call computed (a branch never taken).
     The first MAX_SAMPLES calls of `samples` are read, then calls of `extra` (those already read
     skipped; see `fitting_calls`) while some Hessian has too few rows (MIN_ROWS_PER_COLUMN)."""
-    wanted = {name: found for name, slot in slots.items() if (found := activation_of(slot)) is not None}
+    wanted = {name: found for name, slot in slots.items() if (found := activations_of(slot))}
     if not wanted or not samples:
         return {}
     # the activations become extra outputs of `model` itself while the session is made (a copy
     # of the model would be a copy of every weight), then the outputs are put back
-    count = len(model.graph.output)
-    outputs = {o.name for o in model.graph.output}
-    tensors = {t for t, _ in wanted.values()}
+    tensors = {t for found in wanted.values() for t, _ in found}
     named = _name_unread_outputs(model, tensors)
-    for tensor in sorted(tensors - outputs):
-        model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
     try:
-        session = q4ort.make_session(model, threads=1)
+        with lifted(model, tensors) as names:
+            session = q4ort.make_session(model, threads=1)
     finally:
-        del model.graph.output[count:]
         _unname(named)
+    wanted = {name: found for name, found in wanted.items() if all(t in names for t, _ in found)}
+    reads = {(t, h) for found in wanted.values() for t, h in found}
     sums: dict[str, list[np.ndarray]] = {}
     counts: dict[str, int] = {}
     for feeds, added in _calls(samples, extra, sums, counts):
         values = q4ort.run(session, feeds)
-        for tensor, how in {(t, h) for t, h in wanted.values()}:
-            if added and _full(f"{tensor}|{how}", sums, counts):
+        for tensor, how in reads:
+            key = f"{tensor}|{how}"
+            if added and _full(key, sums, counts):
                 continue  # each Hessian reads added calls only until it has its rows: the same
                 # Hessian whichever other weights are wanted (a replayed plan asks for fewer)
-            x = np.asarray(values[tensor], dtype=np.float64)
+            x = np.asarray(values[names[tensor]], dtype=np.float64)
+            if x.size == 0:
+                continue  # computed in an If branch this call did not take
             if isinstance(how, ConvGeometry):
                 parts = [conv_patches(x, how)]
             elif how == "rows":
                 parts = [x.reshape(-1, x.shape[-1])]
             else:
                 parts = [np.moveaxis(x, 1, 0)[d].reshape(-1, x.shape[-1]) for d in range(x.shape[1])]
-            key = f"{tensor}|{how}"
             acc = [p.T @ p for p in parts]
             sums[key] = acc if key not in sums else [a + b for a, b in zip(sums[key], acc, strict=True)]
             counts[key] = counts.get(key, 0) + parts[0].shape[0]
+    out: dict[str, list[np.ndarray]] = {}
+    for name, found in wanted.items():  # several readers: one Hessian over all their inputs
+        keys = [f"{t}|{h}" for t, h in found if f"{t}|{h}" in sums]
+        if len(keys) > 1:
+            total = sum(counts[k] for k in keys)
+            out[name] = [sum(parts) / total for parts in zip(*(sums[k] for k in keys), strict=True)]
     for key, acc in sums.items():  # divided in place: no second copy of every statistic
         for s in acc:
             s /= counts[key]
-    return {name: sums[f"{t}|{h}"] for name, (t, h) in wanted.items()}  # weights reading one input share it
+    for name, found in wanted.items():
+        keys = [f"{t}|{h}" for t, h in found if f"{t}|{h}" in sums]
+        if len(keys) == 1:
+            out[name] = sums[keys[0]]  # weights reading one input share it
+    return out
 
 
 def fitting_calls(sequences: Sequence[Sequence[Mapping[str, np.ndarray]]] | None,

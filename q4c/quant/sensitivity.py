@@ -26,7 +26,8 @@ from q4c.errors import ConfigError
 from q4c.objectives import Objective, detect_objectives
 from q4c.quant.candidates import Candidate, candidate_list
 from q4c.quant.gptq import MAX_SAMPLES as GPTQ_SAMPLES
-from q4c.quant.gptq import activation_of, fitting_calls, input_hessians
+from q4c.quant.gptq import activations_of, fitting_calls, input_hessians
+from q4c.quant.lift import if_only
 from q4c.quant.plan import FLOAT
 from q4c.quant.score_job import HESSIAN_STEP, Rounding, ScoreJob, TaskResult, merge  # noqa: F401 (HESSIAN_STEP)
 from q4c.quant.tying import tied_groups
@@ -171,12 +172,14 @@ def main_constants(graph: gs.Graph) -> set[str]:
 
 
 def gptq_eligible(graph: gs.Graph, slots: Mapping[str, WeightSlot], main: set[str] | None = None) -> dict[str, WeightSlot]:
-    """The weights gptq can round: main-graph MatMul/Gemm/LSTM/GRU/RNN weights whose inputs can be
-    observed, not a tied output projection (it shares the embedding's codes: rounding it
+    """The weights gptq can round: MatMul/Gemm/LSTM/GRU/RNN/Conv weights of the main graph or of
+    If branches (their inputs are read through extra If outputs, q4c.quant.lift) whose inputs can
+    be observed, not a tied output projection (it shares the embedding's codes: rounding it
     differently would not)."""
     main = main_constants(graph) if main is None else main
     tied = {n for group in tied_groups(dict(slots)) if len(group) > 1 for n in group}
-    return {n: s for n, s in slots.items() if n in main and n not in tied and activation_of(s) is not None}
+    return {n: s for n, s in slots.items()
+            if (n in main or if_only(graph, s.graph)) and n not in tied and activations_of(s)}
 
 
 def candidate_slots(graph: gs.Graph, opts: CompileOptions) -> dict[str, WeightSlot]:

@@ -151,3 +151,112 @@ def test_a_replayed_gptq_plan_without_data_is_a_clear_error(rng, tmp_path):
                               data=None)
     # no --calib: compile falls back to synthetic inputs, and says so; the plan is still honoured
     assert {t["name"]: t["scheme"] for t in report["tensors"]} == {"M": "gptq"}
+
+
+def _branchy_model(rng):
+    """y = If(a): Relu(x) @ W, else If(b): Sigmoid(x) @ W, else Tanh(x) @ V, with W a main-graph
+    weight read in two branches and V a weight of the innermost branch (Silero VAD's layout:
+    one LSTM weight read by a cell in each branch of an If, a whole network per sample rate)."""
+    def branch(name, nodes, out, inits=()):
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, F, None)],
+                                 initializer=[onnx.numpy_helper.from_array(v, k) for k, v in inits])
+
+    v = heavy_tailed(rng, (16, 8))
+    inner = helper.make_node("If", ["b"], ["inner_y"], name="inner",
+                             then_branch=branch("sig", [helper.make_node("Sigmoid", ["x"], ["s"]),
+                                                        helper.make_node("MatMul", ["s", "W"], ["ys"])], "ys"),
+                             else_branch=branch("tanh", [helper.make_node("Tanh", ["x"], ["t"]),
+                                                         helper.make_node("MatMul", ["t", "V"], ["yt"])], "yt",
+                                                [("V", v)]))
+    outer = helper.make_node("If", ["a"], ["y"], name="outer",
+                             then_branch=branch("relu", [helper.make_node("Relu", ["x"], ["r"]),
+                                                         helper.make_node("MatMul", ["r", "W"], ["yr"])], "yr"),
+                             else_branch=branch("nested", [inner], "inner_y"))
+    model = make_model([outer], [helper.make_tensor_value_info("x", F, ["N", 16]),
+                                 helper.make_tensor_value_info("a", TensorProto.BOOL, []),
+                                 helper.make_tensor_value_info("b", TensorProto.BOOL, [])],
+                       [helper.make_tensor_value_info("y", F, ["N", 8])], {"W": heavy_tailed(rng, (16, 8))}, opset=21)
+    return model, v
+
+
+def test_weights_read_inside_if_branches_get_hessians_over_every_branch_that_reads_them(rng):
+    """W is read in the outer then-branch and the inner then-branch: its Hessian is the mean x x^T
+    over both (rows pooled); V, inside the inner else-branch, over the calls that took it. Calls
+    that skip a branch add nothing; the model given is unchanged afterwards."""
+    import onnx_graphsurgeon as gs
+
+    from q4c.quant.sensitivity import gptq_eligible
+
+    model, _ = _branchy_model(rng)
+    before = model.SerializeToString()
+    graph = gs.import_onnx(model)
+    slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
+    assert set(gptq_eligible(graph, slots)) == {"W", "V"}
+    flags = [(True, True), (False, True), (False, False), (True, False), (False, True)]
+    samples = [{"x": rng.standard_normal((4 + i, 16)).astype(np.float32), "a": np.array(a), "b": np.array(b)}
+               for i, (a, b) in enumerate(flags)]
+    hs = input_hessians(model, slots, samples)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    w_in = np.concatenate([np.maximum(s["x"], 0) if s["a"] else sig(s["x"]) for s in samples if s["a"] or s["b"]])
+    v_in = np.concatenate([np.tanh(s["x"]) for s in samples if not (s["a"] or s["b"])]).astype(np.float64)
+    w_in = w_in.astype(np.float64)
+    np.testing.assert_allclose(hs["W"][0], w_in.T @ w_in / len(w_in), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(hs["V"][0], v_in.T @ v_in / len(v_in), rtol=1e-5, atol=1e-7)
+    assert model.SerializeToString() == before
+
+
+def test_a_branch_no_call_takes_gives_its_weight_no_hessian(rng):
+    import onnx_graphsurgeon as gs
+
+    model, _ = _branchy_model(rng)
+    graph = gs.import_onnx(model)
+    slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
+    samples = [{"x": rng.standard_normal((4, 16)).astype(np.float32), "a": np.array(True), "b": np.array(False)}]
+    assert set(input_hessians(model, slots, samples)) == {"W"}
+
+
+def test_a_weight_read_in_a_loop_body_is_not_gptq_eligible(rng):
+    """A Loop body's values differ per iteration and leave the loop only as scan outputs: not lifted."""
+    import onnx_graphsurgeon as gs
+
+    from q4c.quant.sensitivity import gptq_eligible
+
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Identity", ["c"], ["c_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_tensor_value_info("m", F, None)])
+    model = make_model([helper.make_node("Loop", ["n", ""], ["ms"], body=body)],
+                       [helper.make_tensor_value_info("x", F, [4, 16]), helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+                       [helper.make_tensor_value_info("ms", F, None)], {"W": heavy_tailed(rng, (16, 8))}, opset=21)
+    graph = gs.import_onnx(model)
+    slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
+    assert set(slots) == {"W"}
+    assert gptq_eligible(graph, slots) == {}
+
+
+def test_uniform_gptq_compile_of_branch_weights_is_verified_and_more_accurate_than_nearest(rng, tmp_path):
+    """Weights inside If branches are rounded with their own Hessians: the compiled model is
+    verified (checker, ONNX Runtime, interpreter) and its output error beats nearest rounding."""
+    model, _ = _branchy_model(rng)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    mix = rng.standard_normal((3, 16))
+
+    def draw(a, b):
+        x = (rng.standard_normal((24, 3)) @ mix + 0.1 * rng.standard_normal((24, 16))).astype(np.float32)
+        return {"x": x, "a": np.array(a), "b": np.array(b)}
+
+    for i, (a, b) in enumerate([(True, True), (False, True), (False, False)] * 2):
+        np.savez(calib / f"{i}.npz", **draw(a, b))
+    errors = {}
+    tests = [draw(a, b) for a, b in [(True, True), (False, True), (False, False)] * 3]
+    for scheme in ("symmetric", "gptq"):
+        out = tmp_path / f"{scheme}.onnx"
+        report = q4c.compile_file(path, out, CompileOptions(bits=2, scheme=scheme, min_elements=0), data=calib)
+        assert report["verification"]["ort_loads"]
+        assert {t["name"]: t["scheme"] for t in report["tensors"]} == {"W": scheme, "V": scheme}
+        errors[scheme] = float(np.mean([(run_ort(model, s)["y"] - run_ort(onnx.load(out), s, optimized=True)["y"]) ** 2
+                                        for s in tests]))
+    assert errors["gptq"] < errors["symmetric"]
