@@ -101,8 +101,12 @@ class QuantizeWeightsPass(Pass):
             known.update(input_hessians(g.export_model(graph.copy()), eligible, ctx.samples,
                                         fitting_calls(ctx.sequences, MAX_SAMPLES)))
         unmet = sorted(missing - set(known))
+        if unmet and unmet[0] in gptq_eligible(graph, {unmet[0]: by_tensor[unmet[0]][0]}):
+            raise ConfigError(f"{unmet[0]}: gptq needs at least as many calibration input rows as the weight has "
+                              "columns, and the samples gave fewer; pass --calib with more samples")
         if unmet:
-            raise ConfigError(f"{unmet[0]}: gptq needs a MatMul/Gemm/LSTM/GRU/RNN weight of the main graph")
+            raise ConfigError(f"{unmet[0]}: gptq needs a MatMul/Gemm/LSTM/GRU/RNN/Conv weight whose inputs can be read "
+                              "(not one inside a Loop or Scan body)")
         return known
 
     @staticmethod

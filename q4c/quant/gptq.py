@@ -185,7 +185,9 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
     the inputs of every node reading it), from one ONNX Runtime session with the activations as
     extra outputs (those inside If branches lifted to the main graph). `slots`: see
     sensitivity.gptq_eligible; weights with an input that cannot be observed are left out, and so
-    are those whose inputs no call computed (a branch never taken).
+    are those whose inputs no call computed (a branch never taken) or gave fewer rows than the
+    Hessian has columns (it would be rank-deficient: error compensation would fit those few
+    inputs and zero every direction they miss, as a single synthetic sample would make it).
     The first MAX_SAMPLES calls of `samples` are read, then calls of `extra` (those already read
     skipped; see `fitting_calls`) while some Hessian has too few rows (MIN_ROWS_PER_COLUMN)."""
     wanted = {name: found for name, slot in slots.items() if (found := activations_of(slot))}
@@ -223,6 +225,8 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
             acc = [p.T @ p for p in parts]
             sums[key] = acc if key not in sums else [a + b for a, b in zip(sums[key], acc, strict=True)]
             counts[key] = counts.get(key, 0) + parts[0].shape[0]
+    for key in [k for k, acc in sums.items() if counts[k] < len(acc[0])]:
+        del sums[key]  # fewer rows than columns: rank-deficient, rounding would fit those rows only
     out: dict[str, list[np.ndarray]] = {}
     for name, found in wanted.items():  # several readers: one Hessian over all their inputs
         keys = [f"{t}|{h}" for t, h in found if f"{t}|{h}" in sums]

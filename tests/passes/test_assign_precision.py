@@ -72,8 +72,9 @@ def test_report_carries_scores_budget_and_a_measured_pareto_curve(rng, tmp_path)
     report = q4c.compile_file(path, tmp_path / "o.onnx", CompileOptions(avg_bits=3.5, sensitivity="kl"))
     assert report["sensitivity"]["measure"] == "kl" and report["sensitivity"]["forward_runs"] > 0
     assert {t["name"] for t in report["tensors"]} == {"A", "B", "C"}
-    # widths x rounding schemes; gptq (which needs calibration inputs) below 8 bits only
-    keys = {"2", "3", "4", "8", "2:absmax", "3:absmax", "4:absmax", "8:absmax", "2:gptq", "3:gptq", "4:gptq"}
+    # widths x rounding schemes; no gptq: it needs at least as many calibration input rows as
+    # columns, and the one synthetic sample has 16 rows for 128 columns
+    keys = {"2", "3", "4", "8", "2:absmax", "3:absmax", "4:absmax", "8:absmax"}
     keys |= {f"{b}:{s}" for b in (2, 3, 4) for s in ("mulaw", "kmeans", "nf4")}  # codebooks: 1-4 bit indices
     assert all(set(t["sensitivity"]["kl"]) == keys for t in report["tensors"])
     points = report["pareto"]

@@ -82,7 +82,7 @@ def test_input_hessians_are_the_mean_outer_products_of_what_each_weight_multipli
     model = _matmul_lstm_model(rng)
     graph = gs.import_onnx(model)
     slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
-    samples = [{"x": rng.standard_normal((10, 1, 48)).astype(np.float32)} for _ in range(3)]
+    samples = [{"x": rng.standard_normal((20, 1, 48)).astype(np.float32)} for _ in range(3)]
     hs = input_hessians(model, slots, samples)
     xs = np.concatenate([s["x"].reshape(-1, 48) for s in samples]).astype(np.float64)
     np.testing.assert_allclose(hs["M"][0], xs.T @ xs / len(xs), rtol=1e-5)
@@ -147,10 +147,11 @@ def test_a_replayed_gptq_plan_without_data_is_a_clear_error(rng, tmp_path):
     onnx.save(model, path)
     plan = {"schema": "q4c.plan/1", "tensors": {"M": {"bits": 4, "granularity": "block:32", "scheme": "gptq"}}}
     (tmp_path / "p.json").write_text(json.dumps(plan))
-    report = q4c.compile_file(path, tmp_path / "o.onnx", CompileOptions(plan_path=tmp_path / "p.json", min_elements=0),
-                              data=None)
-    # no --calib: compile falls back to synthetic inputs, and says so; the plan is still honoured
-    assert {t["name"]: t["scheme"] for t in report["tensors"]} == {"M": "gptq"}
+    # no --calib: one synthetic sample, 32 rows for M's 48 columns: too few for a Hessian
+    with pytest.raises(q4c.errors.ConfigError, match="M: gptq needs at least as many calibration input rows"):
+        q4c.compile_file(path, tmp_path / "o.onnx", CompileOptions(plan_path=tmp_path / "p.json", min_elements=0),
+                         data=None)
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def _branchy_model(rng):
@@ -193,7 +194,7 @@ def test_weights_read_inside_if_branches_get_hessians_over_every_branch_that_rea
     slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
     assert set(gptq_eligible(graph, slots)) == {"W", "V"}
     flags = [(True, True), (False, True), (False, False), (True, False), (False, True)]
-    samples = [{"x": rng.standard_normal((4 + i, 16)).astype(np.float32), "a": np.array(a), "b": np.array(b)}
+    samples = [{"x": rng.standard_normal((16 + i, 16)).astype(np.float32), "a": np.array(a), "b": np.array(b)}
                for i, (a, b) in enumerate(flags)]
     hs = input_hessians(model, slots, samples)
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
@@ -211,7 +212,7 @@ def test_a_branch_no_call_takes_gives_its_weight_no_hessian(rng):
     model, _ = _branchy_model(rng)
     graph = gs.import_onnx(model)
     slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
-    samples = [{"x": rng.standard_normal((4, 16)).astype(np.float32), "a": np.array(True), "b": np.array(False)}]
+    samples = [{"x": rng.standard_normal((20, 16)).astype(np.float32), "a": np.array(True), "b": np.array(False)}]
     assert set(input_hessians(model, slots, samples)) == {"W"}
 
 
@@ -260,3 +261,17 @@ def test_uniform_gptq_compile_of_branch_weights_is_verified_and_more_accurate_th
         errors[scheme] = float(np.mean([(run_ort(model, s)["y"] - run_ort(onnx.load(out), s, optimized=True)["y"]) ** 2
                                         for s in tests]))
     assert errors["gptq"] < errors["symmetric"]
+
+
+def test_a_hessian_with_fewer_rows_than_columns_is_not_used(rng):
+    """36 input rows for M's 48 columns: H would be rank 36, and error compensation would fit those
+    rows and zero the rest, so M gets no Hessian; W and R (32 and 16 columns) do."""
+    import onnx_graphsurgeon as gs
+
+    model = _matmul_lstm_model(rng)
+    graph = gs.import_onnx(model)
+    slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
+    samples = [{"x": rng.standard_normal((12, 1, 48)).astype(np.float32)} for _ in range(3)]
+    assert set(input_hessians(model, slots, samples)) == {"W", "R"}
+    samples.append({"x": rng.standard_normal((12, 1, 48)).astype(np.float32)})  # 48 rows: full rank possible
+    assert set(input_hessians(model, slots, samples)) == {"M", "W", "R"}

@@ -108,7 +108,7 @@ def test_gptq_conv_compile_is_verified_and_more_accurate_than_nearest(rng, tmp_p
     calib.mkdir()
     mix = rng.standard_normal((4, 64))
     for i in range(6):
-        np.savez(calib / f"{i}.npz", x=_correlated(rng, mix, 50))
+        np.savez(calib / f"{i}.npz", x=_correlated(rng, mix, 100))
     x = _correlated(rng, mix, 50)
     ref = run_ort(model, {"x": x})["y"]
     errors = {}
@@ -125,13 +125,14 @@ def test_gptq_conv_compile_is_verified_and_more_accurate_than_nearest(rng, tmp_p
 
 
 def test_hessians_read_more_calls_until_every_column_has_enough_rows(rng):
-    # 100 calls of one 16-wide row each: the first 8 calls alone give a rank-8 Hessian. Calls are
+    # 100 calls of one 16-wide row each: the first 8 calls alone would give a rank-8 Hessian (not
+    # used: fewer rows than columns). Calls are
     # added, every 16th of the rest first (8, 24, 40, ...), until 4 rows per column (64 rows).
     model = make_model([helper.make_node("MatMul", ["x", "M"], ["y"])], [helper.make_tensor_value_info("x", F, [1, 16])],
                        [helper.make_tensor_value_info("y", F, [1, 4])], {"M": heavy_tailed(rng, (16, 4))}, opset=21)
     slots = {s.tensor.name: s for s in find_weight_slots(gs.import_onnx(model)) if not isinstance(s, tuple)}
     samples = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(100)]
-    assert np.linalg.matrix_rank(input_hessians(model, slots, samples)["M"][0]) == 8  # no extra calls given
+    assert "M" not in input_hessians(model, slots, samples)  # no extra calls given: 8 rows for 16 columns
     h = input_hessians(model, slots, samples, extra=samples)["M"][0]
     order = list(range(8)) + [i for offset in range(16) for i in range(8 + offset, 100, 16)]
     x = np.concatenate([samples[i]["x"] for i in order[:64]]).astype(np.float64)

@@ -40,7 +40,7 @@ def test_tasks_round_each_candidate_as_quantize_slot_does_and_ship_none(rng, sen
     monkeypatch.setattr(score_job.ScoreJob, "dequantized", recording)
     monkeypatch.setattr(score_job.ScoreJob, "run", run)
     graph = g.import_graph(model)
-    table = measure(graph, opts, 21, synthetic_samples(model, count=2, seed=1))
+    table = measure(graph, opts, 21, synthetic_samples(model, count=16, seed=1))  # 128 rows: full-rank Hessians
 
     schemes = set()
     for name, slot in table.slots.items():
@@ -90,7 +90,7 @@ def test_without_gptq_or_codebooks_among_the_schemes_no_statistics_are_gathered(
     from q4c.quant import sensitivity
 
     model = softmax_mlp(rng, 128)
-    samples = synthetic_samples(model, count=2, seed=1)
+    samples = synthetic_samples(model, count=16, seed=1)  # 128 rows: full-rank Hessians
     full = measure(g.import_graph(model), CompileOptions(workers=1), 21, samples)
     assert full.hessians  # the default gathers them (gptq and the codebooks use them)
     calls = []
