@@ -13,6 +13,7 @@ from q4c import graph as g
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions, Granularity
 from q4c.errors import ConfigError
 from q4c.pipeline import Artifact, Pass, PassContext, PassResult
+from q4c.quant import planes
 from q4c.quant.codebook import CodebookWeight, emit_decoder
 from q4c.quant.gptq import fitting_calls, input_hessians
 from q4c.quant.packing import onnx_codes, storage_bits
@@ -139,9 +140,16 @@ class QuantizeWeightsPass(Pass):
         qw = quantize_slot(first, values, bits, gran, scheme, kernel_scales=kernel_scales, hessians=hessians,
                            block_axis=block_axis)
         kind = "tensor" if qw.scale.ndim == 0 else ("block" if qw.block_size else "channel")
-        half = qw.scale.dtype == np.float16
-        suffix = f"int{storage_bits(bits, ctx.opset)}"
-        codes = g.make_constant(g.unique_name(root, f"{weight.name}_{suffix}"), onnx_codes(qw, ctx.opset))
+        stored = storage_bits(bits, ctx.opset)
+        if stored == planes.BITS and first.role not in planes.ROLES:
+            raise ConfigError(f"{weight.name}: 6-bit codes are for Conv and LSTM/GRU/RNN weights, which ONNX Runtime "
+                              f"decodes at load; this one feeds {first.node.op}")
+        if stored == planes.BITS:  # a 4-bit and a 2-bit plane, DequantizeLinear(hi) * 4 + DequantizeLinear(lo)
+            hi, lo = planes.split(qw.q)
+            codes = [g.make_constant(g.unique_name(root, f"{weight.name}_int4hi"), hi),
+                     g.make_constant(g.unique_name(root, f"{weight.name}_uint2lo"), lo)]
+        else:
+            codes = [g.make_constant(g.unique_name(root, f"{weight.name}_int{stored}"), onnx_codes(qw, ctx.opset))]
         scale = gs.Constant(g.unique_name(root, f"{weight.name}_scale"), qw.scale)
         attrs = {"axis": int(qw.axis)} if kind != "tensor" else {}
         if qw.block_size:
@@ -150,23 +158,43 @@ class QuantizeWeightsPass(Pass):
         for slot in slots:
             key = id(slot.graph)
             if key not in dq_out:
-                out = gs.Variable(g.unique_name(root, f"{weight.name}_dq"), dtype=qw.scale.dtype, shape=list(values.shape))
-                slot.graph.nodes.append(gs.Node("DequantizeLinear", g.unique_name(root, f"{weight.name}_DequantizeLinear"),
-                                                attrs=dict(attrs), inputs=[codes, scale], outputs=[out]))
-                if half:
-                    as_float = gs.Variable(g.unique_name(root, f"{weight.name}_dq_fp32"), dtype=np.float32,
-                                           shape=list(values.shape))
-                    slot.graph.nodes.append(gs.Node("Cast", g.unique_name(root, f"{weight.name}_Cast"),
-                                                    attrs={"to": TensorProto.FLOAT}, inputs=[out], outputs=[as_float]))
-                    out = as_float
-                dq_out[key] = out
+                parts = [_dequantize(root, slot.graph, weight.name, c, scale, attrs, list(values.shape)) for c in codes]
+                if len(parts) == 2:
+                    parts = [_plane_sum(root, slot.graph, weight.name, parts, list(values.shape))]
+                dq_out[key] = parts[0]
             slot.node.inputs[slot.index] = dq_out[key]
         error = qw.dequantize() - values  # what DequantizeLinear reproduces, up to float16 rounding
         ctx.quantized.append(QuantizedTensor(
-            name=weight.name, codes=codes.name, op=first.node.op, role=first.role, shape=list(values.shape), bits=bits,
+            name=weight.name, codes=codes[0].name, op=first.node.op, role=first.role, shape=list(values.shape), bits=bits,
             granularity=_granularity(kind, qw.block_size, int(qw.axis), first.reduce_axis),
-            block_axis=int(qw.axis) if kind == "block" else None, stored_bits=storage_bits(bits, ctx.opset),
+            block_axis=int(qw.axis) if kind == "block" else None, stored_bits=stored,
             scheme=scheme, sensitivity={"weight_sqnr_db": _sqnr_db(values, error)}))
+
+
+def _dequantize(root: gs.Graph, graph: gs.Graph, name: str, codes: gs.Constant, scale: gs.Constant,
+                attrs: dict[str, int], shape: list[int]) -> gs.Variable:
+    """DequantizeLinear(codes, scale) appended to `graph`, as float32 (a Cast after float16 scales)."""
+    out = gs.Variable(g.unique_name(root, f"{name}_dq"), dtype=scale.values.dtype, shape=shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", g.unique_name(root, f"{name}_DequantizeLinear"),
+                               attrs=dict(attrs), inputs=[codes, scale], outputs=[out]))
+    if scale.values.dtype != np.float16:
+        return out
+    as_float = gs.Variable(g.unique_name(root, f"{name}_dq_fp32"), dtype=np.float32, shape=shape)
+    graph.nodes.append(gs.Node("Cast", g.unique_name(root, f"{name}_Cast"), attrs={"to": TensorProto.FLOAT},
+                               inputs=[out], outputs=[as_float]))
+    return as_float
+
+
+def _plane_sum(root: gs.Graph, graph: gs.Graph, name: str, parts: list[gs.Variable], shape: list[int]) -> gs.Variable:
+    """hi * 4 + lo (q4c.quant.planes), in float32."""
+    high = gs.Variable(g.unique_name(root, f"{name}_dq_hi"), dtype=np.float32, shape=shape)
+    out = gs.Variable(g.unique_name(root, f"{name}_dq_fp32"), dtype=np.float32, shape=shape)
+    graph.nodes.append(gs.Node("Mul", g.unique_name(root, f"{name}_Mul"),
+                               inputs=[parts[0], g.make_constant(g.unique_name(root, f"{name}_plane_weight"),
+                                                                 np.array(planes.HIGH, np.float32))],
+                               outputs=[high]))
+    graph.nodes.append(gs.Node("Add", g.unique_name(root, f"{name}_Add"), inputs=[high, parts[1]], outputs=[out]))
+    return out
 
 
 def _kernel_scales(precision: TensorPrecision, ctx: PassContext) -> bool:

@@ -293,15 +293,16 @@ def _int8_session_config(model: onnx.ModelProto, config: dict[str, str], slow_op
 
 
 def _target_opset(options: CompileOptions) -> int:
-    """Opset 25 when a plan may hold 2-bit weights (INT2 storage), else 21 (INT4/INT8)."""
+    """Opset 25 when a plan may hold 2-bit weights (INT2 storage) or 6-bit ones (a UINT2 plane),
+    else 21 (INT4/INT8)."""
     two_bit = options.bits == 2
     if options.bits is None and options.plan_path is None:
-        two_bit = 2 in options.candidates
+        two_bit = 2 in options.candidates or 6 in options.candidates
     elif options.plan_path is not None:
         plan = PrecisionPlan.load(options.plan_path)
         if plan.opset is not None:  # the opset the plan was made for (INT2 candidates measured or not)
             return plan.opset
-        two_bit = any(tp.bits == 2 for tp in plan.tensors.values())
+        two_bit = any(tp.bits in (2, 6) for tp in plan.tensors.values())
     return INT2_OPSET if two_bit else g.TARGET_OPSET
 
 

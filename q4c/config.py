@@ -11,6 +11,14 @@ from q4c.errors import ConfigError
 
 #: Bit widths with an ONNX storage type q4c emits (3 is stored in 4 bits, counted as 3).
 SUPPORTED_BITS = (2, 3, 4, 8)
+#: Widths a budgeted plan may also choose for the weights ONNX Runtime only dequantizes (Conv,
+#: LSTM/GRU/RNN), whose codes are decoded by constant folding at session load: 6-bit codes stored
+#: as a 4-bit high plane and a 2-bit low plane (q4c.quant.planes). Not a --bits width.
+PLANE_BITS = (6,)
+#: --candidates when not given: with --require also PLANE_BITS (every plan that search picks is
+#: measured on held-out samples, so a finer menu cannot make its result worse unseen)
+DEFAULT_CANDIDATES = (2, 3, 4, 8)
+REQUIRE_CANDIDATES = (2, 3, 4, 6, 8)
 #: Rounding schemes with uniform levels (scale x integer code) and non-uniform codebooks (an index
 #: into a small table of centroids: q4c.quant.codebook); codebooks also store 1-bit indices.
 UNIFORM_SCHEMES = ("symmetric", "symmetric-absmax", "gptq")
@@ -134,7 +142,7 @@ class CompileOptions:
     avg_bits: float | None = None
     size_budget: int | None = None
     ratio: float | None = None
-    candidates: tuple[int, ...] = (2, 3, 4, 8)
+    candidates: tuple[int, ...] | None = None  # None: DEFAULT_CANDIDATES, with requirements REQUIRE_CANDIDATES
     sensitivity: str = "kl"  # kl | hessian | mse
     granularity: Granularity = field(default_factory=Granularity)
     target: Target = Target.ORT_CPU
@@ -220,10 +228,13 @@ class CompileOptions:
             raise ConfigError(f"--size-budget must be a positive number of bytes, not {self.size_budget}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise ConfigError(f"--ratio must be in (0, 1], not {self.ratio}")
+        if self.candidates is None:
+            object.__setattr__(self, "candidates", REQUIRE_CANDIDATES if self.requirements else DEFAULT_CANDIDATES)
         codebooks = not self.schemes or any(s in CODEBOOK_SCHEMES for s in self.schemes)
-        if not self.candidates or any(b not in SUPPORTED_BITS and not (codebooks and b in CODEBOOK_BITS)
+        widths = (*SUPPORTED_BITS, *PLANE_BITS)
+        if not self.candidates or any(b not in widths and not (codebooks and b in CODEBOOK_BITS)
                                       for b in self.candidates):
-            raise ConfigError(f"--candidates must be a non-empty subset of {', '.join(map(str, SUPPORTED_BITS))} "
+            raise ConfigError(f"--candidates must be a non-empty subset of {', '.join(map(str, sorted(widths)))} "
                               f"(and 1 when --schemes allows a codebook), not {', '.join(map(str, self.candidates))}")
         if self.sensitivity not in ("kl", "hessian", "mse"):
             raise ConfigError(f"--sensitivity must be kl, hessian or mse, not {self.sensitivity!r}")

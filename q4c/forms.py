@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from q4c.config import CODEBOOK_SCHEMES, Granularity, Target
+from q4c.config import CODEBOOK_SCHEMES, PLANE_BITS, Granularity, Target
 from q4c.nomatch import NoMatch
 from q4c.quant.plan import (
     MATMULNBITS_FORMS,
@@ -99,7 +99,7 @@ def rule_forms(graph: gs.Graph, plan: PrecisionPlan, target: Target, kernels: st
 
 def _kernel_form(slots: list[WeightSlot], tp: TensorPrecision) -> Form | None:
     """MATMULNBITS / GATHER_BLOCK_QUANTIZED when lower-ort-kernels can express the weight."""
-    if tp.scheme in CODEBOOK_SCHEMES:
+    if tp.scheme in CODEBOOK_SCHEMES or tp.bits in PLANE_BITS:
         return None
     shape = [int(d) for d in slots[0].tensor.shape]
     if len(shape) != 2:
@@ -142,8 +142,8 @@ def _recurrent_decisions(graph: gs.Graph, node: gs.Node, plan: PrecisionPlan, ke
                 for n in names if plan.tensors[n].form is None}
     sub = next((s for s in _graphs_of(graph) if any(n is node for n in s.nodes)), graph)
     layer = match_layer(sub, node, {})
-    if any(plan.tensors[n].scheme in CODEBOOK_SCHEMES for n in names):  # decoded by constant folding at load
-        return {n: Decision(Form.DEQUANTIZE_LINEAR, FormBasis.REQUIRED) for n in names}
+    if any(plan.tensors[n].scheme in CODEBOOK_SCHEMES or plan.tensors[n].bits in PLANE_BITS for n in names):
+        return {n: Decision(Form.DEQUANTIZE_LINEAR, FormBasis.REQUIRED) for n in names}  # decoded by folding at load
     if isinstance(layer, NoMatch):  # DequantizeLinear -> LSTM/GRU/RNN: folded at load
         return {n: Decision(Form.FP32_AT_LOAD, FormBasis.REQUIRED) for n in names}
     layer = replace(layer, w=_planned_weights(layer.w, plan.tensors.get(node.inputs[1].name)),
@@ -166,6 +166,8 @@ def check_form(name: str, tp: TensorPrecision, slots: list[WeightSlot], target: 
     """Why a plan's form cannot be honoured for this weight (one line), or None if it can."""
     assert tp.form is not None
     ops = {s.node.op for s in slots}
+    if tp.bits in PLANE_BITS and tp.form not in (Form.DEQUANTIZE_LINEAR, Form.FP32_AT_LOAD):
+        return f"form {tp.form.value!r} cannot read 6-bit codes (two planes, decoded at load)"
     if target is not Target.ORT_CPU and tp.form not in (Form.DEQUANTIZE_LINEAR, Form.FP32_AT_LOAD):
         return f"form {tp.form.value!r} needs --target ort-cpu"
     if ops & set(_RECURRENT):

@@ -62,8 +62,10 @@ from q4c.graph import check_writable, write_text
                    "one per CPU of the cluster ('ray:N': N of them), see --ray-address.")
 @click.option("--ray-address", "ray_address", default=None, metavar="ADDR",
               help="--workers ray: the Ray cluster to join (default: $RAY_ADDRESS, else a local Ray for this run).")
-@click.option("--candidates", default="2,3,4,8", show_default=True,
-              help="Bit widths the allocation may choose from (keeping FP32 is always a choice).")
+@click.option("--candidates", default=None,
+              help="Bit widths the allocation may choose from (keeping FP32 is always a choice). 6: Conv and "
+                   "LSTM/GRU/RNN weights only, stored as a 4-bit and a 2-bit plane decoded at session load "
+                   "(opset 25). Default: 2,3,4,8; with --require 2,3,4,6,8.")
 @click.option("--sensitivity", type=click.Choice(["kl", "hessian", "mse"]), default="kl", show_default=True,
               help="kl: output KL divergence with one tensor quantized; hessian: Hutchinson trace of that "
                    "divergence x weight error; mse: weight error only (data-free, fastest).")
@@ -190,7 +192,7 @@ def compile_cmd(model: Path, output: Path | None, bits: str | None, avg_bits: fl
         ratio=ratio,
         scheme=scheme,
         **_parse_workers(workers, ray_address),
-        candidates=_parse_candidates(candidates),
+        candidates=_parse_candidates(candidates) if candidates is not None else None,
         sensitivity=sensitivity,
         granularity=Granularity.parse(granularity),
         target=Target(target),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from q4c.config import CODEBOOK_SCHEMES, UNIFORM_SCHEMES, CompileOptions, Granularity
+from q4c.config import CODEBOOK_SCHEMES, PLANE_BITS, UNIFORM_SCHEMES, CompileOptions, Granularity
+from q4c.quant import planes
 from q4c.quant.codebook import codebook_cost, supports
 from q4c.quant.packing import storage_bits
 from q4c.quant.plan import FLOAT
@@ -63,17 +64,20 @@ def candidate_list(slot: WeightSlot, opts: CompileOptions, opset: int, *, gptq: 
     rounding schemes compete too: symmetric-absmax, gptq where the weight has calibration inputs
     (`gptq`), and the codebooks (mulaw, kmeans, nf4; not for tied tables, which share one set of
     codes); weight-error measures get symmetric only. `opts.schemes` restricts the choice
-    (symmetric always stays)."""
+    (symmetric always stays). 6-bit candidates (q4c.quant.planes) only for the weights ONNX
+    Runtime decodes at load (Conv, LSTM/GRU/RNN), at an opset with UINT2."""
     kl = opts.sensitivity == "kl"
     schemes = [s for s in UNIFORM_SCHEMES if s != "gptq"] if kl else ["symmetric"]
     later = (["gptq"] if gptq else []) + (list(CODEBOOK_SCHEMES) if kl and not tied else [])
     if opts.schemes:
         schemes = [s for s in schemes if s in opts.schemes or s == "symmetric"]
         later = [s for s in later if s in opts.schemes]
+    widths = [b for b in opts.candidates if b not in PLANE_BITS or (slot.role in planes.ROLES
+                                                                     and storage_bits(b, opset) == planes.BITS)]
     out = [candidate(slot, b, opts.granularity, opset, s, kernel_scales=opts.kernel_scales)
-           for b in opts.candidates for s in schemes if supports(s, b)]
+           for b in widths for s in schemes if supports(s, b)]
     out += [candidate(slot, b, opts.granularity, opset, s, kernel_scales=opts.kernel_scales)
-            for s in later for b in opts.candidates if supports(s, b)]
+            for s in later for b in widths if supports(s, b)]
     out.append(candidate(slot, FLOAT, opts.granularity, opset))
     return out
 

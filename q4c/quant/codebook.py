@@ -71,11 +71,11 @@ def scheme_bits(scheme: str) -> tuple[int, ...]:
 
 
 def supports(scheme: str, bits: int) -> bool:
-    """Whether `scheme` quantizes to `bits`: codebooks 1-4 (nf4 2-4), uniform schemes 2/3/4/8
+    """Whether `scheme` quantizes to `bits`: codebooks 1-4 (nf4 2-4), uniform schemes 2/3/4/6/8
     (gptq only below 8 bits, where it pays)."""
     if is_codebook(scheme):
         return bits in scheme_bits(scheme)
-    return bits in (2, 3, 4, 8) and not (scheme == "gptq" and bits > 4)
+    return bits in (2, 3, 4, 6, 8) and not (scheme == "gptq" and bits == 8)
 
 
 # -- the quantized form -----------------------------------------------------------------------

@@ -18,6 +18,8 @@ def storage_bits(bits: int, opset: int) -> int:
     3-bit type, so 3-bit codes ride in INT4 containers (reports count them as stored)."""
     if bits == 2 and opset >= INT2_OPSET:
         return 2
+    if bits == 6 and opset >= INT2_OPSET:
+        return 6  # q4c.quant.planes: a 4-bit and a 2-bit plane
     return 4 if bits <= 4 else 8
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from q4c.config import (
     CODEBOOK_SCHEMES,
+    PLANE_BITS,
     SUPPORTED_BITS,
     UNIFORM_SCHEMES,
     Granularity,
@@ -152,8 +153,9 @@ class TensorPrecision:
                                   f"indices, not {self.bits}")
             validate_granularity(self.granularity)
             return
-        if self.bits not in (*SUPPORTED_BITS, FLOAT):
-            raise ConfigError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} or {FLOAT} (float), not {self.bits}")
+        if self.bits not in (*SUPPORTED_BITS, *PLANE_BITS, FLOAT):
+            raise ConfigError(f"bits must be one of {', '.join(map(str, sorted((*SUPPORTED_BITS, *PLANE_BITS))))} or "
+                              f"{FLOAT} (float), not {self.bits}")
         Granularity.parse(self.granularity)
 
     def _check_block_axis(self) -> None:
