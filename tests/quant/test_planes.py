@@ -126,3 +126,14 @@ def test_candidates_6_is_accepted_and_bits_6_is_not(tmp_path, rng):
     assert CompileOptions(candidates=(4, 6)).candidates == (4, 6)
     with pytest.raises(ConfigError, match="--candidates must be"):
         CompileOptions(candidates=(5,))
+
+
+def test_a_saved_6_bit_plan_replays_to_the_same_bytes(rng, tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_lstm_matmul(rng), src)
+    first, again, saved = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "saved.json"
+    q4c.compile_file(src, first, CompileOptions(plan_path=_plan(tmp_path / "p.json", ["CW", "R"]), min_elements=0),
+                     data=None, save_plan=saved)
+    q4c.compile_file(src, again, CompileOptions(plan_path=saved, min_elements=0), data=None)
+    assert json.loads(saved.read_text())["tensors"]["R"]["bits"] == 6
+    assert first.read_bytes() == again.read_bytes()
