@@ -16,7 +16,9 @@ get_speech_timestamps forms them); the exports that also take 8 kHz are judged o
 at 8 kHz too (rows measured since session 5 show it after "8 kHz:"). DeepFilterNet3: SQNR of the enhanced waveform vs the FP32
 model's enhanced waveform (all test clips together), and STOI / PESQ against the clean speech
 when pystoi / pesq are installed. Latency: ONNX Runtime CPU, 1 intra-op thread, the session
-config q4c records applied, FP32 and the row's model interleaved, median of process-CPU time.
+config q4c records applied, FP32 and the row's model interleaved, median of process-CPU time
+(Silero rows measured since session 6: 4 sessions a side, 31 rounds of one test clip, with a
+95 % interval).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 import onnx
 
 from q4c.metrics import boundary_shift_ms, decision_flips, speech_segments, sqnr_db
-from q4c.timing import interleaved
+from q4c.timing import Timing, interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, merged, publish  # noqa: E402
@@ -249,6 +251,30 @@ def interleaved_ratio(run_a: Callable[[], object], run_b: Callable[[], object], 
     return timing.ratio("b", "a"), 1e3 * timing.median("b")
 
 
+#: Silero latency: sessions per side and interleaved rounds (one test clip streamed per sample).
+#: Identical FP32 files in separate sessions differ by a few percent (where ONNX Runtime's buffers
+#: land), so each side's figure is the mean over its sessions, and the ratio comes with a paired
+#: bootstrap interval over rounds (q4c.timing), as bench_latency's default rows do.
+LATENCY_SESSIONS = 4
+LATENCY_ROUNDS = 31
+
+
+def session_ratio(ref: Path, dst: Path, open_session: Callable[[Path], Callable],
+                  run_clip: Callable[[Callable], object]) -> dict:
+    """q4c over FP32 latency: LATENCY_SESSIONS sessions (`open_session`) of each model, all interleaved over
+    LATENCY_ROUNDS rounds of `run_clip(runner)`; the ratio of the medians of the per-round means,
+    its 95 % interval, and q4c's median clip time in ms."""
+    runners = {f"{side}#{i}": open_session(path)
+               for i in range(LATENCY_SESSIONS) for side, path in (("fp32", ref), ("q4c", dst))}
+    with timing_lock():
+        timing = interleaved({k: (lambda r=r: run_clip(r)) for k, r in runners.items()}, rounds=LATENCY_ROUNDS, warmup=1)
+    pooled = Timing({side: list(np.mean([timing.cpu[f"{side}#{i}"] for i in range(LATENCY_SESSIONS)], axis=0))
+                     for side in ("fp32", "q4c")})
+    low, high = pooled.ratio_interval("q4c", "fp32")
+    return {"latency_ratio": float(pooled.ratio("q4c", "fp32")), "latency_ci": [low, high],
+            "ms": float(1e3 * pooled.median("q4c"))}
+
+
 def _bootstrap_ci(per_clip: list[tuple[int, int]], seed: int = 0) -> tuple[float, float]:
     """95 % interval of the pooled rate sum(k) / sum(n) when clips are resampled."""
     k = np.array([c[0] for c in per_clip], dtype=np.float64)
@@ -313,15 +339,13 @@ def silero_rows(export: str, tmp: Path, only: tuple[str, ...] = ()) -> list[dict
             per_clip = [(int(np.sum((r >= 0.5) != (p >= 0.5))), r.size) for r, p in zip(ref_probs, probs)]
             shifts = [boundary_shift_ms(speech_segments(r), speech_segments(p), 16000)
                       for r, p in zip(ref_probs, probs)]
-            ratio, ms = interleaved_ratio(lambda: silero.probs(ref_run, longest, export),
-                                          lambda: silero.probs(run, longest, export))
+            latency = session_ratio(src, dst, silero.session_runner, lambda r: silero.probs(r, longest, export))
             if test_8k:
                 got_8k = [silero.probs(run, x, export, 8000) for x in test_8k]
                 row["flips_8k"] = decision_flips(np.concatenate(ref_8k), np.concatenate(got_8k))
             row.update(ok=True, size_ratio=dst.stat().st_size / src.stat().st_size,
                        flips=decision_flips(np.concatenate(ref_probs), np.concatenate(probs)),
-                       flips_ci=_bootstrap_ci(per_clip), shift_ms=float(np.nanmean(shifts)),
-                       latency_ratio=ratio, ms=ms)
+                       flips_ci=_bootstrap_ci(per_clip), shift_ms=float(np.nanmean(shifts)), **latency)
         except Exception as e:  # noqa: BLE001 - the exact failure is the row's result
             row.update(ok=False, error=_first_line(e))
         print(f"  {row['method']}: {row}", file=sys.stderr)
@@ -497,7 +521,7 @@ def render(rows: list[dict], hashes: dict[str, str]) -> str:
         lo, hi = r["flips_ci"]
         at_8k = f"; 8 kHz: {100 * r['flips_8k']:.2f}" if "flips_8k" in r else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['size_ratio']:.3f} | {100 * r['flips']:.2f} "
-                     f"[{100 * lo:.2f}, {100 * hi:.2f}]{at_8k} | {r['shift_ms']:.1f} | {r['latency_ratio']:.2f} |")
+                     f"[{100 * lo:.2f}, {100 * hi:.2f}]{at_8k} | {r['shift_ms']:.1f} | {_latency(r)} |")
     lines += _require_lines(rows)
     dfn = [r for r in rows if r["model"] == "dfn3"]
     if dfn:
@@ -514,6 +538,12 @@ def render(rows: list[dict], hashes: dict[str, str]) -> str:
                          f"| {r['latency_ratio']:.2f} |")
     lines += ["", *_verdicts(rows), f"<!-- {KEY}:end -->"]
     return "\n".join(lines)
+
+
+def _latency(row: dict) -> str:
+    """The ratio, with its 95 % interval where the row was timed over several sessions."""
+    ci = row.get("latency_ci")
+    return f"{row['latency_ratio']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def _require_lines(rows: list[dict]) -> list[str]:
