@@ -275,3 +275,32 @@ def test_a_hessian_with_fewer_rows_than_columns_is_not_used(rng):
     assert set(input_hessians(model, slots, samples)) == {"W", "R"}
     samples.append({"x": rng.standard_normal((12, 1, 48)).astype(np.float32)})  # 48 rows: full rank possible
     assert set(input_hessians(model, slots, samples)) == {"M", "W", "R"}
+
+
+def test_an_unread_lstm_y_inside_an_if_branch_is_read_for_the_recurrent_hessian(rng):
+    """Silero's streaming cell sits in an If branch and returns only Y_h: R's Hessian still comes
+    from its hidden states (Y named while read, then lifted out of the branch); the model given is
+    unchanged afterwards."""
+    import onnx_graphsurgeon as gs
+
+    w, r = heavy_tailed(rng, (1, 64, 32)), heavy_tailed(rng, (1, 64, 16))
+
+    def model(outputs, returned):
+        cell = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], outputs, hidden_size=16, name="cell")],
+                                 "cell", [], [helper.make_tensor_value_info(returned, F, None)])
+        other = helper.make_graph([helper.make_node("Constant", [], ["zero"], value=onnx.numpy_helper.from_array(
+            np.zeros((1, 1, 16), np.float32), "zero"))], "zero", [], [helper.make_tensor_value_info("zero", F, None)])
+        return make_model([helper.make_node("If", ["go"], ["out"], then_branch=cell, else_branch=other)],
+                          [helper.make_tensor_value_info("x", F, ["T", 1, 32]),
+                           helper.make_tensor_value_info("go", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("out", F, None)], {"W": w, "R": r}, opset=21)
+
+    unread, read = model(["", "yh"], "yh"), model(["y", "yh"], "y")  # the twin returns Y: the independent source
+    before = unread.SerializeToString()
+    graph = gs.import_onnx(unread)
+    slots = {s.tensor.name: s for s in find_weight_slots(graph) if not isinstance(s, tuple)}
+    samples = [{"x": rng.standard_normal((12, 1, 32)).astype(np.float32), "go": np.array(True)} for _ in range(3)]
+    hs = input_hessians(unread, slots, samples)
+    ys = np.concatenate([run_ort(read, s)["out"].reshape(-1, 16) for s in samples]).astype(np.float64)
+    np.testing.assert_allclose(hs["R"][0], ys.T @ ys / len(ys), rtol=1e-4, atol=1e-7)
+    assert unread.SerializeToString() == before
