@@ -37,6 +37,7 @@ from q4c.errors import (
 from q4c.metrics import sqnr_db  # noqa: F401  (re-exported: q4c.testing and the benchmarks import it from here)
 from q4c.objectives import group_sequences
 from q4c.pipeline import Artifact, PassContext, Pipeline
+from q4c.quant.holdout import interleaved
 from q4c.quant.packing import INT2_OPSET
 from q4c.quant.plan import FLOAT, Form, PrecisionPlan
 from q4c.quant.sensitivity import objectives_for
@@ -129,6 +130,9 @@ def _context(converted: onnx.ModelProto, options: CompileOptions,
     taken = SamplesReader(itertools.islice(reader, options.calib_samples), reader.state_pairs)
     feeds = materialize(converted, taken)
     state_pairs, sequences = group_sequences(converted, taken, feeds)
+    if len(sequences) > 1 and all(sequences):  # units of every input group come first (holdout.interleaved)
+        sequences = interleaved(sequences)
+        feeds = [call for sequence in sequences for call in sequence]
     return PassContext(options=options, opset=g.default_opset(converted) or g.TARGET_OPSET, samples=feeds,
                        sample_progress=sample_progress, sequences=sequences, state_pairs=state_pairs)
 

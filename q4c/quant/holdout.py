@@ -12,6 +12,7 @@ on the units nothing was fitted on (`unseen_units`), and the smallest held-out d
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -101,6 +102,19 @@ def stratum(unit: Sequence[Mapping[str, np.ndarray]]) -> str:
         if arr.size == 1 and arr.dtype.kind in "iub":
             parts.append(f"{name}={arr.reshape(-1)[0].item()}")
     return ", ".join(parts)
+
+
+def interleaved(units: Sequence[Sequence[Mapping[str, np.ndarray]]]) -> list[Sequence[Mapping[str, np.ndarray]]]:
+    """`units` round-robin over their input groups (`stratum`; groups in order of first appearance,
+    each keeping its own order), when there are several: the first units, which the per-tensor
+    scores and the data-fitted candidates use, then cover every group evenly. Silero's reader
+    gives every third clip at 8 kHz, so its 8 kHz network was scored on one clip of the first four."""
+    groups: dict[str, list[Sequence[Mapping[str, np.ndarray]]]] = {}
+    for unit in units:
+        groups.setdefault(stratum(unit), []).append(unit)
+    if len(groups) < 2:
+        return list(units)
+    return [unit for row in itertools.zip_longest(*groups.values()) for unit in row if unit is not None]
 
 
 def strata(labels: Sequence[str]) -> dict[str, list[int]]:

@@ -114,3 +114,31 @@ def test_flips_are_bounded_per_input_group_and_the_worst_group_decides(rng):
     assert metrics["flips_upper"] == upper_bound(counts[1]) > upper_bound(counts[0] + counts[1])
     _, figures = check_all([parse_requirement("flips<=0.5%")], {"p": metrics})
     assert "6 held-out units with mode=1, the worst of 2 input groups" in figures[0]
+
+
+def test_units_are_interleaved_over_input_groups_so_the_scored_ones_cover_every_group():
+    """Every third unit at 8 kHz (Silero's reader): the first four, which the scores run on, held
+    one 8 kHz unit; round-robin they hold two, and each group keeps its own order."""
+    from q4c.quant.holdout import interleaved
+
+    units = [[{"x": np.full((1, 2), i, np.float32), "sr": np.array(8000 if i % 3 == 1 else 16000)}] for i in range(9)]
+    order = [int(u[0]["x"][0, 0]) for u in interleaved(units)]
+    assert order == [0, 1, 2, 4, 3, 7, 5, 6, 8]
+    assert [int(u[0]["sr"]) for u in interleaved(units)][:4] == [16000, 8000, 16000, 8000]
+    one_group = [[{"x": np.zeros((1, 2), np.float32)}] for _ in range(3)]
+    assert interleaved(one_group) == one_group
+
+
+def test_a_compile_scores_on_units_of_every_input_group_first(rng, tmp_path):
+    """Through compile: the samples the pipeline analyses come grouped round-robin by sample rate."""
+    import q4c
+    from q4c.compiler import _context
+
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                        helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    samples = [{"x": np.full((1, 4), i, np.float32), "sr": np.array(8000 if i % 3 == 1 else 16000)} for i in range(6)]
+    ctx = _context(model, q4c.CompileOptions(), samples, None)
+    assert [int(s["sr"]) for s in ctx.samples] == [16000, 8000, 16000, 8000, 16000, 16000]
+    assert [float(s["x"][0, 0]) for s in ctx.samples] == [0, 1, 2, 4, 3, 5]
