@@ -14,6 +14,8 @@ from q4c.signature import input_specs
 
 INSPECT_SCHEMA = "q4c.inspect/1"
 _KERNELS = {"MatMulNBits": 1, "GatherBlockQuantized": 0}
+#: How inspect names 6-bit weights stored as a 4-bit and a 2-bit plane
+PLANES = "int6 (int4 + uint2 planes)"
 
 
 def inspect_model(model: onnx.ModelProto) -> dict[str, Any]:
@@ -25,12 +27,17 @@ def inspect_model(model: onnx.ModelProto) -> dict[str, Any]:
                 bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
                 packed_bits[node.input[_KERNELS[node.op_type]]] = bits
     weights: dict[str, dict[str, int]] = {}
+    kinds = {t.name: t.data_type for graph in graphs for t in graph.initializer}
+    planes = {name for graph in graphs for name in _plane_codes(graph, kinds)}
     for graph in graphs:
         for t in graph.initializer:
             dtype = onnx.TensorProto.DataType.Name(t.data_type).lower()
             nbytes = len(t.raw_data) if t.raw_data else t.ByteSize()
             params = int(np.prod(t.dims))
-            if t.name in packed_bits:
+            if t.name in planes:  # one 6-bit weight is two initializers: count its weights once
+                dtype = PLANES
+                params = params if t.data_type == onnx.TensorProto.INT4 else 0
+            elif t.name in packed_bits:
                 bits = packed_bits[t.name]
                 dtype = f"uint{bits} (packed in uint8)"
                 params = nbytes * 8 // bits
@@ -55,6 +62,29 @@ def inspect_model(model: onnx.ModelProto) -> dict[str, Any]:
                     for o in model.graph.output if o.name not in initializers],
         "session_config": q4ort.session_config(model),
     }
+
+
+def _plane_codes(graph: onnx.GraphProto, kinds: dict[str, int]) -> set[str]:
+    """Initializers of 6-bit weights stored as planes (q4c.quant.planes): the INT4 and the UINT2
+    code tensor of each DequantizeLinear(hi) * 4 + DequantizeLinear(lo) in `graph` (`kinds`: the
+    data type of every initializer, an outer graph's included)."""
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def codes(name: str, kind: int) -> str | None:
+        node = producer.get(name)
+        while node is not None and node.op_type in ("Cast", "Mul"):
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "DequantizeLinear" and kinds.get(node.input[0]) == kind:
+            return node.input[0]
+        return None
+
+    found = set()
+    for node in graph.node:
+        if node.op_type == "Add" and len(node.input) == 2:
+            hi, lo = codes(node.input[0], onnx.TensorProto.INT4), codes(node.input[1], onnx.TensorProto.UINT2)
+            if hi and lo:
+                found |= {hi, lo}
+    return found
 
 
 def _codebooks(graphs: list[onnx.GraphProto]) -> dict[str, int]:

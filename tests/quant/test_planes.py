@@ -137,3 +137,18 @@ def test_a_saved_6_bit_plan_replays_to_the_same_bytes(rng, tmp_path):
     q4c.compile_file(src, again, CompileOptions(plan_path=saved, min_elements=0), data=None)
     assert json.loads(saved.read_text())["tensors"]["R"]["bits"] == 6
     assert first.read_bytes() == again.read_bytes()
+
+
+def test_inspect_counts_a_6_bit_weight_once_at_6_bits(rng, tmp_path):
+    from q4c.inspect import PLANES, inspect_model
+
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(_conv_lstm_matmul(rng), src)
+    q4c.compile_file(src, out, CompileOptions(plan_path=_plan(tmp_path / "p.json", ["CW", "W", "R"]), min_elements=0),
+                     data=None)
+    weights = inspect_model(onnx.load(out))["weights"]
+    params = 16 * 8 * 3 + 32 * 16 + 32 * 8  # CW, W, R
+    assert weights[PLANES]["params"] == params and weights[PLANES]["tensors"] == 6
+    # INT4 packs two codes a byte, UINT2 four (each tensor rounded up to whole bytes)
+    assert weights[PLANES]["bytes"] == sum(-(-n // 2) + -(-n // 4) for n in (16 * 8 * 3, 32 * 16, 32 * 8))
+    assert "int4" not in weights and "uint2" not in weights
