@@ -50,18 +50,25 @@ MAX_CALLS = 1024
 SPREAD = 16
 
 
-def error_spread(hessian: np.ndarray, w: np.ndarray) -> np.ndarray:
+def error_spread(hessian: np.ndarray, w: np.ndarray, *, zero_dead: bool = True) -> np.ndarray:
     """GPTQ's set-up for one weight w [rows, k] (float64, edited in place): inputs the layer never
-    saw (zero Hessian diagonal) get weight 0 and a unit diagonal, the diagonal is dampened by DAMP
-    x its mean, and the result is the upper Cholesky factor of H^-1, whose row j holds how
-    column j's rounding error spreads to the later columns."""
+    saw (zero Hessian diagonal: `dead_columns`) get a unit diagonal (and, with `zero_dead`, weight
+    0), the diagonal is dampened by DAMP x its mean, and the result is the upper Cholesky factor
+    of H^-1, whose row j holds how column j's rounding error spreads to the later columns (a dead
+    column's row and column are zero off the diagonal: its error goes nowhere, none comes to it)."""
     h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
+    dead = dead_columns(h)
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    if zero_dead:
+        w[:, dead] = 0.0
     h[np.diag_indices(len(h))] += DAMP * float(np.mean(np.diag(h)))
     inv = np.linalg.inv(h)
     return np.linalg.cholesky((inv + inv.T) / 2).T
+
+
+def dead_columns(hessian: np.ndarray) -> np.ndarray:
+    """Columns no calibration input reached (zero diagonal of H)."""
+    return np.diag(hessian) <= 0
 
 
 def gptq_rows(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, clip_ratios: tuple[float, ...],
@@ -80,13 +87,18 @@ def gptq_ranges(w: np.ndarray, hessian: np.ndarray, bits: int, ranges: Sequence[
     `width`, as qparams pads the last block). Returns (codes [rows, k], scales [rows, len(ranges)])."""
     w = np.array(w, dtype=np.float64)
     rows, k = w.shape
-    u = error_spread(hessian, w)
+    dead = dead_columns(np.asarray(hessian))
+    u = error_spread(hessian, w, zero_dead=False)
     qmin, qmax = qrange(bits)
     codes = np.zeros((rows, k), np.int8)
     scales = np.zeros((rows, len(ranges)), np.float32)
     for b, (lo, hi) in enumerate(ranges):
+        # Each block's scale is fitted to the columns calibration reached; the others (dead ReLU
+        # inputs, say) keep their nearest level in that range rather than zero: the output on the
+        # calibration inputs is the same, and inputs that do reach them stay close to FP32.
+        live = ~dead[lo:hi] if not dead[lo:hi].all() else np.ones(hi - lo, bool)
         group = np.zeros((rows, width), np.float32)
-        group[:, : hi - lo] = w[:, lo:hi]
+        group[:, : hi - lo] = w[:, lo:hi] * live
         _, scale = _quantize_groups(group, bits, clip_ratios, scale_dtype)
         s = scale.astype(np.float64)
         scales[:, b] = scale.astype(np.float32)

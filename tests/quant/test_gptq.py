@@ -304,3 +304,26 @@ def test_an_unread_lstm_y_inside_an_if_branch_is_read_for_the_recurrent_hessian(
     ys = np.concatenate([run_ort(read, s)["out"].reshape(-1, 16) for s in samples]).astype(np.float64)
     np.testing.assert_allclose(hs["R"][0], ys.T @ ys / len(ys), rtol=1e-4, atol=1e-7)
     assert unread.SerializeToString() == before
+
+
+def test_columns_no_input_reached_keep_their_nearest_level_and_leave_the_rest_unchanged(rng):
+    """Inputs 3 and 10 are zero on every calibration row (a dead ReLU): their weights cannot change
+    the calibration output, so GPTQ fits each block's scale to the other columns, and rounds these
+    to their nearest level in that range instead of zeroing them (an input that does reach them
+    later stays close to FP32). The other columns get exactly the codes they get when the dead
+    columns are zero."""
+    w = heavy_tailed(rng, (6, 32), scale=1.0)
+    x = _correlated_inputs(rng, 200, 32)
+    x[:, [3, 10]] = 0.0
+    h = x.T @ x / len(x)
+    codes, scales = gptq_rows(w, h, 4, 16, CLIP_RATIOS, np.float16)
+    zeroed = w.copy()
+    zeroed[:, [3, 10]] = 0.0
+    want, want_scales = gptq_rows(zeroed, h, 4, 16, CLIP_RATIOS, np.float16)
+    live = np.setdiff1d(np.arange(32), [3, 10])
+    np.testing.assert_array_equal(codes[:, live], want[:, live])
+    np.testing.assert_array_equal(scales, want_scales)
+    s = scales.astype(np.float64)[:, [0, 0]]  # both dead columns sit in the first block of 16
+    lo, hi = qrange(4)
+    np.testing.assert_array_equal(codes[:, [3, 10]], np.clip(np.rint(w[:, [3, 10]] / s), lo, hi))
+    assert np.any(codes[:, [3, 10]] != 0)
