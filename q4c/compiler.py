@@ -27,7 +27,7 @@ from q4c.calib.readers import (
     synthetic_samples,
 )
 from q4c.calib.runner import Progress, materialize
-from q4c.config import CompileOptions
+from q4c.config import PLANE_BITS, CompileOptions
 from q4c.errors import (
     ConfigError,
     ModelLoadError,
@@ -301,12 +301,12 @@ def _target_opset(options: CompileOptions) -> int:
     else 21 (INT4/INT8)."""
     two_bit = options.bits == 2
     if options.bits is None and options.plan_path is None:
-        two_bit = 2 in options.candidates or 6 in options.candidates
+        two_bit = any(b == 2 or b in PLANE_BITS for b in options.candidates)
     elif options.plan_path is not None:
         plan = PrecisionPlan.load(options.plan_path)
         if plan.opset is not None:  # the opset the plan was made for (INT2 candidates measured or not)
             return plan.opset
-        two_bit = any(tp.bits in (2, 6) for tp in plan.tensors.values())
+        two_bit = any(tp.bits == 2 or tp.bits in PLANE_BITS for tp in plan.tensors.values())
     return INT2_OPSET if two_bit else g.TARGET_OPSET
 
 

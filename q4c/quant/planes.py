@@ -12,8 +12,10 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from q4c.config import PLANE_BITS
+
 #: Code width stored as planes, and the weight roles that may take it
-BITS = 6
+[BITS] = PLANE_BITS
 ROLES = frozenset({"conv", "lstm_w", "lstm_r", "gru_w", "gru_r", "rnn_w", "rnn_r"})
 #: What the high plane is worth in units of the low one
 HIGH = 4
