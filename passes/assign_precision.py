@@ -22,7 +22,7 @@ from q4c.quant.holdout import (
 )
 from q4c.quant.knapsack import Option, Solution, solve
 from q4c.quant.plan import FLOAT, PrecisionPlan, TensorPrecision
-from q4c.quant.require_search import smallest_meeting
+from q4c.quant.require_search import MAX_PLANS, smallest_meeting
 from q4c.quant.sensitivity import SensitivityTable, gptq_eligible, measure
 from q4c.quant.tying import tied_groups
 from q4c.quant.unmeasured import describe, pin, unmeasured
@@ -172,6 +172,8 @@ class AssignPrecisionPass(Pass):
                 tried[choice] = (_cost(items, choice), metrics, ok, figures)
                 logger.info("--require: %d bytes -> %s (%s)", tried[choice][0], ", ".join(figures),
                             "met" if ok else "not met")
+                if ctx.task_progress is not None:  # at most MAX_PLANS; the search usually stops sooner
+                    ctx.task_progress("measuring plans", len(tried), MAX_PLANS)
             return tried[choice]
 
         lowest = sum(min(o.cost for o in options) for options in items)

@@ -36,8 +36,10 @@ class MeasureSensitivityPass(Pass):
             return PassResult(False, {"skipped_uniform_or_plan": 1})
         if opts.sensitivity != "mse" and not ctx.samples:
             raise PreconditionError(f"--sensitivity {opts.sensitivity} needs input samples; pass --calib DATA")
+        report = ctx.task_progress
         table = measure(graph, opts, ctx.opset, ctx.samples, sequences=ctx.sequences or None,
-                        state_pairs=ctx.state_pairs)
+                        state_pairs=ctx.state_pairs,
+                        progress=None if report is None else lambda done, total: report("scoring", done, total))
         ctx.sensitivity = table
         stats = {"tensors": len(table.scores), "fallback_mse": len(table.fallbacks)}
         if table.runner is not None:

@@ -76,6 +76,7 @@ def compile_model(
     progress: Callable[[str], None] | None = None,
     sample_progress: Progress | None = None,
     save_calib: str | os.PathLike[str] | None = None,
+    task_progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Run the pipeline on a loaded FP32 model. Returns the new model and the report
     (without file fields; compile_file adds them).
@@ -97,6 +98,7 @@ def compile_model(
     converted = g.convert_opset(model, _target_opset(options))
     graph = g.import_graph(converted)
     ctx = _context(converted, options, samples, sample_progress)
+    ctx.task_progress = task_progress
     for f in nonfinite:
         ctx.warn(f"{f.describe()}: kept in float (--allow-nonfinite)")
     Pipeline([find_pass(n)() for n in names], dump_dir=dump_dir, check_each=check_each, audit=check_each,
@@ -225,6 +227,7 @@ def compile_file(
     save_plan: str | os.PathLike[str] | None = None,
     save_calib: str | os.PathLike[str] | None = None,
     strict: bool = False,
+    task_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Compile MODEL to OUTPUT (default MODEL.q4.onnx beside it); never touches MODEL and
     leaves no OUTPUT behind on failure. Returns the report. `strict`: raise QualityLostError
@@ -249,7 +252,8 @@ def compile_file(
     try:
         out, report = compile_model(model, options, passes=passes, samples=samples, dump_dir=dump_dir,
                                     check_each=check_each, verify=verify, progress=progress,
-                                    sample_progress=sample_progress, save_calib=save_calib)
+                                    sample_progress=sample_progress, save_calib=save_calib,
+                                    task_progress=task_progress)
     except NonFiniteWeightError as e:
         raise NonFiniteWeightError(f"{model_path}: {e}") from e
     if strict and not report["quality"]["ok"]:

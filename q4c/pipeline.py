@@ -63,6 +63,9 @@ class PassContext:
     state_pairs: dict[str, str] = field(default_factory=dict)
     #: called by passes that loop over samples with (done, total or None): the CLI's progress bar
     sample_progress: Callable[[int, int | None], None] | None = None
+    #: called by long analyses with (what, done, total): sensitivity tasks scored, plans the
+    #: --require search measured (the CLI shows a bar labelled `what`)
+    task_progress: Callable[[str, int, int], None] | None = None
     #: calibrate's activation ranges, read by insert-activation-qdq
     calibration: CalibrationTable | None = None
     #: measure-sensitivity's table, read by assign-precision

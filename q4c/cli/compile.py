@@ -232,8 +232,10 @@ def _compile_one(model: Path, output: Path | None, options: CompileOptions, *, p
                  as_json: bool) -> None:
     """One model: compile with a progress line per pass and a bar over samples, then the outputs."""
     total = [0]
+    bar = _SampleBar()
 
     def progress(name: str) -> None:
+        bar.close()  # a bar a pass left open (a search that stopped before its cap) ends with it
         total[0] += 1
         click.echo(f"q4c: [{total[0]}] {name}", err=True)
 
@@ -243,11 +245,11 @@ def _compile_one(model: Path, output: Path | None, options: CompileOptions, *, p
     if dump_dir is not None:
         check_writable(dump_dir, "--dump-dir", directory=True)
     try:
-        with _SampleBar() as bar:
+        with bar:
             report = compile_file(model, output, options, passes=passes, data=data, reader=calib_reader,
                                   dump_dir=dump_dir, check_each=check, verify=verify, progress=progress,
                                   sample_progress=bar.update, save_plan=save_plan, save_calib=save_calib,
-                                  strict=strict)
+                                  strict=strict, task_progress=bar.task)
     except QualityLostError as e:
         # The report says what was measured even though nothing was written.
         if e.report is not None and report_path is not None:
@@ -269,22 +271,28 @@ def _compile_one(model: Path, output: Path | None, options: CompileOptions, *, p
 
 
 class _SampleBar:
-    """A progress bar on stderr over calibration samples, opened on the first report."""
+    """A progress bar on stderr over calibration samples (or, `task`, over an analysis's units of
+    work: sensitivity tasks, --require plans), opened on the first report of each."""
 
     def __init__(self) -> None:
         self._bar: Any = None
         self._done = 0
+        self._label = ""
 
     def __enter__(self) -> _SampleBar:
         return self
 
-    def update(self, done: int, total: int | None) -> None:
-        if self._bar is None or done < self._done:
+    def task(self, what: str, done: int, total: int) -> None:
+        self.update(done, total, label=what)
+
+    def update(self, done: int, total: int | None, label: str = "calibrating") -> None:
+        if self._bar is None or done < self._done or label != self._label:
             self.close()
-            self._bar = click.progressbar(length=total, label="q4c: calibrating", file=sys.stderr,
+            self._bar = click.progressbar(length=total, label=f"q4c: {label}", file=sys.stderr,
                                           show_pos=True, item_show_func=None)
             self._bar.__enter__()
             self._done = 0
+            self._label = label
         self._bar.update(done - self._done)
         self._done = done
         if total is not None and done >= total:

@@ -23,6 +23,8 @@ from q4c.quant.knapsack import Option, solve
 BISECTION_STEPS = 12
 #: Plans the descent may measure.
 DESCENT_PLANS = 24
+#: Most plans one search measures: the bisection's, its two ends and uniform 4-bit, the descent's
+MAX_PLANS = BISECTION_STEPS + 3 + DESCENT_PLANS
 
 Choice = tuple[int, ...]
 

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,7 +224,7 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
     `sequences` (the samples' calls grouped by sequence) and `state_pairs` make the scores
     closed loop (`closed_loop_wanted`); each output counts by its objective (q4c.objectives).
     Scored in threads, or on Ray workers with `opts.workers_backend` RAY (q4c.distributed):
-    the same scores either way. `progress(done, total)` follows the Ray tasks."""
+    the same scores either way. `progress(done, total)` follows the tasks as they finish."""
     start = time.perf_counter()
     table, weights, measured, model = _prepare(graph, opts, opset, samples, sequences)
     roundings = {name: Rounding.of(table.slots[name], opts.granularity, opts.kernel_scales,
@@ -252,7 +252,7 @@ def measure(graph: gs.Graph, opts: CompileOptions, opset: int, samples: Sequence
         results, table.distributed = score_on_ray(job, job.tasks(names), opts, progress)
         table.workers = table.distributed["workers"]
     else:
-        results = _score_in_threads(job, names, opts.resolved_workers)
+        results = _score_in_threads(job, names, opts.resolved_workers, progress)
         table.workers = opts.resolved_workers
     for name in names:  # merged in candidate order: the same dict whichever backend scored
         table.scores[name] = {k: results[name].scores[k] for k in job.keys(name)}
@@ -326,10 +326,15 @@ def _attach_runner(table: SensitivityTable, model: onnx.ModelProto, measured: di
     return min(MAX_SAMPLES, len(table.runner.units[table.fit]))
 
 
-def _score_in_threads(job: ScoreJob, names: list[str], workers: int) -> dict[str, TaskResult]:
+def _score_in_threads(job: ScoreJob, names: list[str], workers: int,
+                      progress: Callable[[int, int], None] | None = None) -> dict[str, TaskResult]:
     """The job's tasks (those Ray would get) scored in parallel threads: ONNX Runtime (one
     intra-op thread per run) and numpy release the GIL, so `workers` threads keep that many
-    cores busy on one session."""
+    cores busy on one session. `progress(done, total)` as tasks finish; results in task order."""
     tasks = job.tasks(names)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return merge(tasks, list(pool.map(job.run, tasks)))
+        futures = [pool.submit(job.run, task) for task in tasks]
+        if progress is not None:
+            for done, _ in enumerate(as_completed(futures), start=1):
+                progress(done, len(tasks))
+        return merge(tasks, [f.result() for f in futures])

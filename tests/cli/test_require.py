@@ -153,3 +153,24 @@ def test_require_defaults_to_more_calibration_samples(tmp_path, extra, taken):
                                        "--calib-reader", reader, *extra])
     assert result.exit_code == 0, result.output
     assert len((tmp_path / "taken").read_text().splitlines()) == taken
+
+
+def test_scoring_and_the_plan_search_report_their_progress(tmp_path):
+    """Long analyses report (what, done, total): every sensitivity task as it finishes, and every
+    plan the --require search measures (its cap as the total); the CLI draws them as bars."""
+    import q4c
+    from q4c.config import CompileOptions
+    from q4c.quant.require_search import MAX_PLANS
+
+    path, data, _ = _model(tmp_path)
+    seen: list[tuple[str, int, int]] = []
+    report = q4c.compile_file(path, tmp_path / "o.onnx", CompileOptions(requirements=("sqnr>=20dB",), workers=2),
+                              data=data, task_progress=lambda what, done, total: seen.append((what, done, total)))
+    scoring = [(d, t) for w, d, t in seen if w == "scoring"]
+    tasks = len(report["tensors"][0]["sensitivity"]["kl"])  # one task per candidate of the one weight
+    assert sorted(d for d, _ in scoring) == list(range(1, tasks + 1)) and {t for _, t in scoring} == {tasks}
+    plans = [d for w, d, t in seen if w == "measuring plans" and t == MAX_PLANS]
+    assert plans == list(range(1, report["sensitivity"]["measured"]["require"]["plans_measured"] + 1))
+    cli = CliRunner().invoke(main, ["compile", str(path), "-o", str(tmp_path / "c.onnx"), "--calib", str(data),
+                                    "--require", "sqnr>=20dB"])
+    assert cli.exit_code == 0 and "q4c: scoring" in cli.stderr and "q4c: measuring plans" in cli.stderr
