@@ -44,6 +44,10 @@ def set_session_config(model: onnx.ModelProto, config: Mapping[str, str]) -> Non
                                         SESSION_CONFIG_KEY: json.dumps(dict(sorted(config.items())))})
 
 
+#: Ops that carry a dequantized constant on to its consumer (casts and the planes' arithmetic)
+_DECODE_OPS = frozenset({"Cast", "Mul", "Add"})
+
+
 def needed_session_config(model: onnx.ModelProto) -> tuple[dict[str, str], list[str]]:
     """The config a q4c output needs, and the op types that made it so.
 
@@ -60,8 +64,12 @@ def needed_session_config(model: onnx.ModelProto) -> tuple[dict[str, str], list[
         initializers.update(t.name for t in graph.initializer)
     for graph in graphs:
         dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
-        # float16 scales put a Cast between the DQ and its consumer
-        dq_outputs |= {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in dq_outputs}
+        # float16 scales put a Cast between the DQ and its consumer; 6-bit planes (q4c.quant.planes)
+        # a Mul and an Add on constants: values decoded from constants alone (nodes in order)
+        for node in graph.node:
+            if (node.op_type in _DECODE_OPS and dq_outputs.intersection(node.input)
+                    and all(i in dq_outputs or i in initializers for i in node.input)):
+                dq_outputs.add(node.output[0])
         for node in graph.node:
             if node.op_type in _NO_LOWBIT_KERNEL and dq_outputs.intersection(node.input):
                 slow.add(node.op_type)

@@ -80,3 +80,23 @@ def test_opset_conversion_adds_no_value_info(rng, tmp_path):
     assert g.default_opset(converted) > g.default_opset(model)
     assert not converted.graph.value_info
     assert _optimized_ops(converted, tmp_path / "c.onnx") == _optimized_ops(model, tmp_path / "m.onnx")
+
+
+def test_6_bit_planes_fold_at_load_into_the_fp32_graph(rng, tmp_path):
+    """6-bit Conv and LSTM weights (two planes each, decoded by DequantizeLinear, Cast, Mul, Add)
+    must fold at session load like any decode: ONNX Runtime's optimized graph is FP32's."""
+    import json
+
+    nodes = [helper.make_node("Conv", ["x", "CW"], ["c"], pads=[1, 1]),
+             helper.make_node("Transpose", ["c"], ["ct"], perm=[2, 0, 1]),
+             helper.make_node("LSTM", ["ct", "W", "R"], ["y"], hidden_size=16)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 20])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [20, 1, 1, 16])],
+                       {"CW": heavy_tailed(rng, (32, 8, 3)), "W": heavy_tailed(rng, (1, 64, 32)),
+                        "R": heavy_tailed(rng, (1, 64, 16))}, opset=21)
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"schema": "q4c.plan/1", "tensors": {
+        n: {"bits": 6, "granularity": "block:32", "scheme": "symmetric"} for n in ("CW", "W", "R")}}))
+    out, _ = q4c.compile_model(model, q4c.CompileOptions(plan_path=plan, min_elements=0, workers=1), verify=False)
+    assert sum(n.op_type == "DequantizeLinear" for n in out.graph.node) == 6  # two planes a weight in the file
+    assert _optimized_ops(out, tmp_path / "q4c.onnx") == _optimized_ops(model, tmp_path / "fp32.onnx")
