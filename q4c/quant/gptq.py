@@ -239,19 +239,14 @@ def input_hessians(model: onnx.ModelProto, slots: Mapping[str, object],
             counts[key] = counts.get(key, 0) + parts[0].shape[0]
     for key in [k for k, acc in sums.items() if counts[k] < len(acc[0])]:
         del sums[key]  # fewer rows than columns: rank-deficient, rounding would fit those rows only
-    out: dict[str, list[np.ndarray]] = {}
-    for name, found in wanted.items():  # several readers: one Hessian over all their inputs
-        keys = [f"{t}|{h}" for t, h in found if f"{t}|{h}" in sums]
-        if len(keys) > 1:
-            total = sum(counts[k] for k in keys)
-            out[name] = [sum(parts) / total for parts in zip(*(sums[k] for k in keys), strict=True)]
+    keys = {name: [k for t, h in found if (k := f"{t}|{h}") in sums] for name, found in wanted.items()}
+    # several readers: one Hessian over all their inputs (summed before the sums are divided)
+    out = {name: [sum(parts) / sum(counts[k] for k in ks) for parts in zip(*(sums[k] for k in ks), strict=True)]
+           for name, ks in keys.items() if len(ks) > 1}
     for key, acc in sums.items():  # divided in place: no second copy of every statistic
         for s in acc:
             s /= counts[key]
-    for name, found in wanted.items():
-        keys = [f"{t}|{h}" for t, h in found if f"{t}|{h}" in sums]
-        if len(keys) == 1:
-            out[name] = sums[keys[0]]  # weights reading one input share it
+    out.update({name: sums[ks[0]] for name, ks in keys.items() if len(ks) == 1})  # readers of one input share it
     return out
 
 

@@ -30,40 +30,26 @@ LIFTED = "q4c.lift/"
 Path = list[tuple[onnx.NodeProto, str]]
 
 
-def _defines(graph: onnx.GraphProto) -> set[str]:
-    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    return names | {o for node in graph.node for o in node.output if o}
-
-
-def locate(graph: onnx.GraphProto, tensor: str) -> Path | None:
-    """The (If node, branch attribute) chain from `graph` down to the graph that defines `tensor`:
-    [] when `graph` defines it, None when no graph does or the chain passes a Loop/Scan body."""
-    if tensor in _defines(graph):
-        return []
+def locations(graph: onnx.GraphProto, path: Path | None = None) -> dict[str, Path | None]:
+    """Every tensor `graph` and its subgraphs define -> the (If node, branch attribute) chain from
+    `graph` down to the graph defining it ([] for `graph` itself; None below a Loop/Scan body)."""
+    path = [] if path is None else path
+    found: dict[str, Path | None] = {v.name: path for v in graph.input}
+    found.update({t.name: path for t in graph.initializer})
+    found.update({o: path for node in graph.node for o in node.output if o})
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type != onnx.AttributeProto.GRAPH:
-                continue
-            below = locate(attr.g, tensor)
-            if below is not None:
-                return [(node, attr.name)] + below if node.op_type == "If" else None
-    return None
+            if attr.type == onnx.AttributeProto.GRAPH:
+                below = locations(attr.g, [*path, (node, attr.name)])
+                found.update(below if node.op_type == "If" else dict.fromkeys(below))
+    return found
 
 
 def if_only(root: gs.Graph, graph: gs.Graph) -> bool:
     """Is `graph` the main graph `root`, or reached from it through If branches only?"""
-    if graph is root:
-        return True
-    for node in root.nodes:
-        for value in node.attrs.values():
-            if isinstance(value, gs.Graph) and (value is graph or _contains(value, graph)):
-                return node.op == "If" and if_only(value, graph)
-    return False
-
-
-def _contains(outer: gs.Graph, graph: gs.Graph) -> bool:
-    return any(value is graph or _contains(value, graph)
-               for node in outer.nodes for value in node.attrs.values() if isinstance(value, gs.Graph))
+    return graph is root or any(
+        if_only(value, graph) for node in root.nodes if node.op == "If"
+        for value in node.attrs.values() if isinstance(value, gs.Graph))
 
 
 def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
@@ -82,10 +68,11 @@ def lifted(model: onnx.ModelProto, tensors: Iterable[str]) -> Iterator[dict[str,
         field.append(item)
 
     outputs = {o.name for o in model.graph.output}
+    where = locations(model.graph)
     names: dict[str, str] = {}
     try:
         for n, tensor in enumerate(sorted(set(tensors))):
-            path = locate(model.graph, tensor)
+            path = where.get(tensor)
             if path is None:
                 continue
             name = tensor
