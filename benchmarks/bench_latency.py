@@ -208,8 +208,7 @@ def default_ratio(src: Path, dst: Path, feeds: dict) -> dict:
     subjects = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
     repeat = calls_per_sample(subjects["fp32#0"], DEFAULT_SAMPLE_SECONDS)
     timing = interleaved(subjects, rounds=DEFAULT_ROUNDS, warmup=3, repeat=repeat)
-    side = {k: np.mean([timing.cpu[f"{k}#{i}"] for i in range(DEFAULT_SESSIONS)], axis=0) for k in ("fp32", "q4c")}
-    pooled = Timing({k: list(v) for k, v in side.items()})
+    pooled = timing.sides(("fp32", "q4c"), DEFAULT_SESSIONS)
     low, high = pooled.ratio_interval("q4c", "fp32")
     fp32_sessions = [timing.median(f"fp32#{i}") for i in range(DEFAULT_SESSIONS)]
     return {"latency_ratio": float(pooled.ratio("q4c", "fp32")), "ratio_low": low, "ratio_high": high,

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from q4c.metrics import boundary_shift_ms, decision_flips, speech_segments, sqnr_db
-from q4c.timing import Timing, interleaved
+from q4c.timing import interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, merged, publish  # noqa: E402
@@ -268,8 +268,7 @@ def session_ratio(ref: Path, dst: Path, open_session: Callable[[Path], Callable]
                for i in range(LATENCY_SESSIONS) for side, path in (("fp32", ref), ("q4c", dst))}
     with timing_lock():
         timing = interleaved({k: (lambda r=r: run_clip(r)) for k, r in runners.items()}, rounds=LATENCY_ROUNDS, warmup=1)
-    pooled = Timing({side: list(np.mean([timing.cpu[f"{side}#{i}"] for i in range(LATENCY_SESSIONS)], axis=0))
-                     for side in ("fp32", "q4c")})
+    pooled = timing.sides(("fp32", "q4c"), LATENCY_SESSIONS)
     low, high = pooled.ratio_interval("q4c", "fp32")
     return {"latency_ratio": float(pooled.ratio("q4c", "fp32")), "latency_ci": [low, high],
             "ms": float(1e3 * pooled.median("q4c"))}

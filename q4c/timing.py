@@ -66,6 +66,13 @@ class Timing:
     def medians_ms(self) -> dict[str, float]:
         return {k: round(1e3 * self.median(k), 4) for k in self.cpu}
 
+    def sides(self, names: Sequence[str], sessions: int) -> Timing:
+        """One subject per side: each round's mean process-CPU time over the side's `sessions`
+        subjects "<side>#0" ... (identical models in separate sessions differ by a few percent,
+        so a side is timed as several and pooled)."""
+        return Timing({side: list(np.mean([self.cpu[f"{side}#{i}"] for i in range(sessions)], axis=0))
+                       for side in names})
+
     def ratio_interval(self, num: str, den: str, *, resamples: int = 2000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:
         """Bootstrap interval of `ratio(num, den)`: rounds resampled with replacement, the same

@@ -75,3 +75,12 @@ def test_ratio_interval_brackets_the_ratio_and_narrows_with_rounds():
         assert low <= t.ratio("a", "b") <= high
     assert many.ratio_interval("a", "b")[1] - many.ratio_interval("a", "b")[0] < few.ratio_interval("a", "b")[1] - few.ratio_interval("a", "b")[0]
     assert 1.8 < many.ratio_interval("a", "b")[0] and many.ratio_interval("a", "b")[1] < 2.2  # 2.1 / 1.05 = 2.0
+
+
+def test_sides_pool_each_rounds_sessions_by_their_mean():
+    from q4c.timing import Timing
+
+    timing = Timing({"a#0": [1.0, 2.0, 3.0], "a#1": [3.0, 4.0, 5.0], "b#0": [2.0, 2.0, 2.0], "b#1": [4.0, 6.0, 8.0]})
+    pooled = timing.sides(("a", "b"), 2)
+    assert pooled.cpu == {"a": [2.0, 3.0, 4.0], "b": [3.0, 4.0, 5.0]}
+    assert pooled.ratio("a", "b") == 3.0 / 4.0
