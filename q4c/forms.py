@@ -99,7 +99,7 @@ def rule_forms(graph: gs.Graph, plan: PrecisionPlan, target: Target, kernels: st
 
 def _kernel_form(slots: list[WeightSlot], tp: TensorPrecision) -> Form | None:
     """MATMULNBITS / GATHER_BLOCK_QUANTIZED when lower-ort-kernels can express the weight."""
-    if tp.scheme in CODEBOOK_SCHEMES or tp.bits in PLANE_BITS:
+    if tp.decoded_at_load:
         return None
     shape = [int(d) for d in slots[0].tensor.shape]
     if len(shape) != 2:
@@ -142,8 +142,8 @@ def _recurrent_decisions(graph: gs.Graph, node: gs.Node, plan: PrecisionPlan, ke
                 for n in names if plan.tensors[n].form is None}
     sub = next((s for s in _graphs_of(graph) if any(n is node for n in s.nodes)), graph)
     layer = match_layer(sub, node, {})
-    if any(plan.tensors[n].scheme in CODEBOOK_SCHEMES or plan.tensors[n].bits in PLANE_BITS for n in names):
-        return {n: Decision(Form.DEQUANTIZE_LINEAR, FormBasis.REQUIRED) for n in names}  # decoded by folding at load
+    if any(plan.tensors[n].decoded_at_load for n in names):
+        return {n: Decision(Form.DEQUANTIZE_LINEAR, FormBasis.REQUIRED) for n in names}
     if isinstance(layer, NoMatch):  # DequantizeLinear -> LSTM/GRU/RNN: folded at load
         return {n: Decision(Form.FP32_AT_LOAD, FormBasis.REQUIRED) for n in names}
     layer = replace(layer, w=_planned_weights(layer.w, plan.tensors.get(node.inputs[1].name)),

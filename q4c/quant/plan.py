@@ -170,6 +170,12 @@ class TensorPrecision:
     def quantized(self) -> bool:
         return self.bits != FLOAT
 
+    @property
+    def decoded_at_load(self) -> bool:
+        """Codes no ONNX Runtime kernel reads (codebook tables, 6-bit planes): their decode is
+        folded at session load."""
+        return self.quantized and (self.scheme in CODEBOOK_SCHEMES or self.bits in PLANE_BITS)
+
     def with_form(self, form: Form, basis: FormBasis) -> TensorPrecision:
         return replace(self, form=form, chosen_for=basis)
 
