@@ -8,6 +8,10 @@ Options are fixed so that nothing depends on machine load: `--kernels low-bit` a
 `--kernels fp32-at-load` (never `auto`), `--bits 4` and the default budget, one sensitivity
 worker. Each compile also saves its plan and replays it with `--plan`: the replay must write the
 same bytes and an equal plan file (issue "one orchestrator, one plan").
+
+Each row also records `content_sha256`, a digest of what the output holds without its tensor and
+node names (every initializer's type, shape and bytes; every node's op and attributes): a change
+that only renames (the decoders' short names) keeps it and changes `sha256`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,32 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _content_sha(path: Path) -> str:
+    """sha256 over the sorted initializers (type, shape, bytes) and nodes (domain, op, attributes)
+    of every graph, names left out."""
+    import onnx
+
+    parts: list[bytes] = []
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for t in graph.initializer:
+            t = onnx.TensorProto.FromString(t.SerializeToString())
+            t.name = ""
+            parts.append(b"I" + t.SerializeToString())
+        for node in graph.node:
+            attrs = []
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                    attrs.append(a.name.encode())
+                else:
+                    attrs.append(a.SerializeToString())
+            parts.append(b"N" + f"{node.domain}:{node.op_type}".encode() + b"".join(sorted(attrs)))
+
+    walk(onnx.load(path).graph)
+    return hashlib.sha256(b"".join(sorted(parts))).hexdigest()
+
+
 def _compile(model: str, extra: list[str], out: Path, tmp: Path) -> dict[str, object]:
     calib = ROOT / CALIB.get(model, f"models/{model}.npz")
     base = [sys.executable, "-m", "q4c", "compile", str(ROOT / f"models/{model}.onnx"), "--calib", str(calib),
@@ -42,7 +72,7 @@ def _compile(model: str, extra: list[str], out: Path, tmp: Path) -> dict[str, ob
     first = subprocess.run([*base, "-o", str(out), "--save-plan", str(plan)], capture_output=True, text=True)
     if first.returncode != 0:
         return {"error": (first.stderr.strip().splitlines() or ["?"])[-1]}
-    row: dict[str, object] = {"sha256": _sha(out)}
+    row: dict[str, object] = {"sha256": _sha(out), "content_sha256": _content_sha(out)}
     if plan.exists():
         replay, plan2 = tmp / "replay.onnx", tmp / "plan2.json"
         again = subprocess.run([*base, "--plan", str(plan), "-o", str(replay), "--save-plan", str(plan2)],
@@ -84,7 +114,8 @@ def main() -> int:
                if before.get(k, {}).get("sha256") != results.get(k, {}).get("sha256")]
     replay_bad = [k for k, r in results.items() if r.get("replay", "identical") != "identical"]
     for k in changed:
-        print(f"CHANGED {k}: {before.get(k)} -> {results.get(k)}")
+        renamed = before.get(k, {}).get("content_sha256") == results.get(k, {}).get("content_sha256") is not None
+        print(f"{'RENAMED' if renamed else 'CHANGED'} {k}: {before.get(k)} -> {results.get(k)}")
     for k in replay_bad:
         print(f"REPLAY {k}: {results[k]['replay']}")
     print(f"{len(results) - len(changed)}/{len(results)} outputs identical; {len(replay_bad)} plan replays differ")

@@ -12,6 +12,7 @@ from onnx import TensorProto
 from q4c import graph as g
 from q4c.config import CODEBOOK_SCHEMES, CompileOptions, Granularity
 from q4c.errors import ConfigError
+from q4c.names import fresh_tag
 from q4c.pipeline import Artifact, Pass, PassContext, PassResult
 from q4c.quant import planes
 from q4c.quant.codebook import CodebookWeight, emit_decoder
@@ -34,7 +35,8 @@ class QuantizeWeightsPass(Pass):
     GatherBlockQuantized take scales of the activation type) and float16 elsewhere (LSTM, GRU,
     Conv, Einsum), followed by a Cast to float: half the scale bytes, 0.05 % scale error. One DQ
     per graph level that consumes the weight; consumers that are not weight slots keep the float
-    tensor.
+    tensor. The codes and scales keep the weight's name; the decoder's nodes and tensors are
+    named by a short tag (q4c.names.fresh_tag), since every name is stored once per reference.
 
     Scales of MatMul/Gemm/embedding weights are float16 too when the plan's form folds them at
     load (FP32_AT_LOAD: no kernel reads them).
@@ -154,13 +156,14 @@ class QuantizeWeightsPass(Pass):
         attrs = {"axis": int(qw.axis)} if kind != "tensor" else {}
         if qw.block_size:
             attrs["block_size"] = int(qw.block_size)
+        names = _DecoderNames(fresh_tag(root, "q"))
         dq_out: dict[int, gs.Variable] = {}
         for slot in slots:
             key = id(slot.graph)
             if key not in dq_out:
-                parts = [_dequantize(root, slot.graph, weight.name, c, scale, attrs, list(values.shape)) for c in codes]
+                parts = [_dequantize(slot.graph, names, c, scale, attrs, list(values.shape)) for c in codes]
                 if len(parts) == 2:
-                    parts = [_plane_sum(root, slot.graph, weight.name, parts, list(values.shape))]
+                    parts = [_plane_sum(slot.graph, names, parts, list(values.shape))]
                 dq_out[key] = parts[0]
             slot.node.inputs[slot.index] = dq_out[key]
         error = qw.dequantize() - values  # what DequantizeLinear reproduces, up to float16 rounding
@@ -171,29 +174,38 @@ class QuantizeWeightsPass(Pass):
             scheme=scheme, sensitivity={"weight_sqnr_db": _sqnr_db(values, error)}))
 
 
-def _dequantize(root: gs.Graph, graph: gs.Graph, name: str, codes: gs.Constant, scale: gs.Constant,
+class _DecoderNames:
+    """Names of one weight's decoder: "<tag>.<i>" for its tensors and DequantizeLinear nodes
+    (ONNX Runtime wants node names unique), none for the Cast/Mul/Add after them (q4c.names.fresh_tag: each name
+    is stored once per reference; the codes and scales keep the weight's name)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag, self.count = tag, 0
+
+    def __call__(self) -> str:
+        self.count += 1
+        return f"{self.tag}.{self.count - 1}"
+
+
+def _dequantize(graph: gs.Graph, names: _DecoderNames, codes: gs.Constant, scale: gs.Constant,
                 attrs: dict[str, int], shape: list[int]) -> gs.Variable:
     """DequantizeLinear(codes, scale) appended to `graph`, as float32 (a Cast after float16 scales)."""
-    out = gs.Variable(g.unique_name(root, f"{name}_dq"), dtype=scale.values.dtype, shape=shape)
-    graph.nodes.append(gs.Node("DequantizeLinear", g.unique_name(root, f"{name}_DequantizeLinear"),
-                               attrs=dict(attrs), inputs=[codes, scale], outputs=[out]))
+    out = gs.Variable(names(), dtype=scale.values.dtype, shape=shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", names(), attrs=dict(attrs), inputs=[codes, scale], outputs=[out]))
     if scale.values.dtype != np.float16:
         return out
-    as_float = gs.Variable(g.unique_name(root, f"{name}_dq_fp32"), dtype=np.float32, shape=shape)
-    graph.nodes.append(gs.Node("Cast", g.unique_name(root, f"{name}_Cast"), attrs={"to": TensorProto.FLOAT},
-                               inputs=[out], outputs=[as_float]))
+    as_float = gs.Variable(names(), dtype=np.float32, shape=shape)
+    graph.nodes.append(gs.Node("Cast", "", attrs={"to": TensorProto.FLOAT}, inputs=[out], outputs=[as_float]))
     return as_float
 
 
-def _plane_sum(root: gs.Graph, graph: gs.Graph, name: str, parts: list[gs.Variable], shape: list[int]) -> gs.Variable:
+def _plane_sum(graph: gs.Graph, names: _DecoderNames, parts: list[gs.Variable], shape: list[int]) -> gs.Variable:
     """hi * 4 + lo (q4c.quant.planes), in float32."""
-    high = gs.Variable(g.unique_name(root, f"{name}_dq_hi"), dtype=np.float32, shape=shape)
-    out = gs.Variable(g.unique_name(root, f"{name}_dq_fp32"), dtype=np.float32, shape=shape)
-    graph.nodes.append(gs.Node("Mul", g.unique_name(root, f"{name}_Mul"),
-                               inputs=[parts[0], g.make_constant(g.unique_name(root, f"{name}_plane_weight"),
-                                                                 np.array(planes.HIGH, np.float32))],
-                               outputs=[high]))
-    graph.nodes.append(gs.Node("Add", g.unique_name(root, f"{name}_Add"), inputs=[high, parts[1]], outputs=[out]))
+    high = gs.Variable(names(), dtype=np.float32, shape=shape)
+    out = gs.Variable(names(), dtype=np.float32, shape=shape)
+    weight = gs.Constant(names(), np.array(planes.HIGH, np.float32))
+    graph.nodes.append(gs.Node("Mul", "", inputs=[parts[0], weight], outputs=[high]))
+    graph.nodes.append(gs.Node("Add", "", inputs=[high, parts[1]], outputs=[out]))
     return out
 
 

@@ -45,6 +45,23 @@ class NameGenerator:
         self.taken.update(names)
 
 
+def fresh_tag(root: gs.Graph, stem: str, strip: str = "") -> str:
+    """A short tag ("q3" for `stem` "q") that no tensor or node name in `root` starts with as
+    "<tag>." (also after removing the prefix `strip`): names "<tag>.<label>" are then fresh.
+
+    Decoders q4c appends name their tensors and nodes this way, not after the weight they
+    decode: a name is stored once per reference, so a 60-character weight name repeated over a
+    DequantizeLinear -> Cast chain costs more bytes than a small weight's scales."""
+    names = used_names(root)
+    prefixes = {n.split(".", 1)[0] for n in names}
+    if strip:
+        prefixes |= {n[len(strip):].split(".", 1)[0] for n in names if n.startswith(strip)}
+    i = 0
+    while f"{stem}{i}" in prefixes:
+        i += 1
+    return f"{stem}{i}"
+
+
 def unique_name(root: gs.Graph, base: str) -> str:
     """A name not yet used anywhere in `root` or its subgraphs (not reserved: call once per name
     actually added, or use a NameGenerator)."""

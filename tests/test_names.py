@@ -5,7 +5,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from q4c import graph as g
-from q4c.names import NameGenerator, unique_name, used_names
+from q4c.names import NameGenerator, fresh_tag, unique_name, used_names
 from q4c.nomatch import NoMatch
 
 
@@ -49,3 +49,14 @@ def test_nomatch_code_is_a_stats_key():
 
 def test_an_empty_prefix_still_separates():
     assert NameGenerator(_graph_with_body(), "")("a") == "/a"
+
+
+def test_a_fresh_tag_starts_no_name_in_the_model():
+    graph = _graph_with_body()
+    assert fresh_tag(graph, "q") == "q0"
+    graph.nodes[0].name = "q0.7"  # a node inside the If branch
+    graph.nodes[0].outputs[0].name = "q1"  # a name that is the bare tag also takes it
+    assert fresh_tag(graph, "q") == "q2"
+    graph.nodes[0].name = "q4c_cf/cb/cb0.3"  # behind a marker prefix: taken only when the prefix is stripped
+    assert fresh_tag(graph, "cb") == "cb0"
+    assert fresh_tag(graph, "cb", strip="q4c_cf/cb/") == "cb1"

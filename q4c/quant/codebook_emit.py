@@ -10,20 +10,9 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from q4c import graph as g
+from q4c.names import fresh_tag
 from q4c.quant.codebook import DECODER_PREFIX, CodebookWeight
 from q4c.quant.codebook_pack import pack_indices
-
-
-def _fresh_tag(root: gs.Graph) -> str:
-    """A short prefix ("cb3") no tensor or node name in `root` starts with: decoder tensors are
-    named "<tag>.<i>" (names are stored, most of them twice)."""
-    names = g._used_names(root)
-    prefixes = {n.split(".", 1)[0] for n in names} | {n[len(DECODER_PREFIX):].split(".", 1)[0] for n in names
-                                                      if n.startswith(DECODER_PREFIX)}
-    i = 0
-    while f"cb{i}" in prefixes:
-        i += 1
-    return f"cb{i}"
 
 
 def _stored(stored: dict[str, gs.Constant], key: str, make: Callable[[], gs.Constant]) -> gs.Constant:
@@ -44,7 +33,7 @@ def emit_decoder(root: gs.Graph, graph: gs.Graph, name: str, cw: CodebookWeight,
     c, l_, rp = cw.codes.shape
     t = cw.table.shape[0]
     nodes: list[gs.Node] = []
-    tag = _fresh_tag(root)
+    tag = fresh_tag(root, "cb", strip=DECODER_PREFIX)
 
     # Short names (each is stored, most twice); only the nodes reading constants alone (the
     # first Reshape, nf4's scale Cast) and the table's Gather carry DECODER_PREFIX: fold-constants

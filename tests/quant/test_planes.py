@@ -152,3 +152,45 @@ def test_inspect_counts_a_6_bit_weight_once_at_6_bits(rng, tmp_path):
     # INT4 packs two codes a byte, UINT2 four (each tensor rounded up to whole bytes)
     assert weights[PLANES]["bytes"] == sum(-(-n // 2) + -(-n // 4) for n in (16 * 8 * 3, 32 * 16, 32 * 8))
     assert "int4" not in weights and "uint2" not in weights
+
+
+def test_decoders_are_named_by_short_tags_and_the_weight_name_stays_on_its_codes(rng, tmp_path):
+    """A weight's name is stored once per reference: the DequantizeLinear -> Cast (-> Mul -> Add)
+    chain is named "<tag>.<i>", so a long weight name appears only on the codes and scale
+    initializers (each referenced once), and the decoded weights are the same as before."""
+    model = _conv_lstm_matmul(np.random.default_rng(0))
+    long = {n: f"encoder/block.{i}/reparam_conv/{n}.weight" for i, n in enumerate(("CW", "W", "R"))}
+    for t in model.graph.initializer:
+        t.name = long.get(t.name, t.name)
+    for node in model.graph.node:
+        node.input[:] = [long.get(x, x) for x in node.input]
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    q4c.compile_file(src, out, CompileOptions(plan_path=_plan(tmp_path / "p.json", [long["CW"], long["W"]]),
+                                              min_elements=0), data=None)
+    compiled = onnx.load(out)
+    initializers = {t.name for t in compiled.graph.initializer}
+    assert {f"{long['CW']}_int4hi", f"{long['CW']}_uint2lo", f"{long['CW']}_scale"} <= initializers
+    added = [n for n in compiled.graph.node if n.op_type in ("DequantizeLinear", "Cast", "Mul", "Add")]
+    assert len(added) == 2 * 6  # per 6-bit weight: two DequantizeLinear, two Casts, a Mul and an Add
+    for node in added:
+        assert all(len(x) <= 4 for x in node.output), node.output  # "q0.3"
+        assert not any(w in node.name or any(w in x for x in node.output) for w in long.values())
+    names = [n.name for n in compiled.graph.node if n.name]
+    assert len(names) == len(set(names))  # ONNX Runtime rejects two nodes of one name
+    # every reference to the weight's name is its codes' or scale's: R (left float) keeps its name
+    readers = [x for n in compiled.graph.node for x in n.input if "CW" in x or "/W" in x]
+    assert sorted(readers) == sorted([f"{long[w]}_{s}" for w in ("CW", "W") for s in ("int4hi", "uint2lo")]
+                                     + [f"{long[w]}_scale" for w in ("CW", "W")] * 2)
+    feeds = {"x": rng.standard_normal((1, 8, 12)).astype(np.float32), "x2": rng.standard_normal((4, 64)).astype(np.float32)}
+    short = tmp_path / "short.onnx"
+    q4c.compile_file(_save(_conv_lstm_matmul(np.random.default_rng(0)), tmp_path / "s.onnx"), short,
+                     CompileOptions(plan_path=_plan(tmp_path / "q.json", ["CW", "W"]), min_elements=0), data=None)
+    got, want = run_ort(compiled, feeds), run_ort(onnx.load(short), feeds)
+    for name in ("y", "z"):
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def _save(model, path):
+    onnx.save(model, path)
+    return path
