@@ -138,3 +138,28 @@ def check_pass(pass_: Pass, model: onnx.ModelProto, feeds: Mapping[str, np.ndarr
         np.testing.assert_allclose(after_interp[name], after_ort[name], rtol=rtol, atol=atol,
                                    err_msg=f"{name}: interpreter vs ORT")
     return out
+
+
+def gptq_column_by_column(w: np.ndarray, hessian: np.ndarray, bits: int, ranges: list[tuple[int, int]],
+                          width: int) -> np.ndarray:
+    """GPTQ as the paper states it, without lazy batches: after each column, its error times
+    row j of the inverse Hessian's upper Cholesky factor is taken off every later column (the
+    reference q4c.quant.gptq.gptq_ranges is checked against; no dead-column handling). Codes only."""
+    from q4c.quant.gptq import DAMP
+    from q4c.quant.qparams import CLIP_RATIOS, _quantize_groups, qrange
+
+    w = np.array(w, np.float64)
+    h = np.array(hessian, np.float64)
+    h[np.diag_indices(len(h))] += DAMP * np.mean(np.diag(h))
+    inv = np.linalg.inv(h)
+    u = np.linalg.cholesky((inv + inv.T) / 2).T
+    lo_q, hi_q = qrange(bits)
+    codes = np.zeros(w.shape, np.int8)
+    for lo, hi in ranges:
+        group = np.zeros((w.shape[0], width), np.float32)
+        group[:, : hi - lo] = w[:, lo:hi]
+        s = _quantize_groups(group, bits, CLIP_RATIOS, np.float16)[1].astype(np.float64)
+        for j in range(lo, hi):
+            codes[:, j] = np.clip(np.rint(w[:, j] / s), lo_q, hi_q)
+            w[:, j + 1:] -= np.outer((w[:, j] - codes[:, j] * s) / u[j, j], u[j, j + 1:])
+    return codes

@@ -46,6 +46,8 @@ MAX_SAMPLES = 8
 #: Prefix of the name a recurrent node's unread Y output gets while the Hessians read it
 UNREAD_Y = "q4c.gptq.Y/"
 MIN_ROWS_PER_COLUMN = 4
+#: Columns a lazy batch of `gptq_ranges` updates at once (the GPTQ paper's B = 128)
+LAZY_COLUMNS = 128
 MAX_CALLS = 1024
 SPREAD = 16
 
@@ -92,7 +94,16 @@ def gptq_ranges(w: np.ndarray, hessian: np.ndarray, bits: int, ranges: Sequence[
     qmin, qmax = qrange(bits)
     codes = np.zeros((rows, k), np.int8)
     scales = np.zeros((rows, len(ranges)), np.float32)
+    errs = np.zeros_like(w)
+    # Lazy batch updates (the GPTQ paper's): a column's error reaches the columns of its batch at
+    # once and the columns beyond in one product when the batch ends, instead of one rank-1
+    # update of every later column per column. A range starts a new batch when it would cross
+    # the batch's end, so each scale is fitted to fully updated weights.
+    start = end = 0
     for b, (lo, hi) in enumerate(ranges):
+        if hi > end:
+            w[:, end:] -= errs[:, start:lo] @ u[start:lo, end:]
+            start, end = lo, min(k, max(lo + LAZY_COLUMNS, hi))
         # Each block's scale is fitted to the columns calibration reached; the others (dead ReLU
         # inputs, say) keep their nearest level in that range rather than zero: the output on the
         # calibration inputs is the same, and inputs that do reach them stay close to FP32.
@@ -106,7 +117,8 @@ def gptq_ranges(w: np.ndarray, hessian: np.ndarray, bits: int, ranges: Sequence[
             q = np.clip(np.rint(w[:, j] / s), qmin, qmax)
             codes[:, j] = q
             err = (w[:, j] - q * s) / u[j, j]
-            w[:, j + 1 :] -= np.outer(err, u[j, j + 1 :])
+            errs[:, j] = err
+            w[:, j + 1 : end] -= np.outer(err, u[j, j + 1 : end])
     return codes, scales.astype(scale_dtype)
 
 

@@ -327,3 +327,19 @@ def test_columns_no_input_reached_keep_their_nearest_level_and_leave_the_rest_un
     lo, hi = qrange(4)
     np.testing.assert_array_equal(codes[:, [3, 10]], np.clip(np.rint(w[:, [3, 10]] / s), lo, hi))
     assert np.any(codes[:, [3, 10]] != 0)
+
+
+@pytest.mark.parametrize("k, width", [(300, 48), (387, 387), (256, 32)])
+def test_lazy_batches_give_the_column_by_column_codes(k, width):
+    """Blocks of 48 cross the 128-column batches (a range starts a new batch), one range of 387
+    columns is wider than a batch (per-channel Conv), blocks of 32 tile them."""
+    from q4c.quant.gptq import gptq_ranges
+    from q4c.testing import gptq_column_by_column
+
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((3 * k, k)) @ rng.standard_normal((k, k)) * 0.1 + rng.standard_normal((3 * k, k))
+    hessian = x.T @ x / len(x)
+    w = rng.standard_normal((96, k)).astype(np.float32)
+    ranges = [(lo, min(lo + width, k)) for lo in range(0, k, width)]
+    codes, _ = gptq_ranges(w, hessian, 4, ranges, width, CLIP_RATIOS, np.float16)
+    np.testing.assert_array_equal(codes, gptq_column_by_column(w, hessian, 4, ranges, width))
