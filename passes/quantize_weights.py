@@ -176,8 +176,8 @@ class QuantizeWeightsPass(Pass):
 
 class _DecoderNames:
     """Names of one weight's decoder: "<tag>.<i>" for its tensors and DequantizeLinear nodes
-    (ONNX Runtime wants node names unique), none for the Cast/Mul/Add after them (q4c.names.fresh_tag: each name
-    is stored once per reference; the codes and scales keep the weight's name)."""
+    (ONNX Runtime wants node names unique), none for the Cast/Mul/Add after them. Each name is
+    stored once per reference (q4c.names.fresh_tag); the codes and scales keep the weight's name."""
 
     def __init__(self, tag: str) -> None:
         self.tag, self.count = tag, 0

@@ -46,10 +46,10 @@ MAX_SAMPLES = 8
 #: Prefix of the name a recurrent node's unread Y output gets while the Hessians read it
 UNREAD_Y = "q4c.gptq.Y/"
 MIN_ROWS_PER_COLUMN = 4
-#: Columns a lazy batch of `gptq_ranges` updates at once (the GPTQ paper's B = 128)
-LAZY_COLUMNS = 128
 MAX_CALLS = 1024
 SPREAD = 16
+#: Columns a lazy batch of `gptq_ranges` updates at once (the GPTQ paper's B = 128)
+LAZY_COLUMNS = 128
 
 
 def error_spread(hessian: np.ndarray, w: np.ndarray, *, zero_dead: bool = True) -> np.ndarray:
