@@ -244,14 +244,8 @@ def timing_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def interleaved_ratio(run_a: Callable[[], object], run_b: Callable[[], object], rounds: int = 7) -> tuple[float, float]:
-    """Median process-CPU time of b over a's, the two run interleaved (q4c.timing); and b's median in ms."""
-    with timing_lock():
-        timing = interleaved({"a": run_a, "b": run_b}, rounds=rounds, warmup=1)
-    return timing.ratio("b", "a"), 1e3 * timing.median("b")
-
-
-#: Silero latency: sessions per side and interleaved rounds (one test clip streamed per sample).
+#: Latency (Silero: one test clip streamed per sample; DeepFilterNet3: the longest test clip
+#: enhanced by its three graphs): sessions per side and interleaved rounds.
 #: Identical FP32 files in separate sessions differ by a few percent (where ONNX Runtime's buffers
 #: land), so each side's figure is the mean over its sessions, and the ratio comes with a paired
 #: bootstrap interval over rounds (q4c.timing), as bench_latency's default rows do.
@@ -259,8 +253,8 @@ LATENCY_SESSIONS = 4
 LATENCY_ROUNDS = 31
 
 
-def session_ratio(ref: Path, dst: Path, open_session: Callable[[Path], Callable],
-                  run_clip: Callable[[Callable], object]) -> dict:
+def session_ratio(ref: object, dst: object, open_session: Callable[[object], object],
+                  run_clip: Callable[[object], object]) -> dict:
     """q4c over FP32 latency: LATENCY_SESSIONS sessions (`open_session`) of each model, all interleaved over
     LATENCY_ROUNDS rounds of `run_clip(runner)`; the ratio of the medians of the per-round means,
     its 95 % interval, and q4c's median clip time in ms."""
@@ -410,11 +404,11 @@ def dfn3_rows(tmp: Path, only: tuple[str, ...] = ()) -> list[dict]:
         the three graphs at `dst`."""
         runs = dfn3.graph_runners(dst)
         out = [dfn3.enhance(runs, x) for _, x in test]
-        ratio, ms = interleaved_ratio(lambda: dfn3.enhance(ref, sample), lambda: dfn3.enhance(runs, sample), rounds=5)
+        latency = session_ratio(src, dst, dfn3.graph_runners, lambda r: dfn3.enhance(r, sample))
         return dict(ok=True, size_ratio=sum(p.stat().st_size for p in dst.values()) / fp32_bytes,
                     sqnr_db=sqnr_db(np.concatenate(ref_out), np.concatenate(out)),
                     clip_sqnr_min=min(sqnr_db(r, o) for r, o in zip(ref_out, out)),
-                    latency_ratio=ratio, ms=ms, **_intelligibility(clean, out))
+                    **latency, **_intelligibility(clean, out))
 
     wanted = lambda label: not only or any(o in label for o in only)  # noqa: E731
     rows += [_dfn3_system_row(tmp, judge, seed, bits) for seed, bits in DFN3_SYSTEM_RUNS if wanted(DFN3_SYSTEM)]
@@ -534,7 +528,7 @@ def render(rows: list[dict], hashes: dict[str, str]) -> str:
             stoi = f"{r['stoi']:.3f}" if "stoi" in r else "-"
             pesq = f"{r['pesq']:.2f}" if "pesq" in r else "-"
             lines.append(f"| dfn3 | {r['method']} | {r['size_ratio']:.3f} | {r['sqnr_db']:.1f}{worst} | {stoi} | {pesq} "
-                         f"| {r['latency_ratio']:.2f} |")
+                         f"| {_latency(r)} |")
     lines += ["", *_verdicts(rows), f"<!-- {KEY}:end -->"]
     return "\n".join(lines)
 
