@@ -9,7 +9,6 @@ the same codes; the table gives the median of 3 interleaved runs of each and the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from _common import RESULTS, stamp, write_section  # noqa: E402
+from _common import publish, stamp, with_stamp  # noqa: E402
 
 from q4c.quant.gptq import gptq_ranges  # noqa: E402
 from q4c.quant.qparams import CLIP_RATIOS  # noqa: E402
 from q4c.testing import gptq_column_by_column  # noqa: E402
 
+KEY = "gptq_speed"
 #: (rows, columns, block): an LSTM's R [4H=2048, H=512], a 1024-wide projection, a 2048-wide one
 SHAPES = ((2048, 512, 32), (1024, 1024, 64), (2048, 2048, 32))
 RUNS = 3
@@ -51,27 +51,24 @@ def measure(rows: int, k: int, block: int) -> dict:
 
 
 def section(rows: list[dict]) -> str:
-    line, _ = stamp("gptq-speed", rows)
-    out = ["<!-- gptq-speed:begin -->", "## GPTQ rounding: lazy batches", "", line, "",
+    out = [f"<!-- {KEY}:begin -->", "## GPTQ rounding: lazy batches", "",
            " ".join(__doc__.split("\n\n")[0].split()), "",
            "| weight [rows, columns] | block | column by column s | lazy batches s | speedup | same codes |",
            "|---|---|---|---|---|---|"]
     out += [f"| [{r['rows']}, {r['columns']}] | {r['block']} | {r['column_s']:.2f} | {r['lazy_s']:.2f} | "
             f"{r['speedup']:.1f}x | {'yes' if r['same_codes'] else 'NO'} |" for r in rows]
-    out.append("<!-- gptq-speed:end -->")
+    out.append(f"<!-- {KEY}:end -->")
     return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="write benchmarks/results/gptq_speed.json and BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help=f"write benchmarks/results/{KEY}.json and BENCHMARKS.md")
     args = parser.parse_args()
     rows = [measure(*shape) for shape in SHAPES]
-    text = section(rows)
-    print(text)
+    print(with_stamp(section(rows), stamp(KEY, rows)[0]))
     if args.write:
-        (RESULTS / "gptq_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
-        write_section(ROOT / "BENCHMARKS.md", text, "gptq-speed")
+        publish(KEY, rows, section(rows))
 
 
 if __name__ == "__main__":

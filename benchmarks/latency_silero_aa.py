@@ -14,9 +14,7 @@ machine can tell.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,22 +25,24 @@ sys.path.insert(0, str(ROOT))
 import audio  # noqa: E402
 import fetch  # noqa: E402
 import silero  # noqa: E402
-from _common import RESULTS, stamp, stamped_rows, write_section  # noqa: E402
-from bench_real import LATENCY_ROUNDS, LATENCY_SESSIONS, REQUIRE_SAMPLES, timing_lock  # noqa: E402
+from _common import run  # noqa: E402
+from bench_real import LATENCY_ROUNDS, LATENCY_SESSIONS, REQUIRE_SAMPLES, q4c_require, timing_lock  # noqa: E402
+from contenders import Calibration  # noqa: E402
 
-import q4c  # noqa: E402
 from q4c.timing import interleaved  # noqa: E402
 
 EXPORTS = ("silero_vad", "silero_vad_16k_op15", "silero_vad_half", "silero_vad_op18_ifless",
            "silero_vad_openvino_16k", "silero_vad_16k_sequence")
+KEY = "silero_latency_aa"
 REQUIREMENT = "flips<=0.5%"
 SIDES = ("fp32", "fp32_again", "q4c")
 
 
-def measure(export: str, tmp: Path) -> dict:
+def measure(export: str, tmp: Path) -> list[dict]:
+    """The export compiled as bench_real's `--require` row compiles it, timed in three sides."""
     src, dst = fetch.model_path(export), tmp / f"{export}.onnx"
-    q4c.compile_file(src, dst, q4c.CompileOptions(requirements=(REQUIREMENT,), calib_samples=REQUIRE_SAMPLES),
-                     reader=f"{ROOT / 'models' / 'real' / 'silero.py'}:calib_{export}", verify=False)
+    reader = f"{ROOT / 'models' / 'real' / 'silero.py'}:calib_{export}"
+    q4c_require(REQUIREMENT, REQUIRE_SAMPLES)(src, dst, Calibration(feeds=list, reader=reader))
     longest = max(audio.load("test", 16000), key=lambda t: len(t[1]))[1]
     paths = {"fp32": src, "fp32_again": src, "q4c": dst}
     runners = {f"{side}#{i}": silero.session_runner(paths[side]) for i in range(LATENCY_SESSIONS) for side in SIDES}
@@ -54,12 +54,11 @@ def measure(export: str, tmp: Path) -> dict:
     for side in ("q4c", "fp32_again"):
         low, high = pooled.ratio_interval(side, "fp32")
         row[side] = {"ratio": float(pooled.ratio(side, "fp32")), "ci": [float(low), float(high)]}
-    return row
+    return [row]
 
 
 def section(rows: list[dict]) -> str:
-    line, _ = stamp("silero-latency-aa", rows)
-    out = ["<!-- silero-latency-aa:begin -->", "## Silero `--require` outputs beside an FP32 A/A (latency)", "", line, "",
+    out = [f"<!-- {KEY}:begin -->", "## Silero `--require` outputs beside an FP32 A/A (latency)", "",
            " ".join(__doc__.split("\n\n")[1].split()), "",
            "| export | size / FP32 file | q4c / FP32 [95 %] | FP32 again / FP32 [95 %] | FP32 ms per clip |",
            "|---|---|---|---|---|"]
@@ -67,7 +66,7 @@ def section(rows: list[dict]) -> str:
         q, a = r["q4c"], r["fp32_again"]
         out.append(f"| {r['model']} | {r['size_ratio']:.3f} | {q['ratio']:.3f} [{q['ci'][0]:.3f}, {q['ci'][1]:.3f}] | "
                    f"{a['ratio']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] | {r['fp32_ms']:.1f} |")
-    out.append("<!-- silero-latency-aa:end -->")
+    out.append(f"<!-- {KEY}:end -->")
     return "\n".join(out)
 
 
@@ -75,19 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(EXPORTS), help="comma-separated exports (default: all six)")
     parser.add_argument("--write", action="store_true",
-                        help="write benchmarks/results/silero_latency_aa.json and BENCHMARKS.md")
+                        help=f"write benchmarks/results/{KEY}.json and BENCHMARKS.md")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = []
-        for export in args.models.split(","):
-            rows.append(measure(export, Path(tmp)))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    rows = stamped_rows(rows)
-    text = section(rows)
-    print(text)
-    if args.write:
-        (RESULTS / "silero_latency_aa.json").write_text(json.dumps(rows, indent=2) + "\n")
-        write_section(ROOT / "BENCHMARKS.md", text, "silero-latency-aa")
+    run(KEY, args.models.split(","), measure, section, merge=False, write=args.write)
 
 
 if __name__ == "__main__":

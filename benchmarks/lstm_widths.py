@@ -14,9 +14,7 @@ audio: this chooses what q4c offers, and the test audio judges q4c's plans (benc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import fetch  # noqa: E402
 import silero  # noqa: E402
-from _common import RESULTS, stamp, stamped_rows, write_section  # noqa: E402
+from _common import run  # noqa: E402
 
 import q4c  # noqa: E402
 from q4c.calib.readers import PythonReader, SamplesReader  # noqa: E402
@@ -41,13 +39,15 @@ from q4c.quant.gptq import fitting_calls, input_hessians  # noqa: E402
 from q4c.quant.sensitivity import MAX_SAMPLES, candidate_slots, gptq_eligible  # noqa: E402
 from q4c.quant.weights import quantize_slot  # noqa: E402
 
+KEY = "lstm_widths"
 EXPORT = "silero_vad_16k_op15"
 CANONICAL = "fold-constants,fuse-lstm-gates,synthesize-constants,lower-gemm,lower-pointwise-conv,dedupe-weights"
 WIDTHS = ((4, "gptq"), (5, "gptq"), (6, "gptq"), (6, "symmetric"), (8, "symmetric"))
 GATES = "iofc"
 
 
-def measure(tmp: Path) -> list[dict]:
+def measure(export: str, tmp: Path) -> list[dict]:
+    assert export == EXPORT
     src = fetch.model_path(EXPORT)
     canon_path = tmp / "canonical.onnx"
     q4c.compile_file(src, canon_path, CompileOptions(), passes=CANONICAL, verify=False)
@@ -95,28 +95,21 @@ def measure(tmp: Path) -> list[dict]:
 
 
 def section(rows: list[dict]) -> str:
-    line, _ = stamp("lstm-widths", rows)
-    out = ["<!-- lstm-widths:begin -->", "## One LSTM at each code width (silero_vad_16k_op15)", "", line, "",
+    out = [f"<!-- {KEY}:begin -->", "## One LSTM at each code width (silero_vad_16k_op15)", "",
            __doc__.split("\n\n")[1].replace("\n", " "), "",
            "| weights quantized | bits | rounding | decision flips % (calibration audio, closed loop) |", "|---|---|---|---|"]
     out += [f"| {r['weights']} | {r['bits']} | {r['scheme']} | {100 * r['flips']:.3f} |" for r in rows]
     out += ["", "6-bit codes (q4c.quant.planes) are what the LSTM can take short of 8: offered with `--require`."
             " The gates differ by at most ~2.5x at 4 bits, so splitting a weight by gate would give the"
-            " allocation little: not built.", "<!-- lstm-widths:end -->"]
+            " allocation little: not built.", f"<!-- {KEY}:end -->"]
     return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="write benchmarks/results/lstm_widths.json and BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help=f"write benchmarks/results/{KEY}.json and BENCHMARKS.md")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = stamped_rows(measure(Path(tmp)))
-    text = section(rows)
-    print(text)
-    if args.write:
-        (RESULTS / "lstm_widths.json").write_text(json.dumps(rows, indent=2) + "\n")
-        write_section(ROOT / "BENCHMARKS.md", text, "lstm-widths")
+    run(KEY, [EXPORT], measure, section, merge=False, write=args.write)
 
 
 if __name__ == "__main__":
